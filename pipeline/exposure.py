@@ -1,0 +1,58 @@
+"""The records that travel through the pipeline: an :class:`Exposure` in, a :class:`LineOut` out
+of integration, :class:`PosteriorSamples` out of inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Exposure:
+    """One detector frame of a scan.
+
+    Attributes:
+        scan_id: the scan this frame belongs to.
+        index: frame index within the scan (the exposure id, unique per scan).
+        timestamp: acquisition time, seconds since the epoch.
+        frame: the 2D detector image (rows, columns), counts per pixel.
+        truth: the true parameters by name, for simulated frames; ``None`` for measured ones.
+        metadata: anything else the source knows (file name, detector settings, ...).
+    """
+
+    scan_id: str
+    index: int
+    timestamp: float
+    frame: np.ndarray
+    truth: dict[str, float] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LineOut:
+    """A 1D line-out: photon counts per q bin with their Poisson standard deviation."""
+
+    q_nm: np.ndarray
+    counts: np.ndarray
+    counts_sd: np.ndarray
+
+
+@dataclass
+class PosteriorSamples:
+    """Posterior draws for a batch of exposures: ``samples`` has shape (exposures, samples, parameters)."""
+
+    samples: np.ndarray
+    parameter_names: tuple[str, ...]
+    parameter_units: tuple[str, ...]
+
+    QUANTILES = (0.05, 0.5, 0.95)
+
+    def summaries(self) -> dict[str, np.ndarray]:
+        """Per-exposure ``mean`` and ``sd`` (exposures, parameters) and ``quantiles``
+        (exposures, 3, parameters) at :attr:`QUANTILES`."""
+        return {
+            "mean": self.samples.mean(axis=1),
+            "sd": self.samples.std(axis=1, ddof=1),
+            "quantiles": np.moveaxis(np.quantile(self.samples, self.QUANTILES, axis=1), 0, 1),
+        }

@@ -1,0 +1,19 @@
+"""Forward models, priors and simulators (see :mod:`pipeline.physics.grating`)."""
+
+from pipeline.physics.grating import (
+    PARAMETER_NAMES,
+    PARAMETER_UNITS,
+    GratingPrior,
+    QGrid,
+    expected_counts,
+    simulate,
+)
+
+__all__ = [
+    "PARAMETER_NAMES",
+    "PARAMETER_UNITS",
+    "GratingPrior",
+    "QGrid",
+    "expected_counts",
+    "simulate",
+]

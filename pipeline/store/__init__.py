@@ -1,0 +1,5 @@
+"""The per-scan HDF5 results file (:mod:`pipeline.store.results`)."""
+
+from pipeline.store.results import ExposureResult, Results, ResultsWriter, read_results
+
+__all__ = ["ExposureResult", "Results", "ResultsWriter", "read_results"]

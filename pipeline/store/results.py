@@ -1,0 +1,248 @@
+"""One HDF5 file per scan, one row per exposure, written by a single writer in SWMR mode.
+
+Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)::
+
+    /entry                       NXentry; attrs scan_id, software versions
+      config                     the run's PipelineConfig as JSON
+      model_card                 the model's card as JSON (architecture, training, hash)
+      instrument/geometry/poni   the PONI file text
+      exposures/                 NXcollection, one row per exposure in arrival order
+        index, timestamp, status ("ok" | "failed"), error (text, empty when ok), written_time
+        truth                    (exposures, parameters) true values of simulated frames, else NaN
+      line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512)
+      posterior/                 NXcollection
+        samples                  (exposures, samples, parameters) float32; attrs parameter_names, units
+        mean, sd                 (exposures, parameters)
+        quantiles                (exposures, 3, parameters); attr levels = 0.05, 0.5, 0.95
+
+Failed exposures keep their row: status "failed", the error text, NaN where no value exists.
+Each append is flushed, so a reader following the file (SWMR) sees every written exposure.
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "scan.h5"
+    >>> names, units = ("pitch_nm",), ("nm",)
+    >>> with ResultsWriter(path, names, units, n_samples=4, q_nm=np.linspace(0.01, 0.4, 512)) as w:
+    ...     w.append(ExposureResult(index=0, timestamp=0.0, status="failed", error="bad frame"))
+    True
+    >>> read_results(path).error.tolist()
+    ['bad frame']
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import h5py
+import numpy as np
+
+QUANTILE_LEVELS = (0.05, 0.5, 0.95)
+_TEXT = h5py.string_dtype()
+
+
+@dataclass
+class ExposureResult:
+    """What the writer stores for one exposure; arrays are ``None`` where there is no value."""
+
+    index: int
+    timestamp: float
+    status: str = "ok"
+    error: str = ""
+    counts: np.ndarray | None = None
+    counts_sd: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    sd: np.ndarray | None = None
+    quantiles: np.ndarray | None = None
+    truth: np.ndarray | None = None
+
+
+def _software_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("beamline-inn", "numpy", "torch", "pyFAI", "h5py", "pyzmq", "prefect"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+class ResultsWriter:
+    """Appends exposures to a new results file; refuses to overwrite an existing one.
+
+    Exposures whose index was already written are dropped (``append`` returns False), so a
+    re-sent exposure appears once.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        parameter_names: tuple[str, ...],
+        parameter_units: tuple[str, ...],
+        n_samples: int,
+        q_nm: np.ndarray,
+        *,
+        scan_id: str = "",
+        config_json: str = "{}",
+        model_card: dict | None = None,
+        poni_text: str = "",
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"results file already exists: {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._seen: set[int] = set()
+        n_par, n_q = len(parameter_names), len(q_nm)
+        self.file = h5py.File(self.path, "w", libver="latest")
+        entry = self.file.create_group("entry")
+        entry.attrs.update(NX_class="NXentry", scan_id=scan_id, default="line_out")
+        entry.attrs["software"] = json.dumps(_software_versions())
+        entry.create_dataset("config", data=config_json, dtype=_TEXT)
+        entry.create_dataset("model_card", data=json.dumps(model_card or {}), dtype=_TEXT)
+        geometry = entry.create_group("instrument/geometry")
+        geometry.create_dataset("poni", data=poni_text, dtype=_TEXT)
+
+        def growing(group: h5py.Group, name: str, shape: tuple, dtype, fill=np.nan) -> h5py.Dataset:
+            return group.create_dataset(
+                name,
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                dtype=dtype,
+                chunks=(1, *shape) if shape else (1024,),
+                fillvalue=fill,
+            )
+
+        exposures = entry.create_group("exposures")
+        exposures.attrs["NX_class"] = "NXcollection"
+        line_out = entry.create_group("line_out")
+        line_out.attrs.update(NX_class="NXdata", signal="counts", axes=[".", "q_nm"])
+        posterior = entry.create_group("posterior")
+        posterior.attrs["NX_class"] = "NXcollection"
+        self._datasets = {
+            "index": growing(exposures, "index", (), np.int64, -1),
+            "timestamp": growing(exposures, "timestamp", (), np.float64),
+            "written_time": growing(exposures, "written_time", (), np.float64),
+            "status": growing(exposures, "status", (), _TEXT, ""),
+            "error": growing(exposures, "error", (), _TEXT, ""),
+            "truth": growing(exposures, "truth", (n_par,), np.float64),
+            "counts": growing(line_out, "counts", (n_q,), np.float32),
+            "counts_sd": growing(line_out, "counts_sd", (n_q,), np.float32),
+            "samples": growing(posterior, "samples", (n_samples, n_par), np.float32),
+            "mean": growing(posterior, "mean", (n_par,), np.float32),
+            "sd": growing(posterior, "sd", (n_par,), np.float32),
+            "quantiles": growing(posterior, "quantiles", (len(QUANTILE_LEVELS), n_par), np.float32),
+        }
+        q = line_out.create_dataset("q_nm", data=np.asarray(q_nm, dtype=np.float64))
+        q.attrs["units"] = "1/nm"
+        self._datasets["counts"].attrs["units"] = "counts"
+        self._datasets["counts_sd"].attrs["units"] = "counts"
+        self._datasets["timestamp"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
+        self._datasets["written_time"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
+        for name in ("samples", "mean", "sd", "quantiles", "truth"):
+            self._datasets[name].attrs["parameter_names"] = list(parameter_names)
+            self._datasets[name].attrs["units"] = list(parameter_units)
+        self._datasets["quantiles"].attrs["levels"] = list(QUANTILE_LEVELS)
+        self.file.swmr_mode = True
+        self.n_rows = 0
+
+    def append(self, result: ExposureResult) -> bool:
+        """Write one exposure and flush; False if this exposure index was written before."""
+        if result.index in self._seen:
+            return False
+        values = {
+            "index": result.index,
+            "timestamp": result.timestamp,
+            "written_time": time.time(),
+            "status": result.status,
+            "error": result.error,
+            "truth": result.truth,
+            "counts": result.counts,
+            "counts_sd": result.counts_sd,
+            "samples": result.samples,
+            "mean": result.mean,
+            "sd": result.sd,
+            "quantiles": result.quantiles,
+        }
+        row = self.n_rows
+        for name, dataset in self._datasets.items():
+            dataset.resize(row + 1, axis=0)
+            if values[name] is not None:
+                dataset[row] = values[name]
+        self.file.flush()
+        self.n_rows += 1
+        self._seen.add(result.index)
+        return True
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class Results:
+    """A results file read into memory; rows sorted by exposure index."""
+
+    scan_id: str
+    parameter_names: tuple[str, ...]
+    parameter_units: tuple[str, ...]
+    q_nm: np.ndarray
+    index: np.ndarray
+    timestamp: np.ndarray
+    status: np.ndarray
+    error: np.ndarray
+    truth: np.ndarray
+    counts: np.ndarray
+    samples: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    quantiles: np.ndarray
+    config_json: str
+    model_card: dict
+
+
+def read_results(path: Path) -> Results:
+    """Read a results file (also one still being written, through SWMR)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+        entry = handle["entry"]
+        order = np.argsort(entry["exposures/index"][()], kind="stable")
+        samples = entry["posterior/samples"]
+
+        def rows(name: str) -> np.ndarray:
+            return entry[name][()][order]
+
+        return Results(
+            scan_id=str(entry.attrs["scan_id"]),
+            parameter_names=tuple(samples.attrs["parameter_names"]),
+            parameter_units=tuple(samples.attrs["units"]),
+            q_nm=entry["line_out/q_nm"][()],
+            index=rows("exposures/index"),
+            timestamp=rows("exposures/timestamp"),
+            status=np.array([s.decode() for s in rows("exposures/status")]),
+            error=np.array([s.decode() for s in rows("exposures/error")]),
+            truth=rows("exposures/truth"),
+            counts=rows("line_out/counts"),
+            samples=samples[()][order],
+            mean=rows("posterior/mean"),
+            sd=rows("posterior/sd"),
+            quantiles=rows("posterior/quantiles"),
+            config_json=entry["config"][()].decode(),
+            model_card=json.loads(entry["model_card"][()].decode()),
+        )

@@ -1,0 +1,50 @@
+"""What every pipeline process shares: reading its run directory and obeying stop broadcasts.
+
+A run directory holds ``config.json`` (the :class:`~pipeline.config.PipelineConfig`); the
+ZeroMQ endpoints follow from it (:meth:`~pipeline.transport.Endpoints.resolve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import zmq
+
+from pipeline.config import PipelineConfig
+from pipeline.transport import Endpoints, encode
+
+CONFIG_FILE = "config.json"
+
+
+def read_run(run_dir: Path) -> tuple[PipelineConfig, Endpoints]:
+    """The configuration and endpoints of the run in ``run_dir``."""
+    config = PipelineConfig.model_validate_json((run_dir / CONFIG_FILE).read_text())
+    return config, Endpoints.resolve(config.transport, run_dir)
+
+
+def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run's directory")
+    parser.add_argument("--id", type=int, default=0, help="this process's number")
+    return parser.parse_args(argv)
+
+
+def control_socket(context: zmq.Context, endpoints: Endpoints) -> zmq.Socket:
+    """A SUB socket on the control endpoint, subscribed to every broadcast."""
+    control = context.socket(zmq.SUB)
+    control.setsockopt(zmq.SUBSCRIBE, b"")
+    control.connect(endpoints.control)
+    return control
+
+
+def announce_ready(
+    context: zmq.Context, endpoints: Endpoints, role: str, number: int, **info: str
+) -> zmq.Socket:
+    """Connect a PUSH socket to the acks endpoint and say this process is ready; return it."""
+    acks = context.socket(zmq.PUSH)
+    acks.setsockopt(zmq.LINGER, 2000)
+    acks.connect(endpoints.acks)
+    acks.send_multipart(encode("ready", {"role": role, "id": number, "pid": os.getpid(), **info}))
+    return acks

@@ -1,0 +1,111 @@
+"""Writer: the only process that opens the scan's HDF5 file.
+
+It receives posterior results and failure records (PULL, bound on the results endpoint),
+appends each to the file, flushes, and acknowledges the exposure to the feeder. A duplicate
+(an exposure index already written) is acknowledged again but not written twice.
+
+Run: ``python -m workers.writer --run-dir RUN_DIR`` (the scan runner does this).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import zmq
+
+from pipeline.integration import DEFAULT_PONI
+from pipeline.model import read_card
+from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
+from pipeline.store import ExposureResult, ResultsWriter
+from pipeline.transport import Message, ProtocolError, decode, encode
+from workers.process import announce_ready, control_socket, parse_args, read_run
+
+
+def to_result(message: Message) -> ExposureResult:
+    """The stored form of a ``result`` or ``failed`` message."""
+    header, arrays = message.header, message.arrays
+    truth = header.get("truth")
+    return ExposureResult(
+        index=int(header["index"]),
+        timestamp=float(header.get("timestamp") or np.nan),
+        status="ok" if message.kind == "result" else "failed",
+        error=str(header.get("error", "")),
+        counts=arrays.get("counts"),
+        counts_sd=arrays.get("counts_sd"),
+        samples=arrays.get("samples"),
+        mean=arrays.get("mean"),
+        sd=arrays.get("sd"),
+        quantiles=arrays.get("quantiles"),
+        truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
+    )
+
+
+def serve(argv: list[str] | None = None) -> int:
+    args = parse_args("beamline-inn results writer", argv)
+    config, endpoints = read_run(args.run_dir)
+    poni = config.integration.poni or DEFAULT_PONI
+    writer = ResultsWriter(
+        config.output_path,
+        PARAMETER_NAMES,
+        PARAMETER_UNITS,
+        config.inference.n_samples,
+        config.grid.grid().q_nm,
+        scan_id=config.scan_id,
+        config_json=config.model_dump_json(),
+        model_card=read_card(config.inference.model),
+        poni_text=poni.read_text(),
+    )
+    context = zmq.Context()
+    results = context.socket(zmq.PULL)
+    results.bind(endpoints.results)
+    control = control_socket(context, endpoints)
+    acks = announce_ready(context, endpoints, "writer", args.id, path=str(config.output_path))
+
+    poller = zmq.Poller()
+    poller.register(results, zmq.POLLIN)
+    poller.register(control, zmq.POLLIN)
+
+    def write_next(flags: int = 0) -> None:
+        frames = results.recv_multipart(flags, copy=False)
+        try:
+            message = decode([f.buffer for f in frames])
+            result = to_result(message)
+        except (ProtocolError, KeyError, TypeError, ValueError) as error:
+            print(f"writer: dropped a malformed message: {error}", file=sys.stderr)
+            return
+        written = writer.append(result)
+        acks.send_multipart(
+            encode(
+                "ack",
+                {
+                    "index": result.index,
+                    "status": result.status,
+                    "error": result.error,
+                    "duplicate": not written,
+                },
+            )
+        )
+
+    try:
+        while True:
+            events = dict(poller.poll(1000))
+            if results in events:
+                write_next()
+            elif control in events:  # stop: write what has already arrived, then close
+                while True:
+                    try:
+                        write_next(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                break
+    finally:
+        writer.close()
+        for socket in (results, control, acks):
+            socket.close()
+        context.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
