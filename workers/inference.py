@@ -28,15 +28,36 @@ def _failure(message: Message, error: str) -> list:
     return encode("failed", {**header, "stage": "inference", "error": error}, **message.arrays)
 
 
+def _line_out_error(message: Message) -> str | None:
+    """Why this line-out cannot go to the model, or None."""
+    counts = message.arrays.get("counts")
+    if counts is None or counts.ndim != 1:
+        return "message holds no 1D 'counts' array"
+    if not np.isfinite(counts).all():
+        return "line-out holds NaN or infinite counts"
+    if (counts < 0).any():
+        return f"line-out has negative counts in {int((counts < 0).sum())} bins"
+    return None
+
+
 def _infer(model, messages: list[Message], n_samples: int, seed: int) -> list[list]:
-    """Posterior results (or failure records) for a batch of line-out messages."""
-    counts = np.stack([m.arrays["counts"] for m in messages]).astype(np.float32)
+    """Posterior results for a batch of line-out messages (failure records for bad ones)."""
+    out = []
+    good = []
+    for message in messages:
+        error = _line_out_error(message)
+        if error is None:
+            good.append(message)
+        else:
+            out.append(_failure(message, error))
+    if not good:
+        return out
+    counts = np.stack([m.arrays["counts"] for m in good]).astype(np.float32)
     posterior = PosteriorSamples(
         model.sample(counts, n_samples, seed=seed), model.parameter_names, model.parameter_units
     )
     summaries = posterior.summaries()
-    out = []
-    for row, message in enumerate(messages):
+    for row, message in enumerate(good):
         out.append(
             encode(
                 "result",

@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model import Architecture, ModelFileError, PosteriorModel, load, read_card, save
+from pipeline.model.cinn import ConditionalINN
+from pipeline.model.train import TrainingConfig, train
+from pipeline.physics import PARAMETER_NAMES, GratingPrior, simulate
+
+TINY = Architecture(n_blocks=2, hidden=16, condition_dim=8, condition_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load(device="cpu")
+
+
+def test_shipped_model_has_the_public_api(shipped):
+    assert shipped.parameter_names[:3] == ("pitch_nm", "width_nm", "sigma_nm")
+    _, counts = simulate(3, np.random.default_rng(0))
+    samples = shipped.sample(counts, 1000)
+    assert samples.shape == (3, 1000, len(shipped.parameter_names))
+    assert np.isfinite(samples).all()
+
+
+def test_shipped_samples_stay_in_the_prior_support(shipped):
+    _, counts = simulate(4, np.random.default_rng(1))
+    pitch, width, sigma, photons, background = shipped.sample(counts, 500).reshape(-1, 5).T
+    assert pitch.min() >= 100 - 1e-3 and pitch.max() <= 300 + 1e-3
+    assert (width / pitch).min() >= 0.1 - 1e-4 and (width / pitch).max() <= 0.9 + 1e-4
+    assert sigma.min() >= 1 - 1e-4 and sigma.max() <= 20 + 1e-4
+    assert photons.min() >= 1e3 * (1 - 1e-4) and photons.max() <= 1e6 * (1 + 1e-4)
+    assert background.min() >= -1e-4 and background.max() <= 5 + 1e-4
+
+
+def test_shipped_model_is_better_than_the_prior_on_pitch(shipped):
+    theta, counts = simulate(50, np.random.default_rng(2))
+    samples = shipped.sample(counts, 300)
+    prior_sd = GratingPrior().sample(100_000, np.random.default_rng(0))[:, 0].std()
+    assert np.median(samples[..., 0].std(axis=1)) < 0.5 * prior_sd
+    error = np.abs(np.median(samples[..., 0], axis=1) - theta[:, 0])
+    assert np.median(error) < 0.25 * prior_sd
+
+
+def test_shipped_card_matches_its_weights():
+    card = read_card()
+    assert card["parameter_names"] == list(PARAMETER_NAMES)
+    assert card["physics"]["grid"]["n_points"] == 512
+    assert "calibration" in card["diagnostics"]
+
+
+def test_sampling_is_reproducible_with_a_seed(shipped):
+    _, counts = simulate(2, np.random.default_rng(3))
+    np.testing.assert_array_equal(
+        shipped.sample(counts, 50, seed=4), shipped.sample(counts, 50, seed=4)
+    )
+
+
+@pytest.mark.parametrize(
+    "counts", [np.zeros((2, 100)), np.zeros(512), np.full((1, 512), np.nan), -np.ones((1, 512))]
+)
+def test_bad_counts_are_refused(shipped, counts):
+    with pytest.raises(ValueError, match="counts"):
+        shipped.sample(counts, 10)
+
+
+def test_flow_is_invertible_and_its_log_det_is_exact():
+    torch.manual_seed(0)
+    flow = ConditionalINN(dim=5, condition_dim=4, n_blocks=3, hidden=16, seed=1).double()
+    for parameter in flow.parameters():  # leave the identity start, so the test means something
+        torch.nn.init.normal_(parameter, std=0.3)
+    u, c = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    z, log_det = flow(u, c)
+    assert (flow.inverse(z, c) - u).abs().max() < 1e-4
+    for row in range(3):
+        jacobian = torch.autograd.functional.jacobian(
+            lambda x, r=row: flow(x[None], c[r : r + 1])[0][0], u[row]
+        )
+        assert torch.logdet(jacobian).item() == pytest.approx(log_det[row].item(), abs=1e-8)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = PosteriorModel(TINY)
+    path = save(model, tmp_path / "tiny", note="test")
+    loaded = load(path, device="cpu")
+    _, counts = simulate(2, np.random.default_rng(0))
+    np.testing.assert_array_equal(
+        model.sample(counts, 20, seed=1), loaded.sample(counts, 20, seed=1)
+    )
+    assert loaded.card["note"] == "test" and loaded.card["architecture"]["n_blocks"] == 2
+
+
+def test_weights_that_do_not_match_their_card_are_refused(tmp_path):
+    path = save(PosteriorModel(TINY), tmp_path / "tiny")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        load(path)
+
+
+def test_missing_or_foreign_card_is_refused(tmp_path):
+    path = save(PosteriorModel(TINY), tmp_path / "tiny")
+    path.with_suffix(".json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ModelFileError):
+        load(path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(ModelFileError, match="card not found"):
+        load(path)
+
+
+def test_short_training_lowers_the_validation_loss():
+    config = TrainingConfig(
+        steps=150,
+        batch_size=128,
+        n_simulations=4096,
+        n_validation=512,
+        validation_every=50,
+        architecture=TINY,
+    )
+    _, history = train(config, progress=False)
+    losses = history["validation_loss"]
+    assert losses[-1] < losses[0] - 0.5
+    untrained = PosteriorModel(TINY)
+    theta, counts = simulate(512, np.random.default_rng(config.seed + 99))
+    with torch.no_grad():
+        before = -untrained.log_prob(
+            torch.as_tensor(theta).float(), torch.as_tensor(counts).float()
+        ).mean()
+    assert losses[-1] < before.item()

@@ -1,0 +1,48 @@
+"""The scan runner end to end without Prefect: processes, ZeroMQ, HDF5, bad frames."""
+
+import numpy as np
+import pytest
+
+from pipeline.config import PipelineConfig
+from pipeline.sources import SimulatedDetector
+from pipeline.store import read_results
+from workers.scan import ScanRunner
+
+
+def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
+    config = PipelineConfig(scan_id="bad-input", n_workers=1, output_dir=tmp_path)
+    exposures = list(SimulatedDetector(config.integration, seed=7).exposures("bad-input", 10))
+    exposures[2].frame = exposures[2].frame[:100]
+    exposures[4].frame = exposures[4].frame.astype(np.float32)
+    exposures[4].frame[10, 10] = np.nan
+    exposures[6].frame = exposures[6].frame.astype(np.float32) - 5.0  # negative counts
+    with ScanRunner(config) as runner:
+        for exposure in exposures:
+            runner.submit(exposure)
+        with pytest.raises(ValueError, match="already submitted"):
+            runner.submit(exposures[0])
+        summary = runner.wait()
+
+    assert summary.submitted == 10 and summary.written_ok == 7 and summary.failed == 3
+    assert summary.duplicates == 0
+    results = read_results(config.output_path)
+    assert results.index.tolist() == list(range(10))  # every exposure exactly once
+    failed = {
+        int(i): e
+        for i, s, e in zip(results.index, results.status, results.error, strict=True)
+        if s != "ok"
+    }
+    assert set(failed) == {2, 4, 6}
+    assert "shape" in failed[2] and "NaN" in failed[4] and "negative" in failed[6]
+    ok = results.status == "ok"
+    assert np.isfinite(results.samples[ok]).all() and results.samples.shape[1:] == (1000, 5)
+    np.testing.assert_allclose(results.truth[0], list(exposures[0].truth.values()))
+    assert (config.output_dir / "logs" / "bad-input" / "worker-0.log").exists()
+
+
+def test_an_existing_results_file_stops_the_scan_before_it_starts(tmp_path):
+    config = PipelineConfig(scan_id="exists", n_workers=1, output_dir=tmp_path)
+    config.output_path.write_bytes(b"earlier results")
+    with pytest.raises(FileExistsError):
+        ScanRunner(config).start()
+    assert config.output_path.read_bytes() == b"earlier results"

@@ -1,0 +1,60 @@
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.store import ExposureResult, ResultsWriter, read_results
+
+NAMES, UNITS = ("pitch_nm", "width_nm"), ("nm", "nm")
+Q = np.linspace(0.01, 0.4, 512)
+
+
+def _ok(index: int) -> ExposureResult:
+    rng = np.random.default_rng(index)
+    samples = rng.normal(200, 1, (10, 2)).astype(np.float32)
+    return ExposureResult(
+        index=index,
+        timestamp=1.0 + index,
+        counts=rng.poisson(3, 512).astype(np.float32),
+        counts_sd=np.ones(512, np.float32),
+        samples=samples,
+        mean=samples.mean(0),
+        sd=samples.std(0),
+        quantiles=np.quantile(samples, [0.05, 0.5, 0.95], axis=0),
+        truth=np.array([200.0, 60.0]),
+    )
+
+
+def test_rows_are_written_once_and_read_back_in_index_order(tmp_path):
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", config_json='{"a": 1}') as writer:
+        assert writer.append(_ok(2))
+        assert writer.append(
+            ExposureResult(index=0, timestamp=0.0, status="failed", error="bad frame")
+        )
+        assert writer.append(_ok(1))
+        assert not writer.append(_ok(2))  # duplicate
+    results = read_results(path)
+    assert results.index.tolist() == [0, 1, 2]
+    assert results.status.tolist() == ["failed", "ok", "ok"]
+    assert results.error[0] == "bad frame"
+    assert np.isnan(results.samples[0]).all() and np.isfinite(results.samples[1:]).all()
+    np.testing.assert_array_equal(results.samples[2], _ok(2).samples)
+    assert results.parameter_names == NAMES and results.config_json == '{"a": 1}'
+
+
+def test_units_and_names_are_stored(tmp_path):
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
+        writer.append(_ok(0))
+    with h5py.File(path) as handle:
+        assert handle["entry/line_out/q_nm"].attrs["units"] == "1/nm"
+        assert list(handle["entry/posterior/samples"].attrs["parameter_names"]) == list(NAMES)
+        assert handle["entry/posterior/samples"].shape == (1, 10, 2)
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path):
+    path = tmp_path / "scan.h5"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        ResultsWriter(path, NAMES, UNITS, 10, Q)
+    assert path.read_bytes() == b"precious"
