@@ -19,7 +19,6 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        n_simulations=args.simulations,
         seed=args.seed,
         threads=args.threads,
         architecture=Architecture(n_blocks=args.blocks, hidden=args.hidden, seed=args.seed),
@@ -87,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
-    train.add_argument("--steps", type=int, default=20_000)
+    train.add_argument(
+        "--steps", type=int, default=12_000, help="each step simulates a fresh batch"
+    )
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--simulations", type=int, default=200_000, help="simulation budget")
     train.add_argument("--blocks", type=int, default=8, help="coupling blocks")
     train.add_argument("--hidden", type=int, default=128, help="hidden units per coupling subnet")
     train.add_argument("--seed", type=int, default=0)

@@ -40,13 +40,25 @@ def submit_batch(runner: ScanRunner, exposures: list[Exposure]) -> int:
 
 
 @task(name="wait-for-results", cache_policy=NO_CACHE)
-def wait_for_results(runner: ScanRunner, progress_id) -> ScanSummary:
+def wait_for_results(runner: ScanRunner, progress: RateLimitedProgress) -> ScanSummary:
     """Wait until the writer has acknowledged every exposure."""
+    return runner.wait(on_progress=lambda done, total: progress.update(done, total))
 
-    def report(done: int, total: int) -> None:
-        update_progress_artifact(progress_id, 100.0 * done / total)
 
-    return runner.wait(on_progress=report)
+class RateLimitedProgress:
+    """A Prefect progress artifact updated at most once per ``interval_s`` (plus at the end)."""
+
+    def __init__(self, scan_id: str, interval_s: float = 1.0) -> None:
+        self.artifact_id = create_progress_artifact(
+            0.0, key="scan-progress", description=f"Scan {scan_id}"
+        )
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def update(self, done: int, total: int, force: bool = False) -> None:
+        if force or time.monotonic() - self._last >= self.interval_s:
+            update_progress_artifact(self.artifact_id, 100.0 * done / max(total, 1))
+            self._last = time.monotonic()
 
 
 def _summary_markdown(summary: ScanSummary) -> str:
@@ -89,16 +101,13 @@ def reconstruct_simulated_scan(
     source = SimulatedDetector(config.integration, config.grid.grid(), seed=seed).exposures(
         scan_id, n_frames
     )
-    progress_id = create_progress_artifact(0.0, key="scan-progress", description=f"Scan {scan_id}")
+    progress = RateLimitedProgress(scan_id)
     with ScanRunner(config) as runner:
-        last_update = 0.0
         while batch := list(islice(source, batch_size)):
             submit_batch(runner, batch)
-            if time.monotonic() - last_update > 1.0:
-                update_progress_artifact(progress_id, 100.0 * runner.n_done / n_frames)
-                last_update = time.monotonic()
-        summary = wait_for_results(runner, progress_id)
-    update_progress_artifact(progress_id, 100.0)
+            progress.update(runner.n_done, n_frames)
+        summary = wait_for_results(runner, progress)
+    progress.update(summary.submitted, summary.submitted, force=True)
     create_markdown_artifact(_summary_markdown(summary), key="scan-summary", description=scan_id)
     return dataclasses.asdict(summary)
 

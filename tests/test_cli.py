@@ -14,7 +14,7 @@ def test_help_lists_the_commands():
 
 def test_train_writes_a_loadable_model(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
-    arguments = ["train", "--steps", "5", "--simulations", "512", "--blocks", "1", "--hidden", "8"]
+    arguments = ["train", "--steps", "5", "--batch-size", "64", "--blocks", "1", "--hidden", "8"]
     assert main([*arguments, "--out", str(out), "--quiet"]) == 0
     model = load(out, device="cpu")
     assert model.card["training"]["config"]["steps"] == 5

@@ -115,7 +115,6 @@ def test_short_training_lowers_the_validation_loss():
     config = TrainingConfig(
         steps=150,
         batch_size=128,
-        n_simulations=4096,
         n_validation=512,
         validation_every=50,
         architecture=TINY,

@@ -79,3 +79,28 @@ def test_simulated_counts_are_poisson_around_the_expectation(rng):
     mu = expected_counts(theta, GRID)
     z = (counts.sum(-1) - mu.sum(-1)) / np.sqrt(mu.sum(-1))
     assert abs(z.mean()) < 0.1 and 0.9 < z.std() < 1.1
+
+
+def _dense_expected_counts(theta: np.ndarray, grid: QGrid) -> np.ndarray:
+    """DESIGN.md's formula evaluated literally: every order on every bin."""
+    q = grid.q_nm
+    mu = np.empty((len(theta), grid.n_points))
+    for row, (pitch, width, sigma, photons, background) in enumerate(theta):
+        intensity = np.zeros_like(q)
+        n = 1
+        while (q_n := 2 * math.pi * n / pitch) <= grid.q_max_nm + 6 * grid.resolution_nm:
+            form = (pitch / (math.pi * n)) ** 2 * math.sin(math.pi * n * width / pitch) ** 2
+            peak = np.exp(-((q - q_n) ** 2) / (2 * grid.resolution_nm**2))
+            intensity += form * math.exp(-((q_n * sigma) ** 2)) * peak
+            n += 1
+        mu[row] = photons * intensity / intensity.sum() + background
+    return mu
+
+
+def test_windowed_peaks_equal_the_literal_formula(rng):
+    theta = GratingPrior().sample(200, rng)
+    theta[0, :3] = [100.0, 50.0, 1.0]  # first order close to the grid's lower edge
+    theta[1, :3] = [300.0, 30.0, 1.0]  # the most orders
+    np.testing.assert_allclose(
+        expected_counts(theta, GRID), _dense_expected_counts(theta, GRID), rtol=1e-12, atol=1e-12
+    )

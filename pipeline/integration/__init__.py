@@ -123,4 +123,6 @@ class LineOutIntegrator:
             method=("no", self.config.method, "cython"),
         )
         counts = np.asarray(result.sum_signal, dtype=np.float64).reshape(-1)
-        return LineOut(q_nm=self.grid.q_nm, counts=counts, counts_sd=np.sqrt(np.maximum(counts, 1.0)))
+        return LineOut(
+            q_nm=self.grid.q_nm, counts=counts, counts_sd=np.sqrt(np.maximum(counts, 1.0))
+        )

@@ -1,12 +1,12 @@
 """Maximum-likelihood training of :class:`~pipeline.model.posterior.PosteriorModel` on simulations.
 
-The simulation budget is a pool of ``n_simulations`` parameter vectors drawn from the prior
-with their expected counts; every training step draws a batch from the pool and fresh Poisson
-noise on it, so the network never sees the same line-out twice. A fixed held-out set (its own
-parameters and noise) gives the validation loss. Everything is seeded.
+Every training step simulates a fresh batch from the prior (parameters, expected counts,
+Poisson noise), so the network never sees the same exposure twice and cannot over-fit a
+finite pool; the simulation budget is ``steps * batch_size``. A fixed held-out set gives the
+validation loss. Everything is seeded.
 
 Example:
-    >>> config = TrainingConfig(steps=2, batch_size=8, n_simulations=64, n_validation=16,
+    >>> config = TrainingConfig(steps=2, batch_size=8, n_validation=16,
     ...                         architecture=Architecture(n_blocks=1, hidden=8, condition_dim=4,
     ...                                                   condition_hidden=8))
     >>> model, history = train(config, progress=False)
@@ -33,10 +33,9 @@ from pipeline.physics import GratingPrior, QGrid, expected_counts
 class TrainingConfig:
     """The training budget and optimiser settings (saved in the model card)."""
 
-    steps: int = 20_000
+    steps: int = 12_000
     batch_size: int = 512
     learning_rate: float = 1e-3
-    n_simulations: int = 200_000
     n_validation: int = 4096
     validation_every: int = 500
     gradient_clip: float = 10.0
@@ -44,14 +43,18 @@ class TrainingConfig:
     threads: int | None = None
     architecture: Architecture = field(default_factory=Architecture)
 
+    @property
+    def n_simulations(self) -> int:
+        """The simulation budget: one fresh simulation per training example."""
+        return self.steps * self.batch_size
 
-def simulate_expected_counts(
-    n: int, prior: GratingPrior, grid: QGrid, rng: np.random.Generator, chunk: int = 4096
+
+def simulate_batch(
+    n: int, prior: GratingPrior, grid: QGrid, rng: np.random.Generator, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` prior draws and their expected counts as float32 tensors (simulated in chunks)."""
+    """``n`` prior draws and Poisson counts as float32 tensors."""
     theta = torch.from_numpy(prior.sample(n, rng)).float()
-    mu = torch.cat([expected_counts(theta[i : i + chunk], grid) for i in range(0, n, chunk)])
-    return theta, mu
+    return theta, torch.poisson(expected_counts(theta, grid), generator=generator)
 
 
 def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel, dict]:
@@ -65,10 +68,7 @@ def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel
     model = PosteriorModel(config.architecture, prior, grid)
 
     start = time.perf_counter()
-    pool_theta, pool_mu = simulate_expected_counts(config.n_simulations, prior, grid, rng)
-    val_theta, val_mu = simulate_expected_counts(config.n_validation, prior, grid, rng)
-    val_counts = torch.poisson(val_mu, generator=generator)
-    simulation_s = time.perf_counter() - start
+    val_theta, val_counts = simulate_batch(config.n_validation, prior, grid, rng, generator)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     warmup = max(1, config.steps // 20)
@@ -83,9 +83,8 @@ def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel
     bar = tqdm(range(1, config.steps + 1), desc="training", disable=not progress, unit="step")
     for step in bar:
         model.train()
-        index = torch.randint(0, config.n_simulations, (config.batch_size,), generator=generator)
-        counts = torch.poisson(pool_mu[index], generator=generator)
-        loss = -model.log_prob(pool_theta[index], counts).mean()
+        theta, counts = simulate_batch(config.batch_size, prior, grid, rng, generator)
+        loss = -model.log_prob(theta, counts).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -101,7 +100,7 @@ def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel
             history["validation_loss"].append(validation)
             bar.set_postfix(train=f"{running:.3f}", validation=f"{validation:.3f}")
     model.eval()
-    history["simulation_s"] = simulation_s
+    history["n_simulations"] = config.n_simulations
     history["wall_s"] = time.perf_counter() - start
     history["config"] = dataclasses.asdict(config)
     return model, history

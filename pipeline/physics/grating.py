@@ -31,6 +31,8 @@ import numpy as np
 PARAMETER_NAMES: tuple[str, ...] = ("pitch_nm", "width_nm", "sigma_nm", "n_photons", "background")
 #: Units of :data:`PARAMETER_NAMES`, in the same order.
 PARAMETER_UNITS: tuple[str, ...] = ("nm", "nm", "nm", "photons", "counts per bin")
+#: Half-width, in resolution standard deviations, of the window each peak is evaluated on.
+PEAK_HALF_WIDTH_SD = 9.0
 
 
 @dataclass(frozen=True)
@@ -114,29 +116,57 @@ def expected_counts(theta: Any, grid: QGrid = QGrid()) -> Any:
     """Expected counts per q bin for parameter vectors ``theta`` (..., 5) -> (..., n_points).
 
     Works on numpy arrays and on torch tensors (same dtype and device as ``theta``, and
-    differentiable), with one implementation so that both agree by construction.
+    differentiable), with one implementation so that both agree by construction. Each order's
+    Gaussian peak is evaluated on the bins within :data:`PEAK_HALF_WIDTH_SD` standard deviations
+    of its centre (beyond that it is below 1e-16 of its height), which makes a batch about ten
+    times cheaper than evaluating every order on every bin.
     """
     xp = _namespace(theta)
-    pitch, width, sigma = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
-    n_photons, background = theta[..., 3:4], theta[..., 4:5]
-    duty = width / pitch
+    batch_shape = theta.shape[:-1]
+    theta = theta.reshape(-1, theta.shape[-1])
+    pitch, width, sigma = theta[:, 0:1], theta[:, 1:2], theta[:, 2:3]
+    n_photons, background = theta[:, 3:4], theta[:, 4:5]
 
     q_cut = grid.q_max_nm + 6.0 * grid.resolution_nm
-    max_pitch = float(pitch.max())
-    n_max = max(1, math.floor(q_cut * max_pitch / (2.0 * math.pi)))
+    n_max = max(1, math.floor(q_cut * float(pitch.max()) / (2.0 * math.pi)))
+    half = math.ceil(PEAK_HALF_WIDTH_SD * grid.resolution_nm / grid.bin_width_nm)
     if xp is np:
         orders = np.arange(1, n_max + 1, dtype=theta.dtype)
-        q = np.asarray(grid.q_nm, dtype=theta.dtype)
+        offsets = np.arange(-half, half + 1)
     else:
         orders = xp.arange(1, n_max + 1, dtype=theta.dtype, device=theta.device)
-        q = xp.as_tensor(grid.q_nm, dtype=theta.dtype, device=theta.device)
+        offsets = xp.arange(-half, half + 1, device=theta.device)
 
-    q_n = 2.0 * math.pi * orders / pitch  # (..., orders)
-    amplitude = (pitch / (math.pi * orders)) ** 2 * xp.sin(math.pi * orders * duty) ** 2
+    q_n = 2.0 * math.pi * orders / pitch  # (rows, orders)
+    amplitude = (pitch / (math.pi * orders)) ** 2 * xp.sin(math.pi * orders * width / pitch) ** 2
     weight = amplitude * xp.exp(-((q_n * sigma) ** 2)) * (q_n <= q_cut)
-    peak_shape = xp.exp(-((q - q_n[..., None]) ** 2) / (2.0 * grid.resolution_nm**2))
-    intensity = (weight[..., None] * peak_shape).sum(-2)  # (..., n_points)
-    return n_photons * intensity / intensity.sum(-1, keepdims=True) + background
+    nearest = xp.floor((q_n - grid.q_min_nm) / grid.bin_width_nm + 0.5)
+    bins = nearest[..., None] + offsets  # (rows, orders, window), float
+    on_grid = (bins >= 0) & (bins < grid.n_points)
+    q_bins = grid.q_min_nm + bins * grid.bin_width_nm
+    peaks = weight[..., None] * xp.exp(
+        -((q_bins - q_n[..., None]) ** 2) / (2.0 * grid.resolution_nm**2)
+    )
+    peaks = peaks * on_grid
+
+    rows = theta.shape[0]
+    flat_bins = bins.clip(0, grid.n_points - 1) + grid.n_points * (
+        np.arange(rows)[:, None, None]
+        if xp is np
+        else xp.arange(rows, device=theta.device)[:, None, None]
+    )
+    if xp is np:
+        intensity = np.bincount(
+            flat_bins.astype(np.int64).ravel(),
+            weights=peaks.ravel(),
+            minlength=rows * grid.n_points,
+        ).astype(theta.dtype, copy=False)
+    else:
+        intensity = xp.zeros(rows * grid.n_points, dtype=theta.dtype, device=theta.device)
+        intensity = intensity.index_add(0, flat_bins.long().reshape(-1), peaks.reshape(-1))
+    intensity = intensity.reshape(rows, grid.n_points)
+    mu = n_photons * intensity / intensity.sum(-1, keepdims=True) + background
+    return mu.reshape(*batch_shape, grid.n_points)
 
 
 def simulate(
