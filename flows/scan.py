@@ -141,7 +141,10 @@ def run_demo(n_frames: int, n_workers: int, output_dir: Path, seed: int, model: 
     print(
         f"exposures:  {summary['submitted']} ({summary['written_ok']} written, {summary['failed']} failed)"
     )
-    print(f"wall time:  {summary['wall_s']:.1f} s  ({summary['exposures_per_s']:.1f} exposures/s)")
+    print(
+        f"scan time:  {summary['wall_s']:.1f} s from first frame to last write "
+        f"({summary['exposures_per_s']:.1f} exposures/s)"
+    )
     print(
         f"latency:    p50 {summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms"
     )
