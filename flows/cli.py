@@ -10,6 +10,13 @@ import sys
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.model import Architecture, save
     from pipeline.model.diagnostics import calibration_report
@@ -71,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="reconstruct a simulated scan end to end (Prefect flow, ZeroMQ workers, HDF5)",
     )
-    demo.add_argument("--frames", type=int, default=64, help="exposures to simulate (default 64)")
     demo.add_argument(
-        "--workers", type=int, default=2, help="inference worker processes (default 2)"
+        "--frames", type=_positive_int, default=64, help="exposures to simulate (default 64)"
+    )
+    demo.add_argument(
+        "--workers", type=_positive_int, default=2, help="inference worker processes (default 2)"
     )
     demo.add_argument(
         "--out", type=Path, default=Path("beamline-inn-results"), help="output folder"
@@ -87,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
     train.add_argument(
-        "--steps", type=int, default=12_000, help="each step simulates a fresh batch"
+        "--steps", type=_positive_int, default=12_000, help="each step simulates a fresh batch"
     )
-    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--batch-size", type=_positive_int, default=512)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--blocks", type=int, default=8, help="coupling blocks")
     train.add_argument("--hidden", type=int, default=128, help="hidden units per coupling subnet")

@@ -20,3 +20,17 @@ def test_train_writes_a_loadable_model(tmp_path, capsys):
     assert model.card["training"]["config"]["steps"] == 5
     assert "coverage_90" in model.card["diagnostics"]["calibration"]
     assert "model written to" in capsys.readouterr().out
+
+
+def test_nonsense_counts_are_refused_before_anything_starts(capsys):
+    import pytest
+
+    for arguments in (
+        ["demo", "--frames", "0"],
+        ["demo", "--workers", "-1"],
+        ["train", "--steps", "x"],
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(arguments)
+        assert stop.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err

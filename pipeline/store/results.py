@@ -36,7 +36,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import h5py
 import numpy as np
@@ -187,12 +186,7 @@ class ResultsWriter:
     def __enter__(self) -> ResultsWriter:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
