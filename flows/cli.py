@@ -53,6 +53,61 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from pipeline.physics.reference import mirror_weight, reference_posterior
+    from pipeline.store.inputs import read_line_outs
+
+    line_outs = read_line_outs(args.counts, args.exposure, args.n_photons, args.background)
+    report, all_samples = [], {}
+    for name, counts, n_photons, background in line_outs:
+        posterior = reference_posterior(
+            counts, n_photons, background, n_samples=args.samples, seed=args.seed
+        )
+        print(
+            f"{name}: N_ph = {n_photons:.4g}, b = {background:.3g}; {len(posterior.modes)} mode(s), "
+            f"{posterior.n_evaluations} likelihood evaluations, {posterior.wall_s:.1f} s"
+        )
+        for mode in posterior.modes:
+            cells = "  ".join(
+                f"{label} {m:9.3f} ± {sd:.3g}"
+                for label, m, sd in zip(
+                    ("pitch_nm", "width_nm", "sigma_nm"), mode.mean, mode.sd, strict=True
+                )
+            )
+            print(f"    weight {mode.weight:.3f}   {cells}")
+        report.append(
+            {
+                "name": name,
+                "n_photons": n_photons,
+                "background": background,
+                "wall_s": posterior.wall_s,
+                "n_evaluations": posterior.n_evaluations,
+                "mirror_weight": mirror_weight(posterior.samples),
+                "modes": [
+                    {
+                        "weight": m.weight,
+                        "mean": dict(zip(posterior.parameter_names, m.mean.tolist(), strict=True)),
+                        "sd": dict(zip(posterior.parameter_names, m.sd.tolist(), strict=True)),
+                    }
+                    for m in posterior.modes
+                ],
+            }
+        )
+        all_samples[name] = posterior.samples
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        np.savez_compressed(args.out.with_suffix(".npz"), **all_samples)
+        print(
+            f"written: {args.out.with_suffix('.json')} and {args.out.with_suffix('.npz')} (samples)"
+        )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from flows.scan import run_demo
 
@@ -93,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
 
+    reference = commands.add_parser(
+        "reference",
+        help="the exact posterior (staged grids) of a few line-outs, for comparison",
+        description="Exact posterior of (pitch, width, sigma) given counts and known N_ph and b. "
+        "COUNTS: .npy or text files with one line-out of 512 counts per row, or a results .h5 "
+        "file (its recorded truth supplies N_ph and b for simulated exposures).",
+    )
+    reference.add_argument("counts", nargs="+", type=Path, metavar="COUNTS")
+    reference.add_argument("--n-photons", type=float, help="known total photons N_ph")
+    reference.add_argument("--background", type=float, help="known background per bin b")
+    reference.add_argument(
+        "--exposure",
+        type=int,
+        action="append",
+        help="exposure index in a results file (repeatable)",
+    )
+    reference.add_argument(
+        "--samples", type=_positive_int, default=10_000, help="samples per line-out"
+    )
+    reference.add_argument("--seed", type=int, default=0)
+    reference.add_argument("--out", type=Path, help="write OUT.json (modes) and OUT.npz (samples)")
+    reference.set_defaults(run=_reference)
+
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
     train.add_argument(
@@ -111,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad input, missing or existing files: say so plainly
+        print(f"beamline-inn {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,3 +34,35 @@ def test_nonsense_counts_are_refused_before_anything_starts(capsys):
             main(arguments)
         assert stop.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_reference_reads_a_text_file_and_writes_modes(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from pipeline.physics import expected_counts
+
+    theta = np.array([[180.0, 50.0, 4.0, 2e4, 1.0]])
+    counts = np.random.default_rng(0).poisson(expected_counts(theta)[0])
+    np.savetxt(tmp_path / "line.txt", counts[None])
+    out = tmp_path / "ref" / "line"
+    arguments = ["reference", str(tmp_path / "line.txt"), "--n-photons", "2e4", "--background", "1"]
+    assert main([*arguments, "--samples", "500", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [round(m["weight"], 2) for m in report[0]["modes"]] == [0.5, 0.5]
+    assert np.load(out.with_suffix(".npz"))["line.txt[0]"].shape == (500, 3)
+    assert "weight 0.500" in capsys.readouterr().out
+
+
+def test_reference_without_nuisances_says_what_is_missing(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "line.npy", np.ones(512))
+    assert main(["reference", str(tmp_path / "line.npy")]) == 2
+    assert "give --n-photons and --background" in capsys.readouterr().err
+    assert (
+        main(["reference", str(tmp_path / "missing.npy"), "--n-photons", "1", "--background", "0"])
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err

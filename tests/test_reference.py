@@ -1,0 +1,112 @@
+"""The exact (staged-grid) posterior: the yardstick every estimator is judged against."""
+
+import numpy as np
+import pytest
+
+from pipeline.physics import expected_counts
+from pipeline.physics.reference import mirror_weight, reference_posterior
+
+
+def _counts(theta, seed=0):
+    return (
+        np.random.default_rng(seed)
+        .poisson(expected_counts(np.asarray(theta)[None])[0])
+        .astype(float)
+    )
+
+
+@pytest.fixture(scope="module")
+def symmetric_case():
+    theta = np.array([200.0, 60.0, 3.0, 1e4, 1.0])
+    return theta, reference_posterior(_counts(theta), theta[3], theta[4], n_samples=20_000, seed=1)
+
+
+def test_both_mirror_modes_are_found_with_equal_weight(symmetric_case):
+    theta, posterior = symmetric_case
+    assert len(posterior.modes) == 2
+    for mode in posterior.modes:
+        assert mode.weight == pytest.approx(0.5, abs=0.02)
+    widths = sorted(mode.mean[1] for mode in posterior.modes)
+    assert widths[0] == pytest.approx(theta[1], abs=2.0)
+    assert widths[1] == pytest.approx(theta[0] - theta[1], abs=2.0)
+    assert mirror_weight(posterior.samples) == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_truth_lies_inside_the_posterior(symmetric_case):
+    theta, posterior = symmetric_case
+    mode = min(posterior.modes, key=lambda m: abs(m.mean[1] - theta[1]))
+    z = (mode.mean - theta[:3]) / mode.sd
+    assert np.all(np.abs(z) < 4), z
+    assert 0.001 < mode.sd[0] < 0.2  # pitch: sharp, as DESIGN.md section 7 says
+
+
+def test_samples_match_the_mode_moments(symmetric_case):
+    _, posterior = symmetric_case
+    samples = posterior.samples
+    assert samples.shape == (20_000, 3)
+    narrow = samples[samples[:, 1] < samples[:, 0] / 2]
+    mode = min(posterior.modes, key=lambda m: m.mean[1])
+    np.testing.assert_allclose(narrow.mean(0), mode.mean, atol=0.1 * mode.sd.max())
+    np.testing.assert_allclose(narrow.std(0), mode.sd, rtol=0.1)
+
+
+def test_a_half_duty_grating_has_one_mode():
+    theta = np.array([150.0, 75.0, 4.0, 1e5, 1.0])
+    posterior = reference_posterior(_counts(theta, seed=2), theta[3], theta[4], n_samples=2000)
+    assert len(posterior.modes) == 1 and posterior.modes[0].weight == pytest.approx(1.0)
+    assert posterior.modes[0].mean[0] == pytest.approx(150.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("counts", "n_photons", "background", "message"),
+    [
+        (np.ones(100), 1e4, 1.0, "shape"),
+        (np.full(512, np.nan), 1e4, 1.0, "finite"),
+        (np.ones(512), 0.0, 1.0, "n_photons"),
+    ],
+)
+def test_bad_input_is_refused(counts, n_photons, background, message):
+    with pytest.raises(ValueError, match=message):
+        reference_posterior(counts, n_photons, background)
+
+
+@pytest.mark.slow
+def test_nested_sampling_agrees_with_the_reference():
+    """dynesty (about 30 s per case here) against the staged grids: weights and moments."""
+    dynesty = pytest.importorskip("dynesty")
+    for seed, theta in enumerate(
+        [np.array([200.0, 60.0, 3.0, 1e4, 1.0]), np.array([140.0, 100.0, 8.0, 3e4, 2.0])]
+    ):
+        counts = _counts(theta, seed=seed)
+        reference = reference_posterior(counts, theta[3], theta[4], n_samples=20_000)
+
+        def log_likelihood(x, counts=counts, theta=theta):
+            row = np.array([[x[0], x[1] * x[0], x[2], theta[3], theta[4]]])
+            mu = expected_counts(row)[0]
+            return float((counts * np.log(mu) - mu).sum())
+
+        def from_unit_cube(u):
+            return np.array([100 + 200 * u[0], 0.1 + 0.8 * u[1], 1 + 19 * u[2]])
+
+        sampler = dynesty.NestedSampler(
+            log_likelihood,
+            from_unit_cube,
+            3,
+            nlive=1000,
+            bound="multi",
+            sample="rwalk",
+            rstate=np.random.default_rng(seed),
+        )
+        sampler.run_nested(dlogz=0.1, print_progress=False)
+        results = sampler.results
+        weights = np.exp(results.logwt - results.logz[-1])
+        draws = results.samples[
+            np.random.default_rng(0).choice(len(weights), 20_000, p=weights / weights.sum())
+        ]
+        draws = np.stack([draws[:, 0], draws[:, 1] * draws[:, 0], draws[:, 2]], axis=-1)
+        assert mirror_weight(draws) == pytest.approx(mirror_weight(reference.samples), abs=0.08)
+        for mode in reference.modes:
+            narrow = mode.mean[1] < mode.mean[0] / 2
+            mine = draws[(draws[:, 1] < draws[:, 0] / 2) == narrow]
+            np.testing.assert_allclose(mine.mean(0), mode.mean, atol=1.0 * mode.sd.max())
+            np.testing.assert_allclose(mine.std(0), mode.sd, rtol=0.25)
