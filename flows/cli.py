@@ -19,8 +19,11 @@ def _positive_int(text: str) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.model import Architecture, save
-    from pipeline.model.diagnostics import calibration_report
     from pipeline.model.train import TrainingConfig, train
+    from pipeline.model.validation import simulation_diagnostics
+
+    if args.stop_at and not args.checkpoint_dir:
+        raise ValueError("--stop-at needs --checkpoint-dir, or the work would be lost")
 
     config = TrainingConfig(
         steps=args.steps,
@@ -33,11 +36,23 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"training on {config.n_simulations} simulations for {config.steps} steps (seed {config.seed})"
     )
-    model, history = train(config, progress=not args.quiet)
+    model, history = train(
+        config,
+        progress=not args.quiet,
+        checkpoint_dir=args.checkpoint_dir,
+        stop_at_step=args.stop_at,
+    )
+    if not history["completed"]:
+        print(
+            f"stopped at step {args.stop_at} of {config.steps}; the state is in "
+            f"{args.checkpoint_dir}: run the same command "
+            "without --stop-at to resume"
+        )
+        return 0
     print(
         f"trained in {history['wall_s']:.0f} s; validation loss {history['validation_loss'][-1]:.3f}"
     )
-    report = calibration_report(model)
+    report, _ = simulation_diagnostics(model)
     path = save(
         model,
         args.out,
@@ -45,11 +60,67 @@ def _train(args: argparse.Namespace) -> int:
             "command": "beamline-inn " + " ".join(sys.argv[1:]),
             **history,
         },
-        diagnostics={"calibration": report},
+        diagnostics={"simulation": report},
     )
     print(f"model written to {path} (card {path.with_suffix('.json')})")
-    for level in ("coverage_50", "coverage_90"):
-        print(f"{level}: " + ", ".join(f"{k}={v:.2f}" for k, v in report[level].items()))
+    print(
+        "calibration error: "
+        + ", ".join(f"{k}={v:.3f}" for k, v in report["calibration_error"].items())
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.model import load
+    from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
+    from pipeline.model.validation import (
+        reference_diagnostics,
+        simulation_diagnostics,
+        write_figures,
+    )
+
+    path = args.model or DEFAULT_MODEL
+    model = load(path, device="cpu")
+    print(f"validating {path} on {args.simulations} simulated exposures ...")
+    simulation, simulation_arrays = simulation_diagnostics(model, args.simulations, seed=args.seed)
+    print(f"... and against the exact posterior on {args.reference} exposures (about 10 s each)")
+
+    def report(done: int, total: int) -> None:
+        print(f"    reference {done}/{total}", flush=True)
+
+    reference, reference_arrays = reference_diagnostics(
+        model, args.reference, seed=args.seed + 1, progress=report
+    )
+    diagnostics = {"simulation": simulation, "reference": reference}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "validation.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
+    figures = write_figures(simulation_arrays, reference_arrays, args.out)
+    print(f"report: {args.out / 'validation.json'}; figures: {', '.join(figures)}")
+    names = ("pitch_nm", "width_nm", "sigma_nm")
+    print(
+        "calibration error:  "
+        + "  ".join(f"{n} {simulation['calibration_error'][n]:.3f}" for n in names)
+    )
+    print("SBC KS p:           " + "  ".join(f"{n} {simulation['sbc_ks_p'][n]:.3g}" for n in names))
+    print(
+        "sd ratio (median):  "
+        + "  ".join(f"{n} {reference['sd_ratio_median'][n]:.2f}" for n in names)
+    )
+    print(
+        "|bias| / exact sd:  "
+        + "  ".join(f"{n} {reference['bias_in_exact_sd_median'][n]:.2f}" for n in names)
+    )
+    print(
+        f"mode weight error:  max {reference['mode_weight_error_max']}, C2ST median {reference['c2st_median']:.3f}"
+    )
+    if args.update_card:
+        card_file = card_path(path)
+        card = json.loads(card_file.read_text())
+        card["diagnostics"] = diagnostics
+        card_file.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"diagnostics written into {card_file}")
     return 0
 
 
@@ -171,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--out", type=Path, help="write OUT.json (modes) and OUT.npz (samples)")
     reference.set_defaults(run=_reference)
 
+    validate = commands.add_parser(
+        "validate", help="diagnostics of a model: calibration, and distance to the exact posterior"
+    )
+    validate.add_argument(
+        "--model", type=Path, default=None, help="model file (default: the shipped one)"
+    )
+    validate.add_argument(
+        "--out", type=Path, default=Path("validation"), help="folder for JSON and PNGs"
+    )
+    validate.add_argument(
+        "--simulations", type=_positive_int, default=200, help="exposures for SBC/coverage"
+    )
+    validate.add_argument(
+        "--reference", type=_positive_int, default=20, help="exposures against the exact posterior"
+    )
+    validate.add_argument("--seed", type=int, default=2024)
+    validate.add_argument(
+        "--update-card", action="store_true", help="store the diagnostics in the model card"
+    )
+    validate.set_defaults(run=_validate)
+
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
     train.add_argument(
@@ -183,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="save the training state here every 1000 steps and resume from it if present",
+    )
+    train.add_argument(
+        "--stop-at",
+        type=_positive_int,
+        default=None,
+        help="stop after this step (checkpoint saved); needs --checkpoint-dir",
+    )
     train.set_defaults(run=_train)
     return parser
 

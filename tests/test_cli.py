@@ -18,7 +18,7 @@ def test_train_writes_a_loadable_model(tmp_path, capsys):
     assert main([*arguments, "--out", str(out), "--quiet"]) == 0
     model = load(out, device="cpu")
     assert model.card["training"]["config"]["steps"] == 5
-    assert "coverage_90" in model.card["diagnostics"]["calibration"]
+    assert "calibration_error" in model.card["diagnostics"]["simulation"]
     assert "model written to" in capsys.readouterr().out
 
 
@@ -34,6 +34,8 @@ def test_nonsense_counts_are_refused_before_anything_starts(capsys):
             main(arguments)
         assert stop.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+    assert main(["train", "--stop-at", "10"]) == 2
+    assert "--stop-at needs --checkpoint-dir" in capsys.readouterr().err
 
 
 def test_reference_reads_a_text_file_and_writes_modes(tmp_path, capsys):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_shipped_card_matches_its_weights():
     card = read_card()
     assert card["parameter_names"] == list(PARAMETER_NAMES)
     assert card["physics"]["grid"]["n_points"] == 512
-    assert "calibration" in card["diagnostics"]
+    assert card["diagnostics"]["simulation"]["n_exposures"] >= 200
+    assert card["diagnostics"]["reference"]["n_exposures"] >= 20
 
 
 def test_sampling_is_reproducible_with_a_seed(shipped):
@@ -129,3 +131,34 @@ def test_short_training_lowers_the_validation_loss():
             torch.as_tensor(theta).float(), torch.as_tensor(counts).float()
         ).mean()
     assert losses[-1] < before.item()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    config = TrainingConfig(
+        steps=40,
+        batch_size=32,
+        n_validation=64,
+        validation_every=10,
+        checkpoint_every=10,
+        architecture=TINY,
+        threads=1,
+    )
+    straight, straight_history = train(config, progress=False)
+    _, first_half = train(config, progress=False, checkpoint_dir=tmp_path, stop_at_step=20)
+    assert not first_half["completed"] and first_half["step"] == [10, 20]
+    resumed, history = train(config, progress=False, checkpoint_dir=tmp_path)
+    assert history["completed"] and history["step"] == [10, 20, 30, 40]
+    assert history["validation_loss"] == straight_history["validation_loss"]
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    config = TrainingConfig(steps=4, batch_size=16, n_validation=16, architecture=TINY)
+    train(config, progress=False, checkpoint_dir=tmp_path, stop_at_step=2)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(
+            dataclasses.replace(config, learning_rate=5e-4), progress=False, checkpoint_dir=tmp_path
+        )

@@ -5,6 +5,11 @@ Poisson noise), so the network never sees the same exposure twice and cannot ove
 finite pool; the simulation budget is ``steps * batch_size``. A fixed held-out set gives the
 validation loss. Everything is seeded.
 
+With a ``checkpoint_dir``, the full training state (weights, optimiser moments, schedule,
+random generators, loss history) is written there every ``checkpoint_every`` steps as
+safetensors + JSON (no pickle), and a later call with the same configuration resumes from it:
+an interrupted run resumed to the end gives the same weights as an uninterrupted one.
+
 Example:
     >>> config = TrainingConfig(steps=2, batch_size=8, n_validation=16,
     ...                         architecture=Architecture(n_blocks=1, hidden=8, condition_dim=4,
@@ -17,12 +22,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipeline.model.posterior import Architecture, PosteriorModel
@@ -41,6 +50,7 @@ class TrainingConfig:
     gradient_clip: float = 10.0
     seed: int = 0
     threads: int | None = None
+    checkpoint_every: int = 1000
     architecture: Architecture = field(default_factory=Architecture)
 
     @property
@@ -57,8 +67,81 @@ def simulate_batch(
     return theta, torch.poisson(expected_counts(theta, grid), generator=generator)
 
 
-def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel, dict]:
-    """Train a model from scratch; return it (in eval mode) and the loss history."""
+STATE_TENSORS = "training-state.safetensors"
+STATE_JSON = "training-state.json"
+
+
+def _save_state(
+    directory: Path,
+    config: TrainingConfig,
+    step: int,
+    model: PosteriorModel,
+    optimiser: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    history: dict,
+) -> None:
+    """Write the whole training state; files are replaced atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    optimiser_state = optimiser.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for index, state in optimiser_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optimiser.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    tensors["generator"] = generator.get_state()
+    meta = {
+        "config": dataclasses.asdict(config),
+        "step": step,
+        "param_groups": optimiser_state["param_groups"],
+        "numpy_rng": rng.bit_generator.state,
+        "history": history,
+    }
+    for name, write in (
+        (STATE_TENSORS, lambda path: save_file(tensors, str(path))),
+        (STATE_JSON, lambda path: path.write_text(json.dumps(meta))),
+    ):
+        partial = directory / (name + ".partial")
+        write(partial)
+        os.replace(partial, directory / name)
+
+
+def _load_state(
+    directory: Path,
+    config: TrainingConfig,
+    model: PosteriorModel,
+    optimiser: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> tuple[int, dict]:
+    """Restore a saved state into the given objects; return (step, history)."""
+    meta = json.loads((directory / STATE_JSON).read_text())
+    if meta["config"] != json.loads(json.dumps(dataclasses.asdict(config))):
+        raise ValueError(f"{directory} holds the state of a run with another configuration")
+    tensors = load_file(str(directory / STATE_TENSORS))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimiser."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    generator.set_state(tensors["generator"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return meta["step"], meta["history"]
+
+
+def train(
+    config: TrainingConfig,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    stop_at_step: int | None = None,
+) -> tuple[PosteriorModel, dict]:
+    """Train a model (resuming from ``checkpoint_dir`` when it holds a state of this
+    configuration); return it in eval mode with the loss history.
+
+    ``stop_at_step`` ends this call early, after saving a checkpoint, so that long training
+    can be split over several sessions.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -69,18 +152,29 @@ def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel
 
     start = time.perf_counter()
     val_theta, val_counts = simulate_batch(config.n_validation, prior, grid, rng, generator)
-
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
-        optimiser,
-        lambda step: (
-            min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        ),
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+
+    history: dict = {"step": [], "train_loss": [], "validation_loss": [], "wall_s": 0.0}
+    first = 1
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / STATE_JSON).is_file():
+        done, history = _load_state(Path(checkpoint_dir), config, model, optimiser, rng, generator)
+        first = done + 1
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor, last_epoch=first - 2)
+    last = min(config.steps, stop_at_step or config.steps)
+    running = history.get("running_train_loss", math.nan)
+    bar = tqdm(
+        range(first, last + 1),
+        desc="training",
+        disable=not progress,
+        unit="step",
+        initial=first - 1,
+        total=config.steps,
     )
-    history: dict[str, list] = {"step": [], "train_loss": [], "validation_loss": []}
-    running = math.nan
-    bar = tqdm(range(1, config.steps + 1), desc="training", disable=not progress, unit="step")
+    wall_before = history["wall_s"]
     for step in bar:
         model.train()
         theta, counts = simulate_batch(config.batch_size, prior, grid, rng, generator)
@@ -99,8 +193,15 @@ def train(config: TrainingConfig, progress: bool = True) -> tuple[PosteriorModel
             history["train_loss"].append(running)
             history["validation_loss"].append(validation)
             bar.set_postfix(train=f"{running:.3f}", validation=f"{validation:.3f}")
+        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == last):
+            history["wall_s"] = wall_before + time.perf_counter() - start
+            history["running_train_loss"] = running
+            _save_state(
+                Path(checkpoint_dir), config, step, model, optimiser, rng, generator, history
+            )
     model.eval()
+    history["wall_s"] = wall_before + time.perf_counter() - start
     history["n_simulations"] = config.n_simulations
-    history["wall_s"] = time.perf_counter() - start
     history["config"] = dataclasses.asdict(config)
+    history["completed"] = last == config.steps
     return model, history

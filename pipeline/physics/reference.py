@@ -141,12 +141,21 @@ def _refit_box(
         width = high_edge - low_edge
         low = centres[used[0]] - 2.5 * step
         high = centres[used[-1]] + 2.5 * step
-        if used[0] == 0 and low_edge > bounds[dim][0]:
+        slack = 1e-6 * width  # a box clipped to the prior's bound is at that bound
+        if used[0] == 0 and low_edge > bounds[dim][0] + slack:
             low, grew = low_edge - width, True
-        if used[-1] == centres.size - 1 and high_edge < bounds[dim][1]:
+        if used[-1] == centres.size - 1 and high_edge < bounds[dim][1] - slack:
             high, grew = high_edge + width, True
         box.append((low, high))
     return box, grew
+
+
+def _inside(point, axes: list[np.ndarray]) -> bool:
+    """Whether ``point`` lies within the cells of a grid."""
+    return all(
+        a[0] - 0.5 * (a[1] - a[0]) <= x <= a[-1] + 0.5 * (a[1] - a[0])
+        for x, a in zip(point, axes, strict=True)
+    )
 
 
 def reference_posterior(
@@ -219,7 +228,10 @@ def reference_posterior(
     bounds = [prior.pitch_nm, prior.duty, prior.sigma_nm]
     masses, moments, cells = [], [], []
     log_ref = best_peak
+    regions.sort(key=lambda region: -region[2])
     for p_star, (d_box, s_box), _ in regions:
+        if any(_inside((p_star, *np.mean([d_box, s_box], axis=1)), axes) for axes, _, _ in cells):
+            continue  # a grid of a stronger region already holds this one
         box = [(p_star - pitch_step_nm, p_star + pitch_step_nm), d_box, s_box]
         for _ in range(max_refits):  # grow the box until the region lies inside it
             axes = [_axis(*b, bound, cells_per_axis) for b, bound in zip(box, bounds, strict=True)]
@@ -232,6 +244,11 @@ def reference_posterior(
         # then fit it to the region, so that the final cells are as fine as they can be
         axes = [_axis(*b, bound, cells_per_axis) for b, bound in zip(box, bounds, strict=True)]
         values = log_l(axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+        peak = np.unravel_index(values.argmax(), values.shape)
+        if any(
+            _inside([a[i] for a, i in zip(axes, peak, strict=True)], other) for other, _, _ in cells
+        ):
+            continue  # it grew into a mode found before
         log_ref = max(log_ref, float(values.max()))
         volume = np.prod([a[1] - a[0] for a in axes])
         cells.append((axes, values, volume))
