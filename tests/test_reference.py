@@ -104,9 +104,17 @@ def test_nested_sampling_agrees_with_the_reference():
             np.random.default_rng(0).choice(len(weights), 20_000, p=weights / weights.sum())
         ]
         draws = np.stack([draws[:, 0], draws[:, 1] * draws[:, 0], draws[:, 2]], axis=-1)
-        assert mirror_weight(draws) == pytest.approx(mirror_weight(reference.samples), abs=0.08)
+        # a mode's weight from one nested-sampling run is uncertain by about 0.5 * logzerr
+        # (each mode holds half the live points): allow three of those
+        tolerance = 1.5 * float(results.logzerr[-1])
+        assert mirror_weight(draws) == pytest.approx(
+            mirror_weight(reference.samples), abs=tolerance
+        )
         for mode in reference.modes:
             narrow = mode.mean[1] < mode.mean[0] / 2
             mine = draws[(draws[:, 1] < draws[:, 0] / 2) == narrow]
-            np.testing.assert_allclose(mine.mean(0), mode.mean, atol=1.0 * mode.sd.max())
-            np.testing.assert_allclose(mine.std(0), mode.sd, rtol=0.25)
+            assert np.all(np.abs(mine.mean(0) - mode.mean) < 0.5 * mode.sd), (
+                mine.mean(0),
+                mode.mean,
+            )
+            np.testing.assert_allclose(mine.std(0), mode.sd, rtol=0.15)
