@@ -1,5 +1,10 @@
 """The scan runner end to end without Prefect: processes, ZeroMQ, HDF5, bad frames."""
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -46,3 +51,46 @@ def test_an_existing_results_file_stops_the_scan_before_it_starts(tmp_path):
     with pytest.raises(FileExistsError):
         ScanRunner(config).start()
     assert config.output_path.read_bytes() == b"earlier results"
+
+
+FEEDER = """
+import sys, time
+from pathlib import Path
+from pipeline.config import PipelineConfig
+from pipeline.sources import SimulatedDetector
+from workers.scan import ScanRunner
+
+config = PipelineConfig(scan_id="killed", n_workers=1, output_dir=Path(sys.argv[1]))
+runner = ScanRunner(config).start()
+for exposure in SimulatedDetector(config.integration, seed=3).exposures("killed", 6):
+    runner.submit(exposure)
+runner.wait()
+print(*runner.pids, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp_path):
+    feeder = subprocess.Popen(
+        [sys.executable, "-c", FEEDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(pid) for pid in feeder.stdout.readline().split()]
+    finally:
+        feeder.send_signal(signal.SIGKILL)
+        feeder.wait()
+    assert len(pids) == 2
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids), "children outlived their feeder"
+    results = read_results(tmp_path / "killed.h5")
+    assert results.index.tolist() == list(range(6)) and (results.status == "ok").all()

@@ -20,7 +20,7 @@ import zmq
 from pipeline.exposure import PosteriorSamples
 from pipeline.model import load
 from pipeline.transport import Message, ProtocolError, decode, encode
-from workers.process import announce_ready, control_socket, parse_args, read_run
+from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
 
 def _failure(message: Message, error: str) -> list:
@@ -75,6 +75,7 @@ def _infer(model, messages: list[Message], n_samples: int, seed: int) -> list[li
 
 def serve(argv: list[str] | None = None) -> int:
     args = parse_args("beamline-inn inference worker", argv)
+    parent = Parent()
     config, endpoints = read_run(args.run_dir)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.n_workers))
     model = load(config.inference.model, device=config.inference.device)
@@ -95,7 +96,7 @@ def serve(argv: list[str] | None = None) -> int:
     batch_number = 0
     while True:
         events = dict(poller.poll(1000))
-        if control in events:
+        if control in events or not parent.alive():
             break
         if work not in events:
             continue

@@ -1,4 +1,5 @@
-"""What every pipeline process shares: reading its run directory and obeying stop broadcasts.
+"""What every pipeline process shares: reading its run directory, obeying stop broadcasts, and
+noticing when the process that started it has gone.
 
 A run directory holds ``config.json`` (the :class:`~pipeline.config.PipelineConfig`); the
 ZeroMQ endpoints follow from it (:meth:`~pipeline.transport.Endpoints.resolve`).
@@ -16,6 +17,17 @@ from pipeline.config import PipelineConfig
 from pipeline.transport import Endpoints, encode
 
 CONFIG_FILE = "config.json"
+
+
+class Parent:
+    """Watches the parent process: a child whose feeder died (even by SIGKILL) must not run on
+    forever, so it finishes what it holds and exits."""
+
+    def __init__(self) -> None:
+        self.pid = os.getppid()
+
+    def alive(self) -> bool:
+        return os.getppid() == self.pid
 
 
 def read_run(run_dir: Path) -> tuple[PipelineConfig, Endpoints]:

@@ -229,6 +229,11 @@ class ScanRunner:
         return taken
 
     @property
+    def pids(self) -> list[int]:
+        """Process ids of the writer and the inference workers."""
+        return [child.process.pid for child in self._children]
+
+    @property
     def n_submitted(self) -> int:
         return len(self._sent_at)
 

@@ -19,7 +19,7 @@ from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.store import ExposureResult, ResultsWriter
 from pipeline.transport import Message, ProtocolError, decode, encode
-from workers.process import announce_ready, control_socket, parse_args, read_run
+from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
 
 def to_result(message: Message) -> ExposureResult:
@@ -43,6 +43,7 @@ def to_result(message: Message) -> ExposureResult:
 
 def serve(argv: list[str] | None = None) -> int:
     args = parse_args("beamline-inn results writer", argv)
+    parent = Parent()
     config, endpoints = read_run(args.run_dir)
     poni = config.integration.poni or DEFAULT_PONI
     writer = ResultsWriter(
@@ -92,7 +93,7 @@ def serve(argv: list[str] | None = None) -> int:
             events = dict(poller.poll(1000))
             if results in events:
                 write_next()
-            elif control in events:  # stop: write what has already arrived, then close
+            elif control in events or not parent.alive():  # write what has arrived, then close
                 while True:
                     try:
                         write_next(zmq.NOBLOCK)
