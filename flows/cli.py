@@ -33,7 +33,9 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         threads=args.threads,
-        architecture=Architecture(n_blocks=args.blocks, hidden=args.hidden, seed=args.seed),
+        architecture=Architecture(
+            n_blocks=args.blocks, hidden=args.hidden, seed=args.seed, flow=args.flow
+        ),
     )
     print(
         f"training on {config.n_simulations} simulations for {config.steps} steps (seed {config.seed})"
@@ -274,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--blocks", type=int, default=8, help="coupling blocks")
     train.add_argument("--hidden", type=int, default=128, help="hidden units per coupling subnet")
+    train.add_argument(
+        "--flow",
+        choices=("own", "zuko-realnvp"),
+        default="own",
+        help="coupling-flow implementation",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -83,15 +83,25 @@ def test_flow_is_invertible_and_its_log_det_is_exact():
         assert torch.logdet(jacobian).item() == pytest.approx(log_det[row].item(), abs=1e-8)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = PosteriorModel(TINY)
+@pytest.mark.parametrize("flow", ["own", "zuko-realnvp"])
+def test_save_load_round_trip(tmp_path, flow):
+    model = PosteriorModel(dataclasses.replace(TINY, flow=flow))
+    u = torch.randn(7, 5)
+    c = torch.randn(7, TINY.condition_dim)
+    z, _ = model.flow(u, c)
+    assert (model.flow.inverse(z, c) - u).abs().max() < 1e-4
     path = save(model, tmp_path / "tiny", note="test")
     loaded = load(path, device="cpu")
     _, counts = simulate(2, np.random.default_rng(0))
     np.testing.assert_array_equal(
         model.sample(counts, 20, seed=1), loaded.sample(counts, 20, seed=1)
     )
-    assert loaded.card["note"] == "test" and loaded.card["architecture"]["n_blocks"] == 2
+    assert loaded.card["note"] == "test" and loaded.card["architecture"]["flow"] == flow
+
+
+def test_an_unknown_flow_is_refused():
+    with pytest.raises(ValueError, match="unknown flow"):
+        PosteriorModel(dataclasses.replace(TINY, flow="glow-9000"))
 
 
 def test_weights_that_do_not_match_their_card_are_refused(tmp_path):

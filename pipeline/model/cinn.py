@@ -140,3 +140,32 @@ class ConditioningNet(nn.Module):
         shape = torch.log1p(counts)
         total = torch.log(counts.sum(-1, keepdim=True) + 1.0)
         return self.net(torch.cat([(shape - 2.0) / 2.0, (total - 11.0) / 3.0], dim=-1))
+
+
+class ZukoRealNVP(nn.Module):
+    """zuko's conditional RealNVP behind the interface of :class:`ConditionalINN`.
+
+    Each of its ``n_blocks`` transforms is a one-sided affine coupling (alternating masks) whose
+    hyper-network sees the untouched half and the condition. Measured against the own block in
+    ``benchmarks/flow_libraries.py``.
+    """
+
+    def __init__(self, dim: int, condition_dim: int, n_blocks: int, hidden: int) -> None:
+        super().__init__()
+        import zuko
+
+        self.flow = zuko.flows.RealNVP(
+            dim, condition_dim, transforms=n_blocks, hidden_features=(hidden, hidden)
+        )
+
+    def forward(self, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters (network coordinates) to latent ``z``, with log|det dz/du|."""
+        return self.flow(c).transform.call_and_ladj(u)
+
+    def inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Latent ``z`` to parameters (network coordinates)."""
+        return self.flow(c).transform.inv(z)
+
+    def log_prob(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """log q(u | c) under zuko's standard normal base."""
+        return self.flow(c).log_prob(u)

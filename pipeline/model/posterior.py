@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.model.cinn import ConditionalINN, ConditioningNet
+from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGrid
 
 
@@ -42,6 +42,9 @@ class Architecture:
     condition_hidden: int = 256
     clamp: float = 2.0
     seed: int = 0
+    #: "own": :class:`~pipeline.model.cinn.ConditionalINN` (the talk's two-sided blocks);
+    #: "zuko-realnvp": :class:`~pipeline.model.cinn.ZukoRealNVP`.
+    flow: str = "own"
 
 
 class ParameterTransform(nn.Module):
@@ -114,14 +117,24 @@ class PosteriorModel(nn.Module):
         self.conditioning = ConditioningNet(
             grid.n_points, architecture.condition_hidden, architecture.condition_dim
         )
-        self.flow = ConditionalINN(
-            len(PARAMETER_NAMES),
-            architecture.condition_dim,
-            architecture.n_blocks,
-            architecture.hidden,
-            architecture.clamp,
-            architecture.seed,
-        )
+        if architecture.flow == "own":
+            self.flow: nn.Module = ConditionalINN(
+                len(PARAMETER_NAMES),
+                architecture.condition_dim,
+                architecture.n_blocks,
+                architecture.hidden,
+                architecture.clamp,
+                architecture.seed,
+            )
+        elif architecture.flow == "zuko-realnvp":
+            self.flow = ZukoRealNVP(
+                len(PARAMETER_NAMES),
+                architecture.condition_dim,
+                architecture.n_blocks,
+                architecture.hidden,
+            )
+        else:
+            raise ValueError(f"unknown flow {architecture.flow!r}: 'own' or 'zuko-realnvp'")
         self.card: dict = {}
 
     @property
