@@ -108,6 +108,9 @@ class ScanRunner:
         self.failed_out = self.context.socket(zmq.PUSH)  # failure records straight to the writer
         self.failed_out.setsockopt(zmq.LINGER, 5000)
         self.failed_out.connect(self.endpoints.results)
+        self._send_poller = zmq.Poller()  # room on the work socket, or acks waiting
+        self._send_poller.register(self.work, zmq.POLLOUT)
+        self._send_poller.register(self.acks, zmq.POLLIN)
 
         self._spawn("writer", "workers.writer", 0)
         for number in range(config.n_workers):
@@ -198,11 +201,8 @@ class ScanRunner:
             counts=line_out.counts.astype(np.float32),
             counts_sd=line_out.counts_sd.astype(np.float32),
         )
-        poller = zmq.Poller()
-        poller.register(self.work, zmq.POLLOUT)
-        poller.register(self.acks, zmq.POLLIN)
         while True:  # keep draining acks while waiting for room, so nothing can deadlock
-            events = dict(poller.poll(1000))
+            events = dict(self._send_poller.poll(1000))
             if self.acks in events:
                 self.collect()
             if self.work in events:
