@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
     train.add_argument(
-        "--steps", type=_positive_int, default=12_000, help="each step simulates a fresh batch"
+        "--steps", type=_positive_int, default=28_000, help="each step simulates a fresh batch"
     )
     train.add_argument("--batch-size", type=_positive_int, default=512)
     train.add_argument("--learning-rate", type=float, default=1e-3)

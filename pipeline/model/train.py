@@ -42,7 +42,7 @@ from pipeline.physics import GratingPrior, QGrid, expected_counts
 class TrainingConfig:
     """The training budget and optimiser settings (saved in the model card)."""
 
-    steps: int = 12_000
+    steps: int = 28_000
     batch_size: int = 512
     learning_rate: float = 1e-3
     n_validation: int = 4096
