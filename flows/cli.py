@@ -34,7 +34,11 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         architecture=Architecture(
-            n_blocks=args.blocks, hidden=args.hidden, seed=args.seed, flow=args.flow
+            n_blocks=args.blocks,
+            hidden=args.hidden,
+            seed=args.seed,
+            flow=args.flow,
+            objective=args.objective,
         ),
     )
     print(
@@ -45,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         checkpoint_dir=args.checkpoint_dir,
         stop_at_step=args.stop_at,
+        device=args.device,
     )
     if not history["completed"]:
         print(
@@ -95,7 +100,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"    reference {done}/{total}", flush=True)
 
     reference, reference_arrays = reference_diagnostics(
-        model, args.reference, seed=args.seed + 1, progress=report
+        model, args.reference, seed=args.seed + 1, progress=report, cache_dir=args.reference_cache
     )
     diagnostics = {"simulation": simulation, "reference": reference}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--seed", type=int, default=2024)
     validate.add_argument(
+        "--reference-cache",
+        type=Path,
+        default=None,
+        help="keep exact posteriors here and reuse them (to compare several models)",
+    )
+    validate.add_argument(
         "--update-card", action="store_true", help="store the diagnostics in the model card"
     )
     validate.set_defaults(run=_validate)
@@ -270,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the posterior model on simulations")
     train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
     train.add_argument(
-        "--steps", type=_positive_int, default=28_000, help="each step simulates a fresh batch"
+        "--steps", type=_positive_int, default=20_000, help="each step simulates a fresh batch"
     )
     train.add_argument("--batch-size", type=_positive_int, default=512)
     train.add_argument("--learning-rate", type=float, default=1e-3)
@@ -281,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("own", "zuko-realnvp"),
         default="own",
         help="coupling-flow implementation",
+    )
+    train.add_argument(
+        "--objective",
+        choices=("maximum-likelihood", "bidirectional"),
+        default="maximum-likelihood",
+        help="the cINN's maximum likelihood, or the talk's bi-directional INN (L_y, L_z, L_x)",
+    )
+    train.add_argument(
+        "--device", default="cpu", help="torch device to train on (cpu, cuda); default cpu"
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.model.bidirectional import BidirectionalINN
+from pipeline.model.build import build_model
 from pipeline.model.posterior import Architecture, PosteriorModel
 from pipeline.physics import GratingPrior, QGrid
 
@@ -43,7 +45,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save(model: PosteriorModel, path: Path, **card: Any) -> Path:
+def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> Path:
     """Write ``path`` (.safetensors) and its card; extra keyword arguments go into the card."""
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load(path: Path | None = None, device: str = "auto") -> PosteriorModel:
+def load(path: Path | None = None, device: str = "auto") -> PosteriorModel | BidirectionalINN:
     """Load a model file (the shipped one when ``None``) for inference.
 
     The weights' SHA-256 must match the card; no pickled code is ever executed.
@@ -105,7 +107,7 @@ def load(path: Path | None = None, device: str = "auto") -> PosteriorModel:
         raise ModelFileError(
             f"{weights} does not match the SHA-256 in its model card: refusing to load"
         )
-    model = PosteriorModel(
+    model = build_model(
         Architecture(**card["architecture"]),
         GratingPrior(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in card["prior"].items()}

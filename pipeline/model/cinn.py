@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int = 2) -> nn.Sequential:
+def mlp(n_in: int, hidden: int, n_out: int, n_layers: int = 2) -> nn.Sequential:
+    """``n_layers`` hidden layers of ``hidden`` units with SiLU, then a linear output layer."""
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(n_layers):
@@ -55,22 +57,30 @@ class CouplingBlock(nn.Module):
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
         d1, d2 = self.split, dim - self.split
-        self.net2 = _mlp(d2 + condition_dim, hidden, 2 * d1)  # s2, t2 from u2
-        self.net1 = _mlp(d1 + condition_dim, hidden, 2 * d2)  # s1, t1 from v1
+        self.net2 = mlp(d2 + condition_dim, hidden, 2 * d1)  # s2, t2 from u2
+        self.net1 = mlp(d1 + condition_dim, hidden, 2 * d2)  # s1, t1 from v1
         for net in (self.net1, self.net2):  # start as the identity map
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
 
     def _scale_shift(
-        self, net: nn.Module, x: torch.Tensor, c: torch.Tensor
+        self, net: nn.Sequential, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = net(torch.cat([x, c], dim=-1)).chunk(2, dim=-1)
+        # The first layer acts on cat([x, c]); its condition part is computed on c as given
+        # and broadcast, so a condition shared by many rows (sampling) is multiplied once.
+        first = net[0]
+        d = x.shape[-1]
+        hidden = F.linear(x, first.weight[:, :d]) + F.linear(c, first.weight[:, d:], first.bias)
+        s, t = net[1:](hidden).chunk(2, dim=-1)
         return (2.0 * self.clamp / math.pi) * torch.atan(s / self.clamp), t
 
     def forward(self, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map ``u`` to ``v``; return ``v`` and log|det dv/du| per row."""
-        u = u[:, self.permutation]
-        u1, u2 = u[:, : self.split], u[:, self.split :]
+        """Map ``u`` (..., dim) to ``v``; return ``v`` and log|det dv/du| per row.
+
+        ``c`` broadcasts against the leading dimensions of ``u``.
+        """
+        u = u[..., self.permutation]
+        u1, u2 = u[..., : self.split], u[..., self.split :]
         s2, t2 = self._scale_shift(self.net2, u2, c)
         v1 = u1 * torch.exp(s2) + t2
         s1, t1 = self._scale_shift(self.net1, v1, c)
@@ -79,12 +89,12 @@ class CouplingBlock(nn.Module):
 
     def inverse(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Map ``v`` back to ``u``."""
-        v1, v2 = v[:, : self.split], v[:, self.split :]
+        v1, v2 = v[..., : self.split], v[..., self.split :]
         s1, t1 = self._scale_shift(self.net1, v1, c)
         u2 = (v2 - t1) * torch.exp(-s1)
         s2, t2 = self._scale_shift(self.net2, u2, c)
         u1 = (v1 - t2) * torch.exp(-s2)
-        return torch.cat([u1, u2], dim=-1)[:, self.inverse_permutation]
+        return torch.cat([u1, u2], dim=-1)[..., self.inverse_permutation]
 
 
 class ConditionalINN(nn.Module):
@@ -107,7 +117,7 @@ class ConditionalINN(nn.Module):
 
     def forward(self, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters (in network coordinates) to latent ``z``, with log|det dz/du|."""
-        log_det = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        log_det = torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
         for block in self.blocks:
             u, block_log_det = block(u, c)
             log_det = log_det + block_log_det
@@ -134,7 +144,7 @@ class ConditioningNet(nn.Module):
 
     def __init__(self, n_points: int, hidden: int, condition_dim: int) -> None:
         super().__init__()
-        self.net = _mlp(n_points + 1, hidden, condition_dim, n_layers=3)
+        self.net = mlp(n_points + 1, hidden, condition_dim, n_layers=3)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         shape = torch.log1p(counts)
@@ -163,8 +173,8 @@ class ZukoRealNVP(nn.Module):
         return self.flow(c).transform.call_and_ladj(u)
 
     def inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Latent ``z`` to parameters (network coordinates)."""
-        return self.flow(c).transform.inv(z)
+        """Latent ``z`` to parameters (network coordinates); ``c`` broadcasts against ``z``."""
+        return self.flow(c.expand(*z.shape[:-1], c.shape[-1])).transform.inv(z)
 
     def log_prob(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """log q(u | c) under zuko's standard normal base."""

@@ -2,13 +2,21 @@
 
 :class:`PosteriorModel` joins three pieces:
 
-1. :class:`ParameterTransform` maps the physical parameters (pitch, width, sigma, photons,
-   background) to unbounded network coordinates: each is expressed as a fraction of its prior
-   range (width as the duty cycle w / p, photons as log10), then passed through a logit.
-   Samples mapped back therefore always lie inside the prior's support.
-2. :class:`~pipeline.model.cinn.ConditioningNet` embeds the line-out once per exposure.
-3. :class:`~pipeline.model.cinn.ConditionalINN` turns standard normal draws into
-   network coordinates given that embedding.
+1. :class:`LineOutEncoder` embeds the line-out once per exposure: an MLP over the raw counts
+   (:class:`~pipeline.model.cinn.ConditioningNet`) whose linear pitch head gives a rough
+   pitch; :func:`~pipeline.model.orders.read_orders` refines it on the peak positions and
+   reads the duty cycle and roughness off the order intensities, with standard errors; a
+   second MLP merges both into the condition vector.
+2. :class:`ParameterTransform` maps the physical parameters to network coordinates centred
+   on that read-out: ``asinh((p - p_hat) / error)`` for the pitch, a folded log coordinate
+   for the duty cycle (w and p - w map to the same value), ``asinh`` of the standardised
+   prior-range logit for sigma, and prior-range logits for photons and background. The flow
+   therefore models residuals of order one instead of widths of 1e-4 of the prior range.
+   Samples mapped back always lie inside the prior's support.
+3. :class:`~pipeline.model.cinn.ConditionalINN` turns standard normal draws into network
+   coordinates given the condition; each draw then takes the narrow (w) or the wide (p - w)
+   solution with probability 1/2, which is exact: likelihood and prior are symmetric under
+   w -> p - w.
 
 Example:
     >>> import numpy as np
@@ -23,12 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP
+from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP, mlp
+from pipeline.model.orders import N_FEATURES, OrderReadout, read_orders
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGrid
 
 
@@ -45,14 +56,29 @@ class Architecture:
     #: "own": :class:`~pipeline.model.cinn.ConditionalINN` (the talk's two-sided blocks);
     #: "zuko-realnvp": :class:`~pipeline.model.cinn.ZukoRealNVP`.
     flow: str = "own"
+    #: "maximum-likelihood": :class:`PosteriorModel`; "bidirectional": the talk's INN,
+    #: :class:`~pipeline.model.bidirectional.BidirectionalINN` (own blocks; ``condition_*``
+    #: and ``flow`` unused).
+    objective: str = "maximum-likelihood"
 
 
 class ParameterTransform(nn.Module):
-    """Physical parameters (..., 5) <-> network coordinates (..., 5) through prior-range logits."""
+    """Physical parameters (..., 5) <-> network coordinates (..., 5).
+
+    The pitch coordinate is ``asinh((p - pitch_hat) / pitch_error)`` for a per-exposure centre
+    and scale (broadcast against the leading dimensions); the others are prior-range logits.
+    """
 
     EPS = 1e-6
     #: Standard deviation of a logit of a uniform variable (pi / sqrt(3)), rounded.
     SCALE = 1.8
+    #: Largest |centred coordinate| mapped back (sinh(20) is 2.4e8 standard errors).
+    MAX_COORDINATE = 20.0
+    #: Least |logit| of the narrow-line duty cycle used as a centre (d within 1% of 1/2).
+    MIN_DUTY_CENTRE = 0.01
+    #: Range of the duty scale relative to its centre, and of the sigma scale (logit units).
+    RELATIVE_DUTY_SCALE_LIMITS = (1e-3, 3.0)
+    SIGMA_SCALE_LIMITS = (1e-3, 10.0)
 
     def __init__(self, prior: GratingPrior) -> None:
         super().__init__()
@@ -68,7 +94,8 @@ class ParameterTransform(nn.Module):
             "span", torch.tensor([b[1] - b[0] for b in bounds], dtype=torch.float32)
         )
 
-    def to_network(self, theta: torch.Tensor) -> torch.Tensor:
+    def to_logits(self, theta: torch.Tensor) -> torch.Tensor:
+        """All five parameters as prior-range logits / :attr:`SCALE` (no centring)."""
         natural = torch.stack(
             [
                 theta[..., 0],
@@ -82,9 +109,10 @@ class ParameterTransform(nn.Module):
         unit = ((natural - self.low) / self.span).clamp(self.EPS, 1.0 - self.EPS)
         return torch.logit(unit) / self.SCALE
 
-    def to_physical(self, u: torch.Tensor) -> torch.Tensor:
+    def from_logits(self, u: torch.Tensor, pitch: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_logits`; ``pitch`` (nm), when given, replaces ``u[..., 0]``."""
         natural = torch.sigmoid(u * self.SCALE) * self.span + self.low
-        pitch = natural[..., 0]
+        pitch = natural[..., 0] if pitch is None else pitch
         return torch.stack(
             [
                 pitch,
@@ -96,12 +124,138 @@ class ParameterTransform(nn.Module):
             dim=-1,
         )
 
+    def _centres(self, readout: OrderReadout) -> tuple[torch.Tensor, ...]:
+        """Centres and scales of the duty and sigma coordinates (see :meth:`to_network`)."""
+        duty_unit = ((readout.duty - self.low[1]) / self.span[1]).clamp(1e-4, 0.5)
+        duty_centre = (-torch.logit(duty_unit)).clamp(min=self.MIN_DUTY_CENTRE)
+        duty_scale = readout.duty_error / (self.span[1] * duty_unit * (1.0 - duty_unit))
+        sigma_unit = ((readout.sigma_nm - self.low[2]) / self.span[2]).clamp(1e-4, 1.0 - 1e-4)
+        sigma_centre = torch.logit(sigma_unit)
+        sigma_scale = (
+            readout.log_sigma_error
+            * readout.sigma_nm
+            / (self.span[2] * sigma_unit * (1 - sigma_unit))
+        )
+        return (
+            duty_centre,
+            (duty_scale / duty_centre).clamp(*self.RELATIVE_DUTY_SCALE_LIMITS),
+            sigma_centre,
+            sigma_scale.clamp(*self.SIGMA_SCALE_LIMITS),
+        )
 
-class PosteriorModel(nn.Module):
+    def to_network(self, theta: torch.Tensor, readout: OrderReadout) -> torch.Tensor:
+        """Physical parameters to network coordinates, centred on ``readout``'s estimates.
+
+        pitch: ``asinh((p - p_hat) / error)``; duty: ``log(|l| / |l_hat|) / s`` with ``l`` the
+        prior-range logit of w / p and ``s`` the relative error (folded: w and p - w give the
+        same value); sigma: ``asinh((l - l_hat) / error)`` of its prior-range logit; photons
+        and background: prior-range logits / :attr:`SCALE`.
+        """
+        logits = self.to_logits(theta) * self.SCALE
+        duty_centre, duty_scale, sigma_centre, sigma_scale = self._centres(readout)
+        pitch = torch.asinh((theta[..., 0] - readout.pitch_nm) / readout.pitch_error_nm)
+        # folded: w and p - w (logits +l and -l) map to the same coordinate
+        duty = torch.log(logits[..., 1].abs().clamp(min=1e-30) / duty_centre) / duty_scale
+        sigma = torch.asinh((logits[..., 2] - sigma_centre) / sigma_scale)
+        return torch.cat(
+            [torch.stack([pitch, duty, sigma], dim=-1), logits[..., 3:] / self.SCALE], dim=-1
+        )
+
+    def to_physical(
+        self, u: torch.Tensor, readout: OrderReadout, side: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`to_network`; the result lies inside the prior's support.
+
+        ``side`` (+1 or -1, shaped like ``u[..., 0]``) chooses the width solution: -1 the
+        narrow line (w < p / 2), +1 the wide one (p - w).
+        """
+        limit = self.MAX_COORDINATE
+        duty_centre, duty_scale, sigma_centre, sigma_scale = self._centres(readout)
+        pitch = readout.pitch_nm + readout.pitch_error_nm * torch.sinh(
+            u[..., 0].clamp(-limit, limit)
+        )
+        pitch = pitch.clamp(self.low[0], self.low[0] + self.span[0])
+        duty = side * duty_centre * torch.exp(duty_scale * u[..., 1].clamp(-limit, limit))
+        sigma = sigma_centre + sigma_scale * torch.sinh(u[..., 2].clamp(-limit, limit))
+        logits = torch.stack([u[..., 0], duty / self.SCALE, sigma / self.SCALE], dim=-1)
+        return self.from_logits(torch.cat([logits, u[..., 3:]], dim=-1), pitch)
+
+
+class Encoding(NamedTuple):
+    """What :class:`LineOutEncoder` computes once per exposure."""
+
+    condition: torch.Tensor  #: (exposures, condition_dim)
+    pitch_guess_nm: torch.Tensor  #: the pitch head's rough pitch (exposures,)
+    readout: OrderReadout  #: the classical estimates the coordinates are centred on
+
+
+class LineOutEncoder(nn.Module):
+    """Counts (exposures, n_points) -> :class:`Encoding`; see the module docstring."""
+
+    def __init__(self, grid: QGrid, prior: GratingPrior, hidden: int, condition_dim: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.raw = ConditioningNet(grid.n_points, hidden, condition_dim)
+        self.pitch_head = nn.Linear(condition_dim, 1)
+        nn.init.zeros_(self.pitch_head.weight)
+        nn.init.zeros_(self.pitch_head.bias)
+        self.pitch_centre = 0.5 * (prior.pitch_nm[0] + prior.pitch_nm[1])
+        self.pitch_half_span = 0.5 * (prior.pitch_nm[1] - prior.pitch_nm[0])
+        self.merge = mlp(condition_dim + N_FEATURES, hidden, condition_dim, n_layers=2)
+
+    def forward(self, counts: torch.Tensor) -> Encoding:
+        raw = self.raw(counts)
+        guess = self.pitch_centre + self.pitch_half_span * self.pitch_head(raw)[:, 0]
+        low, high = (
+            self.pitch_centre - self.pitch_half_span,
+            self.pitch_centre + self.pitch_half_span,
+        )
+        orders = read_orders(counts, guess.detach().clamp(low, high), self.grid)
+        condition = self.merge(torch.cat([raw, orders.features], dim=-1))
+        return Encoding(condition, guess, orders)
+
+
+class CountsSampler(nn.Module):
+    """``sample`` on numpy counts for models that implement ``sample_tensor``."""
+
+    grid: QGrid
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def sample_tensor(
+        self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """Posterior draws for a float array of counts (exposures, n_points).
+
+        Returns a float32 array (exposures, n_samples, parameters) in ``parameter_names`` order.
+        """
+        counts = np.asarray(counts, dtype=np.float32)
+        if counts.ndim != 2 or counts.shape[1] != self.grid.n_points:
+            raise ValueError(
+                f"counts must have shape (exposures, {self.grid.n_points}), got {counts.shape}"
+            )
+        if not np.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError("counts must be finite and non-negative")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.inference_mode():
+            tensor = torch.from_numpy(counts).to(self.device)
+            return self.sample_tensor(tensor, n_samples, generator).cpu().numpy()
+
+
+class PosteriorModel(CountsSampler):
     """q(parameters | line-out counts) for the grating model on a fixed q grid."""
 
     parameter_names: tuple[str, ...] = PARAMETER_NAMES
     parameter_units: tuple[str, ...] = PARAMETER_UNITS
+    #: Weight of the pitch head's loss in :meth:`training_loss`.
+    PITCH_HEAD_WEIGHT = 0.1
 
     def __init__(
         self,
@@ -110,12 +264,21 @@ class PosteriorModel(nn.Module):
         grid: QGrid = QGrid(),
     ) -> None:
         super().__init__()
+        if architecture.objective != "maximum-likelihood":
+            raise ValueError(
+                f"PosteriorModel is trained by maximum likelihood, not {architecture.objective!r}"
+            )
+        if abs(prior.duty[0] + prior.duty[1] - 1.0) > 1e-9:
+            raise ValueError(
+                f"the duty-cycle prior {prior.duty} must be symmetric about 1/2: the model "
+                "draws the two width solutions w and p - w with equal probability"
+            )
         self.architecture = architecture
         self.prior = prior
         self.grid = grid
         self.transform = ParameterTransform(prior)
-        self.conditioning = ConditioningNet(
-            grid.n_points, architecture.condition_hidden, architecture.condition_dim
+        self.encoder = LineOutEncoder(
+            grid, prior, architecture.condition_hidden, architecture.condition_dim
         )
         if architecture.flow == "own":
             self.flow: nn.Module = ConditionalINN(
@@ -137,43 +300,48 @@ class PosteriorModel(nn.Module):
             raise ValueError(f"unknown flow {architecture.flow!r}: 'own' or 'zuko-realnvp'")
         self.card: dict = {}
 
-    @property
-    def device(self) -> torch.device:
-        return self.transform.low.device
-
     def log_prob(self, theta: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """log q(u(theta) | counts) in network coordinates (the training objective), per row."""
-        return self.flow.log_prob(self.transform.to_network(theta), self.conditioning(counts))
+        """log q(u(theta) | counts) in network coordinates, per row."""
+        return self._log_prob(theta, self.encoder(counts))
+
+    def _log_prob(self, theta: torch.Tensor, encoding: Encoding) -> torch.Tensor:
+        u = self.transform.to_network(theta, encoding.readout)
+        return self.flow.log_prob(u, encoding.condition)
+
+    def validation_loss(self, theta: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood in network coordinates."""
+        return -self.log_prob(theta, counts).mean()
+
+    def training_loss(
+        self, theta: torch.Tensor, counts: torch.Tensor, progress: float = 1.0
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood plus the pitch head's robust regression loss.
+
+        The head's loss (smooth L1 in nm, weight :attr:`PITCH_HEAD_WEIGHT`) teaches it the
+        rough pitch that :func:`~pipeline.model.orders.read_orders` starts from. ``progress``
+        (the fraction of training done) is unused: the objective is the same throughout.
+        """
+        encoding = self.encoder(counts)
+        head = F.smooth_l1_loss(encoding.pitch_guess_nm, theta[:, 0])
+        return -self._log_prob(theta, encoding).mean() + self.PITCH_HEAD_WEIGHT * head
 
     def sample_tensor(
         self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior draws (exposures, n_samples, 5) for counts (exposures, n_points) on the model's device."""
-        condition = self.conditioning(counts).repeat_interleave(n_samples, dim=0)
+        encoding = self.encoder(counts)
         z = torch.randn(
-            condition.shape[0], len(PARAMETER_NAMES), generator=generator, device=counts.device
+            counts.shape[0],
+            n_samples,
+            len(PARAMETER_NAMES),
+            generator=generator,
+            device=counts.device,
         )
-        theta = self.transform.to_physical(self.flow.inverse(z, condition))
-        return theta.reshape(counts.shape[0], n_samples, -1)
-
-    def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
-        """Posterior draws for a float array of counts (exposures, n_points).
-
-        Returns a float32 array (exposures, n_samples, parameters) in :attr:`parameter_names` order.
-        """
-        counts = np.asarray(counts, dtype=np.float32)
-        if counts.ndim != 2 or counts.shape[1] != self.grid.n_points:
-            raise ValueError(
-                f"counts must have shape (exposures, {self.grid.n_points}), got {counts.shape}"
-            )
-        if not np.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts must be finite and non-negative")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode():
-            tensor = torch.from_numpy(counts).to(self.device)
-            return self.sample_tensor(tensor, n_samples, generator).cpu().numpy()
+        # the condition (exposures, 1, C) broadcasts over the samples of its exposure
+        u = self.flow.inverse(z, encoding.condition[:, None, :])
+        # w and p - w are equally probable (exact: likelihood and prior are symmetric)
+        side = torch.rand(z.shape[:-1], generator=generator, device=z.device).round() * 2 - 1
+        return self.transform.to_physical(u, encoding.readout.per_sample(), side)
 
     def architecture_dict(self) -> dict:
         return dataclasses.asdict(self.architecture)

@@ -1,4 +1,6 @@
-"""Maximum-likelihood training of :class:`~pipeline.model.posterior.PosteriorModel` on simulations.
+"""Training of the posterior models on simulations: maximum likelihood
+(:class:`~pipeline.model.posterior.PosteriorModel`) or the bi-directional objective
+(:class:`~pipeline.model.bidirectional.BidirectionalINN`), as ``Architecture.objective`` says.
 
 Every training step simulates a fresh batch from the prior (parameters, expected counts,
 Poisson noise), so the network never sees the same exposure twice and cannot over-fit a
@@ -34,7 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.model.posterior import Architecture, PosteriorModel
+from pipeline.model.build import build_model
+from pipeline.model.posterior import Architecture
 from pipeline.physics import GratingPrior, QGrid, expected_counts
 
 
@@ -42,7 +45,7 @@ from pipeline.physics import GratingPrior, QGrid, expected_counts
 class TrainingConfig:
     """The training budget and optimiser settings (saved in the model card)."""
 
-    steps: int = 28_000
+    steps: int = 20_000
     batch_size: int = 512
     learning_rate: float = 1e-3
     n_validation: int = 4096
@@ -62,8 +65,8 @@ class TrainingConfig:
 def simulate_batch(
     n: int, prior: GratingPrior, grid: QGrid, rng: np.random.Generator, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` prior draws and Poisson counts as float32 tensors."""
-    theta = torch.from_numpy(prior.sample(n, rng)).float()
+    """``n`` prior draws and Poisson counts as float32 tensors on ``generator``'s device."""
+    theta = torch.from_numpy(prior.sample(n, rng)).float().to(generator.device)
     return theta, torch.poisson(expected_counts(theta, grid), generator=generator)
 
 
@@ -75,7 +78,7 @@ def _save_state(
     directory: Path,
     config: TrainingConfig,
     step: int,
-    model: PosteriorModel,
+    model: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
     rng: np.random.Generator,
     generator: torch.Generator,
@@ -108,7 +111,7 @@ def _save_state(
 def _load_state(
     directory: Path,
     config: TrainingConfig,
-    model: PosteriorModel,
+    model: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
     rng: np.random.Generator,
     generator: torch.Generator,
@@ -135,20 +138,28 @@ def train(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     stop_at_step: int | None = None,
-) -> tuple[PosteriorModel, dict]:
+    device: str = "cpu",
+    model: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, dict]:
     """Train a model (resuming from ``checkpoint_dir`` when it holds a state of this
-    configuration); return it in eval mode with the loss history.
+    configuration); return it on the CPU in eval mode with the loss history.
 
     ``stop_at_step`` ends this call early, after saving a checkpoint, so that long training
-    can be split over several sessions.
+    can be split over several sessions. On ``device="cuda"`` the simulations run on the GPU
+    too (same seeds, different random streams: results are reproducible per device).
+    ``model`` replaces the one ``config.architecture`` describes (benchmarks train peer models
+    on the same simulations this way); it needs ``training_loss(theta, counts, progress)``
+    and ``validation_loss(theta, counts)``.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     prior, grid = GratingPrior(), QGrid()
-    model = PosteriorModel(config.architecture, prior, grid)
+    if model is None:
+        model = build_model(config.architecture, prior, grid)
+    model = model.to(device)
 
     start = time.perf_counter()
     val_theta, val_counts = simulate_batch(config.n_validation, prior, grid, rng, generator)
@@ -178,7 +189,7 @@ def train(
     for step in bar:
         model.train()
         theta, counts = simulate_batch(config.batch_size, prior, grid, rng, generator)
-        loss = -model.log_prob(theta, counts).mean()
+        loss = model.training_loss(theta, counts, progress=step / config.steps)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -188,7 +199,7 @@ def train(
         if step % config.validation_every == 0 or step == config.steps:
             model.eval()
             with torch.no_grad():
-                validation = -model.log_prob(val_theta, val_counts).mean().item()
+                validation = model.validation_loss(val_theta, val_counts).item()
             history["step"].append(step)
             history["train_loss"].append(running)
             history["validation_loss"].append(validation)
@@ -199,7 +210,8 @@ def train(
             _save_state(
                 Path(checkpoint_dir), config, step, model, optimiser, rng, generator, history
             )
-    model.eval()
+    model.cpu().eval()
+    history["device"] = str(torch.device(device))
     history["wall_s"] = wall_before + time.perf_counter() - start
     history["n_simulations"] = config.n_simulations
     history["config"] = dataclasses.asdict(config)

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -123,37 +124,70 @@ def _narrow(samples: np.ndarray) -> np.ndarray:
     return samples[samples[:, 1] < 0.5 * samples[:, 0]][:, :3]
 
 
+def _exact_posterior(
+    counts: np.ndarray,
+    theta: np.ndarray,
+    model: PosteriorModel,
+    n_samples: int,
+    seed: int,
+    cache_dir: Path | None,
+) -> tuple[np.ndarray, int, float]:
+    """Exact posterior draws, number of modes and wall time, read from ``cache_dir`` if there."""
+    key = hashlib.sha256(
+        counts.tobytes()
+        + theta.tobytes()
+        + repr((model.prior, model.grid, n_samples, seed)).encode()
+    ).hexdigest()[:24]
+    cached = cache_dir / f"exact-{key}.npz" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        with np.load(cached) as data:
+            return data["samples"], int(data["modes"]), float(data["wall_s"])
+    exact = reference_posterior(
+        counts, theta[3], theta[4], model.prior, model.grid, n_samples, seed
+    )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, samples=exact.samples, modes=len(exact.modes), wall_s=exact.wall_s)
+    return exact.samples, len(exact.modes), exact.wall_s
+
+
 def reference_diagnostics(
     model: PosteriorModel,
     n_exposures: int = 20,
     n_samples: int = 4000,
     seed: int = 4048,
     progress=None,
+    cache_dir: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Mode weights, sd ratios, bias and C2ST of the model against the exact posterior."""
+    """Mode weights, sd ratios, bias and C2ST of the model against the exact posterior.
+
+    With ``cache_dir``, exact posteriors are stored there and reused (keyed by the exposure,
+    prior, grid, sample count and seed), so that several models are compared on the same
+    exact draws at the cost of one.
+    """
     rng = np.random.default_rng(seed)
     theta, counts = simulate(n_exposures, rng, model.prior, model.grid)
     samples = model.sample(counts, n_samples, seed=seed).astype(np.float64)
     rows, examples = [], []
     for i in range(n_exposures):
-        exact = reference_posterior(
-            counts[i], theta[i, 3], theta[i, 4], model.prior, model.grid, n_samples, seed + i
+        exact_samples, n_modes, wall_s = _exact_posterior(
+            counts[i], theta[i], model, n_samples, seed + i, cache_dir
         )
         mine = samples[i]
-        separated = len(exact.modes) >= 2
+        separated = n_modes >= 2
         row = {
             "truth": theta[i].tolist(),
-            "modes": len(exact.modes),
-            "exact_wide_weight": mirror_weight(exact.samples),
+            "modes": n_modes,
+            "exact_wide_weight": mirror_weight(exact_samples),
             "model_wide_weight": mirror_weight(mine),
-            "c2st": c2st_knn(mine[:, :3], exact.samples, seed=seed + i),
-            "reference_s": exact.wall_s,
+            "c2st": c2st_knn(mine[:, :3], exact_samples, seed=seed + i),
+            "reference_s": wall_s,
         }
         row["mode_weight_error"] = (
             abs(row["model_wide_weight"] - row["exact_wide_weight"]) if separated else None
         )
         mine_mode, exact_mode = (
-            (_narrow(mine), _narrow(exact.samples)) if separated else (mine[:, :3], exact.samples)
+            (_narrow(mine), _narrow(exact_samples)) if separated else (mine[:, :3], exact_samples)
         )
         if len(mine_mode) > 10 and len(exact_mode) > 10:
             exact_sd = exact_mode.std(axis=0)
@@ -163,7 +197,7 @@ def reference_diagnostics(
             ).tolist()
         rows.append(row)
         if i < 3:
-            examples.append((mine[:, :3], exact.samples, theta[i, :3]))
+            examples.append((mine[:, :3], exact_samples, theta[i, :3]))
         if progress:
             progress(i + 1, n_exposures)
 

@@ -1,0 +1,228 @@
+"""Classical read-out of the diffraction orders: a refined pitch and per-order features.
+
+The pitch posterior is about 1e-4 of its prior range wide, which a network regressing from
+raw counts does not reach. The peak positions, however, give the pitch directly: order n sits
+at q_n = 2 pi n / p. :func:`read_orders` starts from a rough pitch (within a few nm; the
+model's own pitch head gives one), takes the background-subtracted centroid of each order's
+window, and fits q_n = n k by weighted least squares (weights: the order's net counts, so the
+inverse variance of its centroid), first on orders 1-2, then 1-4, 1-8 and all, so that a
+start a few nm off does not lock onto the wrong peaks. It returns the pitch ``2 pi / k``, its
+standard error from the same fit (resolution and bin width only; an underestimate where the
+background is high), and, at that pitch, features of every order aligned across exposures:
+the window's counts, the centroid offset and whether the window lies on the grid.
+
+The same windows then give the duty cycle d = w / p and the roughness: order n carries
+``A sin^2(pi n d) / n^2 exp(-(2 pi n sigma / p)^2)`` net counts. A table over (d, sigma / p)
+(the narrow-line side d <= 1/2: the intensities are the same for d and 1 - d) gives a start,
+and Gauss-Newton steps on (d, log sigma), with the amplitude A profiled out and Poisson
+weights, the least-squares estimate and its standard errors.
+
+Costs about 20 ms per 512 line-outs on 2 CPU cores; no weights, not differentiable.
+
+Example:
+    >>> import numpy as np, torch
+    >>> from pipeline.physics import QGrid, expected_counts
+    >>> grid = QGrid()
+    >>> counts = torch.tensor(expected_counts(np.array([[200.0, 60.0, 3.0, 1e5, 1.0]]), grid))
+    >>> read = read_orders(counts.float(), torch.tensor([203.0]), grid)
+    >>> round(float(read.pitch_nm[0]), 2), round(float(read.duty[0]), 3), read.features.shape
+    (200.0, 0.3, torch.Size([1, 68]))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.physics import QGrid
+
+#: Orders read out; 19 is the highest below q = 0.4 /nm at the largest pitch of the prior.
+N_ORDERS = 20
+#: Half-width of each order's window in bins (3 resolution sd on the default grid).
+HALF_WINDOW_BINS = 6
+#: Successive highest orders used by the pitch fit.
+ORDER_SCHEDULE = (2, 4, 8, N_ORDERS)
+#: Least net counts for an order to enter the pitch fit.
+MIN_ORDER_COUNTS = 3.0
+#: Standard error assumed when no order can be fitted (nm).
+MAX_PITCH_ERROR_NM = 5.0
+#: Start table of the duty-cycle fit: d (narrow side) and sigma / p (log-spaced).
+DUTY_TABLE = (0.1, 0.5, 41)
+ROUGHNESS_RATIO_TABLE = (0.003, 0.2, 30)
+#: Gauss-Newton steps of the duty-cycle fit.
+GAUSS_NEWTON_STEPS = 5
+#: Number of features in :attr:`OrderReadout.features`.
+N_FEATURES = 3 * N_ORDERS + 8
+
+
+@dataclass(frozen=True)
+class OrderReadout:
+    """Result of :func:`read_orders` for a batch of line-outs (all tensors have the batch first)."""
+
+    pitch_nm: torch.Tensor  #: refined pitch (exposures,)
+    pitch_error_nm: torch.Tensor  #: its standard error from the fit (exposures,)
+    duty: torch.Tensor  #: duty cycle w / p of the narrow-line solution, <= 0.5 (exposures,)
+    duty_error: torch.Tensor  #: its standard error
+    sigma_nm: torch.Tensor  #: roughness (exposures,)
+    log_sigma_error: torch.Tensor  #: standard error of log(sigma)
+    features: torch.Tensor  #: per-order and fit features (exposures, N_FEATURES)
+
+    def per_sample(self) -> OrderReadout:
+        """The estimates as (exposures, 1), to broadcast over the samples of each exposure."""
+        return OrderReadout(
+            *(getattr(self, f.name)[:, None] for f in dataclasses.fields(self)[:-1]),
+            self.features,
+        )
+
+
+def _windows(
+    net: torch.Tensor, pitch: torch.Tensor, grid: QGrid
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per order window: positive net counts, their centroid, the order centre, the on-grid
+    flag and the plain net sum (which may be negative)."""
+    orders = torch.arange(1, N_ORDERS + 1, dtype=net.dtype, device=net.device)
+    offsets = torch.arange(-HALF_WINDOW_BINS, HALF_WINDOW_BINS + 1, device=net.device)
+    q_n = 2.0 * math.pi * orders / pitch[:, None]
+    centre = torch.round((q_n - grid.q_min_nm) / grid.bin_width_nm)
+    bins = centre[..., None] + offsets
+    inside = ((bins >= 0) & (bins < grid.n_points)).all(-1)
+    index = bins.clamp(0, grid.n_points - 1).long().reshape(net.shape[0], -1)
+    values = torch.gather(net, 1, index).reshape(bins.shape)
+    net_sum = values.sum(-1) * inside
+    values = values.clamp(min=0.0)
+    total = values.sum(-1)
+    q_bins = grid.q_min_nm + bins * grid.bin_width_nm
+    centroid = (values * q_bins).sum(-1) / total.clamp(min=1e-6)
+    return total * inside, centroid, q_n, inside, net_sum
+
+
+@torch.no_grad()
+def read_orders(counts: torch.Tensor, pitch_guess_nm: torch.Tensor, grid: QGrid) -> OrderReadout:
+    """Refine ``pitch_guess_nm`` (exposures,) on ``counts`` (exposures, n_points); see module doc."""
+    counts = counts.float()
+    pitch = pitch_guess_nm.float().clone()
+    background = torch.kthvalue(counts, max(1, counts.shape[-1] // 5), dim=-1, keepdim=True).values
+    net = counts - background
+    orders = torch.arange(1, N_ORDERS + 1, dtype=counts.dtype, device=counts.device)
+    bin_variance = grid.resolution_nm**2 + grid.bin_width_nm**2 / 12.0
+    information = torch.zeros_like(pitch)
+    for highest in ORDER_SCHEDULE:
+        weight, centroid, _, _, _ = _windows(net, pitch, grid)
+        weight = weight * ((orders <= highest) & (weight > MIN_ORDER_COUNTS))
+        information = (weight * orders**2).sum(-1)
+        k = (weight * orders * centroid).sum(-1) / information.clamp(min=1e-6)
+        pitch = torch.where(information > 0, 2.0 * math.pi / k.clamp(min=1e-6), pitch)
+    k = 2.0 * math.pi / pitch
+    error = pitch * torch.sqrt(bin_variance / information.clamp(min=1e-12)) / k
+    error = torch.where(information > 0, error, torch.full_like(error, MAX_PITCH_ERROR_NM))
+    error = error.clamp(1e-4, MAX_PITCH_ERROR_NM)
+
+    weight, centroid, q_n, inside, net_sum = _windows(net, pitch, grid)
+    window_bins = 2 * HALF_WINDOW_BINS + 1
+    inverse_variance = inside / (net_sum.clamp(min=0.0) + window_bins * background + 1.0)
+    duty, duty_error, ratio, log_ratio_error, misfit = _fit_duty_roughness(
+        net_sum, inverse_variance, orders
+    )
+    offset = ((centroid - q_n) / grid.resolution_nm).clamp(-3.0, 3.0) * (weight > 0)
+    intensity = (torch.log1p(weight) - 4.0) / 3.0 * inside
+    features = torch.cat(
+        [
+            intensity,
+            offset,
+            inside.to(counts.dtype),
+            torch.stack(
+                [
+                    (pitch - 200.0) / 60.0,
+                    torch.log(error) / 3.0,
+                    (duty - 0.3) / 0.12,
+                    torch.log(duty_error) / 3.0,
+                    torch.log(ratio * pitch) / 1.5 - 1.0,
+                    torch.log(log_ratio_error) / 3.0,
+                ],
+                dim=-1,
+            ),
+            torch.log1p(background) / 2.0,
+            torch.log1p(misfit)[:, None] / 3.0,
+        ],
+        dim=-1,
+    )
+    return OrderReadout(pitch, error, duty, duty_error, ratio * pitch, log_ratio_error, features)
+
+
+def _order_intensities(
+    duty: torch.Tensor, ratio: torch.Tensor, orders: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin^2(pi n d) / n^2 and the Debye-Waller factor exp(-(2 pi n ratio)^2), (..., orders)."""
+    damping = torch.exp(-((2.0 * math.pi * orders * ratio[..., None]) ** 2))
+    return torch.sin(math.pi * orders * duty[..., None]) ** 2 / orders**2, damping
+
+
+def _fit_duty_roughness(
+    net_sum: torch.Tensor, inverse_variance: torch.Tensor, orders: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted least squares of the order sums over (duty, log sigma/p), amplitude profiled.
+
+    Returns duty, its standard error, sigma / p, the standard error of log(sigma / p) and the
+    reduced misfit (chi^2 per order), each (exposures,).
+    """
+    device = net_sum.device
+    duty_grid = torch.linspace(*DUTY_TABLE[:2], DUTY_TABLE[2], device=device)
+    low, high, steps = ROUGHNESS_RATIO_TABLE
+    ratio_grid = torch.linspace(math.log(low), math.log(high), steps, device=device).exp()
+    duty_grid, ratio_grid = (
+        g.reshape(-1) for g in torch.meshgrid(duty_grid, ratio_grid, indexing="ij")
+    )
+    shape, damping = _order_intensities(duty_grid, ratio_grid, orders)
+    table = shape * damping  # (table points, orders)
+    weighted = net_sum * inverse_variance
+    projection = weighted @ table.T
+    norm = inverse_variance @ (table**2).T
+    score = torch.where(projection > 0, projection**2 / norm.clamp(min=1e-30), 0.0)
+    best = score.argmax(-1)
+    duty, log_ratio = duty_grid[best], ratio_grid[best].log()
+
+    root_weight = inverse_variance.sqrt()
+    for _ in range(GAUSS_NEWTON_STEPS + 1):
+        ratio = log_ratio.exp()
+        shape, damping = _order_intensities(duty, ratio, orders)
+        model = shape * damping
+        amplitude = (weighted * model).sum(-1) / (inverse_variance * model**2).sum(-1).clamp(
+            min=1e-30
+        )
+        amplitude = amplitude.clamp(min=1e-6)[:, None]
+        residual = (net_sum - amplitude * model) * root_weight
+        d_amplitude = model * root_weight
+        d_duty = (
+            amplitude
+            * math.pi
+            * torch.sin(2.0 * math.pi * orders * duty[:, None])
+            / orders
+            * damping
+            * root_weight
+        )
+        d_log_ratio = -2.0 * amplitude * model * (2.0 * math.pi * orders * ratio[:, None]) ** 2
+        d_log_ratio = d_log_ratio * root_weight
+        # normal equations with the amplitude eliminated (Schur complement)
+        h_aa = (d_amplitude**2).sum(-1).clamp(min=1e-30)
+        a_d, a_l = (d_amplitude * d_duty).sum(-1), (d_amplitude * d_log_ratio).sum(-1)
+        h_dd = (d_duty**2).sum(-1) - a_d**2 / h_aa
+        h_ll = (d_log_ratio**2).sum(-1) - a_l**2 / h_aa
+        h_dl = (d_duty * d_log_ratio).sum(-1) - a_d * a_l / h_aa
+        h_dd, h_ll = h_dd.clamp(min=1e-12), h_ll.clamp(min=1e-12)
+        determinant = (h_dd * h_ll - h_dl**2).clamp(min=1e-24)
+        if _ == GAUSS_NEWTON_STEPS:
+            break
+        g_d, g_l = (d_duty * residual).sum(-1), (d_log_ratio * residual).sum(-1)
+        damped = determinant * 1.002 + 1e-24
+        duty = (duty + (h_ll * g_d - h_dl * g_l) / damped).clamp(DUTY_TABLE[0], DUTY_TABLE[1])
+        log_ratio = (log_ratio + (h_dd * g_l - h_dl * g_d) / damped).clamp(
+            math.log(low), math.log(high)
+        )
+    used = (inverse_variance > 0).sum(-1).clamp(min=1)
+    misfit = (residual**2).sum(-1) / used
+    duty_error = (h_ll / determinant).sqrt().clamp(1e-4, 0.2)
+    log_ratio_error = (h_dd / determinant).sqrt().clamp(1e-3, 2.0)
+    return duty, duty_error, ratio, log_ratio_error, misfit

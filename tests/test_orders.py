@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model.orders import MAX_PITCH_ERROR_NM, N_FEATURES, read_orders
+from pipeline.model.posterior import ParameterTransform
+from pipeline.physics import GratingPrior, QGrid, expected_counts, simulate
+
+GRID = QGrid()
+
+
+@pytest.mark.parametrize("pitch", [104.0, 171.3, 233.0, 296.5])
+@pytest.mark.parametrize("start_offset", [-3.5, 0.0, 3.5])
+def test_pitch_is_recovered_from_a_start_a_few_nm_off(pitch, start_offset):
+    theta = np.array([[pitch, 0.37 * pitch, 4.0, 1e5, 1.0]])
+    counts = torch.tensor(expected_counts(theta, GRID)).float()
+    read = read_orders(counts, torch.tensor([pitch + start_offset]), GRID)
+    assert read.pitch_nm[0].item() == pytest.approx(pitch, abs=0.01)
+    assert 0 < read.pitch_error_nm[0].item() < 0.05
+    assert read.features.shape == (1, N_FEATURES)
+
+
+def test_refined_pitch_errors_match_the_noise():
+    theta, counts = simulate(400, np.random.default_rng(11))
+    start = theta[:, 0] + np.random.default_rng(12).normal(0.0, 1.5, len(theta))
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(start).float(), GRID)
+    error = np.abs(read.pitch_nm.numpy() - theta[:, 0])
+    bright = theta[:, 3] > 1e5
+    assert np.median(error) < 0.05 and np.median(error[bright]) < 0.015
+    assert np.quantile(error, 0.9) < 0.5  # the fit does not jump to a neighbouring comb
+
+
+def test_a_line_out_without_peaks_keeps_the_guess_with_a_wide_error():
+    counts = torch.full((1, GRID.n_points), 3.0)
+    read = read_orders(counts, torch.tensor([180.0]), GRID)
+    assert read.pitch_nm.item() == 180.0
+    assert read.pitch_error_nm.item() == MAX_PITCH_ERROR_NM
+    assert torch.isfinite(read.features).all()
+
+
+def test_centred_coordinates_round_trip_on_both_width_solutions():
+    transform = ParameterTransform(GratingPrior())
+    theta, counts = simulate(64, np.random.default_rng(0))
+    theta = torch.tensor(theta).float()
+    read = read_orders(torch.tensor(counts).float(), theta[:, 0] + 1.0, GRID)
+    mirrored = theta.clone()
+    mirrored[:, 1] = theta[:, 0] - theta[:, 1]  # the other solution of the phase problem
+    u = transform.to_network(theta, read)
+    assert torch.isfinite(u).all()
+    # both solutions share one (folded) coordinate; the side picks one of them
+    torch.testing.assert_close(transform.to_network(mirrored, read), u, rtol=1e-3, atol=1e-3)
+    side = torch.sign(theta[:, 1] / theta[:, 0] - 0.5)
+    torch.testing.assert_close(transform.to_physical(u, read, side), theta, rtol=2e-4, atol=2e-3)
+    torch.testing.assert_close(
+        transform.to_physical(u, read, -side), mirrored, rtol=2e-4, atol=2e-3
+    )
+
+
+def test_duty_and_roughness_are_read_off_the_order_intensities():
+    theta, counts = simulate(400, np.random.default_rng(21))
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), GRID)
+    duty = theta[:, 1] / theta[:, 0]
+    narrow = np.minimum(duty, 1.0 - duty)
+    assert np.median(np.abs(read.duty.numpy() - narrow)) < 0.005
+    log_error = np.abs(np.log(read.sigma_nm.numpy() / theta[:, 2]))
+    assert np.median(log_error) < 0.1
+    assert (read.duty.numpy() <= 0.5).all()
