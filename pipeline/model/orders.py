@@ -1,4 +1,4 @@
-"""Classical read-out of the diffraction orders: a refined pitch and per-order features.
+"""Classical read-out of the diffraction orders: pitch, duty cycle and roughness with errors.
 
 The pitch posterior is about 1e-4 of its prior range wide, which a network regressing from
 raw counts does not reach. The peak positions, however, give the pitch directly: order n sits

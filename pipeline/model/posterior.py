@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -65,8 +66,10 @@ class Architecture:
 class ParameterTransform(nn.Module):
     """Physical parameters (..., 5) <-> network coordinates (..., 5).
 
-    The pitch coordinate is ``asinh((p - pitch_hat) / pitch_error)`` for a per-exposure centre
-    and scale (broadcast against the leading dimensions); the others are prior-range logits.
+    :meth:`to_network` and :meth:`to_physical` centre pitch, duty cycle and sigma on an
+    :class:`~pipeline.model.orders.OrderReadout` (its tensors broadcast against the leading
+    dimensions); :meth:`to_logits` and :meth:`from_logits` are the plain prior-range logits
+    (used for photons and background, and by the bi-directional INN for all five).
     """
 
     EPS = 1e-6
@@ -215,7 +218,7 @@ class LineOutEncoder(nn.Module):
         return Encoding(condition, guess, orders)
 
 
-class CountsSampler(nn.Module):
+class CountsSampler(nn.Module, abc.ABC):
     """``sample`` on numpy counts for models that implement ``sample_tensor``."""
 
     grid: QGrid
@@ -224,10 +227,11 @@ class CountsSampler(nn.Module):
     def device(self) -> torch.device:
         return next(self.buffers()).device
 
+    @abc.abstractmethod
     def sample_tensor(
         self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
 
     def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
         """Posterior draws for a float array of counts (exposures, n_points).
