@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -160,6 +161,19 @@ def _order_intensities(
     return torch.sin(math.pi * orders * duty[..., None]) ** 2 / orders**2, damping
 
 
+@functools.lru_cache(maxsize=4)
+def _start_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Duty and sigma / p of the start table, and the order intensities on it (built once)."""
+    with torch.inference_mode(False), torch.no_grad():  # usable in and out of inference mode
+        duty = torch.linspace(*DUTY_TABLE[:2], DUTY_TABLE[2], device=device)
+        low, high, steps = ROUGHNESS_RATIO_TABLE
+        ratio = torch.linspace(math.log(low), math.log(high), steps, device=device).exp()
+        duty, ratio = (g.reshape(-1) for g in torch.meshgrid(duty, ratio, indexing="ij"))
+        orders = torch.arange(1, N_ORDERS + 1, dtype=torch.float32, device=device)
+        shape, damping = _order_intensities(duty, ratio, orders)
+        return duty, ratio, shape * damping  # table: (table points, orders)
+
+
 def _fit_duty_roughness(
     net_sum: torch.Tensor, inverse_variance: torch.Tensor, orders: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,15 +182,8 @@ def _fit_duty_roughness(
     Returns duty, its standard error, sigma / p, the standard error of log(sigma / p) and the
     reduced misfit (chi^2 per order), each (exposures,).
     """
-    device = net_sum.device
-    duty_grid = torch.linspace(*DUTY_TABLE[:2], DUTY_TABLE[2], device=device)
-    low, high, steps = ROUGHNESS_RATIO_TABLE
-    ratio_grid = torch.linspace(math.log(low), math.log(high), steps, device=device).exp()
-    duty_grid, ratio_grid = (
-        g.reshape(-1) for g in torch.meshgrid(duty_grid, ratio_grid, indexing="ij")
-    )
-    shape, damping = _order_intensities(duty_grid, ratio_grid, orders)
-    table = shape * damping  # (table points, orders)
+    duty_grid, ratio_grid, table = _start_table(net_sum.device)
+    low, high, _ = ROUGHNESS_RATIO_TABLE
     weighted = net_sum * inverse_variance
     projection = weighted @ table.T
     norm = inverse_variance @ (table**2).T
