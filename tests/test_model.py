@@ -69,9 +69,20 @@ def test_bad_counts_are_refused(shipped, counts):
         shipped.sample(counts, 10)
 
 
-def test_flow_is_invertible_and_its_log_det_is_exact():
+@pytest.mark.parametrize(
+    ("activation", "conditional_affine"), [("silu", False), ("relu", True), ("relu", False)]
+)
+def test_flow_is_invertible_and_its_log_det_is_exact(activation, conditional_affine):
     torch.manual_seed(0)
-    flow = ConditionalINN(dim=5, condition_dim=4, n_blocks=3, hidden=16, seed=1).double()
+    flow = ConditionalINN(
+        dim=5,
+        condition_dim=4,
+        n_blocks=3,
+        hidden=16,
+        seed=1,
+        activation=activation,
+        conditional_affine=conditional_affine,
+    ).double()
     for parameter in flow.parameters():  # leave the identity start, so the test means something
         torch.nn.init.normal_(parameter, std=0.3)
     u, c = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
@@ -82,6 +93,21 @@ def test_flow_is_invertible_and_its_log_det_is_exact():
             lambda x, r=row: flow(x[None], c[r : r + 1])[0][0], u[row]
         )
         assert torch.logdet(jacobian).item() == pytest.approx(log_det[row].item(), abs=1e-8)
+
+
+def test_a_condition_shared_by_many_samples_gives_the_per_row_result():
+    torch.manual_seed(0)
+    flow = ConditionalINN(5, 4, n_blocks=2, hidden=16, activation="relu", conditional_affine=True)
+    for parameter in flow.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    z, c = torch.randn(3, 7, 5), torch.randn(3, 4)
+    shared = flow.inverse(z, c[:, None, :])  # sampling: (exposures, samples, 5)
+    per_row = flow.inverse(z.reshape(-1, 5), c.repeat_interleave(7, dim=0)).reshape(3, 7, 5)
+    torch.testing.assert_close(shared, per_row, rtol=1e-5, atol=1e-5)
+    log_q = flow.log_prob(shared, c[:, None, :])
+    torch.testing.assert_close(
+        log_q.reshape(-1), flow.log_prob(per_row.reshape(-1, 5), c.repeat_interleave(7, dim=0))
+    )
 
 
 @pytest.mark.parametrize("flow", ["own", "zuko-realnvp"])

@@ -110,6 +110,7 @@ class BidirectionalINN(CountsSampler):
             architecture.hidden,
             architecture.clamp,
             architecture.seed,
+            architecture.activation,
         )
         self.card: dict = {}
 

@@ -28,6 +28,11 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = Path(str(files("pipeline") / "data" / "grating-cinn.safetensors"))
 
 
+#: Architecture fields added after the first model files, at the values those files were
+#: trained with (a card without them describes that design).
+LEGACY_ARCHITECTURE = {"activation": "silu", "conditional_affine": False}
+
+
 class ModelFileError(ValueError):
     """A model file that is missing, inconsistent or does not match its card."""
 
@@ -108,7 +113,7 @@ def load(path: Path | None = None, device: str = "auto") -> PosteriorModel | Bid
             f"{weights} does not match the SHA-256 in its model card: refusing to load"
         )
     model = build_model(
-        Architecture(**card["architecture"]),
+        Architecture(**{**LEGACY_ARCHITECTURE, **card["architecture"]}),
         GratingPrior(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in card["prior"].items()}
         ),
