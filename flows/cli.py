@@ -37,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
             n_blocks=args.blocks,
             hidden=args.hidden,
             seed=args.seed,
+            activation=args.activation,
+            conditional_affine=args.conditional_affine,
             flow=args.flow,
             objective=args.objective,
         ),
@@ -200,6 +202,100 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _scan_config(args: argparse.Namespace, scan_id: str):
+    """The :class:`PipelineConfig` of a ``reprocess`` or ``online`` command; its geometry,
+    mask, dark and flat files are checked here, before Prefect and the workers start."""
+    from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
+    from pipeline.integration import check_files
+
+    config = PipelineConfig(
+        scan_id=args.scan_id or scan_id,
+        output_dir=args.out,
+        n_workers=args.workers,
+        integration=IntegrationConfig(
+            poni=args.poni,
+            mask=args.mask,
+            dark=args.dark,
+            flat=args.flat,
+            azimuth_range_deg=None if args.full_ring else tuple(args.sector),
+            normalization_keys=tuple(args.normalize_by),
+        ),
+        inference=InferenceConfig(n_samples=args.samples, model=args.model),
+    )
+    check_files(config.integration)
+    return config
+
+
+def _print_summary(summary: dict) -> int:
+    print(f"results:    {summary['output_path']}")
+    print(
+        f"exposures:  {summary['submitted']} ({summary['written_ok']} written, "
+        f"{summary['failed']} failed)"
+    )
+    for index, error in sorted(summary["failures"].items())[:20]:
+        print(f"    {index}: {error}")
+    print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    import re
+
+    from flows.scan import archived_frames, reprocess_scan
+
+    first = Path(args.paths[0]).name.split(".")[0] or "scan"
+    config = _scan_config(args, re.sub(r"[^A-Za-z0-9._-]", "_", first).lstrip("._-") or "scan")
+    paths = [str(path) for path in args.paths]
+    archived_frames(paths, config.scan_id)  # bad patterns stop here, before Prefect starts
+    return _print_summary(reprocess_scan(config, paths))
+
+
+def _online(args: argparse.Namespace) -> int:
+    import time
+
+    from flows.scan import online_scan, watch_scan
+
+    config = _scan_config(args, time.strftime("online-%Y%m%d-%H%M%S"))
+    if args.watch is not None:
+        summary = watch_scan(config, args.watch, args.pattern, args.idle_timeout)
+    else:
+        summary = online_scan(config, args.stream, args.protocol, args.idle_timeout)
+        print(f"stream:     {summary['stream']}")
+    return _print_summary(summary)
+
+
+def _add_scan_options(command: argparse.ArgumentParser) -> None:
+    """Options shared by ``reprocess`` and ``online``: geometry, corrections, output."""
+    command.add_argument("--poni", type=Path, required=True, help="pyFAI geometry (PONI v1/v2)")
+    command.add_argument("--mask", type=Path, help="mask image (EDF, TIFF, .npy; non-zero masked)")
+    command.add_argument("--dark", type=Path, help="dark-current image subtracted from each frame")
+    command.add_argument("--flat", type=Path, help="flat-field image (relative efficiency)")
+    sector = command.add_mutually_exclusive_group()
+    sector.add_argument(
+        "--sector",
+        type=float,
+        nargs=2,
+        metavar=("A", "B"),
+        default=(-5.0, 5.0),
+        help="azimuthal sector in pyFAI's chi, degrees (default -5 5)",
+    )
+    sector.add_argument("--full-ring", action="store_true", help="integrate the full ring")
+    command.add_argument(
+        "--normalize-by",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="frame metadata (e.g. monitor, transmission) to normalise by; repeatable",
+    )
+    command.add_argument("--out", type=Path, required=True, help="output folder")
+    command.add_argument("--scan-id", help="name of the scan and its results file")
+    command.add_argument("--workers", type=_positive_int, default=2, help="inference workers")
+    command.add_argument(
+        "--samples", type=_positive_int, default=1000, help="posterior samples per exposure"
+    )
+    command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.model import DEFAULT_MODEL
 
@@ -227,6 +323,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, default=None, help="model file (default: the shipped one)"
     )
     demo.set_defaults(run=_demo)
+
+    reprocess = commands.add_parser(
+        "reprocess",
+        help="reconstruct archived frames: EDF, CBF, TIFF files and globs, Eiger HDF5",
+        description="Reconstruct archived detector frames into OUT/SCAN_ID.h5. Frames that "
+        "cannot be read or integrated are recorded as failed exposures; the scan goes on.",
+    )
+    reprocess.add_argument("paths", nargs="+", metavar="PATH", help="files or glob patterns")
+    _add_scan_options(reprocess)
+    reprocess.set_defaults(run=_reprocess)
+
+    online = commands.add_parser(
+        "online",
+        help="reconstruct frames live: a DECTRIS detector's stream, or a folder being written",
+        description="Receive one series from a DECTRIS SIMPLON stream (--stream), or the frames "
+        "a detector writes into a folder (--watch), and reconstruct them into OUT/SCAN_ID.h5 "
+        "while they arrive.",
+    )
+    origin = online.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--stream", help="the detector's stream, tcp://HOST:PORT")
+    origin.add_argument("--watch", type=Path, help="a folder the detector writes files into")
+    online.add_argument("--protocol", choices=("dectris-v1", "dectris-v2"), default="dectris-v1")
+    online.add_argument(
+        "--pattern", default="*", help="with --watch: the files to take (glob, default *)"
+    )
+    online.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="end after this many seconds without a message or a new frame (default 30)",
+    )
+    _add_scan_options(online)
+    online.set_defaults(run=_online)
 
     reference = commands.add_parser(
         "reference",
@@ -287,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--blocks", type=int, default=8, help="coupling blocks")
     train.add_argument("--hidden", type=int, default=128, help="hidden units per coupling subnet")
+    train.add_argument(
+        "--activation", choices=("silu", "relu"), default="silu", help="of the coupling subnets"
+    )
+    train.add_argument(
+        "--conditional-affine",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a per-exposure affine map (location, triangular scale) after the coupling blocks",
+    )
     train.add_argument(
         "--flow",
         choices=("own", "zuko-realnvp"),

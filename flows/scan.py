@@ -1,17 +1,21 @@
-"""The ``reconstruct-scan`` flow: one simulated scan end to end, watched from Prefect.
+"""The scan flows: a simulated scan (``reconstruct-scan``, the demo), archived frames
+(``reprocess-scan``), a live DECTRIS stream (``online-scan``) and a folder being written
+(``watch-scan``), each watched from Prefect.
 
-The flow is thin: :class:`workers.scan.ScanRunner` starts the writer and inference workers,
-each task integrates and sends one batch of frames (never one task per exposure: a Prefect
-task costs 10-27 ms here), and progress is reported through one progress artifact updated at
-most once a second, plus a markdown summary at the end.
+The flows are thin: :class:`workers.scan.ScanRunner` starts the writer and inference workers;
+for archived and simulated frames each task integrates and sends one batch of frames (never
+one task per exposure: a Prefect task costs 10-27 ms here), for a live stream one task takes
+the whole series and sends each frame on as it arrives. Progress is reported through one
+progress artifact updated at most once a second, plus a markdown summary at the end.
 
-Without ``PREFECT_API_URL`` the flow runs on Prefect's ephemeral local server.
+Without ``PREFECT_API_URL`` the flows run on Prefect's ephemeral local server.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -26,7 +30,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
-from pipeline.sources import SimulatedDetector
+from pipeline.sources import DirectoryWatcher, FileSource, SimulatedDetector
+from pipeline.sources.dectris import DectrisStream
 from pipeline.store import read_results
 from workers.scan import ScanRunner, ScanSummary
 
@@ -37,6 +42,18 @@ def submit_batch(runner: ScanRunner, exposures: list[Exposure]) -> int:
     for exposure in exposures:
         runner.submit(exposure)
     return runner.collect()
+
+
+@task(name="receive-integrate-send", cache_policy=NO_CACHE)
+def submit_stream(
+    runner: ScanRunner, exposures: Iterator[Exposure], progress: RateLimitedProgress
+) -> int:
+    """Integrate and send each frame of a live stream as it arrives (one task per series)."""
+    for exposure in exposures:
+        runner.submit(exposure)
+        runner.collect()
+        progress.update(runner.n_done, runner.n_submitted)
+    return runner.n_submitted
 
 
 @task(name="wait-for-results", cache_policy=NO_CACHE)
@@ -79,6 +96,30 @@ def _summary_markdown(summary: ScanSummary) -> str:
     return "\n".join(lines)
 
 
+def _reconstruct(
+    config: PipelineConfig,
+    exposures: Iterator[Exposure],
+    batch_size: int | None,
+    expected_frames: int | None = None,
+) -> dict:
+    """Feed ``exposures`` through a :class:`ScanRunner` in tasks of ``batch_size`` frames (or,
+    when ``None``, one task for a live stream), with a progress artifact and a markdown
+    summary; return the summary as a dict."""
+    progress = RateLimitedProgress(config.scan_id)
+    with ScanRunner(config) as runner:
+        if batch_size is None:
+            submit_stream(runner, exposures, progress)
+        while batch_size is not None and (batch := list(islice(exposures, batch_size))):
+            submit_batch(runner, batch)
+            progress.update(runner.n_done, expected_frames or runner.n_submitted)
+        summary = wait_for_results(runner, progress)
+    progress.update(summary.submitted, summary.submitted, force=True)
+    create_markdown_artifact(
+        _summary_markdown(summary), key="scan-summary", description=config.scan_id
+    )
+    return dataclasses.asdict(summary)
+
+
 @flow(name="reconstruct-scan")
 def reconstruct_simulated_scan(
     n_frames: int = 64,
@@ -101,15 +142,68 @@ def reconstruct_simulated_scan(
     source = SimulatedDetector(config.integration, config.grid.grid(), seed=seed).exposures(
         scan_id, n_frames
     )
-    progress = RateLimitedProgress(scan_id)
-    with ScanRunner(config) as runner:
-        while batch := list(islice(source, batch_size)):
-            submit_batch(runner, batch)
-            progress.update(runner.n_done, n_frames)
-        summary = wait_for_results(runner, progress)
-    progress.update(summary.submitted, summary.submitted, force=True)
-    create_markdown_artifact(_summary_markdown(summary), key="scan-summary", description=scan_id)
-    return dataclasses.asdict(summary)
+    return _reconstruct(config, source, batch_size, expected_frames=n_frames)
+
+
+def archived_frames(paths: list[str], scan_id: str) -> FileSource:
+    """The files named by ``paths`` (files, directories, globs); ``ValueError`` when a pattern
+    matches nothing, so that a typo stops the command instead of giving an empty scan."""
+    source = FileSource(paths, scan_id)
+    if source.unmatched_patterns or not source.files:
+        raise ValueError(f"no file matches {', '.join(source.unmatched_patterns or paths)}")
+    return source
+
+
+@flow(name="reprocess-scan")
+def reprocess_scan(config: PipelineConfig, paths: list[str], batch_size: int = 16) -> dict:
+    """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5)
+    into ``config.output_path``; unreadable frames are recorded as failed exposures."""
+    return _reconstruct(config, archived_frames(paths, config.scan_id).exposures(), batch_size)
+
+
+@flow(name="online-scan")
+def online_scan(
+    config: PipelineConfig,
+    stream: str,
+    protocol: str = "dectris-v1",
+    idle_timeout_s: float = 30.0,
+) -> dict:
+    """Reconstruct one series received live from a DECTRIS detector's stream at ``stream``.
+
+    Frames are integrated and sent on as they arrive (one task per series, so no frame waits
+    for a batch to fill); the series ends with its end message, or after ``idle_timeout_s``
+    without a message (then the frames received so far are kept and the summary says so).
+    """
+    protocols = {"dectris-v1": "v1", "dectris-v2": "v2"}
+    if protocol not in protocols:
+        raise ValueError(f"unknown stream protocol {protocol!r}: one of {sorted(protocols)}")
+    with DectrisStream(
+        stream, config.scan_id, protocol=protocols[protocol], idle_timeout_s=idle_timeout_s
+    ) as source:
+        summary = _reconstruct(config, source.exposures(), batch_size=None)
+        summary["stream"] = source.statistics.summary()
+    return summary
+
+
+@flow(name="watch-scan")
+def watch_scan(
+    config: PipelineConfig,
+    directory: Path,
+    pattern: str = "*",
+    idle_timeout_s: float = 30.0,
+    max_frames: int | None = None,
+) -> dict:
+    """Reconstruct the frames a detector writes into ``directory`` (files matching
+    ``pattern``), each once its file is complete; ends after ``idle_timeout_s`` without a new
+    frame, or after ``max_frames``."""
+    watcher = DirectoryWatcher(
+        directory,
+        config.scan_id,
+        pattern,
+        idle_timeout_s=idle_timeout_s,
+        max_frames=max_frames,
+    )
+    return _reconstruct(config, watcher.exposures(), batch_size=None)
 
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.physics import QGrid
 
@@ -33,24 +33,56 @@ class GridConfig(_Strict):
 
 
 class IntegrationConfig(_Strict):
-    """pyFAI integration: geometry (PONI file; ``None`` = the bundled Eiger 4M at 5 m, 8 keV)
-    and the azimuthal sector in degrees (pyFAI's chi)."""
+    """pyFAI integration (see :mod:`pipeline.integration`), saved with the results.
+
+    Attributes:
+        poni: geometry file, v1 or v2 as pyFAI-calib2 writes it (``None``: the bundled Eiger 4M
+            at 5 m, 8 keV).
+        mask: EDF, TIFF or ``.npy`` image, non-zero = masked; added to the detector's own gaps.
+        dark: dark-current image subtracted from every frame.
+        flat: flat-field image (relative pixel efficiency, about 1).
+        azimuth_range_deg: the sector, (low, high) in pyFAI's chi, -180 to 180 degrees;
+            ``None`` integrates the full ring.
+        method: pyFAI's engine (without pixel splitting).
+        max_bad_pixel_fraction: a frame with more of the integration region's pixels marked
+            bad or saturated is refused.
+        normalization_keys: metadata entries of each exposure multiplied into its
+            normalisation, e.g. the header keys of the incident monitor and the transmission.
+    """
 
     poni: Path | None = None
-    chi_center_deg: float = 0.0
-    chi_half_width_deg: float = Field(5.0, gt=0, le=180)
+    mask: Path | None = None
+    dark: Path | None = None
+    flat: Path | None = None
+    azimuth_range_deg: tuple[float, float] | None = (-5.0, 5.0)
     method: Literal["csr", "histogram", "lut"] = "csr"
+    max_bad_pixel_fraction: float = Field(0.5, gt=0, le=1)
+    normalization_keys: tuple[str, ...] = ()
+
+    @field_validator("azimuth_range_deg")
+    @classmethod
+    def _sector_within_chi(cls, sector: tuple[float, float] | None) -> tuple[float, float] | None:
+        if sector is not None and not -180.0 <= sector[0] < sector[1] <= 180.0:
+            raise ValueError(
+                f"azimuth range {sector} must be (low, high) with -180 <= low < high <= 180 "
+                "degrees (pyFAI's chi)"
+            )
+        return sector
 
 
 class InferenceConfig(_Strict):
     """Posterior sampling: model file (``None`` = the bundled model), draws per exposure,
-    the largest batch of exposures per forward pass, and the torch device."""
+    the largest batch of exposures per forward pass, the torch device, and whether workers
+    compile the sampler."""
 
     model: Path | None = None
     n_samples: int = Field(1000, ge=2)
     max_batch: int = Field(32, ge=1)
     device: str = "auto"
     seed: int = 0
+    #: compile the sampler with torch.compile when a worker starts (about 30 s, then about
+    #: twice as fast on a CPU); see ``PosteriorModel.compile_sampling``.
+    compile: bool = False
 
 
 class TransportConfig(_Strict):

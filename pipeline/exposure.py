@@ -16,26 +16,37 @@ class Exposure:
         scan_id: the scan this frame belongs to.
         index: frame index within the scan (the exposure id, unique per scan).
         timestamp: acquisition time, seconds since the epoch.
-        frame: the 2D detector image (rows, columns), counts per pixel.
+        frame: the 2D detector image (rows, columns), counts per pixel; ``None`` when the
+            source could not read it (then ``error`` says why).
         truth: the true parameters by name, for simulated frames; ``None`` for measured ones.
-        metadata: anything else the source knows (file name, detector settings, ...).
+        metadata: anything else the source knows; ``source`` names where the frame came from
+            (file and frame number, stream endpoint and series), as text.
+        error: why the frame could not be read (corrupt file, malformed message, ...), or
+            ``None``. An exposure with an error still takes its place in the scan, so the
+            results file records it.
     """
 
     scan_id: str
     index: int
     timestamp: float
-    frame: np.ndarray
+    frame: np.ndarray | None
     truth: dict[str, float] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass
 class LineOut:
-    """A 1D line-out: photon counts per q bin with their Poisson standard deviation."""
+    """A 1D line-out: photon counts per q bin with their Poisson standard deviation.
+
+    ``normalization`` is the exposure's incident monitor times sample transmission (1 when
+    unknown): the intensity is ``counts / normalization``.
+    """
 
     q_nm: np.ndarray
     counts: np.ndarray
     counts_sd: np.ndarray
+    normalization: float = 1.0
 
 
 @dataclass

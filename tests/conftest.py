@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 
@@ -9,3 +23,122 @@ import pytest
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261128)
+
+
+#: Small real detector files (``../shared/data`` beside the repository), absent on some machines.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real-data folder; the test is skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real detector files not available ({SHARED_DATA} absent)")
+    return SHARED_DATA
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class EigerSimulator:
+    """ALBA's ``eiger-simulator`` (PyPI), a third-party DECTRIS detector: SIMPLON REST API on
+    ``http``, stream v1 on ``stream``, replaying ``frames`` (48 x 64, uint16)."""
+
+    http: str
+    stream: str
+    frames: np.ndarray
+    log: Path
+
+    API = "/detector/api/1.6.0"
+
+    def request(self, path: str, value: object = None, method: str = "PUT") -> object:
+        body = None if value is None else json.dumps({"value": value}).encode()
+        request = urllib.request.Request(
+            self.http + path, data=body, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=20.0) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def configure(self, n_images: int, compression: str, count_time_s: float = 0.001) -> None:
+        """Set up a series of ``n_images`` (compression ``bslz4`` or ``lz4``) and initialise."""
+        for name, value in (
+            ("x_pixels_in_detector", 64), ("y_pixels_in_detector", 48), ("nimages", n_images),
+            ("count_time", count_time_s), ("compression", compression),
+        ):  # fmt: skip
+            self.request(f"{self.API}/config/{name}", value)
+        self.request("/stream/api/1.6.0/config/header_detail", "all")
+        self.request(f"{self.API}/command/initialize")
+
+    def arm(self) -> int:
+        """Arm the detector (it sends the series header); return the series id."""
+        return self.request(f"{self.API}/command/arm")["sequence id"]
+
+    def trigger_in_background(self) -> tuple[threading.Thread, list[BaseException]]:
+        """Trigger the series from a thread (the call returns when all images are sent)."""
+        failures: list[BaseException] = []
+
+        def trigger() -> None:
+            try:
+                self.request(f"{self.API}/command/trigger")
+            except BaseException as error:
+                failures.append(error)
+
+        thread = threading.Thread(target=trigger, daemon=True)
+        thread.start()
+        return thread, failures
+
+
+@pytest.fixture(scope="module")
+def eiger_simulator(tmp_path_factory) -> Iterator[EigerSimulator]:
+    """A running ``eiger-simulator`` on free loopback ports (skipped where it is not installed)."""
+    try:
+        import eigersim.web  # noqa: F401  (needs fastapi, bitshuffle and the system liblz4)
+    except Exception as error:  # only where the test extra is missing
+        pytest.skip(f"eiger-simulator is not usable here: {error!r}")
+    folder = tmp_path_factory.mktemp("eigersim")
+    rng = np.random.default_rng(7)
+    frames = rng.poisson(20.0, (7, 48, 64)).astype(np.uint16)
+    frames[:, 10:20, 30:40] = np.arange(7, dtype=np.uint16)[:, None, None] * 1000
+    with h5py.File(folder / "series_master.h5", "w") as file:
+        file.create_dataset("entry/data/data_000001", data=frames)
+    http_port, zmq_port = free_port(), free_port()
+    log = folder / "simulator.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "eigersim.server", "--host", "127.0.0.1",
+                "--port", str(http_port), "--zmq", f"tcp://127.0.0.1:{zmq_port}",
+                "--dataset", str(folder / "series_master.h5"), "--log-level", "warning",
+            ],
+            cwd=folder, stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    simulator = EigerSimulator(
+        f"http://127.0.0.1:{http_port}", f"tcp://127.0.0.1:{zmq_port}", frames, log
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                simulator.request("/detector/api/version/", method="GET")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"eiger-simulator did not start:\n{log.read_text(errors='replace')}"
+                    )
+                time.sleep(0.2)
+        yield simulator
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -68,3 +68,21 @@ def test_reference_without_nuisances_says_what_is_missing(tmp_path, capsys):
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_reprocess_of_nothing_says_which_pattern_matched_nothing(tmp_path, capsys):
+    from pipeline.integration import DEFAULT_PONI
+
+    pattern = str(tmp_path / "scan_*.cbf")
+    args = ["reprocess", pattern, "--poni", str(DEFAULT_PONI), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert f"no file matches {pattern}" in capsys.readouterr().err
+
+
+def test_a_malformed_poni_stops_reprocess_before_it_starts(tmp_path, capsys):
+    (tmp_path / "frame_1.cbf").write_bytes(b"")
+    (tmp_path / "bad.poni").write_text("Distance: 0.2\n")
+    args = ["reprocess", str(tmp_path / "frame_1.cbf"), "--poni", str(tmp_path / "bad.poni")]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "does not define" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.h5"))

@@ -1,7 +1,11 @@
 """``beamline-inn demo`` end to end: Prefect flow, 2 worker processes, one HDF5 file."""
 
 import os
+import threading
+import time
 
+import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 
@@ -30,3 +34,140 @@ def test_demo_writes_every_exposure_exactly_once(prefect_harness, tmp_path, caps
     assert results.samples.shape == (24, 1000, 5) and np.isfinite(results.samples).all()
     assert results.parameter_names[:3] == ("pitch_nm", "width_nm", "sigma_nm")
     assert results.model_card["weights_sha256"]
+
+
+def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, tmp_path, capsys):
+    import fabio
+
+    from pipeline.config import IntegrationConfig
+    from pipeline.integration import DEFAULT_PONI
+    from pipeline.sources import SimulatedDetector
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    detector = SimulatedDetector(IntegrationConfig(), seed=11)
+    exposures = list(detector.exposures("archive", 5))
+    for exposure in exposures:
+        path = frames / f"scan_{exposure.index + 1}.cbf"  # scan_1 ... scan_5: natural order
+        fabio.cbfimage.CbfImage(data=exposure.frame.astype(np.int32)).write(str(path))
+    whole = (frames / "scan_3.cbf").read_bytes()
+    (frames / "scan_3.cbf").write_bytes(whole[: len(whole) // 2])  # truncated
+    (frames / "scan_6.cbf").write_bytes(b"not a detector frame")
+    eiger = frames / "eiger_data_000001.h5"  # an Eiger data file, bitshuffle-LZ4, 2 frames
+    with h5py.File(eiger, "w") as handle:
+        handle.create_dataset(
+            "entry/data/data",
+            data=np.stack([e.frame for e in exposures[:2]]),
+            chunks=(1, *exposures[0].frame.shape),
+            **hdf5plugin.Bitshuffle(cname="lz4"),
+        )
+    out = tmp_path / "out"
+    options = ["--poni", str(DEFAULT_PONI), "--out", str(out), "--scan-id", "archive"]
+    paths = [str(frames / "scan_*.cbf"), str(eiger)]
+    status = main(["reprocess", *paths, *options, "--workers", "1", "--samples", "200"])
+    printed = capsys.readouterr().out
+    assert status == 1 and "exposures:  8 (6 written, 2 failed)" in printed, printed
+    results = read_results(out / "archive.h5")
+    assert results.index.tolist() == list(range(8))
+    # natural order over all paths: the Eiger file's 2 frames, then scan_1 ... scan_6
+    assert results.status.tolist() == ["ok", "ok", "ok", "ok", "failed", "ok", "ok", "failed"]
+    assert "eiger_data_000001.h5" in results.source[0] and "frame 1" in results.source[1]
+    assert results.source[2].endswith("scan_1.cbf") and results.source[7].endswith("scan_6.cbf")
+    assert results.error[4] and results.error[7]
+    truth_pitch = [e.truth["pitch_nm"] for e in exposures]
+    medians = np.median(results.samples[:, :, 0], axis=1)
+    # the line-outs reach the model intact: (row, simulated frame)
+    for row, frame in ((0, 0), (1, 1), (2, 0), (3, 1), (5, 3), (6, 4)):
+        assert abs(medians[row] - truth_pitch[frame]) < 2.0
+
+
+#: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: no
+#: detector name, so the integrator takes the shape from the first frame).
+SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
+PixelSize2: 7.5e-05
+Distance: 0.2
+Poni1: 0.0018
+Poni2: 0.0024
+Rot1: 0
+Rot2: 0
+Rot3: 0
+Wavelength: 1.55e-10
+"""
+
+
+def test_online_reconstructs_a_live_series_from_a_third_party_detector(
+    prefect_harness, eiger_simulator, tmp_path, capsys
+):
+    """ALBA's eiger-simulator streams 100 bitshuffle-LZ4 images (SIMPLON stream v1); every one
+    is integrated, reconstructed and written once."""
+    poni = tmp_path / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    out = tmp_path / "out"
+    eiger_simulator.configure(100, "bslz4")
+    failures: list[BaseException] = []
+
+    def operator() -> None:  # arms the detector once the pipeline has opened its results file
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "live.h5").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            eiger_simulator.arm()
+            thread, errors = eiger_simulator.trigger_in_background()
+            thread.join(60)
+            failures.extend(errors)
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    stream = ["--stream", eiger_simulator.stream, "--protocol", "dectris-v1"]
+    options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "live"]
+    status = main(
+        ["online", *stream, *options, "--workers", "1", "--samples", "100", "--idle-timeout", "10"]
+    )
+    thread.join(60)
+    assert not failures, failures
+    printed = capsys.readouterr().out
+    assert status == 0 and "exposures:  100 (100 written, 0 failed)" in printed, printed
+    results = read_results(out / "live.h5")
+    assert results.index.tolist() == list(range(100)) and (results.status == "ok").all()
+    assert all(eiger_simulator.stream in source for source in results.source)
+    assert np.isfinite(results.samples).all()
+
+
+def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tmp_path, capsys):
+    import fabio
+
+    poni = tmp_path / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    rng = np.random.default_rng(5)
+
+    def write(number: int) -> None:
+        frame = rng.poisson(20.0, (48, 64)).astype(np.int32)
+        fabio.edfimage.EdfImage(data=frame).write(str(incoming / f"frame_{number}.edf"))
+
+    write(1)
+    write(2)
+    (incoming / "notes.txt").write_text("not a frame, not matched by the pattern")
+
+    def detector() -> None:  # goes on writing once the pipeline is running
+        deadline = time.monotonic() + 240
+        while not (out / "watched.h5").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for number in (3, 4, 10):
+            time.sleep(0.5)
+            write(number)
+
+    thread = threading.Thread(target=detector, daemon=True)
+    thread.start()
+    watch = ["--watch", str(incoming), "--pattern", "frame_*.edf", "--idle-timeout", "4"]
+    options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "watched"]
+    status = main(["online", *watch, *options, "--workers", "1", "--samples", "100"])
+    thread.join(10)
+    assert status == 0, capsys.readouterr().out
+    results = read_results(out / "watched.h5")
+    assert results.index.tolist() == list(range(5)) and (results.status == "ok").all()
+    names = [source.rsplit("/", 1)[-1] for source in results.source]
+    assert names == ["frame_1.edf", "frame_2.edf", "frame_3.edf", "frame_4.edf", "frame_10.edf"]

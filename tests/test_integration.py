@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import IntegrationConfig
-from pipeline.integration import FrameError, LineOutIntegrator, load_geometry
+from pipeline.integration import FrameError, GeometryError, LineOutIntegrator, load_geometry
 from pipeline.physics import PARAMETER_NAMES, GratingPrior, QGrid, expected_counts
 from pipeline.sources import SimulatedDetector
 
@@ -66,10 +66,10 @@ def test_bad_frames_raise_a_specific_error(integrator, frame, message):
 
 
 def test_missing_poni_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="PONI"):
+    with pytest.raises(GeometryError, match="PONI"):
         LineOutIntegrator(IntegrationConfig(poni=tmp_path / "nope.poni"), QGrid())
 
 
 def test_a_sector_too_narrow_for_the_grid_is_refused():
     with pytest.raises(ValueError, match="no pixel"):
-        SimulatedDetector(IntegrationConfig(chi_center_deg=180.0))
+        SimulatedDetector(IntegrationConfig(azimuth_range_deg=(170.0, 180.0)))

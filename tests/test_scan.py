@@ -21,6 +21,7 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
     exposures[4].frame = exposures[4].frame.astype(np.float32)
     exposures[4].frame[10, 10] = np.nan
     exposures[6].frame = exposures[6].frame.astype(np.float32) - 5.0  # negative counts
+    exposures[8].frame, exposures[8].error = None, "truncated file: scan_00008.cbf"
     with ScanRunner(config) as runner:
         for exposure in exposures:
             runner.submit(exposure)
@@ -28,7 +29,7 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
             runner.submit(exposures[0])
         summary = runner.wait()
 
-    assert summary.submitted == 10 and summary.written_ok == 7 and summary.failed == 3
+    assert summary.submitted == 10 and summary.written_ok == 6 and summary.failed == 4
     assert summary.duplicates == 0
     results = read_results(config.output_path)
     assert results.index.tolist() == list(range(10))  # every exposure exactly once
@@ -37,8 +38,9 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
         for i, s, e in zip(results.index, results.status, results.error, strict=True)
         if s != "ok"
     }
-    assert set(failed) == {2, 4, 6}
+    assert set(failed) == {2, 4, 6, 8}
     assert "shape" in failed[2] and "NaN" in failed[4] and "negative" in failed[6]
+    assert "truncated" in failed[8]
     ok = results.status == "ok"
     assert np.isfinite(results.samples[ok]).all() and results.samples.shape[1:] == (1000, 5)
     np.testing.assert_allclose(results.truth[0], list(exposures[0].truth.values()))

@@ -14,6 +14,8 @@ def _ok(index: int) -> ExposureResult:
     return ExposureResult(
         index=index,
         timestamp=1.0 + index,
+        source=f"scan_{index:05d}.cbf",
+        normalization=1e5 + index,
         counts=rng.poisson(3, 512).astype(np.float32),
         counts_sd=np.ones(512, np.float32),
         samples=samples,
@@ -37,6 +39,8 @@ def test_rows_are_written_once_and_read_back_in_index_order(tmp_path):
     assert results.index.tolist() == [0, 1, 2]
     assert results.status.tolist() == ["failed", "ok", "ok"]
     assert results.error[0] == "bad frame"
+    assert results.source.tolist() == ["", "scan_00001.cbf", "scan_00002.cbf"]
+    np.testing.assert_array_equal(results.normalization[1:], [1e5 + 1, 1e5 + 2])
     assert np.isnan(results.samples[0]).all() and np.isfinite(results.samples[1:]).all()
     np.testing.assert_array_equal(results.samples[2], _ok(2).samples)
     assert results.parameter_names == NAMES and results.config_json == '{"a": 1}'

@@ -24,7 +24,10 @@ from workers.process import Parent, announce_ready, control_socket, parse_args, 
 
 
 def _failure(message: Message, error: str) -> list:
-    header = {key: message.header.get(key) for key in ("index", "scan_id", "timestamp", "truth")}
+    header = {
+        key: message.header.get(key)
+        for key in ("index", "scan_id", "timestamp", "truth", "source", "normalization")
+    }
     return encode("failed", {**header, "stage": "inference", "error": error}, **message.arrays)
 
 
@@ -79,6 +82,10 @@ def serve(argv: list[str] | None = None) -> int:
     config, endpoints = read_run(args.run_dir)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.n_workers))
     model = load(config.inference.model, device=config.inference.device)
+    if config.inference.compile:
+        model.compile_sampling()
+        for exposures in (1, 2):  # compile before announcing ready: batch 1, then any size
+            model.sample(np.ones((exposures, model.grid.n_points)), config.inference.n_samples)
 
     context = zmq.Context()
     work = context.socket(zmq.PULL)

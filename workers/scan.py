@@ -35,7 +35,7 @@ import zmq
 
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure
-from pipeline.integration import FrameError, LineOutIntegrator
+from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
 from pipeline.transport import Endpoints, decode, encode
 from workers.process import CONFIG_FILE
 
@@ -187,9 +187,17 @@ class ScanRunner:
             "scan_id": exposure.scan_id,
             "timestamp": exposure.timestamp,
             "truth": exposure.truth,
+            "source": exposure.metadata.get("source", ""),
         }
+        if exposure.error is not None or exposure.frame is None:
+            error = exposure.error or "the source delivered no frame"
+            self.failed_out.send_multipart(
+                encode("failed", {**header, "stage": "read", "error": error})
+            )
+            return
         try:
-            line_out = self.integrator.integrate(exposure.frame)
+            normalization = exposure_normalization(exposure, self.config.integration)
+            line_out = self.integrator.integrate(exposure.frame, normalization)
         except FrameError as error:
             self.failed_out.send_multipart(
                 encode("failed", {**header, "stage": "integration", "error": str(error)})
@@ -197,7 +205,7 @@ class ScanRunner:
             return
         frames = encode(
             "line_out",
-            header,
+            {**header, "normalization": line_out.normalization},
             counts=line_out.counts.astype(np.float32),
             counts_sd=line_out.counts_sd.astype(np.float32),
         )

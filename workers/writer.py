@@ -31,6 +31,8 @@ def to_result(message: Message) -> ExposureResult:
         timestamp=float(header.get("timestamp") or np.nan),
         status="ok" if message.kind == "result" else "failed",
         error=str(header.get("error", "")),
+        source=str(header.get("source") or ""),
+        normalization=float(header.get("normalization") or np.nan),
         counts=arrays.get("counts"),
         counts_sd=arrays.get("counts_sd"),
         samples=arrays.get("samples"),

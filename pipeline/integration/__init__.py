@@ -1,28 +1,48 @@
 """Azimuthal integration of detector frames into line-outs with pyFAI.
 
 One :class:`LineOutIntegrator` per process: pyFAI's CSR engine keeps scratch buffers and
-gives wrong results when one integrator is shared between threads (DESIGN.md section 7).
-The engine is built on the first frame (about a second for an Eiger 4M) and reused.
+gives wrong results when one integrator is shared between threads (DESIGN.md section 7), so
+the integrator refuses calls from a second thread. The engine is built once, when the
+integrator is made (or on the first frame, where the PONI file names no detector shape), by
+integrating an empty frame; per-frame bad pixels are handled with pyFAI's dummy values so the
+engine is never rebuilt.
 
 The line-out is the observable the model was trained on: the *sum* of counts of the pixels
-whose centres fall in each q bin of the model's grid, inside an azimuthal sector
-(no pixel splitting, no solid-angle or polarization correction), with Poisson errors
-``sqrt(max(counts, 1))`` per bin. (pyFAI's own Poisson model floors the variance at 1 per
-*pixel*, which overstates the error of a bin of many empty pixels.)
+whose centres fall in each q bin of the model's grid, inside an azimuthal sector or the full
+ring (no pixel splitting, no solid-angle or polarization correction), with Poisson errors.
+Corrections, when configured:
+
+- **dark current** (``IntegrationConfig.dark``): subtracted pixel by pixel; the Poisson
+  variance is that of the raw counts (the dark frame is taken as exact), and bins whose
+  dark-subtracted sum falls below zero are set to zero (the model needs counts >= 0);
+- **flat field** (``flat``, relative pixel efficiency about 1): each bin's sum is divided by
+  the mean flat of its pixels, so it stays on the scale of photon counts;
+- **normalisation** by the incident monitor and the sample transmission: a scalar per
+  exposure, :attr:`pipeline.exposure.LineOut.normalization`, kept beside the counts (the model
+  sees counts, whose total is one of its nuisance parameters; the stored intensity
+  ``I = counts / normalization``).
+
+Bad-pixel markers: unsigned frames mark bad or overflowing pixels with the largest value of
+their type (Eiger), signed integer frames with -1 and -2 (Pilatus); both are ignored as dummy
+values. A frame is refused (:class:`FrameError`) for a wrong shape or dtype, NaN or inf,
+negative values that are not markers, no counts at all in the integration region, or more
+than ``max_bad_pixel_fraction`` of the region's pixels marked (a saturated frame).
 
 Example:
     >>> import numpy as np
     >>> from pipeline.config import IntegrationConfig
     >>> from pipeline.physics import QGrid
     >>> integrator = LineOutIntegrator(IntegrationConfig(), QGrid())
-    >>> line_out = integrator.integrate(np.zeros(integrator.shape, dtype=np.uint32))
-    >>> line_out.counts.shape
-    (512,)
+    >>> frame = np.ones(integrator.shape, dtype=np.uint32)
+    >>> line_out = integrator.integrate(frame)
+    >>> line_out.counts.shape, bool(line_out.counts.sum() == integrator.pixels_per_bin.sum())
+    ((512,), True)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from importlib.resources import files
 from pathlib import Path
 
@@ -31,30 +51,89 @@ import numpy as np
 # pyFAI's OpenCL probe warns on every import where pyopencl is absent; we use its Cython engines.
 logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
 
+import fabio  # noqa: E402
 import pyFAI  # noqa: E402
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator  # noqa: E402
 
 from pipeline.config import IntegrationConfig  # noqa: E402
-from pipeline.exposure import LineOut  # noqa: E402
+from pipeline.exposure import Exposure, LineOut  # noqa: E402
 from pipeline.physics import QGrid  # noqa: E402
 
 #: The geometry shipped with the package: Eiger 4M at 5 m, 8 keV.
 DEFAULT_PONI = Path(str(files("pipeline") / "data" / "eiger4m_5m_8keV.poni"))
+#: Pilatus bad-pixel markers (-1 bad, -2 module gaps) as one pyFAI dummy range.
+SIGNED_DUMMY, SIGNED_DELTA_DUMMY = -1.5, 0.6
 
 
 class FrameError(ValueError):
-    """A frame that cannot be integrated (wrong shape, NaN or inf, ...)."""
+    """A frame that cannot be integrated (wrong shape, NaN or inf, saturated, ...)."""
+
+
+class GeometryError(ValueError):
+    """A PONI, mask, dark or flat file that is missing, malformed or does not fit."""
 
 
 def load_geometry(poni: Path | None) -> AzimuthalIntegrator:
-    """An :class:`AzimuthalIntegrator` from a PONI file (the bundled one when ``None``)."""
+    """An :class:`AzimuthalIntegrator` from a PONI file (v1 or v2, as pyFAI-calib2 writes
+    them; the bundled one when ``None``). Raises :class:`GeometryError` with the reason."""
     path = Path(poni) if poni is not None else DEFAULT_PONI
     if not path.is_file():
-        raise FileNotFoundError(f"PONI file not found: {path}")
-    integrator = pyFAI.load(str(path))
-    if integrator.detector is None or integrator.detector.shape is None:
-        raise ValueError(f"PONI file {path} names no detector with a known shape")
-    return integrator
+        raise GeometryError(f"PONI file not found: {path}")
+    # pyFAI falls back to defaults (a 1 m distance, ...) for missing keys: check them first
+    keys = {
+        line.split(":", 1)[0].strip().lower()
+        for line in path.read_text(errors="replace").splitlines()
+        if ":" in line and not line.lstrip().startswith("#")
+    }
+    missing = [key for key in ("distance", "poni1", "poni2", "wavelength") if key not in keys]
+    if "detector" not in keys and not {"pixelsize1", "pixelsize2"} <= keys:
+        missing.append("detector (Detector, or PixelSize1 and PixelSize2)")
+    if missing:
+        raise GeometryError(f"PONI file {path} does not define {', '.join(missing)}")
+    try:
+        return pyFAI.load(str(path))
+    except Exception as error:  # pyFAI raises several types for bad content
+        raise GeometryError(f"PONI file {path} cannot be read: {error}") from error
+
+
+def exposure_normalization(exposure: Exposure, config: IntegrationConfig) -> float:
+    """The product of the exposure's metadata entries named in ``config.normalization_keys``
+    (1 when none are named); :class:`FrameError` where one is missing or not a number."""
+    normalization = 1.0
+    for key in config.normalization_keys:
+        if key not in exposure.metadata:
+            raise FrameError(f"the exposure's metadata has no {key!r} to normalise by")
+        try:
+            normalization *= float(exposure.metadata[key])
+        except ValueError:
+            raise FrameError(
+                f"the exposure's {key!r} is {exposure.metadata[key]!r}, not a number"
+            ) from None
+    return normalization
+
+
+def read_image(path: Path, what: str) -> np.ndarray:
+    """A 2-D array from an EDF, TIFF, CBF, ... file (fabio) or a NumPy ``.npy`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GeometryError(f"{what} file not found: {path}")
+    try:
+        data = np.load(path) if path.suffix == ".npy" else fabio.open(str(path)).data
+    except Exception as error:
+        raise GeometryError(f"{what} file {path} cannot be read: {error}") from error
+    if data is None or np.asarray(data).ndim != 2:
+        raise GeometryError(f"{what} file {path} does not hold a 2-D image")
+    return np.asarray(data)
+
+
+def check_files(config: IntegrationConfig) -> None:
+    """Read the PONI, mask, dark and flat files of ``config`` and raise
+    :class:`GeometryError` for the first that is missing or malformed (their shapes are
+    checked against the frames later, by :class:`LineOutIntegrator`)."""
+    load_geometry(config.poni)
+    for path, what in ((config.mask, "mask"), (config.dark, "dark"), (config.flat, "flat")):
+        if path is not None:
+            read_image(path, what)
 
 
 def sector_pixel_bins(
@@ -67,18 +146,16 @@ def sector_pixel_bins(
     with pyFAI's own assignment despite rounding.
     """
     q = geometry.center_array(unit="q_nm^-1")
-    chi = np.degrees(geometry.center_array(unit="chi_rad"))
     position = (q - grid.radial_range_nm[0]) / grid.bin_width_nm
     bins = np.floor(position).astype(np.int64)
     fraction = position - bins
-    dchi = np.abs((chi - config.chi_center_deg + 180.0) % 360.0 - 180.0)
     inside = (
-        (bins >= 0)
-        & (bins < grid.n_points)
-        & (dchi <= config.chi_half_width_deg - margin)
-        & (fraction >= margin)
-        & (fraction <= 1.0 - margin)
+        (bins >= 0) & (bins < grid.n_points) & (fraction >= margin) & (fraction <= 1.0 - margin)
     )
+    if config.azimuth_range_deg is not None:
+        low, high = config.azimuth_range_deg
+        chi = np.degrees(geometry.center_array(unit="chi_rad"))
+        inside &= (chi >= low + margin) & (chi <= high - margin)
     mask = geometry.detector.mask
     if mask is not None:
         inside &= ~mask.astype(bool)
@@ -86,43 +163,149 @@ def sector_pixel_bins(
 
 
 class LineOutIntegrator:
-    """Integrates frames of one detector geometry onto the model's q grid (one per process)."""
+    """Integrates frames of one detector geometry onto the model's q grid (one per process).
+
+    Args:
+        config: geometry, mask, dark, flat, sector and engine (saved with the results).
+        grid: the model's q grid.
+    """
 
     def __init__(self, config: IntegrationConfig, grid: QGrid) -> None:
         self.config = config
         self.grid = grid
         self.geometry = load_geometry(config.poni)
-        self.shape: tuple[int, int] = tuple(self.geometry.detector.shape)
-        mask = self.geometry.detector.mask
-        self.mask = np.zeros(self.shape, np.int8) if mask is None else mask.astype(np.int8)
-        chi0, half = config.chi_center_deg, config.chi_half_width_deg
-        self._azimuth_range = (chi0 - half, chi0 + half)
+        self._owner: int | None = None
+        self.shape: tuple[int, int] | None = None
+        self.pixels_per_bin = np.zeros(grid.n_points, np.int64)
+        if self.geometry.detector.shape is not None:
+            self._build(tuple(self.geometry.detector.shape))
 
-    def validate(self, frame: np.ndarray) -> None:
-        """Raise :class:`FrameError` for a frame this geometry cannot integrate."""
-        if frame.ndim != 2 or tuple(frame.shape) != self.shape:
-            raise FrameError(f"frame shape {frame.shape} does not match the detector {self.shape}")
-        if not (np.issubdtype(frame.dtype, np.integer) or np.issubdtype(frame.dtype, np.floating)):
-            raise FrameError(f"frame dtype {frame.dtype} is not numeric")
-        if np.issubdtype(frame.dtype, np.floating) and not np.isfinite(frame).all():
-            bad = int(np.count_nonzero(~np.isfinite(frame)))
-            raise FrameError(f"frame holds {bad} NaN or infinite pixel values")
+    def _build(self, shape: tuple[int, int]) -> None:
+        """Masks, dark, flat and the pyFAI engine for frames of ``shape`` (once)."""
+        config = self.config
+        mask = np.zeros(shape, bool)
+        if self.geometry.detector.mask is not None:  # the detector's own gaps
+            if self.geometry.detector.mask.shape != shape:
+                raise GeometryError(
+                    f"the detector of {config.poni} is {self.geometry.detector.mask.shape}, "
+                    f"frames are {shape}"
+                )
+            mask |= self.geometry.detector.mask.astype(bool)
+        if config.mask is not None:
+            mask |= self._image(config.mask, "mask", shape) != 0
+        self.mask = mask.astype(np.int8)
+        self.dark = None if config.dark is None else self._image(config.dark, "dark", shape)
+        self.flat = None if config.flat is None else self._image(config.flat, "flat", shape)
+        if self.flat is not None and not (np.isfinite(self.flat).all() and self.flat.min() > 0):
+            raise GeometryError(f"flat field {config.flat} must be finite and positive")
+        self.shape = shape
+        empty = self._integrate(np.zeros(shape, np.float32), dummy=None, dark=False)
+        self.pixels_per_bin = np.asarray(empty.count, dtype=np.int64)
+        self.dark_counts = (
+            np.zeros(self.grid.n_points)
+            if self.dark is None
+            else np.asarray(self._integrate(self.dark, dummy=None, dark=False).sum_signal)
+        )
+        if not self.pixels_per_bin.any():
+            raise GeometryError(
+                f"no pixel of the geometry in {config.poni or DEFAULT_PONI} falls in the q range "
+                f"{self.grid.radial_range_nm} 1/nm inside the sector {config.azimuth_range_deg}"
+            )
 
-    def integrate(self, frame: np.ndarray) -> LineOut:
-        """The line-out of one frame: counts per q bin and their Poisson sd (see the module doc)."""
-        self.validate(frame)
-        result = self.geometry.integrate1d(
+    @staticmethod
+    def _image(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
+        image = read_image(path, what)
+        if image.shape != shape:
+            raise GeometryError(f"{what} file {path} is {image.shape}, frames are {shape}")
+        return image.astype(np.float32)
+
+    def _integrate(self, frame: np.ndarray, dummy: tuple[float, float] | None, dark: bool = True):
+        low, high = self.config.azimuth_range_deg or (None, None)
+        return self.geometry.integrate1d(
             frame,
             self.grid.n_points,
             unit="q_nm^-1",
             radial_range=self.grid.radial_range_nm,
-            azimuth_range=self._azimuth_range,
+            azimuth_range=None if low is None else (low, high),
             mask=self.mask,
+            dummy=None if dummy is None else dummy[0],
+            delta_dummy=None if dummy is None else dummy[1],
+            dark=self.dark if dark else None,
+            flat=self.flat,
             correctSolidAngle=False,
             polarization_factor=None,
             method=("no", self.config.method, "cython"),
         )
-        counts = np.asarray(result.sum_signal, dtype=np.float64).reshape(-1)
+
+    def validate(self, frame: np.ndarray) -> None:
+        """Raise :class:`FrameError` for a frame this geometry cannot integrate."""
+        if frame.ndim != 2 or (self.shape is not None and tuple(frame.shape) != self.shape):
+            raise FrameError(f"frame shape {frame.shape} does not match the detector {self.shape}")
+        kind = frame.dtype.kind
+        if kind not in "uif":
+            raise FrameError(f"frame dtype {frame.dtype} is not numeric")
+        if kind == "f":
+            if not np.isfinite(frame).all():
+                bad = int(np.count_nonzero(~np.isfinite(frame)))
+                raise FrameError(f"frame holds {bad} NaN or infinite pixel values")
+            if frame.min() < 0:
+                raise FrameError(f"frame holds negative pixel values (least {frame.min():g})")
+        elif kind == "i" and frame.min() < -2:
+            raise FrameError(
+                f"frame holds negative pixel values (least {frame.min()}) other than the "
+                "bad-pixel markers -1 and -2"
+            )
+
+    @staticmethod
+    def _dummy(frame: np.ndarray) -> tuple[float, float] | None:
+        """The bad-pixel marker of this frame's dtype as pyFAI (dummy, delta_dummy)."""
+        if frame.dtype.kind == "u":
+            return float(np.iinfo(frame.dtype).max), 0.5
+        if frame.dtype.kind == "i":
+            return SIGNED_DUMMY, SIGNED_DELTA_DUMMY
+        return None
+
+    def integrate(self, frame: np.ndarray, normalization: float = 1.0) -> LineOut:
+        """The line-out of one frame (see the module doc); ``normalization`` is the exposure's
+        monitor times transmission, kept with the line-out."""
+        thread = threading.get_ident()
+        if self._owner is None:
+            self._owner = thread
+        elif self._owner != thread:
+            raise RuntimeError(
+                "a LineOutIntegrator is used from a second thread: pyFAI's engine is not "
+                "thread-safe; make one integrator per thread or process"
+            )
+        if not (np.isfinite(normalization) and normalization > 0):
+            raise FrameError(f"normalization {normalization} must be finite and positive")
+        self.validate(frame)
+        if self.shape is None:
+            self._build(tuple(frame.shape))
+        result = self._integrate(frame, self._dummy(frame))
+        count = np.asarray(result.count, dtype=np.float64)
+        marked = int(self.pixels_per_bin.sum() - count.sum())
+        region = int(self.pixels_per_bin.sum())
+        if marked > self.config.max_bad_pixel_fraction * region:
+            raise FrameError(
+                f"{marked} of the {region} pixels in the integration region are marked bad or "
+                "saturated: the frame is saturated"
+            )
+        signal = np.asarray(result.sum_signal, dtype=np.float64)
+        if not (signal > 0).any():
+            raise FrameError("no counts in the integration region (an all-zero frame)")
+        # the bin's mean flat: sum_normalization is the sum of the flat over the bin's pixels
+        scale = np.divide(
+            count,
+            np.asarray(result.sum_normalization, dtype=np.float64),
+            out=np.zeros_like(count),
+            where=count > 0,
+        )
+        raw = signal + self.dark_counts * np.divide(
+            count, self.pixels_per_bin, out=np.zeros_like(count), where=self.pixels_per_bin > 0
+        )
         return LineOut(
-            q_nm=self.grid.q_nm, counts=counts, counts_sd=np.sqrt(np.maximum(counts, 1.0))
+            q_nm=self.grid.q_nm,
+            counts=np.maximum(signal * scale, 0.0),
+            counts_sd=np.sqrt(np.maximum(raw, 1.0)) * np.where(count > 0, scale, 1.0),
+            normalization=float(normalization),
         )

@@ -1,5 +1,25 @@
-"""Where exposures come from. Each source is an iterable of :class:`pipeline.exposure.Exposure`."""
+"""Where exposures come from. Each source has an ``exposures()`` iterator of
+:class:`pipeline.exposure.Exposure`; a frame it cannot read is an exposure with ``error`` set.
 
+- :class:`SimulatedDetector`: grating frames with known truth (the demo);
+- :class:`FileSource` / :func:`open_source`: EDF, CBF, TIFF (fabio) and Eiger/NeXus HDF5 files,
+  lists and globs in natural order; :class:`EigerSource` for HDF5 alone;
+- :class:`DirectoryWatcher`: frames of a scan being written, each once its file is complete;
+- :class:`DectrisStream`: a DECTRIS detector's live SIMPLON stream (v1 JSON, v2 CBOR) over
+  ZeroMQ.
+"""
+
+from pipeline.sources.dectris import DectrisStream
+from pipeline.sources.eiger import EigerSource
+from pipeline.sources.files import FileSource, open_source
 from pipeline.sources.simulated import SimulatedDetector
+from pipeline.sources.watch import DirectoryWatcher
 
-__all__ = ["SimulatedDetector"]
+__all__ = [
+    "DectrisStream",
+    "DirectoryWatcher",
+    "EigerSource",
+    "FileSource",
+    "SimulatedDetector",
+    "open_source",
+]

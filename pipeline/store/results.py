@@ -8,8 +8,11 @@ Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)
       instrument/geometry/poni   the PONI file text
       exposures/                 NXcollection, one row per exposure in arrival order
         index, timestamp, status ("ok" | "failed"), error (text, empty when ok), written_time
+        source                   where the frame came from (file and frame, stream and series)
         truth                    (exposures, parameters) true values of simulated frames, else NaN
-      line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512)
+      line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512),
+                                 normalization (exposures,): monitor x transmission, so that
+                                 the intensity is counts / normalization
       posterior/                 NXcollection
         samples                  (exposures, samples, parameters) float32; attrs parameter_names, units
         mean, sd                 (exposures, parameters)
@@ -52,6 +55,8 @@ class ExposureResult:
     timestamp: float
     status: str = "ok"
     error: str = ""
+    source: str = ""
+    normalization: float = np.nan
     counts: np.ndarray | None = None
     counts_sd: np.ndarray | None = None
     samples: np.ndarray | None = None
@@ -130,9 +135,11 @@ class ResultsWriter:
             "written_time": growing(exposures, "written_time", (), np.float64),
             "status": growing(exposures, "status", (), _TEXT, ""),
             "error": growing(exposures, "error", (), _TEXT, ""),
+            "source": growing(exposures, "source", (), _TEXT, ""),
             "truth": growing(exposures, "truth", (n_par,), np.float64),
             "counts": growing(line_out, "counts", (n_q,), np.float32),
             "counts_sd": growing(line_out, "counts_sd", (n_q,), np.float32),
+            "normalization": growing(line_out, "normalization", (), np.float64),
             "samples": growing(posterior, "samples", (n_samples, n_par), np.float32),
             "mean": growing(posterior, "mean", (n_par,), np.float32),
             "sd": growing(posterior, "sd", (n_par,), np.float32),
@@ -161,6 +168,8 @@ class ResultsWriter:
             "written_time": time.time(),
             "status": result.status,
             "error": result.error,
+            "source": result.source,
+            "normalization": result.normalization,
             "truth": result.truth,
             "counts": result.counts,
             "counts_sd": result.counts_sd,
@@ -202,8 +211,10 @@ class Results:
     timestamp: np.ndarray
     status: np.ndarray
     error: np.ndarray
+    source: np.ndarray
     truth: np.ndarray
     counts: np.ndarray
+    normalization: np.ndarray
     samples: np.ndarray
     mean: np.ndarray
     sd: np.ndarray
@@ -231,8 +242,10 @@ def read_results(path: Path) -> Results:
             timestamp=rows("exposures/timestamp"),
             status=np.array([s.decode() for s in rows("exposures/status")]),
             error=np.array([s.decode() for s in rows("exposures/error")]),
+            source=np.array([s.decode() for s in rows("exposures/source")]),
             truth=rows("exposures/truth"),
             counts=rows("line_out/counts"),
+            normalization=rows("line_out/normalization"),
             samples=samples[()][order],
             mean=rows("posterior/mean"),
             sd=rows("posterior/sd"),

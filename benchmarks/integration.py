@@ -1,0 +1,255 @@
+"""Integration and reading costs per frame, side by side in one run (issue: detector ingestion).
+
+Three measurements, each as a ratio of two loops over the same frames in the same process:
+
+1. **integration**: :meth:`LineOutIntegrator.integrate` against a bare pyFAI ``integrate1d``
+   loop with the same engine and options (no pixel splitting, CSR, Cython, mask, bad-pixel
+   dummies, 512 bins), on the real Pilatus 1M frame of ``../shared/data`` (Poisson
+   resamplings of it) with its v1 PONI, for a +-10 degree sector and the full ring;
+2. **reading**: frames read from files and integrated, against integration of the same frames
+   already in memory: Pilatus 1M CBF files (fabio) and an Eiger 4M bitshuffle-LZ4 HDF5 data
+   file (h5py + hdf5plugin), through the project's sources;
+3. **memory**: resident memory of a fresh process holding one integrator with its engine
+   built, for the Pilatus 1M and the Eiger 4M geometries (the process's own baseline after
+   imports is reported beside it).
+
+Run: ``python -m benchmarks.integration [--frames 30] [--out benchmarks/results/integration.json]``.
+The Pilatus figures need ``../shared/data``; without it they are skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import fabio
+import h5py
+import hdf5plugin
+import numpy as np
+
+from pipeline.config import IntegrationConfig
+from pipeline.integration import DEFAULT_PONI, LineOutIntegrator
+from pipeline.physics import QGrid
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PILATUS_FRAME, PILATUS_PONI = SHARED / "CeO2_Pilatus1M.tif", SHARED / "CeO2_Pilatus1M.poni"
+#: The real frame is wide-angle (CeO2 rings): integrate it on a grid its pixels cover.
+WIDE_GRID = QGrid(q_min_nm=5.0, q_max_nm=45.0, n_points=512)
+
+
+def _median_ms(run: Callable[[], None], frames: int, repeats: int) -> float:
+    """Median over ``repeats`` of the time per frame (ms) of ``run`` (which does ``frames``)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) / frames)
+    return 1e3 * float(np.median(times))
+
+
+def _bare_loop(integrator: LineOutIntegrator, frames: list[np.ndarray]) -> Callable[[], None]:
+    """pyFAI alone, with the options :class:`LineOutIntegrator` passes."""
+    config, grid = integrator.config, integrator.grid
+    geometry = integrator.geometry
+
+    def run() -> None:
+        for frame in frames:
+            geometry.integrate1d(
+                frame,
+                grid.n_points,
+                unit="q_nm^-1",
+                radial_range=grid.radial_range_nm,
+                azimuth_range=config.azimuth_range_deg,
+                mask=integrator.mask,
+                dummy=-1.5,
+                delta_dummy=0.6,
+                correctSolidAngle=False,
+                polarization_factor=None,
+                method=("no", config.method, "cython"),
+            )
+
+    return run
+
+
+def _ours_loop(integrator: LineOutIntegrator, frames: Iterable[np.ndarray]) -> Callable[[], None]:
+    frames = list(frames)
+
+    def run() -> None:
+        for frame in frames:
+            integrator.integrate(frame)
+
+    return run
+
+
+def integration_ratios(n_frames: int, repeats: int) -> dict:
+    """Our integrator against bare pyFAI on Pilatus 1M frames, sector and full ring."""
+    if not PILATUS_FRAME.is_file():
+        return {"skipped": f"{SHARED} absent"}
+    real = fabio.open(str(PILATUS_FRAME)).data
+    rng = np.random.default_rng(0)
+    frames = [
+        np.where(real >= 0, rng.poisson(np.maximum(real, 0)), real).astype(np.int32)
+        for _ in range(n_frames)
+    ]
+    out = {}
+    for label, sector in (("sector_20deg", (-10.0, 10.0)), ("full_ring", None)):
+        config = IntegrationConfig(poni=PILATUS_PONI, azimuth_range_deg=sector)
+        integrator = LineOutIntegrator(config, WIDE_GRID)
+        integrator.integrate(frames[0])  # builds the engine
+        bare = _median_ms(_bare_loop(integrator, frames), n_frames, repeats)
+        ours = _median_ms(_ours_loop(integrator, frames), n_frames, repeats)
+        out[label] = {
+            "bare_pyfai_ms": round(bare, 2),
+            "line_out_integrator_ms": round(ours, 2),
+            "ratio": round(ours / bare, 3),
+            "target_ratio_max": 1.2,
+        }
+    return out
+
+
+def reading_ratios(n_frames: int, repeats: int) -> dict:
+    """Read + integrate against integrate only: Pilatus CBF files and Eiger 4M bslz4 HDF5."""
+    from pipeline.sources.eiger import EigerSource
+    from pipeline.sources.files import FileSource
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if PILATUS_FRAME.is_file():
+            real = fabio.open(str(PILATUS_FRAME)).data
+            rng = np.random.default_rng(1)
+            frames = [
+                np.where(real >= 0, rng.poisson(np.maximum(real, 0)), real).astype(np.int32)
+                for _ in range(n_frames)
+            ]
+            paths = []
+            for number, frame in enumerate(frames):
+                path = folder / f"pilatus_{number:05d}.cbf"
+                fabio.cbfimage.CbfImage(data=frame).write(str(path))
+                paths.append(path)
+            integrator = LineOutIntegrator(
+                IntegrationConfig(poni=PILATUS_PONI, azimuth_range_deg=(-10.0, 10.0)), WIDE_GRID
+            )
+            integrator.integrate(frames[0])
+            out["pilatus_1m_cbf"] = _reading_entry(
+                integrator, frames, lambda: FileSource(paths, "bench").exposures(), repeats
+            )
+        else:
+            out["pilatus_1m_cbf"] = {"skipped": f"{SHARED} absent"}
+
+        integrator = LineOutIntegrator(IntegrationConfig(), QGrid())
+        rng = np.random.default_rng(2)
+        frames = [rng.poisson(0.05, integrator.shape).astype(np.uint32) for _ in range(n_frames)]
+        data_file = folder / "eiger_data_000001.h5"
+        with h5py.File(data_file, "w") as handle:
+            handle.create_dataset(
+                "entry/data/data",
+                data=np.stack(frames),
+                chunks=(1, *integrator.shape),
+                **hdf5plugin.Bitshuffle(cname="lz4"),
+            )
+        integrator.integrate(frames[0])
+        out["eiger_4m_bslz4_hdf5"] = _reading_entry(
+            integrator, frames, lambda: EigerSource([data_file], "bench").exposures(), repeats
+        )
+        out["eiger_4m_bslz4_hdf5"]["file_mb_per_frame"] = round(
+            data_file.stat().st_size / n_frames / 1e6, 3
+        )
+    return out
+
+
+def _reading_entry(
+    integrator: LineOutIntegrator,
+    frames: list[np.ndarray],
+    exposures: Callable[[], Iterable],
+    repeats: int,
+) -> dict:
+    in_memory = _median_ms(_ours_loop(integrator, frames), len(frames), repeats)
+
+    def read_and_integrate() -> None:
+        for exposure in exposures():
+            if exposure.error:
+                raise RuntimeError(exposure.error)
+            integrator.integrate(exposure.frame)
+
+    from_files = _median_ms(read_and_integrate, len(frames), repeats)
+    return {
+        "integrate_in_memory_ms": round(in_memory, 2),
+        "read_and_integrate_ms": round(from_files, 2),
+        "reading_overhead": round(from_files / in_memory - 1.0, 3),
+        "target_overhead_max": 0.2,
+    }
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from pipeline.config import IntegrationConfig
+from pipeline.integration import LineOutIntegrator
+from pipeline.physics import QGrid
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+poni = None if sys.argv[1] == "-" else Path(sys.argv[1])
+grid = QGrid() if poni is None else QGrid(q_min_nm=5.0, q_max_nm=45.0, n_points=512)
+before = rss_mb()
+integrator = LineOutIntegrator(IntegrationConfig(poni=poni, azimuth_range_deg=None), grid)
+shape = integrator.shape or (1043, 981)
+integrator.integrate(np.ones(shape, np.int32))
+print(before, rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def memory() -> dict:
+    """Resident memory of one integrator process (engine built, full ring)."""
+    out = {}
+    cases = [("eiger_4m", "-")]
+    if PILATUS_PONI.is_file():
+        cases.insert(0, ("pilatus_1m", str(PILATUS_PONI)))
+    for label, poni in cases:
+        result = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, poni], capture_output=True, text=True, check=True
+        )
+        before, after, peak = map(float, result.stdout.split()[-3:])
+        out[label] = {
+            "rss_after_imports_mb": round(before),
+            "rss_with_integrator_mb": round(after),
+            "peak_rss_mb": round(peak),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "integration.json"
+    )
+    args = parser.parse_args()
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
+        "frames": args.frames,
+        "repeats": args.repeats,
+        "integration": integration_ratios(args.frames, args.repeats),
+        "reading": reading_ratios(args.frames, args.repeats),
+        "memory": memory(),
+        "default_geometry": str(DEFAULT_PONI.name),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Time for 1,000 posterior samples of one exposure on one CPU thread: eager and compiled.
+
+The posterior-model issue's target is 5 ms. Measured side by side in one process, on the same
+line-out and seeds, for each model file given (default: the shipped model):
+
+- ``eager``: :meth:`PosteriorModel.sample` as the library runs it (counts from numpy in,
+  samples to numpy out, input checks included);
+- ``compiled``: the same ``sample_tensor`` compiled once with ``torch.compile`` (inductor,
+  C++ kernels; needs a C compiler), with its compile time (cold: the first compilation in
+  a fresh cache; warm: inductor's on-disk cache is reused by later processes) and the
+  largest difference of its draws from the eager ones.
+
+Each figure is the median of ``--repeats`` timings, with the 10th and 90th percentiles,
+because this machine's timings drift by up to 2x between minutes.
+
+Run: ``python -m benchmarks.sampling [MODEL...] [--repeats 200]``
+(results in ``benchmarks/results/sampling.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.model import load
+from pipeline.model.checkpoint import DEFAULT_MODEL
+from pipeline.physics import simulate
+
+RESULTS = Path(__file__).parent / "results" / "sampling.json"
+
+
+def _timings_ms(run: Callable[[], object], repeats: int) -> dict:
+    for _ in range(10):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(1e3 * (time.perf_counter() - start))
+    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    return {"median": round(median, 2), "p10": round(p10, 2), "p90": round(p90, 2)}
+
+
+def measure(path: Path, repeats: int) -> dict:
+    model = load(path, device="cpu")
+    _, counts = simulate(1, np.random.default_rng(7), model.prior, model.grid)
+    tensor = torch.from_numpy(counts.astype(np.float32))
+    generator = torch.Generator()
+    with torch.inference_mode():
+        eager = _timings_ms(lambda: model.sample(counts, 1000, seed=0), repeats)
+        start = time.perf_counter()
+        compiled = torch.compile(model.sample_tensor)
+        draws = compiled(tensor, 1000, generator.manual_seed(0))
+        compile_s = time.perf_counter() - start
+        reference = model.sample_tensor(tensor, 1000, generator.manual_seed(0))
+        difference = (draws - reference).abs().max().item()
+        fast = _timings_ms(lambda: compiled(tensor, 1000, generator), repeats)
+    architecture = model.card.get("architecture", {})
+    return {
+        "file": str(path),
+        "architecture": {
+            key: architecture.get(key)
+            for key in ("n_blocks", "hidden", "activation", "conditional_affine")
+        },
+        "eager_ms": eager,
+        "compiled_ms": fast,
+        "compile_s": round(compile_s, 1),
+        "compiled_vs_eager_max_abs_difference": difference,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    report = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
+        "target_ms": 5.0,
+        "models": {path.stem: measure(path, args.repeats) for path in args.models},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
