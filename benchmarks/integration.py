@@ -9,9 +9,9 @@ Three measurements, each as a ratio of two loops over the same frames in the sam
 2. **reading**: frames read from files and integrated, against integration of the same frames
    already in memory: Pilatus 1M CBF files (fabio) and an Eiger 4M bitshuffle-LZ4 HDF5 data
    file (h5py + hdf5plugin), through the project's sources;
-3. **memory**: resident memory of a fresh process holding one integrator with its engine
-   built, for the Pilatus 1M and the Eiger 4M geometries (the process's own baseline after
-   imports is reported beside it).
+3. **memory**: resident memory (and its peak, VmHWM) of a fresh process holding one
+   integrator with its engine built, full ring, for the Pilatus 1M and the Eiger 4M
+   geometries (the process's own baseline after imports is reported beside it).
 
 Run: ``python -m benchmarks.integration [--frames 30] [--out benchmarks/results/integration.json]``.
 The Pilatus figures need ``../shared/data``; without it they are skipped and said so.
@@ -189,24 +189,24 @@ def _reading_entry(
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 from pathlib import Path
 import numpy as np
 from pipeline.config import IntegrationConfig
 from pipeline.integration import LineOutIntegrator
 from pipeline.physics import QGrid
 
-def rss_mb():
+def status_mb(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
 poni = None if sys.argv[1] == "-" else Path(sys.argv[1])
 grid = QGrid() if poni is None else QGrid(q_min_nm=5.0, q_max_nm=45.0, n_points=512)
-before = rss_mb()
+before = status_mb("VmRSS")
 integrator = LineOutIntegrator(IntegrationConfig(poni=poni, azimuth_range_deg=None), grid)
 shape = integrator.shape or (1043, 981)
 integrator.integrate(np.ones(shape, np.int32))
-print(before, rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(before, status_mb("VmRSS"), status_mb("VmHWM"))
 """
 
 

@@ -80,8 +80,8 @@ class InferenceConfig(_Strict):
     max_batch: int = Field(32, ge=1)
     device: str = "auto"
     seed: int = 0
-    #: compile the sampler with torch.compile when a worker starts (about 30 s, then about
-    #: twice as fast on a CPU); see ``PosteriorModel.compile_sampling``.
+    #: compile the sampler with torch.compile when a worker starts (up to 30 s, then about
+    #: twice as fast on a CPU); see ``CountsSampler.compile_sampling``.
     compile: bool = False
 
 
