@@ -13,17 +13,18 @@ import pytest
 from pipeline.sources.eiger import EigerSource, read_hdf5_file, read_pixel_mask
 from pipeline.sources.files import FileSource, open_source
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DATA_FILES = [f"eiger2_simread7_2datafiles_4images_bslz4_data_00000{n}.h5" for n in (1, 2)]
 SHAPE = (6, 10)
 START = "2026-11-29T01:00:00.000+00:00"
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir() or not all((SHARED_DATA / f).is_file() for f in REAL_DATA_FILES):
-        pytest.skip(f"{SHARED_DATA} or its Eiger files are absent")
-    return SHARED_DATA
+def eiger_files(shared_data) -> list[Path]:
+    """The two real Eiger2 data files (skipped where ``../shared/data`` lacks them)."""
+    files = [shared_data / name for name in REAL_DATA_FILES]
+    if not all(path.is_file() for path in files):
+        pytest.skip(f"{shared_data} lacks the Eiger files")
+    return files
 
 
 def frames_for(file_number: int, n_frames: int) -> np.ndarray:
@@ -209,10 +210,8 @@ def test_other_layouts_need_the_dataset_path(tmp_path):
     np.testing.assert_array_equal(exposures[1].frame, frames_for(9, 2)[1])
 
 
-def test_real_eiger2_bitshuffle_lz4_data_files(shared_data):
-    source = EigerSource(
-        [shared_data / REAL_DATA_FILES[1], shared_data / REAL_DATA_FILES[0]], "real"
-    )
+def test_real_eiger2_bitshuffle_lz4_data_files(eiger_files):
+    source = EigerSource([eiger_files[1], eiger_files[0]], "real")
     exposures = list(source.exposures())
 
     assert len(exposures) == 4 and [e.index for e in exposures] == [0, 1, 2, 3]
@@ -228,6 +227,6 @@ def test_real_eiger2_bitshuffle_lz4_data_files(shared_data):
     )
     assert [e.metadata["image_nr"] for e in exposures] == ["1", "2", "3", "4"]
     assert (source.frames_read, source.frames_failed) == (4, 0)
-    mixed = list(open_source([str(shared_data / "eiger2_*_data_*.h5")], "real"))
+    mixed = list(open_source([str(eiger_files[0].parent / "eiger2_*_data_*.h5")], "real"))
     assert len(mixed) == 4
     np.testing.assert_array_equal(mixed[2].frame, exposures[2].frame)

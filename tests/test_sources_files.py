@@ -21,15 +21,6 @@ from pipeline.sources.files import (
     parse_header_time,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent")
-    return SHARED_DATA
-
 
 def image(seed: int, dtype: type = np.int32, shape: tuple[int, int] = (32, 40)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 1000, shape).astype(dtype)

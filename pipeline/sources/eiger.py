@@ -64,9 +64,9 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters before a file is opened)
 import numpy as np
 
-from pipeline.exposure import Exposure
 from pipeline.sources.files import (
     DetectorFrame,
+    NumberedFrames,
     PathLike,
     expand_paths,
     failed_frame,
@@ -577,7 +577,7 @@ def _dataset_problem(handle: h5py.File, path: Path, ref: str, error: Exception) 
     return f"unreadable dataset {ref} in {path.name}: {error}"
 
 
-class EigerSource:
+class EigerSource(NumberedFrames):
     """Exposures from Eiger/NeXus HDF5 files, master or data files, read frame by frame.
 
     Args:
@@ -603,8 +603,7 @@ class EigerSource:
         first_index: int = 0,
         dataset: str | None = None,
     ) -> None:
-        self.scan_id = scan_id
-        self.first_index = first_index
+        super().__init__(scan_id, first_index)
         self.dataset = dataset
         files, self.unmatched_patterns = expand_paths(paths)
         linked: set[str] = set()
@@ -614,20 +613,10 @@ class EigerSource:
             except (OSError, KeyError, ValueError):
                 continue
         self.files = [path for path in files if os.path.abspath(path) not in linked]
-        self.frames_read = 0
-        self.frames_failed = 0
 
-    def exposures(self) -> Iterator[Exposure]:
-        """One exposure per frame, indices counting up from ``first_index``."""
-        index = self.first_index
+    def _frames(self) -> Iterator[DetectorFrame]:
         for path in self.files:
-            for frame in read_hdf5_file(path, dataset=self.dataset):
-                if frame.error is None:
-                    self.frames_read += 1
-                else:
-                    self.frames_failed += 1
-                yield frame.to_exposure(self.scan_id, index)
-                index += 1
+            yield from read_hdf5_file(path, dataset=self.dataset)
 
     def pixel_mask(self) -> np.ndarray | None:
         """The pixel mask of the first file that has one (its own or its master's); non-zero

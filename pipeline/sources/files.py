@@ -485,7 +485,36 @@ def linked_data_files(path: PathLike) -> list[Path]:
         return []
 
 
-class FileSource:
+class NumberedFrames:
+    """What the file sources share: frames numbered into exposures, and counted.
+
+    Subclasses set :attr:`scan_id` and :attr:`first_index` (through ``__init__``) and give
+    ``_frames()``; :meth:`exposures` numbers them from ``first_index`` and keeps
+    :attr:`frames_read` and :attr:`frames_failed`.
+    """
+
+    def __init__(self, scan_id: str, first_index: int = 0) -> None:
+        self.scan_id = scan_id
+        self.first_index = first_index
+        self.frames_read = 0
+        self.frames_failed = 0
+
+    def _frames(self) -> Iterator[DetectorFrame]:
+        raise NotImplementedError
+
+    def exposures(self) -> Iterator[Exposure]:
+        """One exposure per frame, indices counting up from ``first_index``."""
+        index = self.first_index
+        for frame in self._frames():
+            if frame.error is None:
+                self.frames_read += 1
+            else:
+                self.frames_failed += 1
+            yield frame.to_exposure(self.scan_id, index)
+            index += 1
+
+
+class FileSource(NumberedFrames):
     """Exposures from detector image files: fabio formats, and Eiger/NeXus HDF5.
 
     Each file is read with fabio, or with :func:`pipeline.sources.eiger.read_hdf5_file` when
@@ -516,13 +545,10 @@ class FileSource:
         first_index: int = 0,
         hdf5_dataset: str | None = None,
     ) -> None:
-        self.scan_id = scan_id
-        self.first_index = first_index
+        super().__init__(scan_id, first_index)
         self.hdf5_dataset = hdf5_dataset
         self.files, self.unmatched_patterns = expand_paths(paths)
         self.skipped_files: list[Path] = []
-        self.frames_read = 0
-        self.frames_failed = 0
 
     def _frames(self) -> Iterator[DetectorFrame]:
         from pipeline.sources.eiger import read_hdf5_file
@@ -540,17 +566,6 @@ class FileSource:
                 yield from read_hdf5_file(path, dataset=self.hdf5_dataset)
             else:
                 yield from read_fabio_file(path)
-
-    def exposures(self) -> Iterator[Exposure]:
-        """One exposure per frame of every file, indices counting up from ``first_index``."""
-        index = self.first_index
-        for frame in self._frames():
-            if frame.error is None:
-                self.frames_read += 1
-            else:
-                self.frames_failed += 1
-            yield frame.to_exposure(self.scan_id, index)
-            index += 1
 
 
 def open_source(paths: Sequence[str | Path], scan_id: str) -> Iterator[Exposure]:
