@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import base64
 import glob
 import hashlib
@@ -485,7 +486,7 @@ def linked_data_files(path: PathLike) -> list[Path]:
         return []
 
 
-class NumberedFrames:
+class NumberedFrames(abc.ABC):
     """What the file sources share: frames numbered into exposures, and counted.
 
     Subclasses set :attr:`scan_id` and :attr:`first_index` (through ``__init__``) and give
@@ -499,8 +500,9 @@ class NumberedFrames:
         self.frames_read = 0
         self.frames_failed = 0
 
+    @abc.abstractmethod
     def _frames(self) -> Iterator[DetectorFrame]:
-        raise NotImplementedError
+        """The frames to number, in reading order."""
 
     def exposures(self) -> Iterator[Exposure]:
         """One exposure per frame, indices counting up from ``first_index``."""
