@@ -109,9 +109,10 @@ def _reconstruct(
     with ScanRunner(config) as runner:
         if batch_size is None:
             submit_stream(runner, exposures, progress)
-        while batch_size is not None and (batch := list(islice(exposures, batch_size))):
-            submit_batch(runner, batch)
-            progress.update(runner.n_done, expected_frames or runner.n_submitted)
+        else:
+            while batch := list(islice(exposures, batch_size)):
+                submit_batch(runner, batch)
+                progress.update(runner.n_done, expected_frames or runner.n_submitted)
         summary = wait_for_results(runner, progress)
     progress.update(summary.submitted, summary.submitted, force=True)
     create_markdown_artifact(

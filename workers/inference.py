@@ -24,11 +24,8 @@ from workers.process import Parent, announce_ready, control_socket, parse_args, 
 
 
 def _failure(message: Message, error: str) -> list:
-    header = {
-        key: message.header.get(key)
-        for key in ("index", "scan_id", "timestamp", "truth", "source", "normalization")
-    }
-    return encode("failed", {**header, "stage": "inference", "error": error}, **message.arrays)
+    header = {**message.header, "stage": "inference", "error": error}
+    return encode("failed", header, **message.arrays)
 
 
 def _line_out_error(message: Message) -> str | None:
