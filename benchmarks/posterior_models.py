@@ -151,7 +151,9 @@ def train_command(args: argparse.Namespace) -> None:
         steps=args.steps,
         threads=args.threads,
         architecture=Architecture(
-            objective="maximum-likelihood" if args.kind == "sbi-npe" else args.kind
+            objective="maximum-likelihood" if args.kind == "sbi-npe" else args.kind,
+            # the bi-directional INN as compared in docs/model.md (the cINN's default is 64)
+            hidden=128 if args.kind == "bidirectional" else Architecture.hidden,
         ),
     )
     peer = SbiNPE() if args.kind == "sbi-npe" else None

@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             activation=args.activation,
             conditional_affine=args.conditional_affine,
+            centred_nuisances=args.centred_nuisances,
             flow=args.flow,
             objective=args.objective,
         ),
@@ -415,15 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=512)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--blocks", type=int, default=8, help="coupling blocks")
-    train.add_argument("--hidden", type=int, default=128, help="hidden units per coupling subnet")
+    train.add_argument("--hidden", type=int, default=64, help="hidden units per coupling subnet")
     train.add_argument(
         "--activation", choices=("silu", "relu"), default="silu", help="of the coupling subnets"
     )
     train.add_argument(
         "--conditional-affine",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="a per-exposure affine map (location, triangular scale) after the coupling blocks",
+    )
+    train.add_argument(
+        "--centred-nuisances",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="standardise photons and background on their classical estimates",
     )
     train.add_argument(
         "--flow",

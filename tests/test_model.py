@@ -110,9 +110,13 @@ def test_a_condition_shared_by_many_samples_gives_the_per_row_result():
     )
 
 
-@pytest.mark.parametrize("flow", ["own", "zuko-realnvp"])
-def test_save_load_round_trip(tmp_path, flow):
-    model = PosteriorModel(dataclasses.replace(TINY, flow=flow))
+@pytest.mark.parametrize(
+    ("flow", "centred_nuisances"), [("own", False), ("own", True), ("zuko-realnvp", False)]
+)
+def test_save_load_round_trip(tmp_path, flow, centred_nuisances):
+    model = PosteriorModel(
+        dataclasses.replace(TINY, flow=flow, centred_nuisances=centred_nuisances)
+    )
     u = torch.randn(7, 5)
     c = torch.randn(7, TINY.condition_dim)
     z, _ = model.flow(u, c)
@@ -124,6 +128,7 @@ def test_save_load_round_trip(tmp_path, flow):
         model.sample(counts, 20, seed=1), loaded.sample(counts, 20, seed=1)
     )
     assert loaded.card["note"] == "test" and loaded.card["architecture"]["flow"] == flow
+    assert loaded.transform.centred_nuisances is centred_nuisances
 
 
 def test_both_width_solutions_get_half_of_the_draws(shipped):

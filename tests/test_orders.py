@@ -38,8 +38,9 @@ def test_a_line_out_without_peaks_keeps_the_guess_with_a_wide_error():
     assert torch.isfinite(read.features).all()
 
 
-def test_centred_coordinates_round_trip_on_both_width_solutions():
-    transform = ParameterTransform(GratingPrior())
+@pytest.mark.parametrize("centred_nuisances", [False, True])
+def test_centred_coordinates_round_trip_on_both_width_solutions(centred_nuisances):
+    transform = ParameterTransform(GratingPrior(), centred_nuisances)
     theta, counts = simulate(64, np.random.default_rng(0))
     theta = torch.tensor(theta).float()
     read = read_orders(torch.tensor(counts).float(), theta[:, 0] + 1.0, GRID)
@@ -54,6 +55,24 @@ def test_centred_coordinates_round_trip_on_both_width_solutions():
     torch.testing.assert_close(
         transform.to_physical(u, read, -side), mirrored, rtol=2e-4, atol=2e-3
     )
+
+
+def test_nuisances_are_read_off_the_background_between_orders():
+    theta, counts = simulate(2000, np.random.default_rng(5))
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), GRID)
+    for truth, estimate, error in (
+        (np.log10(theta[:, 3]), read.log10_n_photons, read.log10_n_photons_error),
+        (theta[:, 4], read.background, read.background_error),
+    ):
+        z = (truth - estimate.numpy()) / error.numpy()
+        assert abs(np.median(z)) < 0.1  # unbiased
+        assert 0.6 < np.std(z) < 1.2  # with errors of the right size
+    # with centred nuisances the network sees these pulls, not positions in a prior range
+    u = ParameterTransform(GratingPrior(), centred_nuisances=True).to_network(
+        torch.tensor(theta).float(), read
+    )
+    spread = u[:, 3:].std(0)
+    assert (spread > 0.6).all() and (spread < 1.2).all()
 
 
 def test_duty_and_roughness_are_read_off_the_order_intensities():

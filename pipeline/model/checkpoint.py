@@ -30,7 +30,11 @@ DEFAULT_MODEL = Path(str(files("pipeline") / "data" / "grating-cinn.safetensors"
 
 #: Architecture fields added after the first model files, at the values those files were
 #: trained with (a card without them describes that design).
-LEGACY_ARCHITECTURE = {"activation": "silu", "conditional_affine": False}
+LEGACY_ARCHITECTURE = {
+    "activation": "silu",
+    "conditional_affine": False,
+    "centred_nuisances": False,
+}
 
 
 class ModelFileError(ValueError):

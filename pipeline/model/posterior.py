@@ -10,7 +10,8 @@
 2. :class:`ParameterTransform` maps the physical parameters to network coordinates centred
    on that read-out: ``asinh((p - p_hat) / error)`` for the pitch, a folded log coordinate
    for the duty cycle (w and p - w map to the same value), ``asinh`` of the standardised
-   prior-range logit for sigma, and prior-range logits for photons and background. The flow
+   prior-range logit for sigma, and prior-range logits for photons and background (or, with
+   ``centred_nuisances``, their logits standardised on classical estimates). The flow
    therefore models residuals of order one instead of widths of 1e-4 of the prior range.
    Samples mapped back always lie inside the prior's support.
 3. :class:`~pipeline.model.cinn.ConditionalINN` turns standard normal draws into network
@@ -49,7 +50,7 @@ class Architecture:
     """Hyper-parameters of :class:`PosteriorModel` (saved in the model card)."""
 
     n_blocks: int = 8
-    hidden: int = 128
+    hidden: int = 64
     condition_dim: int = 64
     condition_hidden: int = 256
     clamp: float = 2.0
@@ -57,7 +58,10 @@ class Architecture:
     #: Activation of the coupling subnets: "silu" or "relu".
     activation: str = "silu"
     #: A per-exposure :class:`~pipeline.model.cinn.ConditionalAffine` after the blocks.
-    conditional_affine: bool = False
+    conditional_affine: bool = True
+    #: Photons and background standardised on the read-out's estimates (see
+    #: :class:`ParameterTransform`) instead of plain prior-range logits.
+    centred_nuisances: bool = True
     #: "own": :class:`~pipeline.model.cinn.ConditionalINN` (the talk's two-sided blocks);
     #: "zuko-realnvp": :class:`~pipeline.model.cinn.ZukoRealNVP`.
     flow: str = "own"
@@ -72,8 +76,9 @@ class ParameterTransform(nn.Module):
 
     :meth:`to_network` and :meth:`to_physical` centre pitch, duty cycle and sigma on an
     :class:`~pipeline.model.orders.OrderReadout` (its tensors broadcast against the leading
-    dimensions); :meth:`to_logits` and :meth:`from_logits` are the plain prior-range logits
-    (used for photons and background, and by the bi-directional INN for all five).
+    dimensions), and with ``centred_nuisances`` photons and background too; :meth:`to_logits`
+    and :meth:`from_logits` are the plain prior-range logits (used for photons and background
+    otherwise, and by the bi-directional INN for all five).
     """
 
     EPS = 1e-6
@@ -86,9 +91,13 @@ class ParameterTransform(nn.Module):
     #: Range of the duty scale relative to its centre, and of the sigma scale (logit units).
     RELATIVE_DUTY_SCALE_LIMITS = (1e-3, 3.0)
     SIGMA_SCALE_LIMITS = (1e-3, 10.0)
+    #: Range of the photon and background scales (logit units; the photon number's posterior
+    #: is down to 5e-4 of its prior range wide).
+    NUISANCE_SCALE_LIMITS = (1e-5, 10.0)
 
-    def __init__(self, prior: GratingPrior) -> None:
+    def __init__(self, prior: GratingPrior, centred_nuisances: bool = False) -> None:
         super().__init__()
+        self.centred_nuisances = centred_nuisances
         bounds = [
             prior.pitch_nm,
             prior.duty,
@@ -131,23 +140,37 @@ class ParameterTransform(nn.Module):
             dim=-1,
         )
 
-    def _centres(self, readout: OrderReadout) -> tuple[torch.Tensor, ...]:
-        """Centres and scales of the duty and sigma coordinates (see :meth:`to_network`)."""
+    def _logit_centre(
+        self, index: int, estimate: torch.Tensor, error: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior-range logit of parameter ``index``'s natural ``estimate`` and its error in
+        logit units (first-order propagation)."""
+        unit = ((estimate - self.low[index]) / self.span[index]).clamp(1e-4, 1.0 - 1e-4)
+        return torch.logit(unit), error / (self.span[index] * unit * (1.0 - unit))
+
+    def _centres(self, readout: OrderReadout) -> _Centres:
+        """Centres and scales of the coordinates (see :meth:`to_network`)."""
         duty_unit = ((readout.duty - self.low[1]) / self.span[1]).clamp(1e-4, 0.5)
         duty_centre = (-torch.logit(duty_unit)).clamp(min=self.MIN_DUTY_CENTRE)
         duty_scale = readout.duty_error / (self.span[1] * duty_unit * (1.0 - duty_unit))
-        sigma_unit = ((readout.sigma_nm - self.low[2]) / self.span[2]).clamp(1e-4, 1.0 - 1e-4)
-        sigma_centre = torch.logit(sigma_unit)
-        sigma_scale = (
-            readout.log_sigma_error
-            * readout.sigma_nm
-            / (self.span[2] * sigma_unit * (1 - sigma_unit))
+        sigma_centre, sigma_scale = self._logit_centre(
+            2, readout.sigma_nm, readout.log_sigma_error * readout.sigma_nm
         )
-        return (
+        nuisances = ()
+        if self.centred_nuisances:
+            nuisances = tuple(
+                (centre, scale.clamp(*self.NUISANCE_SCALE_LIMITS))
+                for centre, scale in (
+                    self._logit_centre(3, readout.log10_n_photons, readout.log10_n_photons_error),
+                    self._logit_centre(4, readout.background, readout.background_error),
+                )
+            )
+        return _Centres(
             duty_centre,
             (duty_scale / duty_centre).clamp(*self.RELATIVE_DUTY_SCALE_LIMITS),
             sigma_centre,
             sigma_scale.clamp(*self.SIGMA_SCALE_LIMITS),
+            nuisances,
         )
 
     def to_network(self, theta: torch.Tensor, readout: OrderReadout) -> torch.Tensor:
@@ -156,17 +179,25 @@ class ParameterTransform(nn.Module):
         pitch: ``asinh((p - p_hat) / error)``; duty: ``log(|l| / |l_hat|) / s`` with ``l`` the
         prior-range logit of w / p and ``s`` the relative error (folded: w and p - w give the
         same value); sigma: ``asinh((l - l_hat) / error)`` of its prior-range logit; photons
-        and background: prior-range logits / :attr:`SCALE`.
+        and background: with ``centred_nuisances`` ``(l - l_hat) / error`` of their
+        prior-range logits (their read-out errors are near Gaussian, so no asinh, which would
+        make the residual's tails lighter than a Gaussian's), otherwise prior-range logits /
+        :attr:`SCALE`.
         """
         logits = self.to_logits(theta) * self.SCALE
-        duty_centre, duty_scale, sigma_centre, sigma_scale = self._centres(readout)
+        centres = self._centres(readout)
         pitch = torch.asinh((theta[..., 0] - readout.pitch_nm) / readout.pitch_error_nm)
         # folded: w and p - w (logits +l and -l) map to the same coordinate
-        duty = torch.log(logits[..., 1].abs().clamp(min=1e-30) / duty_centre) / duty_scale
-        sigma = torch.asinh((logits[..., 2] - sigma_centre) / sigma_scale)
-        return torch.cat(
-            [torch.stack([pitch, duty, sigma], dim=-1), logits[..., 3:] / self.SCALE], dim=-1
-        )
+        duty = torch.log(logits[..., 1].abs().clamp(min=1e-30) / centres.duty) / centres.duty_scale
+        sigma = torch.asinh((logits[..., 2] - centres.sigma) / centres.sigma_scale)
+        if centres.nuisances:
+            nuisances = [
+                (logits[..., index] - centre) / scale
+                for index, (centre, scale) in zip((3, 4), centres.nuisances, strict=True)
+            ]
+        else:
+            nuisances = [logits[..., 3] / self.SCALE, logits[..., 4] / self.SCALE]
+        return torch.stack([pitch, duty, sigma, *nuisances], dim=-1)
 
     def to_physical(
         self, u: torch.Tensor, readout: OrderReadout, side: torch.Tensor
@@ -177,15 +208,33 @@ class ParameterTransform(nn.Module):
         narrow line (w < p / 2), +1 the wide one (p - w).
         """
         limit = self.MAX_COORDINATE
-        duty_centre, duty_scale, sigma_centre, sigma_scale = self._centres(readout)
+        centres = self._centres(readout)
         pitch = readout.pitch_nm + readout.pitch_error_nm * torch.sinh(
             u[..., 0].clamp(-limit, limit)
         )
         pitch = pitch.clamp(self.low[0], self.low[0] + self.span[0])
-        duty = side * duty_centre * torch.exp(duty_scale * u[..., 1].clamp(-limit, limit))
-        sigma = sigma_centre + sigma_scale * torch.sinh(u[..., 2].clamp(-limit, limit))
-        logits = torch.stack([u[..., 0], duty / self.SCALE, sigma / self.SCALE], dim=-1)
-        return self.from_logits(torch.cat([logits, u[..., 3:]], dim=-1), pitch)
+        duty = side * centres.duty * torch.exp(centres.duty_scale * u[..., 1].clamp(-limit, limit))
+        sigma = centres.sigma + centres.sigma_scale * torch.sinh(u[..., 2].clamp(-limit, limit))
+        if centres.nuisances:
+            nuisances = [
+                (centre + scale * u[..., index].clamp(-limit, limit)) / self.SCALE
+                for index, (centre, scale) in zip((3, 4), centres.nuisances, strict=True)
+            ]
+        else:
+            nuisances = [u[..., 3], u[..., 4]]
+        scaled = [u[..., 0], duty / self.SCALE, sigma / self.SCALE, *nuisances]
+        return self.from_logits(torch.stack(scaled, dim=-1), pitch)
+
+
+class _Centres(NamedTuple):
+    """Centres and scales of :class:`ParameterTransform`'s coordinates for one read-out."""
+
+    duty: torch.Tensor  #: |logit| of the narrow-line duty cycle
+    duty_scale: torch.Tensor  #: relative error of it
+    sigma: torch.Tensor  #: logit of sigma
+    sigma_scale: torch.Tensor  #: its error (logit units)
+    #: (centre, error) of the photon and background logits, or () without centring
+    nuisances: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class Encoding(NamedTuple):
@@ -295,7 +344,7 @@ class PosteriorModel(CountsSampler):
         self.architecture = architecture
         self.prior = prior
         self.grid = grid
-        self.transform = ParameterTransform(prior)
+        self.transform = ParameterTransform(prior, architecture.centred_nuisances)
         self.encoder = LineOutEncoder(
             grid, prior, architecture.condition_hidden, architecture.condition_dim
         )
