@@ -19,6 +19,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.model import Architecture, save
     from pipeline.model.train import TrainingConfig, train
@@ -248,7 +255,7 @@ def _reprocess(args: argparse.Namespace) -> int:
     config = _scan_config(args, re.sub(r"[^A-Za-z0-9._-]", "_", first).lstrip("._-") or "scan")
     paths = [str(path) for path in args.paths]
     archived_frames(paths, config.scan_id)  # bad patterns stop here, before Prefect starts
-    return _print_summary(reprocess_scan(config, paths))
+    return _print_summary(reprocess_scan(config, paths, read_ahead=args.read_ahead))
 
 
 def _online(args: argparse.Namespace) -> int:
@@ -333,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprocess.add_argument("paths", nargs="+", metavar="PATH", help="files or glob patterns")
     _add_scan_options(reprocess)
+    reprocess.add_argument(
+        "--read-ahead",
+        type=_non_negative_int,
+        default=4,
+        metavar="N",
+        help="frames a reader process decodes ahead of integration (0: no reader process)",
+    )
     reprocess.set_defaults(run=_reprocess)
 
     online = commands.add_parser(

@@ -14,9 +14,10 @@ Without ``PREFECT_API_URL`` the flows run on Prefect's ephemeral local server.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,19 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
-from pipeline.sources import DirectoryWatcher, FileSource, SimulatedDetector
+from pipeline.sources import DirectoryWatcher, FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.dectris import DectrisStream
 from pipeline.store import read_results
 from workers.scan import ScanRunner, ScanSummary
 
 
 @task(name="integrate-and-send", cache_policy=NO_CACHE)
-def submit_batch(runner: ScanRunner, exposures: list[Exposure]) -> int:
-    """Integrate a batch of frames and send the line-outs to the workers."""
+def submit_batch(runner: ScanRunner, exposures: Iterator[Exposure]) -> int:
+    """Integrate a batch of frames and send the line-outs to the workers.
+
+    The frames are taken one at a time, so that each is dropped once integrated (a source
+    that reads ahead hands its buffer back then).
+    """
     for exposure in exposures:
         runner.submit(exposure)
     return runner.collect()
@@ -110,8 +115,9 @@ def _reconstruct(
         if batch_size is None:
             submit_stream(runner, exposures, progress)
         else:
-            while batch := list(islice(exposures, batch_size)):
-                submit_batch(runner, batch)
+            while (first := next(exposures, None)) is not None:
+                submit_batch(runner, chain([first], islice(exposures, batch_size - 1)))
+                del first
                 progress.update(runner.n_done, expected_frames or runner.n_submitted)
         summary = wait_for_results(runner, progress)
     progress.update(summary.submitted, summary.submitted, force=True)
@@ -156,10 +162,26 @@ def archived_frames(paths: list[str], scan_id: str) -> FileSource:
 
 
 @flow(name="reprocess-scan")
-def reprocess_scan(config: PipelineConfig, paths: list[str], batch_size: int = 16) -> dict:
+def reprocess_scan(
+    config: PipelineConfig, paths: list[str], batch_size: int = 16, read_ahead: int = 4
+) -> dict:
     """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5)
-    into ``config.output_path``; unreadable frames are recorded as failed exposures."""
-    return _reconstruct(config, archived_frames(paths, config.scan_id).exposures(), batch_size)
+    into ``config.output_path``; unreadable frames are recorded as failed exposures.
+
+    A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
+    read in the flow's own process), so that decoding and integrating overlap; pyFAI's engine
+    then leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
+    """
+    source = archived_frames(paths, config.scan_id)
+    if read_ahead == 0:
+        return _reconstruct(config, source.exposures(), batch_size)
+    if config.integration.openmp_threads is None:
+        threads = max(1, (os.cpu_count() or 1) - 1)
+        integration = config.integration.model_copy(update={"openmp_threads": threads})
+        config = config.model_copy(update={"integration": integration})
+    with ReadAhead(source, read_ahead) as reader:
+        reader.start()  # its start-up (about a second) overlaps the workers'
+        return _reconstruct(config, reader.exposures(), batch_size)
 
 
 @flow(name="online-scan")

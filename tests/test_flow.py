@@ -1,5 +1,6 @@
 """``beamline-inn demo`` end to end: Prefect flow, 2 worker processes, one HDF5 file."""
 
+import json
 import os
 import threading
 import time
@@ -79,6 +80,9 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
     # the line-outs reach the model intact: (row, simulated frame)
     for row, frame in ((0, 0), (1, 1), (2, 0), (3, 1), (5, 3), (6, 4)):
         assert abs(medians[row] - truth_pitch[frame]) < 2.0
+    # read ahead by a reader process, which pyFAI's engine leaves a core (saved with the results)
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    assert json.loads(results.config_json)["integration"]["openmp_threads"] == threads
 
 
 #: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: no

@@ -142,6 +142,26 @@ def test_normalization_travels_with_the_line_out(poni):
         integrator.integrate(np.ones(SHAPE, np.uint32), normalization=0.0)
 
 
+def test_openmp_threads_are_limited_in_the_integrating_thread_only(poni):
+    from threadpoolctl import threadpool_info
+
+    def openmp_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"}
+
+    before = openmp_threads()
+    seen = []
+
+    def integrate() -> None:
+        make(poni, openmp_threads=1).integrate(np.ones(SHAPE, np.uint32))
+        seen.append(openmp_threads())
+
+    thread = threading.Thread(target=integrate)
+    thread.start()
+    thread.join()
+    assert seen == [{1}]
+    assert openmp_threads() == before  # the setting belongs to the integrating thread
+
+
 def test_a_second_thread_is_refused(poni):
     integrator = make(poni)
     integrator.integrate(np.ones(SHAPE, np.uint32))

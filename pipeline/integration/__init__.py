@@ -54,6 +54,7 @@ logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
 import fabio  # noqa: E402
 import pyFAI  # noqa: E402
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from pipeline.config import IntegrationConfig  # noqa: E402
 from pipeline.exposure import Exposure, LineOut  # noqa: E402
@@ -271,6 +272,8 @@ class LineOutIntegrator:
         thread = threading.get_ident()
         if self._owner is None:
             self._owner = thread
+            if self.config.openmp_threads is not None:  # OpenMP's setting is per thread
+                threadpool_limits(limits=self.config.openmp_threads, user_api="openmp")
         elif self._owner != thread:
             raise RuntimeError(
                 "a LineOutIntegrator is used from a second thread: pyFAI's engine is not "

@@ -6,12 +6,15 @@
   lists and globs in natural order; :class:`EigerSource` for HDF5 alone;
 - :class:`DirectoryWatcher`: frames of a scan being written, each once its file is complete;
 - :class:`DectrisStream`: a DECTRIS detector's live SIMPLON stream (v1 JSON, v2 CBOR) over
-  ZeroMQ.
+  ZeroMQ;
+- :class:`ReadAhead`: any picklable file source read by a process of its own, frames decoded
+  ahead of the consumer.
 """
 
 from pipeline.sources.dectris import DectrisStream
 from pipeline.sources.eiger import EigerSource
 from pipeline.sources.files import FileSource, open_source
+from pipeline.sources.readahead import ReadAhead
 from pipeline.sources.simulated import SimulatedDetector
 from pipeline.sources.watch import DirectoryWatcher
 
@@ -20,6 +23,7 @@ __all__ = [
     "DirectoryWatcher",
     "EigerSource",
     "FileSource",
+    "ReadAhead",
     "SimulatedDetector",
     "open_source",
 ]
