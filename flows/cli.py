@@ -243,6 +243,11 @@ def _print_summary(summary: dict) -> int:
     for index, error in sorted(summary["failures"].items())[:20]:
         print(f"    {index}: {error}")
     print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
+    if summary["worker_restarts"]:
+        print(
+            f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
+            f"re-sent ({summary['duplicates']} computed twice, written once)"
+        )
     return 0 if summary["failed"] == 0 else 1
 
 

@@ -95,6 +95,12 @@ def _summary_markdown(summary: ScanSummary) -> str:
         "",
         f"Results: `{summary.output_path}`",
     ]
+    if summary.worker_restarts:
+        lines += [
+            "",
+            f"Workers replaced: {summary.worker_restarts}; exposures re-sent: {summary.resent} "
+            f"({summary.duplicates} computed twice, written once).",
+        ]
     if summary.failures:
         lines += ["", "## Failed exposures", ""]
         lines += [f"- {index}: {error}" for index, error in sorted(summary.failures.items())]

@@ -1,5 +1,6 @@
 """The scan runner end to end without Prefect: processes, ZeroMQ, HDF5, bad frames."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.config import PipelineConfig
+from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
+from pipeline.exposure import Exposure, LineOut
+from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
 from pipeline.store import read_results
 from workers.scan import ScanRunner
@@ -96,3 +99,104 @@ def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp
     assert not any(_running(pid) for pid in pids), "children outlived their feeder"
     results = read_results(tmp_path / "killed.h5")
     assert results.index.tolist() == list(range(6)) and (results.status == "ok").all()
+
+
+def _line_outs(n: int, seed: int) -> list[tuple[Exposure, LineOut]]:
+    """``n`` simulated line-outs, ready for :meth:`ScanRunner.submit_line_out`."""
+    theta, counts = simulate(n, np.random.default_rng(seed))
+    q = QGrid().q_nm
+    return [
+        (
+            Exposure(
+                "lineouts", i, float(i), None, truth=dict(zip(PARAMETER_NAMES, t, strict=True))
+            ),
+            LineOut(q, c, np.sqrt(np.maximum(c, 1.0))),
+        )
+        for i, (t, c) in enumerate(zip(theta, counts, strict=True))
+    ]
+
+
+def _worker_pids(runner: ScanRunner) -> list[int]:
+    return [c.process.pid for c in runner._children if c.name.startswith("worker")]
+
+
+def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path):
+    config = PipelineConfig(
+        scan_id="killed-workers",
+        n_workers=2,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+    )
+    kills = {250: 0, 500: 1, 750: 0}  # at these exposures, SIGKILL this worker
+    with ScanRunner(config) as runner:
+        for exposure, line_out in _line_outs(1000, seed=3):
+            if exposure.index in kills:
+                runner.collect()
+                os.kill(_worker_pids(runner)[kills[exposure.index]], signal.SIGKILL)
+            runner.submit_line_out(exposure, line_out)
+        summary = runner.wait()
+    assert summary.worker_restarts == 3 and summary.resent > 0
+    assert summary.submitted == summary.written_ok == 1000 and summary.failed == 0
+    results = read_results(config.output_path)
+    assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
+    assert (results.status == "ok").all() and np.isfinite(results.samples).all()
+    log = (config.output_dir / "logs" / "killed-workers" / "worker-0.log").read_text()
+    assert "replaced by the feeder" in log
+
+
+def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path):
+    config = PipelineConfig(
+        scan_id="stalled-worker",
+        n_workers=2,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+        transport=TransportConfig(worker_timeout_s=3.0, heartbeat_interval_s=0.5),
+    )
+    line_outs = _line_outs(200, seed=4)
+    with ScanRunner(config) as runner:
+        stalled = _worker_pids(runner)[1]
+        os.kill(stalled, signal.SIGSTOP)  # alive, but it answers nothing
+        try:
+            for exposure, line_out in line_outs:
+                runner.submit_line_out(exposure, line_out)
+            summary = runner.wait()
+        finally:
+            if _running(stalled):
+                os.kill(stalled, signal.SIGKILL)
+    assert summary.written_ok == 200 and summary.worker_restarts == 1
+    assert sorted(read_results(config.output_path).index.tolist()) == list(range(200))
+
+
+def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplog):
+    import zmq
+
+    from pipeline.transport import encode
+
+    config = PipelineConfig(
+        scan_id="malformed",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+        transport=TransportConfig(max_message_bytes=2**20),
+    )
+    context = zmq.Context()
+    with caplog.at_level("WARNING"), ScanRunner(config) as runner:
+        intruder = context.socket(zmq.DEALER)  # as a worker would connect
+        intruder.connect(runner.endpoints.work)
+        intruder.send_multipart([b"not msgpack"])
+        intruder.send_multipart(encode("ready", {"id": 9}))  # no pid, no credits
+        to_writer = context.socket(zmq.PUSH)
+        to_writer.connect(runner.endpoints.results)
+        to_writer.send_multipart([b"\x81\xa4kind\xa6result"])  # a header without "proto"
+        to_writer.send_multipart([b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
+        for exposure, line_out in _line_outs(20, seed=5):
+            runner.submit_line_out(exposure, line_out)
+        summary = runner.wait()
+        for socket in (intruder, to_writer):
+            socket.close(linger=0)
+    context.term()
+    assert summary.written_ok == 20 and runner.malformed == 2
+    assert caplog.text.count("dropped a malformed message on work") == 2
+    writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
+    assert "dropped a malformed message" in writer_log
+    assert sorted(read_results(config.output_path).index.tolist()) == list(range(20))

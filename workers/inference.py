@@ -1,8 +1,13 @@
-"""Inference worker: line-outs in (PULL), posterior samples and summaries out (PUSH to the writer).
+"""Inference worker: line-outs in (DEALER, from the feeder's ROUTER), posterior samples and
+summaries out (PUSH to the writer).
 
-It loads the model once, then batches whatever line-outs are waiting (up to
-``inference.max_batch``) into one forward pass. An exposure the model cannot handle is sent
-on as a failure record with the error text, so the scan goes on and nothing is silently lost.
+It loads the model once and says ``ready`` with its credits (``2 * inference.max_batch``
+line-outs it will take); the feeder sends it no more than that. It batches whatever
+line-outs are waiting (up to ``inference.max_batch``) into one forward pass, sends the
+results to the writer and returns the credits; while idle it sends a heartbeat every
+``transport.heartbeat_interval_s``. A worker that goes silent is replaced by the feeder and
+its exposures are sent to the others. An exposure the model cannot handle is sent on as a
+failure record with the error text, so the scan goes on and nothing is silently lost.
 
 Run: ``python -m workers.inference --run-dir RUN_DIR --id N`` (the scan runner does this).
 """
@@ -20,7 +25,7 @@ import zmq
 from pipeline.exposure import PosteriorSamples
 from pipeline.model import load
 from pipeline.transport import Message, ProtocolError, decode, encode
-from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
+from workers.process import Parent, control_socket, parse_args, read_run
 
 
 def _failure(message: Message, error: str) -> list:
@@ -77,7 +82,8 @@ def serve(argv: list[str] | None = None) -> int:
     args = parse_args("beamline-inn inference worker", argv)
     parent = Parent()
     config, endpoints = read_run(args.run_dir)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.n_workers))
+    threads = config.inference.threads or max(1, (os.cpu_count() or 1) // config.n_workers)
+    torch.set_num_threads(threads)
     model = load(config.inference.model, device=config.inference.device)
     if config.inference.compile:
         model.compile_sampling()
@@ -85,27 +91,33 @@ def serve(argv: list[str] | None = None) -> int:
             model.sample(np.ones((exposures, model.grid.n_points)), config.inference.n_samples)
 
     context = zmq.Context()
-    work = context.socket(zmq.PULL)
-    work.setsockopt(zmq.RCVHWM, config.transport.high_water_mark)
-    work.connect(endpoints.work)
     results = context.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 5000)
     results.connect(endpoints.results)
     control = control_socket(context, endpoints)
-    acks = announce_ready(context, endpoints, "worker", args.id, device=str(model.device))
+    work = context.socket(zmq.DEALER)
+    work.setsockopt(zmq.LINGER, 0)
+    work.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
+    work.connect(endpoints.work)
+    credits = 2 * config.inference.max_batch
+    ready = {"role": "worker", "id": args.id, "pid": os.getpid(), "device": str(model.device)}
+    work.send_multipart(encode("ready", {**ready, "credits": credits}))
 
     poller = zmq.Poller()
     poller.register(work, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
+    heartbeat_ms = int(1000 * config.transport.heartbeat_interval_s)
     batch_number = 0
     while True:
-        events = dict(poller.poll(1000))
+        events = dict(poller.poll(heartbeat_ms))
         if control in events or not parent.alive():
             break
         if work not in events:
+            work.send_multipart(encode("heartbeat", {"id": args.id}))
             continue
         messages: list[Message] = []
-        while len(messages) < config.inference.max_batch:
+        malformed = 0
+        while len(messages) + malformed < config.inference.max_batch:
             try:
                 frames = work.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -113,8 +125,11 @@ def serve(argv: list[str] | None = None) -> int:
             try:
                 messages.append(decode([f.buffer for f in frames]))
             except ProtocolError as error:
+                malformed += 1
                 print(f"worker {args.id}: dropped a malformed message: {error}", file=sys.stderr)
         if not messages:
+            if malformed:  # its credit is spent all the same
+                work.send_multipart(encode("credit", {"id": args.id, "credits": malformed}))
             continue
         batch_number += 1
         seed = config.inference.seed + 1_000_003 * args.id + batch_number
@@ -126,7 +141,9 @@ def serve(argv: list[str] | None = None) -> int:
             outgoing = [_failure(m, text) for m in messages]
         for frames in outgoing:
             results.send_multipart(frames, copy=False)
-    for socket in (work, results, control, acks):
+        returned = len(messages) + malformed
+        work.send_multipart(encode("credit", {"id": args.id, "credits": returned}))
+    for socket in (work, results, control):
         socket.close()
     context.term()
     return 0

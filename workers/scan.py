@@ -7,6 +7,14 @@ starts ``python -m workers.writer`` and ``python -m workers.inference`` as child
 whose logs go to ``OUTPUT_DIR/logs/SCAN_ID/``. A frame that cannot be integrated becomes a
 failure record sent straight to the writer, so the file has a row for every exposure.
 
+Work goes to the workers by credit (the zguide's load-balancing pattern over a ROUTER
+socket): each worker says how many line-outs it will take and gets no more, so a slow worker
+never holds a queue of exposures. The feeder keeps every line-out until the writer
+acknowledges it; a worker that exits or stays silent for ``transport.worker_timeout_s`` is
+replaced, and the exposures it held go to the others (the writer stores each exposure once,
+so one that was already written is only acknowledged again). The line-outs in flight are
+bounded (``transport.high_water_mark`` per worker): beyond that, :meth:`submit` waits.
+
 It is plain Python (no Prefect): the flows in ``flows/`` call it.
 
 Example:
@@ -21,12 +29,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +45,12 @@ import numpy as np
 import zmq
 
 from pipeline.config import PipelineConfig
-from pipeline.exposure import Exposure
+from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
-from pipeline.transport import Endpoints, decode, encode
+from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from workers.process import CONFIG_FILE
+
+log = logging.getLogger(__name__)
 
 
 class ScanError(RuntimeError):
@@ -54,6 +67,8 @@ class ScanSummary:
     written_ok: int
     failed: int
     duplicates: int
+    resent: int
+    worker_restarts: int
     wall_s: float
     exposures_per_s: float
     latency_p50_ms: float
@@ -64,12 +79,26 @@ class ScanSummary:
 @dataclass
 class _Child:
     name: str
+    number: int
     process: subprocess.Popen
     log: Path
 
     def tail(self, n: int = 20) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
         return "\n".join(lines[-n:])
+
+
+@dataclass
+class _Worker:
+    """An inference worker as the feeder sees it: its socket identity, process, credits and
+    the exposures it holds (sent, not yet acknowledged by the writer)."""
+
+    identity: bytes
+    number: int
+    pid: int
+    credits: int
+    last_seen: float
+    holding: set[int] = field(default_factory=set)
 
 
 class ScanRunner:
@@ -79,11 +108,18 @@ class ScanRunner:
         self.config = config
         self.integrator = LineOutIntegrator(config.integration, config.grid.grid())
         self._children: list[_Child] = []
+        self._workers: dict[bytes, _Worker] = {}
+        self._unacknowledged: dict[int, list] = {}  # index -> its line-out message
+        self._queue: deque[int] = deque()  # exposures waiting for a worker's credit
         self._sent_at: dict[int, float] = {}
         self._latency_s: dict[int, float] = {}
         self._status: dict[int, str] = {}
+        self._ready: set[str] = set()
         self.failures: dict[int, str] = {}
         self.duplicates = 0
+        self.resent = 0
+        self.worker_restarts = 0
+        self.malformed = 0
         self._started = time.perf_counter()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -98,19 +134,21 @@ class ScanRunner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
         self.context = zmq.Context()
-        self.work = self.context.socket(zmq.PUSH)
-        self.work.setsockopt(zmq.SNDHWM, config.transport.high_water_mark)
+        self.work = self.context.socket(zmq.ROUTER)
+        self.work.setsockopt(zmq.LINGER, 0)
+        self.work.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
         self.work.bind(self.endpoints.work)
         self.acks = self.context.socket(zmq.PULL)
+        self.acks.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
         self.acks.bind(self.endpoints.acks)
         self.control = self.context.socket(zmq.PUB)
         self.control.bind(self.endpoints.control)
         self.failed_out = self.context.socket(zmq.PUSH)  # failure records straight to the writer
         self.failed_out.setsockopt(zmq.LINGER, 5000)
         self.failed_out.connect(self.endpoints.results)
-        self._send_poller = zmq.Poller()  # room on the work socket, or acks waiting
-        self._send_poller.register(self.work, zmq.POLLOUT)
-        self._send_poller.register(self.acks, zmq.POLLIN)
+        self._poller = zmq.Poller()  # workers' messages and the writer's acknowledgements
+        self._poller.register(self.work, zmq.POLLIN)
+        self._poller.register(self.acks, zmq.POLLIN)
 
         self._spawn("writer", "workers.writer", 0)
         for number in range(config.n_workers):
@@ -121,38 +159,62 @@ class ScanRunner:
 
     def _spawn(self, name: str, module: str, number: int) -> None:
         log = self.log_dir / f"{name}.log"
-        with open(log, "w") as handle:
+        with open(log, "a") as handle:  # a replaced worker's log goes on in the same file
             process = subprocess.Popen(
                 [sys.executable, "-m", module, "--run-dir", str(self.run_dir), "--id", str(number)],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._children.append(_Child(name, process, log))
+        self._children.append(_Child(name, number, process, log))
 
     def _check_children(self) -> None:
-        for child in self._children:
+        """Replace workers that exited or went silent; a writer that exited ends the scan."""
+        now = time.monotonic()
+        timeout = self.config.transport.worker_timeout_s
+        silent = {w.pid for w in self._workers.values() if now - w.last_seen > timeout}
+        for child in list(self._children):
             code = child.process.poll()
-            if code is not None:
+            if code is None and child.process.pid not in silent:
+                continue
+            if not child.name.startswith("worker"):
                 raise ScanError(
                     f"{child.name} exited with code {code} during the scan; "
                     f"last lines of {child.log}:\n{child.tail()}"
                 )
+            self._replace(child, f"exited with code {code}" if code is not None else "went silent")
+
+    def _replace(self, child: _Child, why: str) -> None:
+        """Hand a lost worker's exposures to the others and start a new worker in its place."""
+        if self.worker_restarts >= self.config.transport.max_worker_restarts:
+            raise ScanError(
+                f"{child.name} {why}, and {self.worker_restarts} workers were replaced already; "
+                f"last lines of {child.log}:\n{child.tail()}"
+            )
+        child.process.kill()
+        child.process.wait()
+        self._children.remove(child)
+        for identity, worker in list(self._workers.items()):
+            if worker.pid == child.process.pid:
+                del self._workers[identity]
+                lost = sorted(worker.holding - set(self._status))
+                self._queue.extendleft(reversed(lost))
+                self.resent += len(lost)
+        with open(child.log, "a") as handle:
+            handle.write(f"--- {child.name} {why}; replaced by the feeder ---\n")
+        self.worker_restarts += 1
+        self._spawn(child.name, "workers.inference", child.number)
 
     def _wait_ready(self) -> None:
         expected = {f"worker-{n}" for n in range(self.config.n_workers)} | {"writer-0"}
-        ready: set[str] = set()
         deadline = time.monotonic() + self.config.transport.startup_timeout_s
-        while ready != expected:
+        while not expected <= self._ready:
             if time.monotonic() > deadline:
                 raise ScanError(
                     f"not ready after {self.config.transport.startup_timeout_s} s: "
-                    f"{sorted(expected - ready)}"
+                    f"{sorted(expected - self._ready)}"
                 )
-            if self.acks.poll(200):
-                message = decode(self.acks.recv_multipart())
-                if message.kind == "ready":
-                    ready.add(f"{message.header['role']}-{message.header['id']}")
+            self._service(200)
             self._check_children()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -178,63 +240,140 @@ class ScanRunner:
 
     # -- feeding and acknowledgements -----------------------------------------------------
     def submit(self, exposure: Exposure) -> None:
-        """Integrate one exposure and send it on (blocks while the workers are saturated)."""
+        """Integrate one exposure and send it on (blocks while too many are in flight)."""
+        if exposure.index in self._sent_at:
+            raise ValueError(f"exposure {exposure.index} was already submitted")
+        header = self._header(exposure)
+        if exposure.error is not None or exposure.frame is None:
+            self._fail(header, "read", exposure.error or "the source delivered no frame")
+            return
+        try:
+            normalization = exposure_normalization(exposure, self.config.integration)
+            line_out = self.integrator.integrate(exposure.frame, normalization)
+        except FrameError as error:
+            self._fail(header, "integration", str(error))
+            return
+        self.submit_line_out(exposure, line_out)
+
+    def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
+        """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
         if exposure.index in self._sent_at:
             raise ValueError(f"exposure {exposure.index} was already submitted")
         self._sent_at[exposure.index] = time.perf_counter()
-        header = {
+        self._unacknowledged[exposure.index] = encode(
+            "line_out",
+            {**self._header(exposure), "normalization": line_out.normalization},
+            counts=line_out.counts.astype(np.float32),
+            counts_sd=line_out.counts_sd.astype(np.float32),
+        )
+        self._queue.append(exposure.index)
+        limit = self.config.transport.high_water_mark * self.config.n_workers
+        self._service(0)  # credits returned meanwhile
+        self._dispatch()
+        while len(self._unacknowledged) >= limit:  # bounded memory: wait for the writer
+            self._service(200)
+            self._check_children()
+            self._dispatch()
+
+    @staticmethod
+    def _header(exposure: Exposure) -> dict:
+        return {
             "index": exposure.index,
             "scan_id": exposure.scan_id,
             "timestamp": exposure.timestamp,
             "truth": exposure.truth,
             "source": exposure.metadata.get("source", ""),
         }
-        if exposure.error is not None or exposure.frame is None:
-            error = exposure.error or "the source delivered no frame"
-            self.failed_out.send_multipart(
-                encode("failed", {**header, "stage": "read", "error": error})
-            )
-            return
-        try:
-            normalization = exposure_normalization(exposure, self.config.integration)
-            line_out = self.integrator.integrate(exposure.frame, normalization)
-        except FrameError as error:
-            self.failed_out.send_multipart(
-                encode("failed", {**header, "stage": "integration", "error": str(error)})
-            )
-            return
-        frames = encode(
-            "line_out",
-            {**header, "normalization": line_out.normalization},
-            counts=line_out.counts.astype(np.float32),
-            counts_sd=line_out.counts_sd.astype(np.float32),
-        )
-        while True:  # keep draining acks while waiting for room, so nothing can deadlock
-            events = dict(self._send_poller.poll(1000))
-            if self.acks in events:
-                self.collect()
-            if self.work in events:
-                self.work.send_multipart(frames, copy=False)
+
+    def _fail(self, header: dict, stage: str, error: str) -> None:
+        """A failure record for an exposure that never reached a worker, straight to the writer."""
+        self._sent_at[header["index"]] = time.perf_counter()
+        self.failed_out.send_multipart(encode("failed", {**header, "stage": stage, "error": error}))
+
+    def _dispatch(self) -> None:
+        """Send waiting exposures to the workers that have credits, most credits first."""
+        while self._queue:
+            worker = max(self._workers.values(), key=lambda w: w.credits, default=None)
+            if worker is None or worker.credits <= 0:
                 return
-            self._check_children()
+            index = self._queue.popleft()
+            if index in self._status:  # acknowledged meanwhile (a re-sent exposure)
+                continue
+            self.work.send_multipart([worker.identity, *self._unacknowledged[index]], copy=False)
+            worker.credits -= 1
+            worker.holding.add(index)
+
+    def _service(self, timeout_ms: int) -> int:
+        """Handle what the workers and the writer sent (waiting up to ``timeout_ms`` for the
+        first message); return how many exposures were newly acknowledged."""
+        acknowledged = 0
+        events = dict(self._poller.poll(timeout_ms))
+        while events:
+            if self.work in events:
+                frames = self.work.recv_multipart()
+                with self._dropping_malformed("work"):
+                    self._from_worker(frames[0], decode(frames[1:]))
+            if self.acks in events:
+                frames = self.acks.recv_multipart()
+                with self._dropping_malformed("acks"):
+                    acknowledged += self._from_writer(decode(frames))
+            events = dict(self._poller.poll(0))
+        return acknowledged
+
+    @contextlib.contextmanager
+    def _dropping_malformed(self, socket: str) -> Iterator[None]:
+        """Log and drop a message that does not follow the wire format or lacks a field."""
+        try:
+            yield
+        except (ProtocolError, KeyError, TypeError, ValueError) as error:
+            self.malformed += 1
+            log.warning(
+                "scan %s: dropped a malformed message on %s: %r", self.config.scan_id, socket, error
+            )
+
+    def _from_worker(self, identity: bytes, message: Message) -> None:
+        now = time.monotonic()
+        if message.kind == "ready":
+            number, pid = int(message.header["id"]), int(message.header["pid"])
+            if pid in {c.process.pid for c in self._children}:  # not a replaced one's late word
+                self._workers[identity] = _Worker(
+                    identity, number, pid, int(message.header["credits"]), now
+                )
+                self._ready.add(f"worker-{number}")
+            return
+        worker = self._workers.get(identity)
+        if worker is None:
+            return
+        worker.last_seen = now
+        if message.kind == "credit":
+            worker.credits += int(message.header["credits"])
+
+    def _from_writer(self, message: Message) -> int:
+        if message.kind == "ready":
+            self._ready.add(f"{message.header['role']}-{message.header['id']}")
+            return 0
+        if message.kind != "ack":
+            return 0
+        index = int(message.header["index"])
+        if message.header.get("duplicate") or index in self._status:
+            self.duplicates += 1
+            return 0
+        self._status[index] = message.header["status"]
+        if self._status[index] != "ok":
+            self.failures[index] = str(message.header.get("error", ""))
+        self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
+        self._unacknowledged.pop(index, None)
+        for worker in self._workers.values():
+            worker.holding.discard(index)
+        return 1
 
     def collect(self, timeout_ms: int = 0) -> int:
-        """Take every acknowledgement waiting (after up to ``timeout_ms``); return how many."""
-        taken = 0
-        while self.acks.poll(timeout_ms if taken == 0 else 0):
-            message = decode(self.acks.recv_multipart())
-            if message.kind != "ack":
-                continue
-            index = int(message.header["index"])
-            if message.header.get("duplicate") or index in self._status:
-                self.duplicates += 1
-                continue
-            self._status[index] = message.header["status"]
-            if self._status[index] != "ok":
-                self.failures[index] = str(message.header.get("error", ""))
-            self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
-            taken += 1
-        return taken
+        """Handle waiting messages (after up to ``timeout_ms``), replace lost workers and send
+        what waits for credits; return how many exposures were newly acknowledged."""
+        acknowledged = self._service(timeout_ms)
+        self._check_children()
+        self._dispatch()
+        return acknowledged
 
     @property
     def pids(self) -> list[int]:
@@ -262,7 +401,6 @@ class ScanRunner:
             elif time.monotonic() - last_progress > self.config.transport.result_timeout_s:
                 missing = sorted(set(self._sent_at) - set(self._status))
                 raise ScanError(f"no result for {len(missing)} exposures, e.g. {missing[:10]}")
-            self._check_children()
         return self.summary()
 
     def summary(self) -> ScanSummary:
@@ -275,6 +413,8 @@ class ScanRunner:
             written_ok=self.n_done - len(self.failures),
             failed=len(self.failures),
             duplicates=self.duplicates,
+            resent=self.resent,
+            worker_restarts=self.worker_restarts,
             wall_s=wall,
             exposures_per_s=self.n_done / wall if wall > 0 else 0.0,
             latency_p50_ms=float(np.percentile(latencies, 50)) if latencies.size else np.nan,

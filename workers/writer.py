@@ -61,6 +61,7 @@ def serve(argv: list[str] | None = None) -> int:
     )
     context = zmq.Context()
     results = context.socket(zmq.PULL)
+    results.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
     results.bind(endpoints.results)
     control = control_socket(context, endpoints)
     acks = announce_ready(context, endpoints, "writer", args.id, path=str(config.output_path))

@@ -12,11 +12,11 @@ exists): the reader writes a frame into a free slot and sends its place in the r
 rest of the exposure through a pipe. The consumer gets a read-only view of the slot, and the
 slot goes back to the reader once the consumer has dropped every reference to that frame
 (a consumer that keeps frames gets copies once it holds ``depth - 1`` of them, so the reader
-never waits on frames kept for good). Exposures come out in the source's
-order, each exactly once, frames that could not be read included (``error`` set). If the
-reader fails, the consumer gets a :class:`ReaderError` with the reader's traceback after the
-exposures read before the failure; stopping early (closing the iterator) stops the reader,
-and the slot files are removed in every case.
+never waits on frames kept for good). Exposures come out in the source's order, each exactly
+once, frames that could not be read included (``error`` set). If the reader fails, the
+consumer gets a :class:`ReaderError` with the reader's traceback after the exposures read
+before the failure; stopping early (closing the iterator) stops the reader, and the slot
+files are removed in every case.
 
 Example:
     >>> import tempfile

@@ -1,0 +1,154 @@
+"""What the streaming engine costs per exposure, and how it scales with workers (issue:
+streaming engine), side by side in one run at 1,000 samples per exposure.
+
+Ways through the same simulated line-outs, timed from the first line-out handed over to the
+last exposure written (process start-up left out), all in batches of
+``inference.max_batch`` (as a worker batches):
+
+1. **in process**: :meth:`PosteriorModel.sample` plus :class:`ResultsWriter` appending and
+   flushing every exposure, in this process, on 1 torch thread and on all cores;
+2. **the engine**: :class:`ScanRunner` (``submit_line_out``: feeder -> credits over ZeroMQ
+   -> worker -> writer -> ack) with 1 worker of 1 thread, 2 workers of 1 thread, and 1
+   worker on all cores.
+
+The engine's overhead is (2, one worker of one thread) against (1, one thread): the same
+computation, with the transport and the processes added; the scaling is (2, two workers)
+against (2, one worker). Each figure is the median of ``--repeats`` runs.
+
+Run: ``python -m benchmarks.transport [--exposures 300] [--repeats 3]``
+(results in ``benchmarks/results/transport.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import InferenceConfig, PipelineConfig
+from pipeline.exposure import Exposure, LineOut, PosteriorSamples
+from pipeline.model import load
+from pipeline.physics import QGrid, simulate
+from pipeline.store import ExposureResult, ResultsWriter
+from workers.scan import ScanRunner
+
+RESULTS = Path(__file__).parent / "results" / "transport.json"
+N_SAMPLES = 1000
+
+
+def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
+    """Seconds for all exposures through the model and the file in this process."""
+    torch.set_num_threads(threads)
+    model = load(device="cpu")
+    batch = InferenceConfig().max_batch
+    q = QGrid().q_nm
+    writer = ResultsWriter(
+        folder / f"in-process-{time.monotonic_ns()}.h5",
+        model.parameter_names,
+        model.parameter_units,
+        N_SAMPLES,
+        q,
+    )
+    start = time.perf_counter()
+    for first in range(0, len(counts), batch):
+        rows = counts[first : first + batch].astype(np.float32)
+        posterior = PosteriorSamples(
+            model.sample(rows, N_SAMPLES, seed=first), model.parameter_names, model.parameter_units
+        )
+        summaries = posterior.summaries()
+        for row, line_out in enumerate(rows):
+            writer.append(
+                ExposureResult(
+                    index=first + row,
+                    timestamp=time.time(),
+                    status="ok",
+                    error="",
+                    source="",
+                    normalization=1.0,
+                    counts=line_out,
+                    counts_sd=np.sqrt(np.maximum(line_out, 1.0)),
+                    samples=posterior.samples[row],
+                    mean=summaries["mean"][row],
+                    sd=summaries["sd"][row],
+                    quantiles=summaries["quantiles"][row],
+                    truth=None,
+                )
+            )
+    elapsed = time.perf_counter() - start
+    writer.close()
+    return elapsed
+
+
+def through_engine(
+    counts: np.ndarray, n_workers: int, threads: int, folder: Path
+) -> tuple[float, float]:
+    """Seconds from the first line-out submitted to the last acknowledged, and the median
+    latency (ms)."""
+    config = PipelineConfig(
+        scan_id=f"transport-{n_workers}-{time.monotonic_ns()}",
+        n_workers=n_workers,
+        output_dir=folder,
+        inference=InferenceConfig(n_samples=N_SAMPLES, threads=threads),
+    )
+    q = QGrid().q_nm
+    with ScanRunner(config) as runner:
+        start = time.perf_counter()
+        for index, row in enumerate(counts):
+            exposure = Exposure(config.scan_id, index, time.time(), None)
+            runner.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
+        summary = runner.wait()
+        elapsed = time.perf_counter() - start
+    return elapsed, summary.latency_p50_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exposures", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    _, counts = simulate(args.exposures, np.random.default_rng(0))
+    times: dict[str, list[float]] = {}
+    latency: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        for _ in range(args.repeats):
+            for threads in sorted({1, cores}):
+                label = f"in_process_{threads}_threads"
+                times.setdefault(label, []).append(in_process(counts, threads, folder))
+            for n_workers, threads in sorted({(1, 1), (2, 1), (1, cores)}):
+                label = f"engine_{n_workers}_workers_{threads}_threads_each"
+                elapsed, p50 = through_engine(counts, n_workers, threads, folder)
+                times.setdefault(label, []).append(elapsed)
+                latency.setdefault(label, []).append(p50)
+    per_exposure_ms = {
+        label: round(1e3 * float(np.median(values)) / args.exposures, 3)
+        for label, values in times.items()
+    }
+    one = per_exposure_ms["engine_1_workers_1_threads_each"]
+    report = {
+        "machine": {"platform": platform.platform(), "cores": cores},
+        "exposures": args.exposures,
+        "samples_per_exposure": N_SAMPLES,
+        "max_batch": InferenceConfig().max_batch,
+        "repeats": args.repeats,
+        "per_exposure_ms": per_exposure_ms,
+        "latency_p50_ms": {k: round(float(np.median(v)), 1) for k, v in latency.items()},
+        "engine_overhead": round(one / per_exposure_ms["in_process_1_threads"] - 1.0, 3),
+        "two_workers_speed_up": round(one / per_exposure_ms["engine_2_workers_1_threads_each"], 3),
+        "targets": {"overhead_max": 0.10, "two_workers_speed_up_min": 1.6},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
