@@ -235,6 +235,8 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
 
 
 def _print_summary(summary: dict) -> int:
+    from workers.metrics import stage_table
+
     print(f"results:    {summary['output_path']}")
     print(
         f"exposures:  {summary['submitted']} ({summary['written_ok']} written, "
@@ -243,6 +245,7 @@ def _print_summary(summary: dict) -> int:
     for index, error in sorted(summary["failures"].items())[:20]:
         print(f"    {index}: {error}")
     print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
+    print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
     if summary["worker_restarts"]:
         print(
             f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "

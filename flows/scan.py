@@ -34,6 +34,7 @@ from pipeline.exposure import Exposure
 from pipeline.sources import DirectoryWatcher, FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.dectris import DectrisStream
 from pipeline.store import read_results
+from workers.metrics import stage_table
 from workers.scan import ScanRunner, ScanSummary
 
 
@@ -95,6 +96,7 @@ def _summary_markdown(summary: ScanSummary) -> str:
         "",
         f"Results: `{summary.output_path}`",
     ]
+    lines += ["", "## Stages", "", "```", stage_table(summary.stages), "```"]
     if summary.worker_restarts:
         lines += [
             "",
@@ -271,6 +273,7 @@ def run_demo(n_frames: int, n_workers: int, output_dir: Path, seed: int, model: 
     print(
         f"latency:    p50 {summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms"
     )
+    print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
     print("posterior median [5%, 95%] against the truth (width: w|p-w, both are solutions):")
     print(posterior_vs_truth(Path(summary["output_path"])))
     return 0 if summary["failed"] == 0 else 1

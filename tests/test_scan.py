@@ -34,6 +34,16 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
 
     assert summary.submitted == 10 and summary.written_ok == 6 and summary.failed == 4
     assert summary.duplicates == 0
+    counts = {stage: entry["count"] for stage, entry in summary.stages.items()}
+    assert counts == {
+        "received": 10,
+        "integrated": 6,
+        "inferred": 6,
+        "written": 6,
+        "resent": 0,
+        "failed": 4,
+    }
+    assert summary.stages["integrated"]["p50_ms"] > 0
     results = read_results(config.output_path)
     assert results.index.tolist() == list(range(10))  # every exposure exactly once
     failed = {
@@ -136,6 +146,9 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path)
             runner.submit_line_out(exposure, line_out)
         summary = runner.wait()
     assert summary.worker_restarts == 3 and summary.resent > 0
+    assert summary.stages["resent"]["count"] == summary.resent
+    assert summary.stages["written"]["count"] == 1000
+    assert summary.stages["inferred"]["count"] >= 1000  # some computed twice
     assert summary.submitted == summary.written_ok == 1000 and summary.failed == 0
     results = read_results(config.output_path)
     assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
@@ -200,3 +213,35 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
     writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
     assert "dropped a malformed message" in writer_log
     assert sorted(read_results(config.output_path).index.tolist()) == list(range(20))
+
+
+def _resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        line = next(line for line in handle if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_path):
+    config = PipelineConfig(
+        scan_id="fast-producer",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=2000),  # 10-20 ms per exposure
+        transport=TransportConfig(high_water_mark=8),
+    )
+    line_outs = _line_outs(240, seed=6)  # handed over at once: far faster than inference
+    resident: dict[int, list[float]] = {}
+    with ScanRunner(config) as runner:
+        pids = [os.getpid(), *runner.pids]
+        largest_in_flight = 0
+        for exposure, line_out in line_outs:
+            runner.submit_line_out(exposure, line_out)
+            largest_in_flight = max(largest_in_flight, runner.in_flight)
+            if exposure.index % 30 == 29:
+                for pid in pids:
+                    resident.setdefault(pid, []).append(_resident_mb(pid))
+        summary = runner.wait()
+    assert summary.written_ok == 240
+    assert largest_in_flight <= 8  # what waits in memory is bounded, not the scan's length
+    for pid, sizes in resident.items():  # no process grows with the exposures handed over
+        assert max(sizes[2:]) - sizes[1] < 25, (pid, sizes)

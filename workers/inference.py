@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -45,8 +46,9 @@ def _line_out_error(message: Message) -> str | None:
     return None
 
 
-def _infer(model, messages: list[Message], n_samples: int, seed: int) -> list[list]:
-    """Posterior results for a batch of line-out messages (failure records for bad ones)."""
+def _infer(model, messages: list[Message], n_samples: int, seed: int) -> tuple[list[list], int]:
+    """Messages to the writer for a batch of line-out messages: posterior results, failure
+    records for bad ones; and how many results."""
     out = []
     good = []
     for message in messages:
@@ -56,7 +58,7 @@ def _infer(model, messages: list[Message], n_samples: int, seed: int) -> list[li
         else:
             out.append(_failure(message, error))
     if not good:
-        return out
+        return out, 0
     counts = np.stack([m.arrays["counts"] for m in good]).astype(np.float32)
     posterior = PosteriorSamples(
         model.sample(counts, n_samples, seed=seed), model.parameter_names, model.parameter_units
@@ -75,7 +77,7 @@ def _infer(model, messages: list[Message], n_samples: int, seed: int) -> list[li
                 quantiles=summaries["quantiles"][row].astype(np.float32),
             )
         )
-    return out
+    return out, len(good)
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -133,16 +135,22 @@ def serve(argv: list[str] | None = None) -> int:
             continue
         batch_number += 1
         seed = config.inference.seed + 1_000_003 * args.id + batch_number
+        start = time.perf_counter()
         try:
-            outgoing = _infer(model, messages, config.inference.n_samples, seed)
+            outgoing, inferred = _infer(model, messages, config.inference.n_samples, seed)
         except Exception as error:  # one bad batch must not stop the scan: report each exposure
             text = f"{type(error).__name__}: {error}"
             traceback.print_exc()
-            outgoing = [_failure(m, text) for m in messages]
+            outgoing, inferred = [_failure(m, text) for m in messages], 0
         for frames in outgoing:
             results.send_multipart(frames, copy=False)
-        returned = len(messages) + malformed
-        work.send_multipart(encode("credit", {"id": args.id, "credits": returned}))
+        credit = {
+            "id": args.id,
+            "credits": len(messages) + malformed,
+            "inferred": inferred,
+            "batch_s": time.perf_counter() - start,
+        }
+        work.send_multipart(encode("credit", credit))
     for socket in (work, results, control):
         socket.close()
     context.term()

@@ -48,6 +48,7 @@ from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
+from workers.metrics import ScanMetrics
 from workers.process import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class ScanSummary:
     latency_p50_ms: float
     latency_p99_ms: float
     failures: dict[int, str] = field(default_factory=dict)
+    #: per stage: count, p50/p99 latency (see :mod:`workers.metrics`)
+    stages: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +123,7 @@ class ScanRunner:
         self.resent = 0
         self.worker_restarts = 0
         self.malformed = 0
+        self.metrics = ScanMetrics()
         self._started = time.perf_counter()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -200,6 +204,7 @@ class ScanRunner:
                 lost = sorted(worker.holding - set(self._status))
                 self._queue.extendleft(reversed(lost))
                 self.resent += len(lost)
+                self.metrics.record("resent", n=len(lost))
         with open(child.log, "a") as handle:
             handle.write(f"--- {child.name} {why}; replaced by the feeder ---\n")
         self.worker_restarts += 1
@@ -244,21 +249,30 @@ class ScanRunner:
         if exposure.index in self._sent_at:
             raise ValueError(f"exposure {exposure.index} was already submitted")
         header = self._header(exposure)
+        self.metrics.record("received")
         if exposure.error is not None or exposure.frame is None:
             self._fail(header, "read", exposure.error or "the source delivered no frame")
             return
+        start = time.perf_counter()
         try:
             normalization = exposure_normalization(exposure, self.config.integration)
             line_out = self.integrator.integrate(exposure.frame, normalization)
         except FrameError as error:
             self._fail(header, "integration", str(error))
             return
-        self.submit_line_out(exposure, line_out)
+        self.metrics.record("integrated", time.perf_counter() - start)
+        self._send(exposure, line_out)
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
         if exposure.index in self._sent_at:
             raise ValueError(f"exposure {exposure.index} was already submitted")
+        self.metrics.record("received")
+        self._send(exposure, line_out)
+
+    def _send(self, exposure: Exposure, line_out: LineOut) -> None:
+        """Keep the line-out until it is acknowledged, and send it when a worker has credit
+        (waits while ``high_water_mark`` per worker are in flight)."""
         self._sent_at[exposure.index] = time.perf_counter()
         self._unacknowledged[exposure.index] = encode(
             "line_out",
@@ -347,6 +361,10 @@ class ScanRunner:
         worker.last_seen = now
         if message.kind == "credit":
             worker.credits += int(message.header["credits"])
+            if message.header.get("inferred"):
+                self.metrics.record(
+                    "inferred", float(message.header["batch_s"]), int(message.header["inferred"])
+                )
 
     def _from_writer(self, message: Message) -> int:
         if message.kind == "ready":
@@ -359,9 +377,12 @@ class ScanRunner:
             self.duplicates += 1
             return 0
         self._status[index] = message.header["status"]
+        self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
         if self._status[index] != "ok":
             self.failures[index] = str(message.header.get("error", ""))
-        self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
+            self.metrics.record("failed")
+        else:
+            self.metrics.record("written", self._latency_s[index])
         self._unacknowledged.pop(index, None)
         for worker in self._workers.values():
             worker.holding.discard(index)
@@ -379,6 +400,11 @@ class ScanRunner:
     def pids(self) -> list[int]:
         """Process ids of the writer and the inference workers."""
         return [child.process.pid for child in self._children]
+
+    @property
+    def in_flight(self) -> int:
+        """Line-outs sent or waiting for a worker, not yet acknowledged by the writer."""
+        return len(self._unacknowledged)
 
     @property
     def n_submitted(self) -> int:
@@ -420,4 +446,5 @@ class ScanRunner:
             latency_p50_ms=float(np.percentile(latencies, 50)) if latencies.size else np.nan,
             latency_p99_ms=float(np.percentile(latencies, 99)) if latencies.size else np.nan,
             failures=dict(self.failures),
+            stages=self.metrics.summary(),
         )
