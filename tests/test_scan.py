@@ -14,7 +14,7 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
 from pipeline.store import read_results
-from workers.scan import ScanRunner
+from workers.scan import ScanError, ScanRunner
 
 
 def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
@@ -245,3 +245,25 @@ def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_
     assert largest_in_flight <= 8  # what waits in memory is bounded, not the scan's length
     for pid, sizes in resident.items():  # no process grows with the exposures handed over
         assert max(sizes[2:]) - sizes[1] < 25, (pid, sizes)
+
+
+def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path):
+    import shutil
+
+    from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
+
+    weights = tmp_path / "broken.safetensors"
+    shutil.copy(DEFAULT_MODEL, weights)
+    shutil.copy(card_path(DEFAULT_MODEL), card_path(weights))
+    with open(weights, "ab") as handle:
+        handle.write(b"\0")  # no longer the weights its card vouches for
+    config = PipelineConfig(
+        scan_id="broken-model",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(model=weights),
+    )
+    with pytest.raises(ScanError, match="worker-0 exited") as error, ScanRunner(config):
+        pass
+    assert "SHA-256" in str(error.value)  # the worker's own words, from its log
+    assert "replaced" not in str(error.value)  # not started again and again

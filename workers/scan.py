@@ -118,6 +118,7 @@ class ScanRunner:
         self._latency_s: dict[int, float] = {}
         self._status: dict[int, str] = {}
         self._ready: set[str] = set()
+        self._ready_pids: set[int] = set()
         self.failures: dict[int, str] = {}
         self.duplicates = 0
         self.resent = 0
@@ -173,7 +174,8 @@ class ScanRunner:
         self._children.append(_Child(name, number, process, log))
 
     def _check_children(self) -> None:
-        """Replace workers that exited or went silent; a writer that exited ends the scan."""
+        """Replace workers that exited or went silent; a writer that exited, or a worker that
+        exited before it was ready, ends the scan."""
         now = time.monotonic()
         timeout = self.config.transport.worker_timeout_s
         silent = {w.pid for w in self._workers.values() if now - w.last_seen > timeout}
@@ -181,7 +183,9 @@ class ScanRunner:
             code = child.process.poll()
             if code is None and child.process.pid not in silent:
                 continue
-            if not child.name.startswith("worker"):
+            if not child.name.startswith("worker") or child.process.pid not in self._ready_pids:
+                # the writer, or a worker that never got ready (bad model file, no memory):
+                # starting another would fail the same way
                 raise ScanError(
                     f"{child.name} exited with code {code} during the scan; "
                     f"last lines of {child.log}:\n{child.tail()}"
@@ -354,6 +358,7 @@ class ScanRunner:
                     identity, number, pid, int(message.header["credits"]), now
                 )
                 self._ready.add(f"worker-{number}")
+                self._ready_pids.add(pid)
             return
         worker = self._workers.get(identity)
         if worker is None:
