@@ -175,7 +175,7 @@ class ScanRunner:
 
     def _check_children(self) -> None:
         """Replace workers that exited or went silent; a writer that exited, or a worker that
-        exited before it was ready, ends the scan."""
+        gave up (exit code > 0) before it was ready, ends the scan."""
         now = time.monotonic()
         timeout = self.config.transport.worker_timeout_s
         silent = {w.pid for w in self._workers.values() if now - w.last_seen > timeout}
@@ -183,9 +183,10 @@ class ScanRunner:
             code = child.process.poll()
             if code is None and child.process.pid not in silent:
                 continue
-            if not child.name.startswith("worker") or child.process.pid not in self._ready_pids:
-                # the writer, or a worker that never got ready (bad model file, no memory):
-                # starting another would fail the same way
+            gave_up = code is not None and code > 0 and child.process.pid not in self._ready_pids
+            if not child.name.startswith("worker") or gave_up:
+                # the writer, or a worker that gave up before it was ready (a model file that
+                # does not load): another would fail the same way. A signal is not its doing.
                 raise ScanError(
                     f"{child.name} exited with code {code} during the scan; "
                     f"last lines of {child.log}:\n{child.tail()}"
