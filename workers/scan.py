@@ -155,10 +155,14 @@ class ScanRunner:
         self._poller.register(self.work, zmq.POLLIN)
         self._poller.register(self.acks, zmq.POLLIN)
 
-        self._spawn("writer", "workers.writer", 0)
-        for number in range(config.n_workers):
-            self._spawn(f"worker-{number}", "workers.inference", number)
-        self._wait_ready()
+        try:
+            self._spawn("writer", "workers.writer", 0)
+            for number in range(config.n_workers):
+                self._spawn(f"worker-{number}", "workers.inference", number)
+            self._wait_ready()
+        except BaseException:  # no child outlives a start that failed
+            self.stop(timeout_s=5.0)
+            raise
         self._started = time.perf_counter()
         return self
 
