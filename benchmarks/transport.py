@@ -9,11 +9,15 @@ last exposure written (process start-up left out), all in batches of
    flushing every exposure, in this process, on 1 torch thread and on all cores;
 2. **the engine**: :class:`ScanRunner` (``submit_line_out``: feeder -> credits over ZeroMQ
    -> worker -> writer -> ack) with 1 worker of 1 thread, 2 workers of 1 thread, and 1
-   worker on all cores.
+   worker on all cores;
+3. **a remote worker**: the engine with no local worker and one ``beamline-inn worker`` of 1
+   thread connected over loopback ``tcp://`` with CURVE keys (results travel back through the
+   feeder to the writer), timed from the moment it has joined.
 
 The engine's overhead is (2, one worker of one thread) against (1, one thread): the same
 computation, with the transport and the processes added; the scaling is (2, two workers)
-against (2, one worker). Each figure is the median of ``--repeats`` runs.
+against (2, one worker); the price of a remote worker is (3) against (2, one worker of one
+thread). Each figure is the median of ``--repeats`` runs.
 
 Run: ``python -m benchmarks.transport [--exposures 300] [--repeats 3]``
 (results in ``benchmarks/results/transport.json``).
@@ -25,6 +29,9 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,22 +39,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import InferenceConfig, PipelineConfig
+from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut, PosteriorSamples
 from pipeline.model import load
 from pipeline.physics import QGrid, simulate
 from pipeline.store import ExposureResult, ResultsWriter
+from pipeline.transport.security import create_keypair
 from workers.scan import ScanRunner
 
 RESULTS = Path(__file__).parent / "results" / "transport.json"
 N_SAMPLES = 1000
+BATCH = InferenceConfig().batch_limit("cpu")
 
 
 def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
     """Seconds for all exposures through the model and the file in this process."""
     torch.set_num_threads(threads)
     model = load(device="cpu")
-    batch = InferenceConfig().max_batch
+    batch = BATCH
     q = QGrid().q_nm
     writer = ResultsWriter(
         folder / f"in-process-{time.monotonic_ns()}.h5",
@@ -87,24 +96,50 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
 
 
 def through_engine(
-    counts: np.ndarray, n_workers: int, threads: int, folder: Path
+    counts: np.ndarray, n_workers: int, threads: int, folder: Path, remote: bool = False
 ) -> tuple[float, float]:
     """Seconds from the first line-out submitted to the last acknowledged, and the median
-    latency (ms)."""
+    latency (ms); with ``remote``, through one remote worker over CURVE instead."""
+    transport = TransportConfig()
+    if remote:
+        keys = folder / f"keys-{time.monotonic_ns()}"
+        for name in ("feeder", "worker"):
+            create_keypair(keys, name)
+        (keys / "authorized").mkdir()
+        (keys / "authorized" / "worker.key").write_bytes((keys / "worker.key").read_bytes())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        transport = TransportConfig(
+            remote_work=url,
+            curve_secret_key=keys / "feeder.key_secret",
+            curve_authorized_keys=keys / "authorized",
+        )
+        command = ["worker", "--connect", url, "--once", "--threads", str(threads)]
+        command += ["--key", str(keys / "worker.key_secret")]
+        command += ["--server-key", str(keys / "feeder.key")]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *command], stdout=subprocess.DEVNULL
+        )
     config = PipelineConfig(
         scan_id=f"transport-{n_workers}-{time.monotonic_ns()}",
         n_workers=n_workers,
         output_dir=folder,
         inference=InferenceConfig(n_samples=N_SAMPLES, threads=threads),
+        transport=transport,
     )
     q = QGrid().q_nm
     with ScanRunner(config) as runner:
+        while remote and runner.remote_workers == 0:
+            runner.collect(timeout_ms=100)
         start = time.perf_counter()
         for index, row in enumerate(counts):
             exposure = Exposure(config.scan_id, index, time.time(), None)
             runner.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
         summary = runner.wait()
         elapsed = time.perf_counter() - start
+    if remote:
+        worker.wait(timeout=30)
     return elapsed, summary.latency_p50_ms
 
 
@@ -128,6 +163,10 @@ def main() -> None:
                 elapsed, p50 = through_engine(counts, n_workers, threads, folder)
                 times.setdefault(label, []).append(elapsed)
                 latency.setdefault(label, []).append(p50)
+            label = "engine_1_remote_worker_curve_1_thread"
+            elapsed, p50 = through_engine(counts, 0, 1, folder, remote=True)
+            times.setdefault(label, []).append(elapsed)
+            latency.setdefault(label, []).append(p50)
     per_exposure_ms = {
         label: round(1e3 * float(np.median(values)) / args.exposures, 3)
         for label, values in times.items()
@@ -137,12 +176,15 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cores": cores},
         "exposures": args.exposures,
         "samples_per_exposure": N_SAMPLES,
-        "max_batch": InferenceConfig().max_batch,
+        "max_batch": BATCH,
         "repeats": args.repeats,
         "per_exposure_ms": per_exposure_ms,
         "latency_p50_ms": {k: round(float(np.median(v)), 1) for k, v in latency.items()},
         "engine_overhead": round(one / per_exposure_ms["in_process_1_threads"] - 1.0, 3),
         "two_workers_speed_up": round(one / per_exposure_ms["engine_2_workers_1_threads_each"], 3),
+        "remote_worker_overhead": round(
+            per_exposure_ms["engine_1_remote_worker_curve_1_thread"] / one - 1.0, 3
+        ),
         "targets": {"overhead_max": 0.10, "two_workers_speed_up_min": 1.6},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

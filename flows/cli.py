@@ -213,8 +213,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _scan_config(args: argparse.Namespace, scan_id: str):
     """The :class:`PipelineConfig` of a ``reprocess`` or ``online`` command; its geometry,
     mask, dark and flat files are checked here, before Prefect and the workers start."""
-    from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
+    from pipeline.config import (
+        InferenceConfig,
+        IntegrationConfig,
+        PipelineConfig,
+        TransportConfig,
+    )
     from pipeline.integration import check_files
+    from pipeline.transport.security import read_public_key, read_secret_key
 
     config = PipelineConfig(
         scan_id=args.scan_id or scan_id,
@@ -229,8 +235,17 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
             normalization_keys=tuple(args.normalize_by),
         ),
         inference=InferenceConfig(n_samples=args.samples, model=args.model),
+        transport=TransportConfig(
+            remote_work=args.remote_work,
+            curve_secret_key=args.curve_key,
+            curve_authorized_keys=args.authorized_keys,
+        ),
     )
     check_files(config.integration)
+    if args.curve_key is not None:  # a wrong key file is found before anything starts
+        read_secret_key(args.curve_key)
+        for public in sorted(args.authorized_keys.glob("*.key")):
+            read_public_key(public)
     return config
 
 
@@ -246,11 +261,13 @@ def _print_summary(summary: dict) -> int:
         print(f"    {index}: {error}")
     print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
     print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
-    if summary["worker_restarts"]:
+    if summary["worker_restarts"] or summary["resent"]:
         print(
             f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
             f"re-sent ({summary['duplicates']} computed twice, written once)"
         )
+    if summary["remote_workers"]:
+        print(f"remote:     {summary['remote_workers']} workers on other nodes took part")
     return 0 if summary["failed"] == 0 else 1
 
 
@@ -305,11 +322,62 @@ def _add_scan_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--out", type=Path, required=True, help="output folder")
     command.add_argument("--scan-id", help="name of the scan and its results file")
-    command.add_argument("--workers", type=_positive_int, default=2, help="inference workers")
+    command.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=2,
+        help="local inference workers (default 2; 0 with --remote-work: remote workers only)",
+    )
+    command.add_argument(
+        "--remote-work",
+        metavar="URL",
+        help="also take inference workers from other nodes (beamline-inn worker --connect) on "
+        "this tcp:// address, e.g. tcp://*:5555",
+    )
+    command.add_argument(
+        "--curve-key", type=Path, metavar="FILE", help="this feeder's .key_secret (CURVE)"
+    )
+    command.add_argument(
+        "--authorized-keys",
+        type=Path,
+        metavar="DIR",
+        help="folder of the public .key files of the workers allowed to connect (CURVE)",
+    )
     command.add_argument(
         "--samples", type=_positive_int, default=1000, help="posterior samples per exposure"
     )
     command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pipeline.transport.security import create_keypair
+
+    for name in args.names:
+        public, secret = create_keypair(args.dir, name)
+        print(f"{name}: public {public}  secret {secret}")
+    print(
+        "Give each worker its NAME.key_secret and the feeder's .key; put the workers' .key files "
+        "in the folder passed to --authorized-keys (see deploy/README.md)."
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from workers.remote import RemoteWorker
+
+    worker = RemoteWorker(
+        args.connect,
+        secret_key=args.key,
+        server_key=args.server_key,
+        threads=args.threads,
+        device=args.device,
+        log=lambda line: print(line, flush=True),
+    )
+    try:
+        worker.serve(once=args.once)
+    finally:
+        worker.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +447,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scan_options(online)
     online.set_defaults(run=_online)
+
+    worker = commands.add_parser(
+        "worker",
+        help="serve inference to feeders on another node (scan after scan)",
+        description="Connect to a feeder's --remote-work address and draw posterior samples "
+        "for its scans: the feeder sends the configuration and the model.",
+    )
+    worker.add_argument("--connect", required=True, metavar="URL", help="tcp://FEEDER-HOST:PORT")
+    worker.add_argument("--key", type=Path, metavar="FILE", help="this worker's .key_secret")
+    worker.add_argument(
+        "--server-key", type=Path, metavar="FILE", help="the feeder's public .key file"
+    )
+    worker.add_argument("--threads", type=_positive_int, help="torch threads (default: cores)")
+    worker.add_argument("--device", default="auto", help="torch device (default auto: CUDA if any)")
+    worker.add_argument("--once", action="store_true", help="exit after one scan")
+    worker.set_defaults(run=_worker)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create CURVE key pairs for a feeder and its remote workers",
+        description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 0600) for "
+        "each NAME.",
+    )
+    keys.add_argument("names", nargs="+", metavar="NAME", help="e.g. feeder gpu-node-1")
+    keys.add_argument("--dir", type=Path, default=Path("keys"), help="folder (default ./keys)")
+    keys.set_defaults(run=_keys)
 
     reference = commands.add_parser(
         "reference",

@@ -97,12 +97,14 @@ def _summary_markdown(summary: ScanSummary) -> str:
         f"Results: `{summary.output_path}`",
     ]
     lines += ["", "## Stages", "", "```", stage_table(summary.stages), "```"]
-    if summary.worker_restarts:
+    if summary.worker_restarts or summary.resent:
         lines += [
             "",
             f"Workers replaced: {summary.worker_restarts}; exposures re-sent: {summary.resent} "
             f"({summary.duplicates} computed twice, written once).",
         ]
+    if summary.remote_workers:
+        lines += ["", f"Remote workers: {summary.remote_workers} (on other nodes)."]
     if summary.failures:
         lines += ["", "## Failed exposures", ""]
         lines += [f"- {index}: {error}" for index, error in sorted(summary.failures.items())]

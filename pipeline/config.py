@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.physics import QGrid
+from pipeline.transport.security import is_loopback
 
 
 class _Strict(BaseModel):
@@ -77,14 +78,17 @@ class IntegrationConfig(_Strict):
 
 class InferenceConfig(_Strict):
     """Posterior sampling: model file (``None`` = the bundled model), draws per exposure,
-    the largest batch of exposures per forward pass, the torch device, and whether workers
-    compile the sampler."""
+    the largest batch of exposures per forward pass and the latency budget of one batch, the
+    torch device, and whether workers compile the sampler."""
 
     model: Path | None = None
     n_samples: int = Field(1000, ge=2)
-    #: 8 is fastest per exposure on a CPU (1,000 samples: 7.7 ms at 8, 9.7 ms at 32 on one
-    #: thread); a GPU wants hundreds.
-    max_batch: int = Field(8, ge=1)
+    #: ``None``: by device, :data:`CPU_MAX_BATCH` on a CPU (fastest per exposure there:
+    #: 1,000 samples 7.7 ms at 8, 9.7 ms at 32 on one thread), :data:`CUDA_MAX_BATCH` on CUDA.
+    max_batch: int | None = Field(None, ge=1)
+    #: A worker takes the largest batch (up to ``max_batch``) that its measured cost says
+    #: it finishes within this many milliseconds.
+    latency_budget_ms: float = Field(200.0, gt=0)
     device: str = "auto"
     #: torch threads per worker; ``None``: the cores shared out among the workers.
     threads: int | None = Field(None, ge=1)
@@ -93,14 +97,38 @@ class InferenceConfig(_Strict):
     #: twice as fast on a CPU); see ``CountsSampler.compile_sampling``.
     compile: bool = False
 
+    def batch_limit(self, device_type: str) -> int:
+        """``max_batch``, or the default for a device of this type (``"cpu"``, ``"cuda"``)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return CUDA_MAX_BATCH if device_type == "cuda" else CPU_MAX_BATCH
+
+
+CPU_MAX_BATCH = 8
+CUDA_MAX_BATCH = 2048
+
 
 class TransportConfig(_Strict):
-    """ZeroMQ endpoints. ``None`` puts an ``ipc://`` socket in the run's private directory."""
+    """ZeroMQ endpoints. ``None`` puts an ``ipc://`` socket in the run's private directory.
+
+    ``work``, ``results``, ``acks`` and ``control`` join the processes of one machine and must
+    stay on it (``ipc://`` or loopback ``tcp://``). Workers on other nodes connect to
+    ``remote_work`` (``beamline-inn worker --connect``), which needs CURVE keys unless it is
+    a loopback address: the feeder's secret key and a folder of the workers' public keys
+    (``beamline-inn keys``).
+    """
 
     work: str | None = None
     results: str | None = None
     acks: str | None = None
     control: str | None = None
+    #: ``tcp://`` address on which the feeder also accepts remote inference workers, e.g.
+    #: ``tcp://*:5555``; ``None``: local workers only.
+    remote_work: str | None = None
+    #: The feeder's ``.key_secret`` file.
+    curve_secret_key: Path | None = None
+    #: Folder of the public keys (``*.key``) of the workers allowed to connect.
+    curve_authorized_keys: Path | None = None
     high_water_mark: int = Field(64, ge=1)
     startup_timeout_s: float = Field(120.0, gt=0)
     result_timeout_s: float = Field(120.0, gt=0)
@@ -115,17 +143,45 @@ class TransportConfig(_Strict):
     #: a larger one (a 1,000-sample result is 20 kB).
     max_message_bytes: int = Field(64 * 2**20, ge=2**16)
 
+    @model_validator(mode="after")
+    def _endpoints_are_safe(self) -> TransportConfig:
+        for name in ("work", "results", "acks", "control"):
+            url = getattr(self, name)
+            if url is not None and not is_loopback(url):
+                raise ValueError(
+                    f"the {name} endpoint {url} would leave this machine: use ipc:// or a "
+                    "loopback tcp:// address, and remote_work for workers on other nodes"
+                )
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ValueError("CURVE needs both curve_secret_key and curve_authorized_keys")
+        if self.remote_work is not None:
+            if not self.remote_work.startswith("tcp://"):
+                raise ValueError(f"remote_work must be a tcp:// address, not {self.remote_work}")
+            if not is_loopback(self.remote_work) and self.curve_secret_key is None:
+                raise ValueError(
+                    f"remote_work {self.remote_work} is reachable from other hosts: set "
+                    "curve_secret_key and curve_authorized_keys (keys: beamline-inn keys)"
+                )
+        return self
+
 
 class PipelineConfig(_Strict):
     """Everything needed to reproduce a scan's results."""
 
     scan_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: Path = Path("beamline-inn-results")
-    n_workers: int = Field(2, ge=1)
+    #: local inference workers started by the feeder (0: remote workers only)
+    n_workers: int = Field(2, ge=0)
     grid: GridConfig = GridConfig()
     integration: IntegrationConfig = IntegrationConfig()
     inference: InferenceConfig = InferenceConfig()
     transport: TransportConfig = TransportConfig()
+
+    @model_validator(mode="after")
+    def _some_worker(self) -> PipelineConfig:
+        if self.n_workers == 0 and self.transport.remote_work is None:
+            raise ValueError("n_workers is 0 and no remote_work endpoint is set: no worker")
+        return self
 
     @property
     def output_path(self) -> Path:

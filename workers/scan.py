@@ -15,6 +15,13 @@ replaced, and the exposures it held go to the others (the writer stores each exp
 so one that was already written is only acknowledged again). The line-outs in flight are
 bounded (``transport.high_water_mark`` per worker): beyond that, :meth:`submit` waits.
 
+Workers on other nodes (:mod:`workers.remote`) connect to ``transport.remote_work`` (CURVE
+unless loopback), the same ROUTER socket bound a second time: they say ``hello``, get the
+configuration and the model's files, and then take work by credit like local ones; their
+results come back over that socket and the feeder passes them to the writer. A remote worker
+that goes silent is dropped (its exposures go to the others), not replaced; at the end of
+the scan each is told to ``stop`` and waits for the next scan.
+
 It is plain Python (no Prefect): the flows in ``flows/`` call it.
 
 Example:
@@ -47,7 +54,10 @@ import zmq
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
+from pipeline.model import DEFAULT_MODEL, read_card
+from pipeline.model.checkpoint import card_path
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
+from pipeline.transport.security import serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
 from workers.process import CONFIG_FILE
 
@@ -70,6 +80,8 @@ class ScanSummary:
     duplicates: int
     resent: int
     worker_restarts: int
+    #: workers on other nodes that took part
+    remote_workers: int
     wall_s: float
     exposures_per_s: float
     latency_p50_ms: float
@@ -102,6 +114,9 @@ class _Worker:
     credits: int
     last_seen: float
     holding: set[int] = field(default_factory=set)
+    #: a worker on another node (``host``), not a child of the feeder
+    remote: bool = False
+    host: str = ""
 
 
 class ScanRunner:
@@ -124,6 +139,12 @@ class ScanRunner:
         self.resent = 0
         self.worker_restarts = 0
         self.malformed = 0
+        self._greeted: dict[bytes, int] = {}  # remote workers sent the config: their numbers
+        self._model_files: dict = {}  # what remote workers are sent: weights, card, SHA-256
+        self.remote_workers = 0
+        self._next_remote_number = config.n_workers  # remote workers are numbered after local ones
+        self.remote_endpoint: str | None = None
+        self._authenticator = None
         self.metrics = ScanMetrics()
         self._started = time.perf_counter()
 
@@ -142,20 +163,26 @@ class ScanRunner:
         self.work = self.context.socket(zmq.ROUTER)
         self.work.setsockopt(zmq.LINGER, 0)
         self.work.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
+        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker is known at once
+        self.work.setsockopt(zmq.SNDHWM, 0)  # bounded by the workers' credits
+        self.work.setsockopt(zmq.RCVHWM, 0)
         self.work.bind(self.endpoints.work)
         self.acks = self.context.socket(zmq.PULL)
         self.acks.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
         self.acks.bind(self.endpoints.acks)
         self.control = self.context.socket(zmq.PUB)
         self.control.bind(self.endpoints.control)
-        self.failed_out = self.context.socket(zmq.PUSH)  # failure records straight to the writer
-        self.failed_out.setsockopt(zmq.LINGER, 5000)
-        self.failed_out.connect(self.endpoints.results)
+        # failure records, and remote workers' results, straight to the writer
+        self.to_writer = self.context.socket(zmq.PUSH)
+        self.to_writer.setsockopt(zmq.LINGER, 5000)
+        self.to_writer.connect(self.endpoints.results)
         self._poller = zmq.Poller()  # workers' messages and the writer's acknowledgements
         self._poller.register(self.work, zmq.POLLIN)
         self._poller.register(self.acks, zmq.POLLIN)
 
         try:
+            if config.transport.remote_work is not None:
+                self._bind_remote_work()
             self._spawn("writer", "workers.writer", 0)
             for number in range(config.n_workers):
                 self._spawn(f"worker-{number}", "workers.inference", number)
@@ -165,6 +192,25 @@ class ScanRunner:
             raise
         self._started = time.perf_counter()
         return self
+
+    def _bind_remote_work(self) -> None:
+        """Bind the work socket a second time for remote workers: with CURVE when keys are
+        configured, and ZeroMQ's heartbeats; read the model files they will be sent."""
+        transport = self.config.transport
+        if transport.curve_secret_key is not None and transport.curve_authorized_keys is not None:
+            self._authenticator = start_authenticator(self.context, transport.curve_authorized_keys)
+            serve_curve(self.work, transport.curve_secret_key)
+        interval_ms = int(1000 * transport.heartbeat_interval_s)
+        self.work.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        self.work.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * transport.worker_timeout_s))
+        self.work.bind(transport.remote_work)
+        self.remote_endpoint = self.work.getsockopt_string(zmq.LAST_ENDPOINT)
+        weights = self.config.inference.model or DEFAULT_MODEL
+        self._model_files = {
+            "sha256": read_card(weights)["weights_sha256"],
+            "weights": np.frombuffer(Path(weights).read_bytes(), np.uint8),
+            "card": np.frombuffer(card_path(Path(weights)).read_bytes(), np.uint8),
+        }
 
     def _spawn(self, name: str, module: str, number: int) -> None:
         log = self.log_dir / f"{name}.log"
@@ -182,7 +228,15 @@ class ScanRunner:
         gave up (exit code > 0) before it was ready, ends the scan."""
         now = time.monotonic()
         timeout = self.config.transport.worker_timeout_s
-        silent = {w.pid for w in self._workers.values() if now - w.last_seen > timeout}
+        silent = set()
+        for worker in list(self._workers.values()):
+            if now - worker.last_seen <= timeout:
+                continue
+            if worker.remote:
+                self._lose(worker, "went silent")
+                self._send_to(worker.identity, "reset")
+            else:
+                silent.add(worker.pid)
         for child in list(self._children):
             code = child.process.poll()
             if code is None and child.process.pid not in silent:
@@ -207,17 +261,42 @@ class ScanRunner:
         child.process.kill()
         child.process.wait()
         self._children.remove(child)
-        for identity, worker in list(self._workers.items()):
-            if worker.pid == child.process.pid:
-                del self._workers[identity]
-                lost = sorted(worker.holding - set(self._status))
-                self._queue.extendleft(reversed(lost))
-                self.resent += len(lost)
-                self.metrics.record("resent", n=len(lost))
+        for worker in list(self._workers.values()):
+            if worker.pid == child.process.pid and not worker.remote:
+                self._lose(worker, why)
         with open(child.log, "a") as handle:
             handle.write(f"--- {child.name} {why}; replaced by the feeder ---\n")
         self.worker_restarts += 1
         self._spawn(child.name, "workers.inference", child.number)
+
+    def _lose(self, worker: _Worker, why: str) -> None:
+        """Forget a worker and queue the exposures it held to be sent to the others first."""
+        if self._workers.pop(worker.identity, None) is None:
+            return
+        self._greeted.pop(worker.identity, None)  # a remote one starts over with a hello
+        lost = sorted(worker.holding - set(self._status))
+        self._queue.extendleft(reversed(lost))
+        self.resent += len(lost)
+        self.metrics.record("resent", n=len(lost))
+        where = f" on {worker.host}" if worker.remote else ""
+        log.warning(
+            "scan %s: worker %d%s %s; %d exposures re-sent",
+            self.config.scan_id,
+            worker.number,
+            where,
+            why,
+            len(lost),
+        )
+
+    def _send_to(self, identity: bytes, kind: str, header: dict | None = None, **arrays) -> bool:
+        """Send a command to one worker; False if it is no longer connected."""
+        try:
+            self.work.send_multipart([identity, *encode(kind, header, **arrays)], zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            if error.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+        return True
 
     def _wait_ready(self) -> None:
         expected = {f"worker-{n}" for n in range(self.config.n_workers)} | {"writer-0"}
@@ -234,6 +313,8 @@ class ScanRunner:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Broadcast stop until every child has exited (then terminate stragglers)."""
         deadline = time.monotonic() + timeout_s
+        for identity in self._greeted:  # remote workers go back to waiting for a scan
+            self._send_to(identity, "stop")
         while any(c.process.poll() is None for c in self._children) and time.monotonic() < deadline:
             self.control.send_multipart(encode("stop"))
             time.sleep(0.1)
@@ -241,7 +322,10 @@ class ScanRunner:
             if child.process.poll() is None:
                 child.process.kill()
             child.process.wait()
-        for socket in (self.work, self.acks, self.control, self.failed_out):
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self.work.close(linger=1000)  # the stops to remote workers go out
+        for socket in (self.acks, self.control, self.to_writer):
             socket.close(linger=0)
         self.context.term()
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -290,7 +374,7 @@ class ScanRunner:
             counts_sd=line_out.counts_sd.astype(np.float32),
         )
         self._queue.append(exposure.index)
-        limit = self.config.transport.high_water_mark * self.config.n_workers
+        limit = self.config.transport.high_water_mark * max(1, len(self._workers))
         self._service(0)  # credits returned meanwhile
         self._dispatch()
         while len(self._unacknowledged) >= limit:  # bounded memory: wait for the writer
@@ -311,7 +395,7 @@ class ScanRunner:
     def _fail(self, header: dict, stage: str, error: str) -> None:
         """A failure record for an exposure that never reached a worker, straight to the writer."""
         self._sent_at[header["index"]] = time.perf_counter()
-        self.failed_out.send_multipart(encode("failed", {**header, "stage": stage, "error": error}))
+        self.to_writer.send_multipart(encode("failed", {**header, "stage": stage, "error": error}))
 
     def _dispatch(self) -> None:
         """Send waiting exposures to the workers that have credits, most credits first."""
@@ -322,7 +406,16 @@ class ScanRunner:
             index = self._queue.popleft()
             if index in self._status:  # acknowledged meanwhile (a re-sent exposure)
                 continue
-            self.work.send_multipart([worker.identity, *self._unacknowledged[index]], copy=False)
+            try:
+                self.work.send_multipart(
+                    [worker.identity, *self._unacknowledged[index]], zmq.NOBLOCK, copy=False
+                )
+            except zmq.ZMQError as error:
+                if error.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._queue.appendleft(index)
+                self._lose(worker, "disconnected")
+                continue
             worker.credits -= 1
             worker.holding.add(index)
 
@@ -333,9 +426,10 @@ class ScanRunner:
         events = dict(self._poller.poll(timeout_ms))
         while events:
             if self.work in events:
-                frames = self.work.recv_multipart()
+                frames = self.work.recv_multipart(copy=False)
                 with self._dropping_malformed("work"):
-                    self._from_worker(frames[0], decode(frames[1:]))
+                    message = decode([f.buffer for f in frames[1:]])
+                    self._from_worker(frames[0].bytes, frames[1:], message)
             if self.acks in events:
                 frames = self.acks.recv_multipart()
                 with self._dropping_malformed("acks"):
@@ -354,11 +448,32 @@ class ScanRunner:
                 "scan %s: dropped a malformed message on %s: %r", self.config.scan_id, socket, error
             )
 
-    def _from_worker(self, identity: bytes, message: Message) -> None:
+    def _from_worker(self, identity: bytes, frames: list, message: Message) -> None:
         now = time.monotonic()
+        if message.kind == "hello":
+            self._greet(identity, message)
+            return
         if message.kind == "ready":
             number, pid = int(message.header["id"]), int(message.header["pid"])
-            if pid in {c.process.pid for c in self._children}:  # not a replaced one's late word
+            if self._greeted.get(identity) == number:
+                self._workers[identity] = _Worker(
+                    identity,
+                    number,
+                    pid,
+                    int(message.header["credits"]),
+                    now,
+                    remote=True,
+                    host=str(message.header.get("host", "")),
+                )
+                self.remote_workers += 1
+                log.info(
+                    "scan %s: remote worker %d joined from %s (%s)",
+                    self.config.scan_id,
+                    number,
+                    message.header.get("host"),
+                    message.header.get("device"),
+                )
+            elif pid in {c.process.pid for c in self._children}:  # not a replaced one's word
                 self._workers[identity] = _Worker(
                     identity, number, pid, int(message.header["credits"]), now
                 )
@@ -367,14 +482,36 @@ class ScanRunner:
             return
         worker = self._workers.get(identity)
         if worker is None:
+            if identity in self._greeted:  # a remote worker this feeder dropped: start over
+                del self._greeted[identity]
+                self._send_to(identity, "reset")
+            elif self.remote_endpoint is not None and message.kind == "heartbeat":
+                self._send_to(identity, "reset")  # a remote worker from an earlier scan
             return
         worker.last_seen = now
-        if message.kind == "credit":
+        if message.kind in ("result", "failed") and worker.remote:  # for the writer
+            self.to_writer.send_multipart(frames, copy=False)
+        elif message.kind == "credit":
             worker.credits += int(message.header["credits"])
             if message.header.get("inferred"):
                 self.metrics.record(
                     "inferred", float(message.header["batch_s"]), int(message.header["inferred"])
                 )
+
+    def _greet(self, identity: bytes, message: Message) -> None:
+        """Send a remote worker that said hello the scan's configuration and model files."""
+        if self.remote_endpoint is None or identity in self._greeted:
+            return
+        number = self._next_remote_number
+        self._next_remote_number += 1
+        self._greeted[identity] = number
+        files = self._model_files
+        header = {
+            "config": self.config.model_dump_json(),
+            "worker_id": number,
+            "model_sha256": files["sha256"],
+        }
+        self._send_to(identity, "config", header, weights=files["weights"], card=files["card"])
 
     def _from_writer(self, message: Message) -> int:
         if message.kind == "ready":
@@ -451,6 +588,7 @@ class ScanRunner:
             duplicates=self.duplicates,
             resent=self.resent,
             worker_restarts=self.worker_restarts,
+            remote_workers=self.remote_workers,
             wall_s=wall,
             exposures_per_s=self.n_done / wall if wall > 0 else 0.0,
             latency_p50_ms=float(np.percentile(latencies, 50)) if latencies.size else np.nan,

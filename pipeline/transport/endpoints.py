@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import TransportConfig
+if TYPE_CHECKING:  # pipeline.config imports this package
+    from pipeline.config import TransportConfig
 
 
 @dataclass(frozen=True)

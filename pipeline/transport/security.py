@@ -1,0 +1,128 @@
+"""CURVE keys and the rules for endpoints that leave the machine.
+
+Any endpoint reachable from another host is encrypted and authenticated with ZeroMQ's CURVE
+mechanism (elliptic-curve encryption, RFC 26 "CurveZMQ"): the feeder holds a secret key and
+admits only the workers whose public keys sit in its authorized-keys folder; a worker holds
+its own secret key and the feeder's public key, so it talks to no impostor either. Keys are
+the ZPL text files of ``zmq.auth`` (``NAME.key``: public; ``NAME.key_secret``: both, mode 0600).
+
+Example:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> public, secret = create_keypair(folder, "feeder")
+    >>> public.name, secret.name, oct(secret.stat().st_mode & 0o777)
+    ('feeder.key', 'feeder.key_secret', '0o600')
+    >>> is_loopback("tcp://127.0.0.1:5555"), is_loopback("tcp://*:5555")
+    (True, False)
+
+References:
+    zguide, chapter 5 "Securing the connection"; https://rfc.zeromq.org/spec/26/
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+#: ZAP domain of the feeder's remote endpoint.
+ZAP_DOMAIN = "beamline-inn"
+
+
+class CurveKeyError(ValueError):
+    """A key file that is missing, unreadable or of the wrong kind."""
+
+
+def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write a new CURVE key pair ``DIRECTORY/NAME.key`` (public) and ``NAME.key_secret``
+    (secret, readable by its owner only); refuse to overwrite an existing pair."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise FileExistsError(f"key file already exists: {path}")
+    old_umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        zmq.auth.create_certificates(str(directory), name)
+    finally:
+        os.umask(old_umask)
+    public.chmod(0o644)
+    return public, secret
+
+
+def read_public_key(path: Path) -> bytes:
+    """The public key (Z85, 40 bytes) in a ``.key`` or ``.key_secret`` file."""
+    public, _ = _load(path)
+    return public
+
+
+def read_secret_key(path: Path) -> tuple[bytes, bytes]:
+    """The (public, secret) keys in a ``.key_secret`` file."""
+    public, secret = _load(path)
+    if secret is None:
+        raise CurveKeyError(f"{path} holds no secret key (pass the .key_secret file)")
+    return public, secret
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as error:
+        raise CurveKeyError(f"cannot read a CURVE key from {path}: {error}") from error
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` stays on this machine: ``ipc://``, ``inproc://``, or ``tcp://`` on a
+    loopback address (127.0.0.0/8, ::1, ``localhost``). ``*``, ``0.0.0.0``, host names and
+    interface names are not."""
+    parts = urlsplit(url)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    if parts.scheme != "tcp":
+        return False
+    host = parts.netloc.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_curve(socket: zmq.Socket, secret_key_file: Path) -> None:
+    """Make the next ``bind`` of ``socket`` a CURVE server with this key (options set on a
+    ZeroMQ socket apply to the binds that follow them, so earlier endpoints stay as they are)."""
+    public, secret = read_secret_key(secret_key_file)
+    socket.setsockopt(zmq.CURVE_SERVER, 1)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    socket.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+
+
+def start_authenticator(context: zmq.Context, authorized_keys: Path) -> ThreadAuthenticator:
+    """Admit, on the CURVE endpoints of ``context``, only the public keys (``*.key`` files) in
+    the folder ``authorized_keys``; return the running authenticator (``stop()`` it)."""
+    folder = Path(authorized_keys)
+    if not folder.is_dir():
+        raise CurveKeyError(f"authorized keys folder not found: {folder}")
+    if not any(folder.glob("*.key")):
+        raise CurveKeyError(f"no public key (*.key) in {folder}: no worker could connect")
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    authenticator.configure_curve(domain=ZAP_DOMAIN, location=str(folder))
+    return authenticator
+
+
+def connect_curve(socket: zmq.Socket, secret_key_file: Path, server_key_file: Path) -> None:
+    """Make the next ``connect`` of ``socket`` a CURVE client with its own key pair, talking
+    only to the server whose public key is in ``server_key_file``."""
+    public, secret = read_secret_key(secret_key_file)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    socket.setsockopt(zmq.CURVE_SERVERKEY, read_public_key(server_key_file))

@@ -1,0 +1,243 @@
+"""Workers on other nodes: CURVE keys, ``beamline-inn worker --connect``, losing a remote
+worker mid-scan, and the rules that keep plaintext endpoints on the machine."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from test_scan import _line_outs
+
+from flows.cli import main
+from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
+from pipeline.store import read_results
+from pipeline.transport.security import create_keypair, is_loopback
+from workers.scan import ScanRunner
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """A feeder's key pair, a worker's whose public key is authorized, and an intruder's."""
+    folder = tmp_path_factory.mktemp("keys")
+    for name in ("feeder", "gpu-node", "intruder", "impostor-feeder"):
+        create_keypair(folder, name)
+    (folder / "authorized").mkdir()
+    (folder / "authorized" / "gpu-node.key").write_bytes((folder / "gpu-node.key").read_bytes())
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _config(scan_id: str, tmp_path: Path, keys: Path, url: str, n_workers: int, **transport):
+    return PipelineConfig(
+        scan_id=scan_id,
+        n_workers=n_workers,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+        transport=TransportConfig(
+            remote_work=url,
+            curve_secret_key=keys / "feeder.key_secret",
+            curve_authorized_keys=keys / "authorized",
+            **transport,
+        ),
+    )
+
+
+def _start_worker(url: str, key: Path, server_key: Path, log: Path, *extra: str):
+    """``beamline-inn worker`` in its own process, its output in ``log``."""
+    command = [sys.executable, "-m", "flows.cli", "worker", "--connect", url, "--threads", "1"]
+    command += ["--key", str(key), "--server-key", str(server_key), *extra]
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_worker_with_its_key_serves_scan_after_scan_over_tcp(tmp_path, keys):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    log = tmp_path / "worker.log"
+    worker = _start_worker(url, keys / "gpu-node.key_secret", keys / "feeder.key", log)
+    try:
+        for scan in ("remote-a", "remote-b"):  # the same worker, one scan after the other
+            config = _config(scan, tmp_path, keys, url, n_workers=0)  # remote workers only
+            with ScanRunner(config) as runner:
+                for exposure, line_out in _line_outs(60, seed=8):
+                    runner.submit_line_out(exposure, line_out)
+                summary = runner.wait()
+            assert summary.remote_workers == 1 and summary.written_ok == 60
+            assert summary.stages["inferred"]["count"] == 60
+            results = read_results(config.output_path)
+            assert sorted(results.index.tolist()) == list(range(60))
+            assert (results.status == "ok").all()
+        _wait_for(lambda: log.read_text().count("ended (stop)") == 2, 10, "the second stop")
+        assert worker.poll() is None  # it waits for the next scan
+    finally:
+        worker.terminate()
+        worker.wait(timeout=10)
+    text = log.read_text()
+    assert "scan remote-a as worker 0 on cpu" in text and "scan remote-b as worker 0" in text
+
+
+def test_workers_with_a_wrong_key_are_refused(tmp_path, keys):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    intruders = {
+        "unknown key": (keys / "intruder.key_secret", keys / "feeder.key"),
+        "wrong feeder key": (keys / "gpu-node.key_secret", keys / "impostor-feeder.key"),
+    }
+    logs = {name: tmp_path / f"{name.replace(' ', '-')}.log" for name in intruders}
+    processes = [_start_worker(url, *intruders[name], logs[name]) for name in intruders]
+    try:
+        config = _config("refused", tmp_path, keys, url, n_workers=1)
+        with ScanRunner(config) as runner:
+            for log in logs.values():  # both try to connect while the scan runs
+                _wait_for(lambda log=log: "waiting for a feeder" in log.read_text(), 60, "start")
+            time.sleep(2.0)  # several hellos each
+            for exposure, line_out in _line_outs(30, seed=9):
+                runner.submit_line_out(exposure, line_out)
+            summary = runner.wait()
+        assert runner._greeted == {}  # no hello got through
+        assert summary.remote_workers == 0 and summary.written_ok == 30
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+    for log in logs.values():
+        assert " as worker " not in log.read_text()
+
+
+def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    log = tmp_path / "worker.log"
+    worker = _start_worker(url, keys / "gpu-node.key_secret", keys / "feeder.key", log)
+    config = _config("remote-killed", tmp_path, keys, url, n_workers=1, worker_timeout_s=3.0)
+    try:
+        with ScanRunner(config) as runner:
+            _wait_for(lambda: runner.collect() >= 0 and runner.remote_workers == 1, 60, "join")
+            line_outs = _line_outs(300, seed=10)
+            for exposure, line_out in line_outs[:100]:
+                runner.submit_line_out(exposure, line_out)
+            remote = next(w for w in runner._workers.values() if w.remote)
+            _wait_for(lambda: runner.collect() >= 0 and remote.holding, 30, "work for it")
+            os.kill(worker.pid, signal.SIGKILL)
+            for exposure, line_out in line_outs[100:]:
+                runner.submit_line_out(exposure, line_out)
+            summary = runner.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+    assert summary.remote_workers == 1 and summary.resent > 0 and summary.worker_restarts == 0
+    assert summary.written_ok == 300
+    assert sorted(read_results(config.output_path).index.tolist()) == list(range(300))
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("ipc:///tmp/x/work", True),
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.3.2.1:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://*:5555", False),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://10.0.0.7:5555", False),
+        ("tcp://beamline-gpu-01:5555", False),
+        ("tcp://eth0:5555", False),
+    ],
+)
+def test_loopback_addresses(url, loopback):
+    assert is_loopback(url) is loopback
+
+
+def test_endpoints_that_leave_the_machine_need_curve(keys):
+    with pytest.raises(ValidationError, match="would leave this machine"):
+        TransportConfig(results="tcp://*:6000")
+    with pytest.raises(ValidationError, match="reachable from other hosts"):
+        TransportConfig(remote_work="tcp://*:5555")
+    with pytest.raises(ValidationError, match="both"):
+        TransportConfig(remote_work="tcp://*:5555", curve_secret_key=keys / "feeder.key_secret")
+    with pytest.raises(ValidationError, match="no worker"):
+        PipelineConfig(scan_id="x", n_workers=0)
+    TransportConfig(remote_work="tcp://127.0.0.1:5555")  # loopback: keys optional
+    secure = TransportConfig(
+        remote_work="tcp://*:5555",
+        curve_secret_key=keys / "feeder.key_secret",
+        curve_authorized_keys=keys / "authorized",
+    )
+    assert PipelineConfig(scan_id="x", n_workers=0, transport=secure).n_workers == 0
+
+
+def test_keys_command_writes_a_private_secret_and_never_overwrites(tmp_path, capsys):
+    assert main(["keys", "--dir", str(tmp_path), "feeder", "node-1"]) == 0
+    for name in ("feeder", "node-1"):
+        assert (tmp_path / f"{name}.key_secret").stat().st_mode & 0o777 == 0o600
+        assert "secret-key" not in (tmp_path / f"{name}.key").read_text()
+    assert main(["keys", "--dir", str(tmp_path), "feeder"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_worker_command_refuses_plaintext_to_another_host(capsys):
+    assert main(["worker", "--connect", "tcp://10.0.0.7:5555"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, keys):
+    (tmp_path / "nobody").mkdir()
+    config = _config("no-keys", tmp_path, keys, "tcp://127.0.0.1:*", n_workers=1)
+    config = config.model_copy(
+        update={
+            "transport": config.transport.model_copy(
+                update={"curve_authorized_keys": tmp_path / "nobody"}
+            )
+        }
+    )
+    with pytest.raises(ValueError, match="no public key"):
+        ScanRunner(config).start()
+
+
+@pytest.mark.parametrize(
+    ("unit", "environment", "command"),
+    [
+        ("beamline-inn-worker.service", "worker.env.example", "worker"),
+        ("beamline-inn-online.service", "online.env.example", "online"),
+    ],
+)
+def test_systemd_units_run_commands_the_cli_accepts(unit, environment, command):
+    import string
+
+    from flows.cli import build_parser
+
+    folder = Path(__file__).parents[1] / "deploy" / "systemd"
+    lines = (folder / environment).read_text().splitlines()
+    variables = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    text = (folder / unit).read_text()
+    assert "EnvironmentFile=/etc/beamline-inn/" + environment.removesuffix(".example") in text
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    words = exec_start.removeprefix("ExecStart=").split()
+    argv = [string.Template(word).substitute(variables) for word in words]
+    assert argv[0].endswith("/bin/beamline-inn")
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == command
+    if command == "online":
+        config = TransportConfig(
+            remote_work=args.remote_work,
+            curve_secret_key=args.curve_key,
+            curve_authorized_keys=args.authorized_keys,
+        )
+        assert not is_loopback(config.remote_work)  # and accepted, because it has keys
