@@ -11,8 +11,12 @@ line-out and seeds, for each model file given (default: the shipped model):
   largest difference of its draws from the eager ones, per parameter, in units of the
   posterior sd (same seed, same draws up to floating-point reordering).
 
-Each figure is the median of ``--repeats`` timings, with the 10th and 90th percentiles,
-because this machine's timings drift by up to 2x between minutes.
+Both are measured twice, each time in a fresh process: with glibc's malloc defaults, and
+with :func:`~pipeline.model.allocator.retain_freed_memory` as the inference workers run (freed
+tensors stay in the process; with the defaults each batch page-faults fresh memory, and how
+much depends on the heap's history, which made timings here drift by up to 2x between
+processes). Each figure is the median of ``--repeats`` timings, with the 10th and 90th
+percentiles.
 
 Run: ``python -m benchmarks.sampling [MODEL...] [--repeats 200]``
 (results in ``benchmarks/results/sampling.json``).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import time
 from collections.abc import Callable
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.model import load
+from pipeline.model.allocator import retain_freed_memory
 from pipeline.model.checkpoint import DEFAULT_MODEL
 from pipeline.physics import simulate
 
@@ -80,16 +86,29 @@ def measure(path: Path, repeats: int) -> dict:
     }
 
 
+def _measure_in_fresh_process(path: Path, repeats: int, retain: bool) -> dict:
+    torch.set_num_threads(1)
+    if retain:
+        retain_freed_memory()
+    return measure(path, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL])
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    spawn = multiprocessing.get_context("spawn")
+    models: dict[str, dict] = {}
+    for path in args.models:
+        for setting, retain in (("glibc_defaults", False), ("retain_freed_memory", True)):
+            with spawn.Pool(1) as pool:
+                result = pool.apply(_measure_in_fresh_process, (path, args.repeats, retain))
+            models.setdefault(path.stem, {})[setting] = result
     report = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
         "target_ms": 5.0,
-        "models": {path.stem: measure(path, args.repeats) for path in args.models},
+        "models": models,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,7 +6,8 @@ last exposure written (process start-up left out), all in batches of
 ``inference.max_batch`` (as a worker batches):
 
 1. **in process**: :meth:`PosteriorModel.sample` plus :class:`ResultsWriter` appending and
-   flushing every exposure, in this process, on 1 torch thread and on all cores;
+   flushing every exposure, in this process, on 1 torch thread and on all cores (with
+   :func:`~pipeline.model.allocator.retain_freed_memory`, as the workers run);
 2. **the engine**: :class:`ScanRunner` (``submit_line_out``: feeder -> credits over ZeroMQ
    -> worker -> writer -> ack) with 1 worker of 1 thread, 2 workers of 1 thread, and 1
    worker on all cores;
@@ -17,7 +18,10 @@ last exposure written (process start-up left out), all in batches of
 The engine's overhead is (2, one worker of one thread) against (1, one thread): the same
 computation, with the transport and the processes added; the scaling is (2, two workers)
 against (2, one worker); the price of a remote worker is (3) against (2, one worker of one
-thread). Each figure is the median of ``--repeats`` runs.
+thread). Beside the wall time, the CPU time of every process involved (feeder, workers,
+writer; ``/proc/PID/stat``) is summed over the same interval: the engine's CPU cost per
+exposure against the model's in process does not depend on how many cores the machine has
+to spare. Each figure is the median of ``--repeats`` runs.
 
 Run: ``python -m benchmarks.transport [--exposures 300] [--repeats 3]``
 (results in ``benchmarks/results/transport.json``).
@@ -42,6 +46,7 @@ import torch
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut, PosteriorSamples
 from pipeline.model import load
+from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics import QGrid, simulate
 from pipeline.store import ExposureResult, ResultsWriter
 from pipeline.transport.security import create_keypair
@@ -52,8 +57,15 @@ N_SAMPLES = 1000
 BATCH = InferenceConfig().batch_limit("cpu")
 
 
-def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
-    """Seconds for all exposures through the model and the file in this process."""
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process(counts: np.ndarray, threads: int, folder: Path) -> tuple[float, float]:
+    """Seconds for all exposures through the model and the file in this process, and the
+    CPU seconds used meanwhile."""
     torch.set_num_threads(threads)
     model = load(device="cpu")
     batch = BATCH
@@ -65,7 +77,7 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
         N_SAMPLES,
         q,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for first in range(0, len(counts), batch):
         rows = counts[first : first + batch].astype(np.float32)
         posterior = PosteriorSamples(
@@ -90,16 +102,17 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> float:
                     truth=None,
                 )
             )
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     writer.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def through_engine(
     counts: np.ndarray, n_workers: int, threads: int, folder: Path, remote: bool = False
-) -> tuple[float, float]:
-    """Seconds from the first line-out submitted to the last acknowledged, and the median
-    latency (ms); with ``remote``, through one remote worker over CURVE instead."""
+) -> tuple[float, float, float]:
+    """Seconds from the first line-out submitted to the last acknowledged, the CPU seconds
+    of all the processes meanwhile, and the median latency (ms); with ``remote``, through
+    one remote worker over CURVE instead."""
     transport = TransportConfig()
     if remote:
         keys = folder / f"keys-{time.monotonic_ns()}"
@@ -132,15 +145,18 @@ def through_engine(
     with ScanRunner(config) as runner:
         while remote and runner.remote_workers == 0:
             runner.collect(timeout_ms=100)
+        pids = [os.getpid(), *runner.pids, *([worker.pid] if remote else [])]
+        cpu = sum(_cpu_s(pid) for pid in pids)
         start = time.perf_counter()
         for index, row in enumerate(counts):
             exposure = Exposure(config.scan_id, index, time.time(), None)
             runner.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
         summary = runner.wait()
         elapsed = time.perf_counter() - start
+        cpu = sum(_cpu_s(pid) for pid in pids) - cpu
     if remote:
         worker.wait(timeout=30)
-    return elapsed, summary.latency_p50_ms
+    return elapsed, cpu, summary.latency_p50_ms
 
 
 def main() -> None:
@@ -149,27 +165,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    retain_freed_memory()  # in process as in the workers
     _, counts = simulate(args.exposures, np.random.default_rng(0))
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     latency: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         for _ in range(args.repeats):
             for threads in sorted({1, cores}):
                 label = f"in_process_{threads}_threads"
-                times.setdefault(label, []).append(in_process(counts, threads, folder))
+                elapsed, used = in_process(counts, threads, folder)
+                times.setdefault(label, []).append(elapsed)
+                cpu.setdefault(label, []).append(used)
             for n_workers, threads in sorted({(1, 1), (2, 1), (1, cores)}):
                 label = f"engine_{n_workers}_workers_{threads}_threads_each"
-                elapsed, p50 = through_engine(counts, n_workers, threads, folder)
+                elapsed, used, p50 = through_engine(counts, n_workers, threads, folder)
                 times.setdefault(label, []).append(elapsed)
+                cpu.setdefault(label, []).append(used)
                 latency.setdefault(label, []).append(p50)
             label = "engine_1_remote_worker_curve_1_thread"
-            elapsed, p50 = through_engine(counts, 0, 1, folder, remote=True)
+            elapsed, used, p50 = through_engine(counts, 0, 1, folder, remote=True)
             times.setdefault(label, []).append(elapsed)
+            cpu.setdefault(label, []).append(used)
             latency.setdefault(label, []).append(p50)
     per_exposure_ms = {
         label: round(1e3 * float(np.median(values)) / args.exposures, 3)
         for label, values in times.items()
+    }
+    cpu_ms = {
+        label: round(1e3 * float(np.median(values)) / args.exposures, 3)
+        for label, values in cpu.items()
     }
     one = per_exposure_ms["engine_1_workers_1_threads_each"]
     report = {
@@ -179,8 +205,12 @@ def main() -> None:
         "max_batch": BATCH,
         "repeats": args.repeats,
         "per_exposure_ms": per_exposure_ms,
+        "cpu_per_exposure_ms": cpu_ms,
         "latency_p50_ms": {k: round(float(np.median(v)), 1) for k, v in latency.items()},
         "engine_overhead": round(one / per_exposure_ms["in_process_1_threads"] - 1.0, 3),
+        "engine_cpu_overhead": round(
+            cpu_ms["engine_1_workers_1_threads_each"] / cpu_ms["in_process_1_threads"] - 1.0, 3
+        ),
         "two_workers_speed_up": round(one / per_exposure_ms["engine_2_workers_1_threads_each"], 3),
         "remote_worker_overhead": round(
             per_exposure_ms["engine_1_remote_worker_curve_1_thread"] / one - 1.0, 3

@@ -31,6 +31,7 @@ import zmq
 from pipeline.config import InferenceConfig
 from pipeline.exposure import PosteriorSamples
 from pipeline.model import load
+from pipeline.model.allocator import retain_freed_memory
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, control_socket, parse_args, read_run
 
@@ -218,6 +219,7 @@ def serve(argv: list[str] | None = None) -> int:
     config, endpoints = read_run(args.run_dir)
     threads = config.inference.threads or max(1, (os.cpu_count() or 1) // config.n_workers)
     torch.set_num_threads(threads)
+    retain_freed_memory()
     model = load(config.inference.model, device=config.inference.device)
     compile_if_asked(model, config.inference)
     session = InferenceSession.start(model, config.inference, args.id)

@@ -33,6 +33,7 @@ import zmq
 
 from pipeline.config import PipelineConfig
 from pipeline.model import load
+from pipeline.model.allocator import retain_freed_memory
 from pipeline.transport import Message, ProtocolError, decode, encode
 from pipeline.transport.security import connect_curve, is_loopback
 from workers.inference import InferenceSession, compile_if_asked
@@ -76,6 +77,7 @@ class RemoteWorker:
         self.device = device
         self.log = log
         torch.set_num_threads(threads or os.cpu_count() or 1)
+        retain_freed_memory()
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         for option, value in (
@@ -198,4 +200,3 @@ class RemoteWorker:
         except zmq.Again:  # no connection for CONNECTION_TIMEOUT_S: the feeder re-sends them
             return "lost"
         return None
-
