@@ -14,7 +14,7 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
 from pipeline.store import read_results
-from workers.scan import ScanError, ScanRunner
+from workers.scan import RECENT_RESULTS, ScanError, ScanRunner
 
 
 def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
@@ -58,6 +58,13 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
     assert np.isfinite(results.samples[ok]).all() and results.samples.shape[1:] == (1000, 5)
     np.testing.assert_allclose(results.truth[0], list(exposures[0].truth.values()))
     assert (config.output_dir / "logs" / "bad-input" / "worker-0.log").exists()
+    recent = {r.index: r for r in runner.recent}  # the live view of the newest results
+    assert sorted(recent) == list(range(10))
+    assert "negative" in recent[6].error and "pitch_nm" in recent[0].describe()
+    for row, index in enumerate(results.index):
+        if results.status[row] == "ok":
+            np.testing.assert_allclose(recent[index].mean, results.mean[row], rtol=1e-6)
+            np.testing.assert_allclose(recent[index].quantiles, results.quantiles[row], rtol=1e-6)
 
 
 def test_an_existing_results_file_stops_the_scan_before_it_starts(tmp_path):
@@ -153,6 +160,8 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path)
     results = read_results(config.output_path)
     assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
+    assert len(runner.recent) == RECENT_RESULTS  # only the newest are kept for live views
+    assert [r.index for r in runner.recent] == list(runner._status)[-RECENT_RESULTS:]
     log = (config.output_dir / "logs" / "killed-workers" / "worker-0.log").read_text()
     assert "replaced by the feeder" in log
 
@@ -202,16 +211,21 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         to_writer.connect(runner.endpoints.results)
         to_writer.send_multipart([b"\x81\xa4kind\xa6result"])  # a header without "proto"
         to_writer.send_multipart([b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
+        oversized = context.socket(zmq.DEALER)
+        oversized.connect(runner.endpoints.work)
+        oversized.send_multipart([b"x" * (2**20 + 1)])
         for exposure, line_out in _line_outs(20, seed=5):
             runner.submit_line_out(exposure, line_out)
         summary = runner.wait()
-        for socket in (intruder, to_writer):
+        for socket in (intruder, to_writer, oversized):
             socket.close(linger=0)
     context.term()
     assert summary.written_ok == 20 and runner.malformed == 2
     assert caplog.text.count("dropped a malformed message on work") == 2
+    assert "a peer of the work socket disconnected" in caplog.text
     writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
     assert "dropped a malformed message" in writer_log
+    assert "writer: a sender disconnected" in writer_log
     assert sorted(read_results(config.output_path).index.tolist()) == list(range(20))
 
 

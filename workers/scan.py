@@ -22,6 +22,11 @@ results come back over that socket and the feeder passes them to the writer. A r
 that goes silent is dropped (its exposures go to the others), not replaced; at the end of
 the scan each is told to ``stop`` and waits for the next scan.
 
+The writer's acknowledgements carry each exposure's posterior summaries; the newest
+:data:`RECENT_RESULTS` are kept in :attr:`ScanRunner.recent` for live views (older ones are
+only in the file). A peer that ZeroMQ disconnects (a message part over
+``transport.max_message_bytes``, or a process that exited) is logged.
+
 It is plain Python (no Prefect): the flows in ``flows/`` call it.
 
 Example:
@@ -50,18 +55,23 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
 from pipeline.model import DEFAULT_MODEL, read_card
 from pipeline.model.checkpoint import card_path
+from pipeline.physics import PARAMETER_NAMES
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from pipeline.transport.security import serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
 from workers.process import CONFIG_FILE
 
 log = logging.getLogger(__name__)
+
+#: How many of the newest results :attr:`ScanRunner.recent` keeps.
+RECENT_RESULTS = 64
 
 
 class ScanError(RuntimeError):
@@ -89,6 +99,31 @@ class ScanSummary:
     failures: dict[int, str] = field(default_factory=dict)
     #: per stage: count, p50/p99 latency (see :mod:`workers.metrics`)
     stages: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecentResult:
+    """One exposure as the writer acknowledged it, for live views: status, the time from
+    hand-over to written, and (when ``ok``) posterior mean, sd and 5/50/95% quantiles per
+    parameter (``PARAMETER_NAMES`` order)."""
+
+    index: int
+    status: str
+    latency_s: float
+    mean: tuple[float, ...] = ()
+    sd: tuple[float, ...] = ()
+    quantiles: tuple[tuple[float, ...], ...] = ()
+    error: str = ""
+
+    def describe(self) -> str:
+        """One line, e.g. ``12: pitch_nm 100.2 [99.8, 100.6], ...`` (median [5%, 95%])."""
+        if self.status != "ok":
+            return f"{self.index}: {self.status}: {self.error}"
+        parts = [
+            f"{name} {q50:.4g} [{q05:.4g}, {q95:.4g}]"
+            for name, q05, q50, q95 in zip(PARAMETER_NAMES, *self.quantiles, strict=True)
+        ]
+        return f"{self.index}: " + ", ".join(parts)
 
 
 @dataclass
@@ -146,6 +181,7 @@ class ScanRunner:
         self.remote_endpoint: str | None = None
         self._authenticator = None
         self.metrics = ScanMetrics()
+        self.recent: deque[RecentResult] = deque(maxlen=RECENT_RESULTS)
         self._started = time.perf_counter()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -179,6 +215,12 @@ class ScanRunner:
         self._poller = zmq.Poller()  # workers' messages and the writer's acknowledgements
         self._poller.register(self.work, zmq.POLLIN)
         self._poller.register(self.acks, zmq.POLLIN)
+        self._monitors = {  # disconnected peers, for the log
+            self.work.get_monitor_socket(zmq.EVENT_DISCONNECTED): "work",
+            self.acks.get_monitor_socket(zmq.EVENT_DISCONNECTED): "acks",
+        }
+        for monitor in self._monitors:
+            self._poller.register(monitor, zmq.POLLIN)
 
         try:
             if config.transport.remote_work is not None:
@@ -324,6 +366,10 @@ class ScanRunner:
             child.process.wait()
         if self._authenticator is not None:
             self._authenticator.stop()
+        for socket in (self.work, self.acks):
+            socket.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         self.work.close(linger=1000)  # the stops to remote workers go out
         for socket in (self.acks, self.control, self.to_writer):
             socket.close(linger=0)
@@ -434,8 +480,21 @@ class ScanRunner:
                 frames = self.acks.recv_multipart()
                 with self._dropping_malformed("acks"):
                     acknowledged += self._from_writer(decode(frames))
+            for monitor, name in self._monitors.items():
+                if monitor in events:
+                    self._log_disconnect(name, recv_monitor_message(monitor))
             events = dict(self._poller.poll(0))
         return acknowledged
+
+    def _log_disconnect(self, socket: str, event: dict) -> None:
+        log.warning(
+            "scan %s: a peer of the %s socket disconnected (%s): a process that exited, or a "
+            "message larger than max_message_bytes (%d B)",
+            self.config.scan_id,
+            socket,
+            event["endpoint"].decode(errors="replace"),
+            self.config.transport.max_message_bytes,
+        )
 
     @contextlib.contextmanager
     def _dropping_malformed(self, socket: str) -> Iterator[None]:
@@ -525,6 +584,17 @@ class ScanRunner:
             return 0
         self._status[index] = message.header["status"]
         self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
+        self.recent.append(
+            RecentResult(
+                index,
+                self._status[index],
+                self._latency_s[index],
+                tuple(message.header.get("mean", ())),
+                tuple(message.header.get("sd", ())),
+                tuple(tuple(row) for row in message.header.get("quantiles", ())),
+                str(message.header.get("error", "")),
+            )
+        )
         if self._status[index] != "ok":
             self.failures[index] = str(message.header.get("error", ""))
             self.metrics.record("failed")

@@ -1,8 +1,11 @@
 """Writer: the only process that opens the scan's HDF5 file.
 
 It receives posterior results and failure records (PULL, bound on the results endpoint),
-appends each to the file, flushes, and acknowledges the exposure to the feeder. A duplicate
-(an exposure index already written) is acknowledged again but not written twice.
+appends each to the file, flushes, and acknowledges the exposure to the feeder, with its
+posterior summaries (mean, sd, 5/50/95% quantiles) for the feeder's view of the newest
+results. A duplicate (an exposure index already written) is acknowledged again but not
+written twice. A sender that ZeroMQ disconnects (a message part over
+``transport.max_message_bytes``, or a worker that exited) is logged.
 
 Run: ``python -m workers.writer --run-dir RUN_DIR`` (the scan runner does this).
 """
@@ -13,6 +16,7 @@ import sys
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
@@ -66,9 +70,11 @@ def serve(argv: list[str] | None = None) -> int:
     control = control_socket(context, endpoints)
     acks = announce_ready(context, endpoints, "writer", args.id, path=str(config.output_path))
 
+    monitor = results.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     poller = zmq.Poller()
     poller.register(results, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
 
     def write_next(flags: int = 0) -> None:
         frames = results.recv_multipart(flags, copy=False)
@@ -79,21 +85,28 @@ def serve(argv: list[str] | None = None) -> int:
             print(f"writer: dropped a malformed message: {error}", file=sys.stderr)
             return
         written = writer.append(result)
-        acks.send_multipart(
-            encode(
-                "ack",
-                {
-                    "index": result.index,
-                    "status": result.status,
-                    "error": result.error,
-                    "duplicate": not written,
-                },
-            )
-        )
+        ack = {
+            "index": result.index,
+            "status": result.status,
+            "error": result.error,
+            "duplicate": not written,
+        }
+        if result.status == "ok":
+            ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
+        acks.send_multipart(encode("ack", ack))
 
     try:
         while True:
             events = dict(poller.poll(1000))
+            if monitor in events:
+                event = recv_monitor_message(monitor)
+                print(
+                    f"writer: a sender disconnected ({event['endpoint'].decode()}): a worker "
+                    "that exited, or a message larger than max_message_bytes "
+                    f"({config.transport.max_message_bytes} B)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if results in events:
                 write_next()
             elif control in events or not parent.alive():  # write what has arrived, then close
@@ -105,7 +118,8 @@ def serve(argv: list[str] | None = None) -> int:
                 break
     finally:
         writer.close()
-        for socket in (results, control, acks):
+        results.disable_monitor()
+        for socket in (monitor, results, control, acks):
             socket.close()
         context.term()
     return 0
