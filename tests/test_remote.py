@@ -17,7 +17,7 @@ from flows.cli import main
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.store import read_results
 from pipeline.transport.security import create_keypair, is_loopback
-from workers.scan import ScanRunner
+from workers.scan import ScanError, ScanRunner
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +241,17 @@ def test_systemd_units_run_commands_the_cli_accepts(unit, environment, command):
             curve_authorized_keys=args.authorized_keys,
         )
         assert not is_loopback(config.remote_work)  # and accepted, because it has keys
+
+
+def test_a_scan_that_waits_for_remote_workers_that_never_come_says_so(tmp_path):
+    config = PipelineConfig(
+        scan_id="nobody-came",
+        n_workers=0,
+        output_dir=tmp_path,
+        transport=TransportConfig(
+            remote_work="tcp://127.0.0.1:*", high_water_mark=2, result_timeout_s=2.0
+        ),
+    )
+    with ScanRunner(config) as runner, pytest.raises(ScanError, match="0 workers connected"):
+        for exposure, line_out in _line_outs(5, seed=11):
+            runner.submit_line_out(exposure, line_out)

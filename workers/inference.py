@@ -254,9 +254,11 @@ def serve(argv: list[str] | None = None) -> int:
                 work.send_multipart(encode("credit", {"id": args.id, "credits": session.credits()}))
             continue
         outgoing, credit = session.run(line_outs)
+        # the credit (with the batch's inference count) first: the feeder then counts the
+        # batch as inferred before the writer can acknowledge any of it
+        work.send_multipart(encode("credit", credit))
         for frames in outgoing:
             results.send_multipart(frames, copy=False)
-        work.send_multipart(encode("credit", credit))
     for socket in (work, results, control):
         socket.close()
     context.term()

@@ -194,9 +194,9 @@ class RemoteWorker:
         """Infer one batch and send its results and credits; ``"lost"`` if the feeder is gone."""
         outgoing, credit = session.run(line_outs)
         try:
+            self._send("credit", credit)  # before the results, as a local worker does
             for frames in outgoing:
                 self.socket.send_multipart(frames, copy=False)
-            self._send("credit", credit)
         except zmq.Again:  # no connection for CONNECTION_TIMEOUT_S: the feeder re-sends them
             return "lost"
         return None

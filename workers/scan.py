@@ -423,10 +423,18 @@ class ScanRunner:
         limit = self.config.transport.high_water_mark * max(1, len(self._workers))
         self._service(0)  # credits returned meanwhile
         self._dispatch()
+        waiting_since = time.monotonic()
         while len(self._unacknowledged) >= limit:  # bounded memory: wait for the writer
-            self._service(200)
+            if self._service(200):
+                waiting_since = time.monotonic()
             self._check_children()
             self._dispatch()
+            if time.monotonic() - waiting_since > self.config.transport.result_timeout_s:
+                raise ScanError(
+                    f"no exposure written for {self.config.transport.result_timeout_s} s with "
+                    f"{len(self._unacknowledged)} in flight and {len(self._workers)} workers "
+                    "connected"
+                )
 
     @staticmethod
     def _header(exposure: Exposure) -> dict:
@@ -541,11 +549,9 @@ class ScanRunner:
             return
         worker = self._workers.get(identity)
         if worker is None:
-            if identity in self._greeted:  # a remote worker this feeder dropped: start over
-                del self._greeted[identity]
+            if self.remote_endpoint is not None:  # a remote worker this feeder dropped, or
+                self._greeted.pop(identity, None)  # one from an earlier scan: start over
                 self._send_to(identity, "reset")
-            elif self.remote_endpoint is not None and message.kind == "heartbeat":
-                self._send_to(identity, "reset")  # a remote worker from an earlier scan
             return
         worker.last_seen = now
         if message.kind in ("result", "failed") and worker.remote:  # for the writer
