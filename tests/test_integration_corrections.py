@@ -232,3 +232,7 @@ def test_normalization_is_the_product_of_the_named_metadata():
         exposure_normalization(
             Exposure("s", 2, 0.0, None, metadata={"monitor": "n/a", "transmission": "1"}), config
         )
+    with pytest.raises(FrameError, match="read nothing"):
+        exposure_normalization(
+            Exposure("s", 3, 0.0, None, metadata={"monitor": "0", "transmission": "0.5"}), config
+        )

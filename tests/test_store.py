@@ -62,3 +62,56 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError):
         ResultsWriter(path, NAMES, UNITS, 10, Q)
     assert path.read_bytes() == b"precious"
+
+
+def _scan_with_a_failure(path):
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1") as writer:
+        writer.append(_ok(2))
+        writer.append(ExposureResult(index=0, timestamp=0.0, status="failed", error="bad frame"))
+        writer.append(_ok(1))
+    return {i: _ok(i) for i in (1, 2)}
+
+
+def test_sasview_reader_loads_each_line_out(tmp_path):
+    from sasdata.dataloader.loader import Loader
+
+    path = tmp_path / "scan.h5"
+    expected = _scan_with_a_failure(path)
+    curves = Loader().load(str(path))  # SasView's own reader
+    assert len(curves) == 2  # the failed exposure has no line-out
+    for curve, index in zip(curves, (1, 2), strict=True):
+        np.testing.assert_allclose(curve.x, Q / 10)  # sasdata gives 1/A
+        intensity = expected[index].counts / expected[index].normalization
+        np.testing.assert_allclose(curve.y, intensity, rtol=1e-6)
+        np.testing.assert_allclose(curve.dy, 1 / expected[index].normalization, rtol=1e-6)
+        assert curve.run == ["s1"]
+
+
+def test_our_reader_reads_our_line_outs_and_an_nxcansas_file_from_elsewhere(tmp_path, shared_data):
+    from pipeline.store import read_nxcansas
+
+    path = tmp_path / "scan.h5"
+    expected = _scan_with_a_failure(path)
+    ours = read_nxcansas(path)
+    assert [c.name for c in ours] == ["entry/sasdata_000001", "entry/sasdata_000002"]
+    np.testing.assert_allclose(ours[1].q_nm, Q)
+    np.testing.assert_allclose(ours[1].intensity, expected[2].counts / (1e5 + 2), rtol=1e-6)
+    (glassy_carbon,) = read_nxcansas(shared_data / "gc14-dls-i22.h5")  # Diamond I22, in 1/A
+    with h5py.File(shared_data / "gc14-dls-i22.h5") as handle:
+        q_per_angstrom = handle["sasentry/sasdata/Q"][()]
+        intensity = handle["sasentry/sasdata/I"][()]
+    np.testing.assert_allclose(glassy_carbon.q_nm, 10 * q_per_angstrom)
+    np.testing.assert_allclose(glassy_carbon.intensity, intensity)
+    assert glassy_carbon.intensity_units == "electrons/nm3"
+    assert np.isnan(glassy_carbon.intensity_sd).all()  # it names an Idev it does not hold
+    assert glassy_carbon.q_nm.size == 244
+
+
+def test_a_file_without_nxcansas_data_is_refused(tmp_path):
+    from pipeline.store import read_nxcansas
+
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as handle:
+        handle["x"] = np.arange(3)
+    with pytest.raises(ValueError, match="no NXcanSAS"):
+        read_nxcansas(path)

@@ -110,6 +110,11 @@ def exposure_normalization(exposure: Exposure, config: IntegrationConfig) -> flo
             raise FrameError(
                 f"the exposure's {key!r} is {exposure.metadata[key]!r}, not a number"
             ) from None
+    if not (np.isfinite(normalization) and normalization > 0):
+        raise FrameError(
+            f"normalisation by {', '.join(config.normalization_keys)} is {normalization}: "
+            "nothing to divide the counts by (a beam monitor that read nothing?)"
+        )
     return normalization
 
 

@@ -1,6 +1,15 @@
 """The per-scan HDF5 results file (:mod:`pipeline.store.results`)."""
 
 from pipeline.store.inputs import read_line_outs
+from pipeline.store.nxcansas import SasCurve, read_nxcansas
 from pipeline.store.results import ExposureResult, Results, ResultsWriter, read_results
 
-__all__ = ["ExposureResult", "Results", "ResultsWriter", "read_line_outs", "read_results"]
+__all__ = [
+    "ExposureResult",
+    "Results",
+    "ResultsWriter",
+    "SasCurve",
+    "read_line_outs",
+    "read_nxcansas",
+    "read_results",
+]

@@ -2,7 +2,10 @@
 
 Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)::
 
-    /entry                       NXentry; attrs scan_id, software versions
+    /                            attrs default = "entry"
+    /entry                       NXentry, canSAS_class SASentry (NXcanSAS 1.1); attrs scan_id,
+                                 software versions, default = "line_out"
+      definition, title, run     "NXcanSAS", the scan id (twice)
       config                     the run's PipelineConfig as JSON
       model_card                 the model's card as JSON (architecture, training, hash)
       instrument/geometry/poni   the PONI file text
@@ -11,8 +14,12 @@ Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)
         source                   where the frame came from (file and frame, stream and series)
         truth                    (exposures, parameters) true values of simulated frames, else NaN
       line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512),
-                                 normalization (exposures,): monitor x transmission, so that
-                                 the intensity is counts / normalization
+                                 normalization (exposures,): monitor x transmission, and
+                                 I, Idev = counts / normalization and its sd (arbitrary units)
+      sasdata_NNNNNN/            written when the file is closed: one NXcanSAS SASdata group
+                                 per exposure (index NNNNNN): Q (1/nm, a link to q_nm), I and
+                                 Idev (virtual datasets: that exposure's row of line_out), so
+                                 that SasView's reader (sasdata) loads each line-out
       posterior/                 NXcollection
         samples                  (exposures, samples, parameters) float32; attrs parameter_names, units
         mean, sd                 (exposures, parameters)
@@ -105,9 +112,19 @@ class ResultsWriter:
         self._seen: set[int] = set()
         n_par, n_q = len(parameter_names), len(q_nm)
         self.file = h5py.File(self.path, "w", libver="latest")
+        self.file.attrs["default"] = "entry"
         entry = self.file.create_group("entry")
-        entry.attrs.update(NX_class="NXentry", scan_id=scan_id, default="line_out")
+        entry.attrs.update(
+            NX_class="NXentry",
+            canSAS_class="SASentry",
+            version="1.1",
+            scan_id=scan_id,
+            default="line_out",
+        )
         entry.attrs["software"] = json.dumps(_software_versions())
+        for name in ("definition", "title", "run"):
+            value = "NXcanSAS" if name == "definition" else scan_id
+            entry.create_dataset(name, data=value, dtype=_TEXT)
         entry.create_dataset("config", data=config_json, dtype=_TEXT)
         entry.create_dataset("model_card", data=json.dumps(model_card or {}), dtype=_TEXT)
         geometry = entry.create_group("instrument/geometry")
@@ -144,7 +161,11 @@ class ResultsWriter:
             "mean": growing(posterior, "mean", (n_par,), np.float32),
             "sd": growing(posterior, "sd", (n_par,), np.float32),
             "quantiles": growing(posterior, "quantiles", (len(QUANTILE_LEVELS), n_par), np.float32),
+            "I": growing(line_out, "I", (n_q,), np.float32),
+            "Idev": growing(line_out, "Idev", (n_q,), np.float32),
         }
+        self._datasets["I"].attrs.update(units="arbitrary", uncertainties="Idev")
+        self._datasets["Idev"].attrs["units"] = "arbitrary"
         q = line_out.create_dataset("q_nm", data=np.asarray(q_nm, dtype=np.float64))
         q.attrs["units"] = "1/nm"
         self._datasets["counts"].attrs["units"] = "counts"
@@ -177,7 +198,14 @@ class ResultsWriter:
             "mean": result.mean,
             "sd": result.sd,
             "quantiles": result.quantiles,
+            "I": None,
+            "Idev": None,
         }
+        if result.counts is not None and result.counts_sd is not None:
+            normalization = result.normalization
+            scale = 1.0 / normalization if np.isfinite(normalization) and normalization > 0 else 1.0
+            values["I"] = result.counts * scale
+            values["Idev"] = result.counts_sd * scale
         row = self.n_rows
         for name, dataset in self._datasets.items():
             dataset.resize(row + 1, axis=0)
@@ -189,14 +217,52 @@ class ResultsWriter:
         return True
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        """Close the file, then add the per-exposure NXcanSAS groups (a file in SWMR mode
+        cannot get new groups while it is written)."""
+        if not self.file.id.valid:
+            return
+        self.file.close()
+        add_cansas_curves(self.path)
 
     def __enter__(self) -> ResultsWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def add_cansas_curves(path: Path) -> int:
+    """Add to a closed results file one NXcanSAS ``SASdata`` group per written exposure that
+    has none yet; return how many were added.
+
+    SasView's reader (``sasdata`` 0.11) does not separate the frames of a multi-frame
+    ``SASdata`` group (every frame it returns holds the last one), so each exposure gets its
+    own group: ``Q`` is a link to ``line_out/q_nm``, ``I`` and ``Idev`` are virtual datasets
+    over the exposure's row of ``line_out/I`` and ``line_out/Idev`` (no copy). Failed
+    exposures (no line-out) get none.
+    """
+    added = 0
+    with h5py.File(path, "a", libver="latest") as handle:
+        entry = handle["entry"]
+        line_out = entry["line_out"]
+        indices = entry["exposures/index"][()]
+        status = entry["exposures/status"][()]
+        n_q = line_out["q_nm"].shape[0]
+        for row in np.argsort(indices, kind="stable"):
+            name = f"sasdata_{indices[row]:06d}"
+            if name in entry or status[row] != b"ok":
+                continue
+            group = entry.create_group(name)
+            group.attrs.update(NX_class="NXdata", canSAS_class="SASdata", signal="I", I_axes="Q")
+            group["Q"] = line_out["q_nm"]
+            for field in ("I", "Idev"):
+                layout = h5py.VirtualLayout(shape=(n_q,), dtype=np.float32)
+                layout[:] = h5py.VirtualSource(line_out[field])[row, :]
+                group.create_virtual_dataset(field, layout, fillvalue=np.nan)
+                group[field].attrs["units"] = "arbitrary"
+            group["I"].attrs["uncertainties"] = "Idev"
+            added += 1
+    return added
 
 
 @dataclass
