@@ -266,6 +266,8 @@ def _print_summary(summary: dict) -> int:
             f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
             f"re-sent ({summary['duplicates']} computed twice, written once)"
         )
+    if summary["skipped"]:
+        print(f"resumed:    {summary['skipped']} exposures were already in the file")
     if summary["remote_workers"]:
         print(f"remote:     {summary['remote_workers']} workers on other nodes took part")
     return 0 if summary["failed"] == 0 else 1
@@ -280,7 +282,8 @@ def _reprocess(args: argparse.Namespace) -> int:
     config = _scan_config(args, re.sub(r"[^A-Za-z0-9._-]", "_", first).lstrip("._-") or "scan")
     paths = [str(path) for path in args.paths]
     archived_frames(paths, config.scan_id)  # bad patterns stop here, before Prefect starts
-    return _print_summary(reprocess_scan(config, paths, read_ahead=args.read_ahead))
+    summary = reprocess_scan(config, paths, read_ahead=args.read_ahead, resume=args.resume)
+    return _print_summary(summary)
 
 
 def _online(args: argparse.Namespace) -> int:
@@ -422,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         metavar="N",
         help="frames a reader process decodes ahead of integration (0: no reader process)",
+    )
+    reprocess.add_argument(
+        "--resume",
+        action="store_true",
+        help="complete an existing results file of this scan (e.g. of a run that was killed)",
     )
     reprocess.set_defaults(run=_reprocess)
 

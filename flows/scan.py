@@ -105,6 +105,8 @@ def _summary_markdown(summary: ScanSummary) -> str:
         ]
     if summary.remote_workers:
         lines += ["", f"Remote workers: {summary.remote_workers} (on other nodes)."]
+    if summary.skipped:
+        lines += ["", f"Resumed: {summary.skipped} exposures were already in the file."]
     if summary.failures:
         lines += ["", "## Failed exposures", ""]
         lines += [f"- {index}: {error}" for index, error in sorted(summary.failures.items())]
@@ -116,12 +118,13 @@ def _reconstruct(
     exposures: Iterator[Exposure],
     batch_size: int | None,
     expected_frames: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Feed ``exposures`` through a :class:`ScanRunner` in tasks of ``batch_size`` frames (or,
     when ``None``, one task for a live stream), with a progress artifact and a markdown
-    summary; return the summary as a dict."""
+    summary; return the summary as a dict. ``resume`` continues an existing results file."""
     progress = RateLimitedProgress(config.scan_id)
-    with ScanRunner(config) as runner:
+    with ScanRunner(config, resume=resume) as runner:
         if batch_size is None:
             submit_stream(runner, exposures, progress)
         else:
@@ -173,10 +176,16 @@ def archived_frames(paths: list[str], scan_id: str) -> FileSource:
 
 @flow(name="reprocess-scan")
 def reprocess_scan(
-    config: PipelineConfig, paths: list[str], batch_size: int = 16, read_ahead: int = 4
+    config: PipelineConfig,
+    paths: list[str],
+    batch_size: int = 16,
+    read_ahead: int = 4,
+    resume: bool = False,
 ) -> dict:
     """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5)
-    into ``config.output_path``; unreadable frames are recorded as failed exposures.
+    into ``config.output_path``; unreadable frames are recorded as failed exposures. With
+    ``resume``, an existing results file of the scan (say, of a run that was killed) is
+    completed: exposures already in it are not computed again.
 
     A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
     read in the flow's own process), so that decoding and integrating overlap; pyFAI's engine
@@ -184,14 +193,14 @@ def reprocess_scan(
     """
     source = archived_frames(paths, config.scan_id)
     if read_ahead == 0:
-        return _reconstruct(config, source.exposures(), batch_size)
+        return _reconstruct(config, source.exposures(), batch_size, resume=resume)
     if config.integration.openmp_threads is None:
         threads = max(1, (os.cpu_count() or 1) - 1)
         integration = config.integration.model_copy(update={"openmp_threads": threads})
         config = config.model_copy(update={"integration": integration})
     with ReadAhead(source, read_ahead) as reader:
         reader.start()  # its start-up (about a second) overlaps the workers'
-        return _reconstruct(config, reader.exposures(), batch_size)
+        return _reconstruct(config, reader.exposures(), batch_size, resume=resume)
 
 
 @flow(name="online-scan")

@@ -281,3 +281,40 @@ def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path):
         pass
     assert "SHA-256" in str(error.value)  # the worker's own words, from its log
     assert "replaced" not in str(error.value)  # not started again and again
+
+
+def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tmp_path):
+    import h5py
+
+    config = PipelineConfig(
+        scan_id="resumed",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+    )
+    line_outs = _line_outs(150, seed=12)
+    with pytest.raises(ScanError, match="writer exited"), ScanRunner(config) as runner:
+        writer = next(c.process for c in runner._children if c.name == "writer")
+        for exposure, line_out in line_outs:
+            runner.submit_line_out(exposure, line_out)
+            if runner.n_done >= 40 and writer.poll() is None:
+                os.kill(writer.pid, signal.SIGKILL)
+        runner.wait()
+    partial = read_results(config.output_path)  # readable as it was left (SWMR reader)
+    assert 40 <= partial.index.size < 150
+    assert np.unique(partial.index).size == partial.index.size
+
+    with pytest.raises(FileExistsError, match="resume"):
+        ScanRunner(config).start()
+    with ScanRunner(config, resume=True) as runner:
+        for exposure, line_out in line_outs:  # the whole scan again
+            runner.submit_line_out(exposure, line_out)
+        summary = runner.wait()
+    assert summary.skipped == partial.index.size
+    assert summary.written_ok == 150 - partial.index.size
+    results = read_results(config.output_path)
+    assert results.index.tolist() == list(range(150))  # no duplicate, no gap
+    assert (results.status == "ok").all() and np.isfinite(results.samples).all()
+    np.testing.assert_array_equal(results.samples[partial.index], partial.samples)
+    with h5py.File(config.output_path) as handle:  # a normal file again, with NXcanSAS groups
+        assert sum(name.startswith("sasdata_") for name in handle["entry"]) == 150

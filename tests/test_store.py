@@ -115,3 +115,26 @@ def test_a_file_without_nxcansas_data_is_refused(tmp_path):
         handle["x"] = np.arange(3)
     with pytest.raises(ValueError, match="no NXcanSAS"):
         read_nxcansas(path)
+
+
+def test_resuming_continues_only_a_file_of_the_same_scan(tmp_path):
+    path = tmp_path / "scan.h5"
+    card = {"weights_sha256": "abc"}
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", model_card=card) as writer:
+        writer.append(_ok(0))
+    others = {
+        "scan id": dict(scan_id="s2", model_card=card),
+        "model": dict(scan_id="s1", model_card={"weights_sha256": "def"}),
+    }
+    for what, changed in others.items():
+        with pytest.raises(ValueError, match=f"its {what} is"):
+            ResultsWriter(path, NAMES, UNITS, 10, Q, resume=True, **changed)
+    with pytest.raises(ValueError, match="samples per exposure"):
+        ResultsWriter(path, NAMES, UNITS, 20, Q, scan_id="s1", model_card=card, resume=True)
+    with pytest.raises(ValueError, match="q grid"):
+        ResultsWriter(path, NAMES, UNITS, 10, Q * 2, scan_id="s1", model_card=card, resume=True)
+    (tmp_path / "scan.h5.resuming").write_bytes(b"left by an interrupted resume")
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", model_card=card, resume=True) as w:
+        assert not w.append(_ok(0)) and w.append(_ok(1))  # 0 is in the file already
+    assert read_results(path).index.tolist() == [0, 1]
+    assert not (tmp_path / "scan.h5.resuming").exists()

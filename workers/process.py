@@ -40,6 +40,9 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--run-dir", type=Path, required=True, help="the run's directory")
     parser.add_argument("--id", type=int, default=0, help="this process's number")
+    parser.add_argument(
+        "--resume", action="store_true", help="writer: continue the scan's existing file"
+    )
     return parser.parse_args(argv)
 
 

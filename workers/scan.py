@@ -63,6 +63,7 @@ from pipeline.integration import FrameError, LineOutIntegrator, exposure_normali
 from pipeline.model import DEFAULT_MODEL, read_card
 from pipeline.model.checkpoint import card_path
 from pipeline.physics import PARAMETER_NAMES
+from pipeline.store.results import written_indices
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from pipeline.transport.security import serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
@@ -90,6 +91,8 @@ class ScanSummary:
     duplicates: int
     resent: int
     worker_restarts: int
+    #: exposures already in the file of a resumed scan, not sent again
+    skipped: int
     #: workers on other nodes that took part
     remote_workers: int
     wall_s: float
@@ -155,10 +158,17 @@ class _Worker:
 
 
 class ScanRunner:
-    """Feeds one scan through the pipeline's processes (a context manager)."""
+    """Feeds one scan through the pipeline's processes (a context manager).
 
-    def __init__(self, config: PipelineConfig) -> None:
+    With ``resume``, an existing results file of the same scan is continued: the writer keeps
+    its complete rows, and exposures already in it are skipped when submitted again.
+    """
+
+    def __init__(self, config: PipelineConfig, resume: bool = False) -> None:
         self.config = config
+        self.resume = resume
+        self._written_before: set[int] = set()
+        self._skipped: set[int] = set()
         self.integrator = LineOutIntegrator(config.integration, config.grid.grid())
         self._children: list[_Child] = []
         self._workers: dict[bytes, _Worker] = {}
@@ -188,7 +198,11 @@ class ScanRunner:
     def start(self) -> ScanRunner:
         config = self.config
         if config.output_path.exists():
-            raise FileExistsError(f"results file already exists: {config.output_path}")
+            if not self.resume:
+                raise FileExistsError(
+                    f"results file already exists: {config.output_path} (resume to continue it)"
+                )
+            self._written_before = written_indices(config.output_path)
         self.run_dir = Path(tempfile.mkdtemp(prefix="binn-"))  # short: ipc paths are limited
         (self.run_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
         self.endpoints = Endpoints.resolve(config.transport, self.run_dir)
@@ -225,7 +239,7 @@ class ScanRunner:
         try:
             if config.transport.remote_work is not None:
                 self._bind_remote_work()
-            self._spawn("writer", "workers.writer", 0)
+            self._spawn("writer", "workers.writer", 0, *(["--resume"] if self.resume else []))
             for number in range(config.n_workers):
                 self._spawn(f"worker-{number}", "workers.inference", number)
             self._wait_ready()
@@ -254,11 +268,20 @@ class ScanRunner:
             "card": np.frombuffer(card_path(Path(weights)).read_bytes(), np.uint8),
         }
 
-    def _spawn(self, name: str, module: str, number: int) -> None:
+    def _spawn(self, name: str, module: str, number: int, *options: str) -> None:
         log = self.log_dir / f"{name}.log"
+        command = [
+            sys.executable,
+            "-m",
+            module,
+            "--run-dir",
+            str(self.run_dir),
+            "--id",
+            str(number),
+        ]
         with open(log, "a") as handle:  # a replaced worker's log goes on in the same file
             process = subprocess.Popen(
-                [sys.executable, "-m", module, "--run-dir", str(self.run_dir), "--id", str(number)],
+                [*command, *options],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -385,10 +408,20 @@ class ScanRunner:
         self.stop()
 
     # -- feeding and acknowledgements -----------------------------------------------------
+    def _skip(self, exposure: Exposure) -> bool:
+        """Whether ``exposure`` is done already (in the file of a resumed scan); ValueError if
+        it was submitted before."""
+        if exposure.index in self._sent_at or exposure.index in self._skipped:
+            raise ValueError(f"exposure {exposure.index} was already submitted")
+        if exposure.index in self._written_before:
+            self._skipped.add(exposure.index)
+            return True
+        return False
+
     def submit(self, exposure: Exposure) -> None:
         """Integrate one exposure and send it on (blocks while too many are in flight)."""
-        if exposure.index in self._sent_at:
-            raise ValueError(f"exposure {exposure.index} was already submitted")
+        if self._skip(exposure):
+            return
         header = self._header(exposure)
         self.metrics.record("received")
         if exposure.error is not None or exposure.frame is None:
@@ -406,8 +439,8 @@ class ScanRunner:
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
-        if exposure.index in self._sent_at:
-            raise ValueError(f"exposure {exposure.index} was already submitted")
+        if self._skip(exposure):
+            return
         self.metrics.record("received")
         self._send(exposure, line_out)
 
@@ -666,6 +699,7 @@ class ScanRunner:
             duplicates=self.duplicates,
             resent=self.resent,
             worker_restarts=self.worker_restarts,
+            skipped=len(self._skipped),
             remote_workers=self.remote_workers,
             wall_s=wall,
             exposures_per_s=self.n_done / wall if wall > 0 else 0.0,

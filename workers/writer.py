@@ -7,7 +7,8 @@ results. A duplicate (an exposure index already written) is acknowledged again b
 written twice. A sender that ZeroMQ disconnects (a message part over
 ``transport.max_message_bytes``, or a worker that exited) is logged.
 
-Run: ``python -m workers.writer --run-dir RUN_DIR`` (the scan runner does this).
+Run: ``python -m workers.writer --run-dir RUN_DIR [--resume]`` (the scan runner does this;
+``--resume`` continues an existing file of the same scan, see :class:`ResultsWriter`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def serve(argv: list[str] | None = None) -> int:
         config_json=config.model_dump_json(),
         model_card=read_card(config.inference.model),
         poni_text=poni.read_text(),
+        resume=args.resume,
     )
     context = zmq.Context()
     results = context.socket(zmq.PULL)

@@ -90,6 +90,13 @@ class ResultsWriter:
 
     Exposures whose index was already written are dropped (``append`` returns False), so a
     re-sent exposure appears once.
+
+    With ``resume``, an existing file of the same scan (same scan id, model, samples and q
+    grid) is continued instead: its complete rows (:func:`written_indices`; a row the killed
+    writer had only begun is dropped) are copied into a new file beside it, which then
+    replaces it, and appending goes on there. The copy is needed because a file whose SWMR
+    writer was killed cannot be opened for writing again (HDF5 keeps its "open for write"
+    flag; only readers in SWMR mode may open it).
     """
 
     def __init__(
@@ -104,14 +111,20 @@ class ResultsWriter:
         config_json: str = "{}",
         model_card: dict | None = None,
         poni_text: str = "",
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
+        target = self.path
         if self.path.exists():
-            raise FileExistsError(f"results file already exists: {self.path}")
+            if not resume:
+                raise FileExistsError(f"results file already exists: {self.path}")
+            _check_resumable(self.path, scan_id, model_card, n_samples, q_nm, parameter_names)
+            target = self.path.with_name(self.path.name + ".resuming")
+            target.unlink(missing_ok=True)  # left by a resume that was itself interrupted
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seen: set[int] = set()
         n_par, n_q = len(parameter_names), len(q_nm)
-        self.file = h5py.File(self.path, "w", libver="latest")
+        self.file = h5py.File(target, "w", libver="latest")
         self.file.attrs["default"] = "entry"
         entry = self.file.create_group("entry")
         entry.attrs.update(
@@ -176,8 +189,25 @@ class ResultsWriter:
             self._datasets[name].attrs["parameter_names"] = list(parameter_names)
             self._datasets[name].attrs["units"] = list(parameter_units)
         self._datasets["quantiles"].attrs["levels"] = list(QUANTILE_LEVELS)
-        self.file.swmr_mode = True
         self.n_rows = 0
+        if target != self.path:
+            self._copy_complete_rows(self.path)
+            self.file.flush()
+            target.replace(self.path)  # the open file moves with its name
+        self.file.swmr_mode = True
+
+    def _copy_complete_rows(self, path: Path) -> None:
+        """Copy the complete rows of an earlier file of this scan, in blocks of rows."""
+        with h5py.File(path, "r", libver="latest", swmr=True) as old:
+            entry = old["entry"]
+            n = _complete_rows(entry)
+            for name, dataset in self._datasets.items():
+                source = entry[_ROW_DATASETS[name]]
+                dataset.resize(n, axis=0)
+                for start in range(0, n, 1024):
+                    dataset[start : start + 1024] = source[start : min(n, start + 1024)]
+            self._seen = {int(i) for i in entry["exposures/index"][:n]}
+        self.n_rows = n
 
     def append(self, result: ExposureResult) -> bool:
         """Write one exposure and flush; False if this exposure index was written before."""
@@ -229,6 +259,67 @@ class ResultsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Where each per-exposure dataset of a results file lives, by :class:`ResultsWriter` name.
+_ROW_DATASETS = {
+    **{
+        name: f"exposures/{name}"
+        for name in ("index", "timestamp", "written_time", "status", "error", "source", "truth")
+    },
+    **{name: f"line_out/{name}" for name in ("counts", "counts_sd", "normalization", "I", "Idev")},
+    **{name: f"posterior/{name}" for name in ("samples", "mean", "sd", "quantiles")},
+}
+
+
+def _complete_rows(entry: h5py.Group) -> int:
+    """Rows written to every per-exposure dataset (a killed writer may have grown some)."""
+    missing = [path for path in _ROW_DATASETS.values() if path not in entry]
+    if missing:
+        raise ValueError(f"not a results file of this version: no {', '.join(missing)}")
+    return min(entry[path].shape[0] for path in _ROW_DATASETS.values())
+
+
+def written_indices(path: Path) -> set[int]:
+    """Exposure indices of the complete rows of a results file, also of one whose writer was
+    killed (read in SWMR mode)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+        entry = handle["entry"]
+        return {int(i) for i in entry["exposures/index"][: _complete_rows(entry)]}
+
+
+def _check_resumable(
+    path: Path,
+    scan_id: str,
+    model_card: dict | None,
+    n_samples: int,
+    q_nm: np.ndarray,
+    parameter_names: tuple[str, ...],
+) -> None:
+    """ValueError unless ``path`` is a results file of this scan, model, samples and grid."""
+    try:
+        handle = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as error:
+        raise ValueError(f"cannot resume {path}: unreadable ({error}); move it away") from error
+    with handle:
+        entry = handle["entry"]
+        _complete_rows(entry)
+        card = json.loads(entry["model_card"][()].decode())
+        differences = {
+            "scan id": (str(entry.attrs["scan_id"]), scan_id),
+            "model": (card.get("weights_sha256"), (model_card or {}).get("weights_sha256")),
+            "samples per exposure": (entry["posterior/samples"].shape[1], n_samples),
+            "parameters": (
+                tuple(entry["posterior/samples"].attrs["parameter_names"]),
+                tuple(parameter_names),
+            ),
+        }
+        their_q = entry["line_out/q_nm"][()]
+    for what, (theirs, ours) in differences.items():
+        if theirs != ours:
+            raise ValueError(f"cannot resume {path}: its {what} is {theirs!r}, this run's {ours!r}")
+    if their_q.shape != np.shape(q_nm) or not np.allclose(their_q, q_nm):
+        raise ValueError(f"cannot resume {path}: its q grid differs from this run's")
 
 
 def add_cansas_curves(path: Path) -> int:
