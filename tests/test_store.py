@@ -1,4 +1,5 @@
 import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 
@@ -54,6 +55,7 @@ def test_units_and_names_are_stored(tmp_path):
         assert handle["entry/line_out/q_nm"].attrs["units"] == "1/nm"
         assert list(handle["entry/posterior/samples"].attrs["parameter_names"]) == list(NAMES)
         assert handle["entry/posterior/samples"].shape == (1, 10, 2)
+        assert str(hdf5plugin.BSHUF_ID) in handle["entry/posterior/samples"]._filters
 
 
 def test_an_existing_file_is_never_overwritten(tmp_path):
@@ -138,3 +140,34 @@ def test_resuming_continues_only_a_file_of_the_same_scan(tmp_path):
         assert not w.append(_ok(0)) and w.append(_ok(1))  # 0 is in the file already
     assert read_results(path).index.tolist() == [0, 1]
     assert not (tmp_path / "scan.h5.resuming").exists()
+
+
+FOLLOWER = """
+import sys, time
+from pipeline.store import read_results
+seen = []
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and (not seen or seen[-1] < int(sys.argv[2])):
+    seen.append(read_results(sys.argv[1]).index.size)  # the file is open for writing meanwhile
+    time.sleep(0.05)
+print(" ".join(map(str, seen)))
+"""
+
+
+def test_a_reader_in_another_process_follows_the_file_while_it_is_written(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1") as writer:
+        follower = subprocess.Popen(
+            [sys.executable, "-c", FOLLOWER, str(path), "30"], stdout=subprocess.PIPE, text=True
+        )
+        for index in range(30):
+            writer.append(_ok(index))
+            time.sleep(0.1)
+        seen = [int(n) for n in follower.communicate(timeout=60)[0].split()]
+    assert seen[-1] == 30
+    assert len({n for n in seen if 0 < n < 30}) >= 5  # rows appeared while the writer wrote
+    assert seen == sorted(seen)
