@@ -146,6 +146,7 @@ FOLLOWER = """
 import sys, time
 from pipeline.store import read_results
 seen = []
+print(read_results(sys.argv[1]).index.size, flush=True)  # ready: imports done, file open
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline and (not seen or seen[-1] < int(sys.argv[2])):
     seen.append(read_results(sys.argv[1]).index.size)  # the file is open for writing meanwhile
@@ -164,6 +165,7 @@ def test_a_reader_in_another_process_follows_the_file_while_it_is_written(tmp_pa
         follower = subprocess.Popen(
             [sys.executable, "-c", FOLLOWER, str(path), "30"], stdout=subprocess.PIPE, text=True
         )
+        assert follower.stdout.readline().strip() == "0"  # it reads the file before any row
         for index in range(30):
             writer.append(_ok(index))
             time.sleep(0.1)

@@ -1,7 +1,8 @@
 """Writer: the only process that opens the scan's HDF5 file.
 
 It receives posterior results and failure records (PULL, bound on the results endpoint),
-appends each to the file, flushes, and acknowledges the exposure to the feeder, with its
+appends whatever has arrived to the file as one block of rows, flushes, and acknowledges
+each exposure to the feeder (so nothing is acknowledged before it is in the file), with its
 posterior summaries (mean, sd, 5/50/95% quantiles) for the feeder's view of the newest
 results. A duplicate (an exposure index already written) is acknowledged again but not
 written twice. A sender that ZeroMQ disconnects (a message part over
@@ -25,6 +26,10 @@ from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.store import ExposureResult, ResultsWriter
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
+
+#: Most results appended as one block (one resize and write per dataset, one flush): 2.5 ms
+#: per exposure one at a time, 0.39 ms in blocks of 8, 0.14 ms in blocks of 64.
+MAX_BLOCK = 256
 
 
 def to_result(message: Message) -> ExposureResult:
@@ -78,24 +83,30 @@ def serve(argv: list[str] | None = None) -> int:
     poller.register(control, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
 
-    def write_next(flags: int = 0) -> None:
-        frames = results.recv_multipart(flags, copy=False)
-        try:
-            message = decode([f.buffer for f in frames])
-            result = to_result(message)
-        except (ProtocolError, KeyError, TypeError, ValueError) as error:
-            print(f"writer: dropped a malformed message: {error}", file=sys.stderr)
-            return
-        written = writer.append(result)
-        ack = {
-            "index": result.index,
-            "status": result.status,
-            "error": result.error,
-            "duplicate": not written,
-        }
-        if result.status == "ok":
-            ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
-        acks.send_multipart(encode("ack", ack))
+    def write_waiting() -> int:
+        """Append what has arrived (up to :data:`MAX_BLOCK` results) as one block, flush,
+        then acknowledge each; return how many messages were taken."""
+        batch = []
+        for _ in range(MAX_BLOCK):
+            try:
+                frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                batch.append(to_result(decode([f.buffer for f in frames])))
+            except (ProtocolError, KeyError, TypeError, ValueError) as error:
+                print(f"writer: dropped a malformed message: {error}", file=sys.stderr)
+        for result, written in zip(batch, writer.append_many(batch), strict=True):
+            ack = {
+                "index": result.index,
+                "status": result.status,
+                "error": result.error,
+                "duplicate": not written,
+            }
+            if result.status == "ok":
+                ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
+            acks.send_multipart(encode("ack", ack))
+        return len(batch)
 
     try:
         while True:
@@ -110,13 +121,10 @@ def serve(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             if results in events:
-                write_next()
+                write_waiting()
             elif control in events or not parent.alive():  # write what has arrived, then close
-                while True:
-                    try:
-                        write_next(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                while write_waiting():
+                    pass
                 break
     finally:
         writer.close()
