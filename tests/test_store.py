@@ -173,3 +173,17 @@ def test_a_reader_in_another_process_follows_the_file_while_it_is_written(tmp_pa
     assert seen[-1] == 30
     assert len({n for n in seen if 0 < n < 30}) >= 5  # rows appeared while the writer wrote
     assert seen == sorted(seen)
+
+
+def test_a_file_whose_nxcansas_groups_cannot_be_added_keeps_its_rows(tmp_path, caplog, monkeypatch):
+    import pipeline.store.results as results_module
+
+    def locked(path):
+        raise OSError("unable to lock file")  # another program opened it without SWMR
+
+    monkeypatch.setattr(results_module, "add_cansas_curves", locked)
+    path = tmp_path / "scan.h5"
+    with caplog.at_level("WARNING"), ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
+        writer.append(_ok(0))
+    assert "could not be added" in caplog.text
+    assert read_results(path).index.tolist() == [0]

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ from pathlib import Path
 import h5py
 import hdf5plugin  # registers the bitshuffle filter for writing and reading samples
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 QUANTILE_LEVELS = (0.05, 0.5, 0.95)
 #: Posterior samples are stored bitshuffle + LZ4 compressed (as Eiger detectors write
@@ -285,7 +288,15 @@ class ResultsWriter:
         if not self.file.id.valid:
             return
         self.file.close()
-        add_cansas_curves(self.path)
+        try:
+            add_cansas_curves(self.path)
+        except OSError as error:  # e.g. another program opened the file without SWMR meanwhile
+            log.warning(
+                "%s: every exposure is written, but the NXcanSAS groups could not be added (%s); "
+                "add them later with pipeline.store.results.add_cansas_curves",
+                self.path,
+                error,
+            )
 
     def __enter__(self) -> ResultsWriter:
         return self
