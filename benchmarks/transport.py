@@ -5,8 +5,8 @@ Ways through the same simulated line-outs, timed from the first line-out handed 
 last exposure written (process start-up left out), all in batches of
 ``inference.max_batch`` (as a worker batches):
 
-1. **in process**: :meth:`PosteriorModel.sample` plus :class:`ResultsWriter` appending and
-   flushing every exposure, in this process, on 1 torch thread and on all cores (with
+1. **in process**: :meth:`PosteriorModel.sample`, the summaries and the posterior-predictive
+   check, plus :class:`ResultsWriter` appending each batch as one block and flushing, in this process, on 1 torch thread and on all cores (with
    :func:`~pipeline.model.allocator.retain_freed_memory`, as the workers run);
 2. **the engine**: :class:`ScanRunner` (``submit_line_out``: feeder -> credits over ZeroMQ
    -> worker -> writer -> ack) with 1 worker of 1 thread, 2 workers of 1 thread, and 1
@@ -48,6 +48,7 @@ from pipeline.exposure import Exposure, LineOut, PosteriorSamples
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics import QGrid, simulate
+from pipeline.physics.quality import predictive_z
 from pipeline.store import ExposureResult, ResultsWriter
 from pipeline.transport.security import create_keypair
 from workers.scan import ScanRunner
@@ -84,14 +85,12 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> tuple[float, f
             model.sample(rows, N_SAMPLES, seed=first), model.parameter_names, model.parameter_units
         )
         summaries = posterior.summaries()
-        for row, line_out in enumerate(rows):
-            writer.append(
+        z = predictive_z(rows, posterior.samples, model.grid, seed=first)  # as workers do
+        writer.append_many(  # one block per batch, as the writer process appends
+            [
                 ExposureResult(
                     index=first + row,
                     timestamp=time.time(),
-                    status="ok",
-                    error="",
-                    source="",
                     normalization=1.0,
                     counts=line_out,
                     counts_sd=np.sqrt(np.maximum(line_out, 1.0)),
@@ -99,9 +98,11 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> tuple[float, f
                     mean=summaries["mean"][row],
                     sd=summaries["sd"][row],
                     quantiles=summaries["quantiles"][row],
-                    truth=None,
+                    predictive_z=float(z[row]),
                 )
-            )
+                for row, line_out in enumerate(rows)
+            ]
+        )
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     writer.close()
     return elapsed, cpu

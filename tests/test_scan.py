@@ -318,3 +318,23 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tm
     np.testing.assert_array_equal(results.samples[partial.index], partial.samples)
     with h5py.File(config.output_path) as handle:  # a normal file again, with NXcanSAS groups
         assert sum(name.startswith("sasdata_") for name in handle["entry"]) == 150
+
+
+def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):
+    from pipeline.physics.quality import Z_THRESHOLD, sphere_counts
+
+    config = PipelineConfig(scan_id="flagged", n_workers=1, output_dir=tmp_path)
+    line_outs = _line_outs(12, seed=13)
+    spheres, _ = sphere_counts(3, np.random.default_rng(14), QGrid())
+    q = QGrid().q_nm
+    for index, counts in zip((3, 7, 11), spheres, strict=True):  # foreign samples among them
+        line_outs[index] = (line_outs[index][0], LineOut(q, counts, np.sqrt(counts + 1)))
+    with ScanRunner(config) as runner:
+        for exposure, line_out in line_outs:
+            runner.submit_line_out(exposure, line_out)
+        runner.wait()
+    results = read_results(config.output_path)
+    assert results.index[results.flagged].tolist() == [3, 7, 11]
+    assert (results.predictive_z[results.flagged] > Z_THRESHOLD).all()
+    recent = {r.index: r for r in runner.recent}
+    assert "FLAGGED" in recent[7].describe() and "FLAGGED" not in recent[6].describe()

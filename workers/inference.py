@@ -32,6 +32,7 @@ from pipeline.config import InferenceConfig
 from pipeline.exposure import PosteriorSamples
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
+from pipeline.physics.quality import predictive_z
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, control_socket, parse_args, read_run
 
@@ -54,8 +55,9 @@ def _line_out_error(message: Message) -> str | None:
 
 
 def _infer(model, messages: list[Message], n_samples: int, seed: int) -> tuple[list[list], int]:
-    """Messages to the writer for a batch of line-out messages: posterior results, failure
-    records for bad ones; and how many results."""
+    """Messages to the writer for a batch of line-out messages: posterior results (with
+    summaries and the posterior-predictive ``z``), failure records for bad ones; and how
+    many results."""
     out = []
     good = []
     for message in messages:
@@ -71,11 +73,12 @@ def _infer(model, messages: list[Message], n_samples: int, seed: int) -> tuple[l
         model.sample(counts, n_samples, seed=seed), model.parameter_names, model.parameter_units
     )
     summaries = posterior.summaries()
+    z = predictive_z(counts, posterior.samples, model.grid, seed=seed)
     for row, message in enumerate(good):
         out.append(
             encode(
                 "result",
-                message.header,
+                {**message.header, "predictive_z": float(z[row])},
                 counts=message.arrays["counts"],
                 counts_sd=message.arrays["counts_sd"],
                 samples=posterior.samples[row],

@@ -63,6 +63,7 @@ from pipeline.integration import FrameError, LineOutIntegrator, exposure_normali
 from pipeline.model import DEFAULT_MODEL, read_card
 from pipeline.model.checkpoint import card_path
 from pipeline.physics import PARAMETER_NAMES
+from pipeline.physics.quality import Z_THRESHOLD
 from pipeline.store.results import written_indices
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from pipeline.transport.security import serve_curve, start_authenticator
@@ -117,6 +118,13 @@ class RecentResult:
     sd: tuple[float, ...] = ()
     quantiles: tuple[tuple[float, ...], ...] = ()
     error: str = ""
+    #: the posterior-predictive check (:mod:`pipeline.physics.quality`)
+    predictive_z: float = float("nan")
+
+    @property
+    def flagged(self) -> bool:
+        """The grating model cannot explain this line-out."""
+        return self.predictive_z > Z_THRESHOLD
 
     def describe(self) -> str:
         """One line, e.g. ``12: pitch_nm 100.2 [99.8, 100.6], ...`` (median [5%, 95%])."""
@@ -126,7 +134,8 @@ class RecentResult:
             f"{name} {q50:.4g} [{q05:.4g}, {q95:.4g}]"
             for name, q05, q50, q95 in zip(PARAMETER_NAMES, *self.quantiles, strict=True)
         ]
-        return f"{self.index}: " + ", ".join(parts)
+        flag = f" FLAGGED (z = {self.predictive_z:.0f}): not explained by a grating" * self.flagged
+        return f"{self.index}: " + ", ".join(parts) + flag
 
 
 @dataclass
@@ -634,6 +643,7 @@ class ScanRunner:
                 tuple(message.header.get("sd", ())),
                 tuple(tuple(row) for row in message.header.get("quantiles", ())),
                 str(message.header.get("error", "")),
+                float(message.header.get("predictive_z", np.nan)),
             )
         )
         if self._status[index] != "ok":

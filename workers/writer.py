@@ -49,6 +49,7 @@ def to_result(message: Message) -> ExposureResult:
         mean=arrays.get("mean"),
         sd=arrays.get("sd"),
         quantiles=arrays.get("quantiles"),
+        predictive_z=float(header.get("predictive_z", np.nan)),
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )
 
@@ -105,6 +106,7 @@ def serve(argv: list[str] | None = None) -> int:
             }
             if result.status == "ok":
                 ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
+                ack["predictive_z"] = result.predictive_z
             acks.send_multipart(encode("ack", ack))
         return len(batch)
 

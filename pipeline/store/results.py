@@ -53,6 +53,8 @@ import h5py
 import hdf5plugin  # registers the bitshuffle filter for writing and reading samples
 import numpy as np
 
+from pipeline.physics.quality import Z_THRESHOLD
+
 log = logging.getLogger(__name__)
 
 QUANTILE_LEVELS = (0.05, 0.5, 0.95)
@@ -79,6 +81,8 @@ class ExposureResult:
     sd: np.ndarray | None = None
     quantiles: np.ndarray | None = None
     truth: np.ndarray | None = None
+    #: the posterior-predictive check's z (:mod:`pipeline.physics.quality`)
+    predictive_z: float = np.nan
 
 
 def _software_versions() -> dict[str, str]:
@@ -187,6 +191,8 @@ class ResultsWriter:
             "mean": growing(posterior, "mean", (n_par,), np.float32),
             "sd": growing(posterior, "sd", (n_par,), np.float32),
             "quantiles": growing(posterior, "quantiles", (len(QUANTILE_LEVELS), n_par), np.float32),
+            "predictive_z": growing(posterior, "predictive_z", (), np.float32),
+            "flagged": growing(posterior, "flagged", (), np.uint8, 0),
             "I": growing(line_out, "I", (n_q,), np.float32),
             "Idev": growing(line_out, "Idev", (n_q,), np.float32),
         }
@@ -202,6 +208,10 @@ class ResultsWriter:
             self._datasets[name].attrs["parameter_names"] = list(parameter_names)
             self._datasets[name].attrs["units"] = list(parameter_units)
         self._datasets["quantiles"].attrs["levels"] = list(QUANTILE_LEVELS)
+        self._datasets["flagged"].attrs["z_threshold"] = Z_THRESHOLD
+        self._datasets["flagged"].attrs["meaning"] = (
+            "1: the grating model cannot explain the line-out (predictive_z > z_threshold)"
+        )
         self.n_rows = 0
         if target != self.path:
             self._copy_complete_rows(self.path)
@@ -272,6 +282,8 @@ class ResultsWriter:
             "mean": result.mean,
             "sd": result.sd,
             "quantiles": result.quantiles,
+            "predictive_z": result.predictive_z,
+            "flagged": int(bool(result.predictive_z > Z_THRESHOLD)),
             "I": None,
             "Idev": None,
         }
@@ -320,7 +332,10 @@ _ROW_DATASETS = {
         for name in ("index", "timestamp", "written_time", "status", "error", "source", "truth")
     },
     **{name: f"line_out/{name}" for name in ("counts", "counts_sd", "normalization", "I", "Idev")},
-    **{name: f"posterior/{name}" for name in ("samples", "mean", "sd", "quantiles")},
+    **{
+        name: f"posterior/{name}"
+        for name in ("samples", "mean", "sd", "quantiles", "predictive_z", "flagged")
+    },
 }
 
 
@@ -428,6 +443,8 @@ class Results:
     mean: np.ndarray
     sd: np.ndarray
     quantiles: np.ndarray
+    predictive_z: np.ndarray
+    flagged: np.ndarray
     config_json: str
     model_card: dict
 
@@ -459,6 +476,8 @@ def read_results(path: Path) -> Results:
             mean=rows("posterior/mean"),
             sd=rows("posterior/sd"),
             quantiles=rows("posterior/quantiles"),
+            predictive_z=rows("posterior/predictive_z"),
+            flagged=rows("posterior/flagged").astype(bool),
             config_json=entry["config"][()].decode(),
             model_card=json.loads(entry["model_card"][()].decode()),
         )
