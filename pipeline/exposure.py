@@ -60,10 +60,26 @@ class PosteriorSamples:
     QUANTILES = (0.05, 0.5, 0.95)
 
     def summaries(self) -> dict[str, np.ndarray]:
-        """Per-exposure ``mean`` and ``sd`` (exposures, parameters) and ``quantiles``
-        (exposures, 3, parameters) at :attr:`QUANTILES`."""
-        return {
+        """Per-exposure ``mean`` and ``sd`` (exposures, parameters), ``quantiles``
+        (exposures, 3, parameters) at :attr:`QUANTILES`, and, for a grating, the
+        ``width_mode_weights`` (exposures, 2): the fractions of draws in the narrow-line
+        (width < pitch / 2) and the wide-line solution, which give the same line-out.
+
+        Example:
+            >>> draws = np.array([[[100.0, 30.0], [100.0, 70.0], [100.0, 32.0], [100.0, 29.0]]])
+            >>> PosteriorSamples(draws, ("pitch_nm", "width_nm"), ("nm", "nm")).summaries()[
+            ...     "width_mode_weights"
+            ... ].tolist()
+            [[0.75, 0.25]]
+        """
+        out = {
             "mean": self.samples.mean(axis=1),
             "sd": self.samples.std(axis=1, ddof=1),
             "quantiles": np.moveaxis(np.quantile(self.samples, self.QUANTILES, axis=1), 0, 1),
         }
+        if {"pitch_nm", "width_nm"} <= set(self.parameter_names):
+            pitch = self.samples[..., self.parameter_names.index("pitch_nm")]
+            width = self.samples[..., self.parameter_names.index("width_nm")]
+            narrow = (width < pitch / 2).mean(axis=1)
+            out["width_mode_weights"] = np.stack([narrow, 1.0 - narrow], axis=-1)
+        return out

@@ -338,3 +338,6 @@ def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):
     assert (results.predictive_z[results.flagged] > Z_THRESHOLD).all()
     recent = {r.index: r for r in runner.recent}
     assert "FLAGGED" in recent[7].describe() and "FLAGGED" not in recent[6].describe()
+    gratings = ~results.flagged  # both width solutions, as the exact posterior has them
+    np.testing.assert_allclose(results.width_mode_weights.sum(axis=1), 1.0, rtol=1e-6)
+    assert (np.abs(results.width_mode_weights[gratings, 0] - 0.5) < 0.1).all()

@@ -24,6 +24,8 @@ def _ok(index: int) -> ExposureResult:
         sd=samples.std(0),
         quantiles=np.quantile(samples, [0.05, 0.5, 0.95], axis=0),
         truth=np.array([200.0, 60.0]),
+        predictive_z=float(index),
+        width_mode_weights=np.array([0.25, 0.75]),
     )
 
 
@@ -44,6 +46,9 @@ def test_rows_are_written_once_and_read_back_in_index_order(tmp_path):
     np.testing.assert_array_equal(results.normalization[1:], [1e5 + 1, 1e5 + 2])
     assert np.isnan(results.samples[0]).all() and np.isfinite(results.samples[1:]).all()
     np.testing.assert_array_equal(results.samples[2], _ok(2).samples)
+    np.testing.assert_array_equal(results.predictive_z[1:], [1.0, 2.0])
+    np.testing.assert_array_equal(results.width_mode_weights[2], [0.25, 0.75])
+    assert np.isnan(results.width_mode_weights[0]).all() and not results.flagged.any()
     assert results.parameter_names == NAMES and results.config_json == '{"a": 1}'
 
 

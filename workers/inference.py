@@ -85,6 +85,7 @@ def _infer(model, messages: list[Message], n_samples: int, seed: int) -> tuple[l
                 mean=summaries["mean"][row].astype(np.float32),
                 sd=summaries["sd"][row].astype(np.float32),
                 quantiles=summaries["quantiles"][row].astype(np.float32),
+                width_mode_weights=summaries["width_mode_weights"][row].astype(np.float32),
             )
         )
     return out, len(good)

@@ -49,6 +49,7 @@ def to_result(message: Message) -> ExposureResult:
         mean=arrays.get("mean"),
         sd=arrays.get("sd"),
         quantiles=arrays.get("quantiles"),
+        width_mode_weights=arrays.get("width_mode_weights"),
         predictive_z=float(header.get("predictive_z", np.nan)),
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )

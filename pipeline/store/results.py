@@ -83,6 +83,8 @@ class ExposureResult:
     truth: np.ndarray | None = None
     #: the posterior-predictive check's z (:mod:`pipeline.physics.quality`)
     predictive_z: float = np.nan
+    #: fractions of draws in the narrow-line and the wide-line solution of the width
+    width_mode_weights: np.ndarray | None = None
 
 
 def _software_versions() -> dict[str, str]:
@@ -192,6 +194,7 @@ class ResultsWriter:
             "sd": growing(posterior, "sd", (n_par,), np.float32),
             "quantiles": growing(posterior, "quantiles", (len(QUANTILE_LEVELS), n_par), np.float32),
             "predictive_z": growing(posterior, "predictive_z", (), np.float32),
+            "width_mode_weights": growing(posterior, "width_mode_weights", (2,), np.float32),
             "flagged": growing(posterior, "flagged", (), np.uint8, 0),
             "I": growing(line_out, "I", (n_q,), np.float32),
             "Idev": growing(line_out, "Idev", (n_q,), np.float32),
@@ -208,6 +211,10 @@ class ResultsWriter:
             self._datasets[name].attrs["parameter_names"] = list(parameter_names)
             self._datasets[name].attrs["units"] = list(parameter_units)
         self._datasets["quantiles"].attrs["levels"] = list(QUANTILE_LEVELS)
+        self._datasets["width_mode_weights"].attrs["modes"] = [
+            "narrow: width < pitch / 2",
+            "wide: width > pitch / 2",
+        ]
         self._datasets["flagged"].attrs["z_threshold"] = Z_THRESHOLD
         self._datasets["flagged"].attrs["meaning"] = (
             "1: the grating model cannot explain the line-out (predictive_z > z_threshold)"
@@ -283,6 +290,7 @@ class ResultsWriter:
             "sd": result.sd,
             "quantiles": result.quantiles,
             "predictive_z": result.predictive_z,
+            "width_mode_weights": result.width_mode_weights,
             "flagged": int(bool(result.predictive_z > Z_THRESHOLD)),
             "I": None,
             "Idev": None,
@@ -334,7 +342,15 @@ _ROW_DATASETS = {
     **{name: f"line_out/{name}" for name in ("counts", "counts_sd", "normalization", "I", "Idev")},
     **{
         name: f"posterior/{name}"
-        for name in ("samples", "mean", "sd", "quantiles", "predictive_z", "flagged")
+        for name in (
+            "samples",
+            "mean",
+            "sd",
+            "quantiles",
+            "predictive_z",
+            "width_mode_weights",
+            "flagged",
+        )
     },
 }
 
@@ -445,6 +461,7 @@ class Results:
     quantiles: np.ndarray
     predictive_z: np.ndarray
     flagged: np.ndarray
+    width_mode_weights: np.ndarray
     config_json: str
     model_card: dict
 
@@ -478,6 +495,7 @@ def read_results(path: Path) -> Results:
             quantiles=rows("posterior/quantiles"),
             predictive_z=rows("posterior/predictive_z"),
             flagged=rows("posterior/flagged").astype(bool),
+            width_mode_weights=rows("posterior/width_mode_weights"),
             config_json=entry["config"][()].decode(),
             model_card=json.loads(entry["model_card"][()].decode()),
         )
