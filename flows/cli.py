@@ -352,6 +352,24 @@ def _add_scan_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
 
 
+def _show(args: argparse.Namespace) -> int:
+    from pipeline.store import read_results
+    from pipeline.store.views import summary_table, write_plots
+
+    results = read_results(args.results)
+    ok = results.status == "ok"
+    print(
+        f"scan {results.scan_id}: {results.index.size} exposures, {int(ok.sum())} with a "
+        f"posterior, {int((~ok).sum())} failed, {int(results.flagged.sum())} flagged "
+        f"(not explained by a grating)"
+    )
+    print(summary_table(results, None if args.exposure is None else [args.exposure]))
+    if args.png is not None:
+        for path in write_plots(results, args.png, args.exposure):
+            print(f"wrote {path}")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from pipeline.transport.security import create_keypair
 
@@ -471,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="auto", help="torch device (default auto: CUDA if any)")
     worker.add_argument("--once", action="store_true", help="exit after one scan")
     worker.set_defaults(run=_worker)
+
+    show = commands.add_parser(
+        "show",
+        help="summarise a results file; with --png, plot traces, a line-out and a posterior",
+    )
+    show.add_argument("results", type=Path, help="a results file (SCAN_ID.h5)")
+    show.add_argument("--exposure", type=int, help="only this exposure (and plot it)")
+    show.add_argument("--png", type=Path, metavar="DIR", help="write PNG plots into DIR")
+    show.set_defaults(run=_show)
 
     keys = commands.add_parser(
         "keys",

@@ -192,3 +192,46 @@ def test_a_file_whose_nxcansas_groups_cannot_be_added_keeps_its_rows(tmp_path, c
         writer.append(_ok(0))
     assert "could not be added" in caplog.text
     assert read_results(path).index.tolist() == [0]
+
+
+def test_show_prints_a_table_and_writes_plots(tmp_path, capsys):
+    from flows.cli import main
+    from pipeline.exposure import PosteriorSamples
+    from pipeline.model import load
+    from pipeline.physics import simulate
+    from pipeline.physics.quality import predictive_z, sphere_counts
+
+    model = load(device="cpu")
+    _, counts = simulate(4, np.random.default_rng(5))
+    counts[2] = sphere_counts(1, np.random.default_rng(6), model.grid)[0][0]  # not a grating
+    posterior = PosteriorSamples(model.sample(counts, 300, seed=0), model.parameter_names, ())
+    summaries = posterior.summaries()
+    z = predictive_z(counts, posterior.samples, model.grid, seed=0)
+    path = tmp_path / "scan.h5"
+    units = model.parameter_units
+    with ResultsWriter(path, model.parameter_names, units, 300, model.grid.q_nm, scan_id="s") as w:
+        for row in range(4):
+            w.append(
+                ExposureResult(
+                    index=row,
+                    timestamp=0.0,
+                    counts=counts[row],
+                    counts_sd=np.sqrt(counts[row] + 1),
+                    normalization=1.0,
+                    samples=posterior.samples[row],
+                    **{key: summaries[key][row] for key in ("mean", "sd", "quantiles")},
+                    predictive_z=float(z[row]),
+                )
+            )
+        w.append(ExposureResult(index=4, timestamp=0.0, status="failed", error="bad frame"))
+
+    assert main(["show", str(path), "--png", str(tmp_path / "png"), "--exposure", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "5 exposures, 4 with a posterior, 1 failed, 1 flagged" in out
+    assert "FLAGGED" in out and "pitch_nm median [5%, 95%]" in out
+    for name in ("traces.png", "lineout_000002.png", "corner_000002.png"):
+        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(path)]) == 0
+    assert "bad frame" in capsys.readouterr().out
+    assert main(["show", str(path), "--png", str(tmp_path / "png"), "--exposure", "4"]) == 2
+    assert "failed (bad frame): nothing to plot" in capsys.readouterr().err

@@ -1,0 +1,154 @@
+"""Looking at a results file: a summary table and PNG plots (``beamline-inn show``).
+
+- :func:`summary_table`: one line per exposure: status, quality flag, and the posterior
+  median with its 90% interval for pitch, width and sigma (or the error of a failed one);
+- :func:`write_plots`: the parameter traces across the scan with their 90% bands; for one
+  exposure, its line-out with the band of the expected counts (the forward model run on 200
+  of its posterior draws, 5-95%) and a corner plot of its posterior.
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from pathlib import Path
+    >>> from pipeline.physics import simulate
+    >>> from pipeline.store import ExposureResult, ResultsWriter, read_results
+    >>> theta, counts = simulate(1, np.random.default_rng(0))
+    >>> path = Path(tempfile.mkdtemp()) / "scan.h5"
+    >>> names = ("pitch_nm", "width_nm", "sigma_nm", "n_photons", "background")
+    >>> with ResultsWriter(path, names, ("nm",) * 3 + ("", ""), 3, np.linspace(0.01, 0.4, 512)) as w:
+    ...     w.append(ExposureResult(0, 0.0, status="failed", error="truncated file"))
+    True
+    >>> print(summary_table(read_results(path)).splitlines()[-1])
+        0  failed  truncated file
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.physics import QGrid, expected_counts
+from pipeline.store.results import Results
+
+#: Parameters shown in the table and the traces (the grating's; the nuisances are in the file).
+SHOWN = ("pitch_nm", "width_nm", "sigma_nm")
+
+
+def summary_table(results: Results, exposures: list[int] | None = None) -> str:
+    """A text table of ``exposures`` (indices; default all) of ``results``."""
+    columns = [results.parameter_names.index(name) for name in SHOWN]
+    header = f"{'index':>5}  {'status':<7} " + "".join(
+        f"{name + ' median [5%, 95%]':>30}" for name in SHOWN
+    )
+    lines = [header]
+    for row, index in enumerate(results.index):
+        if exposures is not None and int(index) not in exposures:
+            continue
+        if results.status[row] != "ok":
+            lines.append(f"{index:>5}  {results.status[row]:<7} {results.error[row]}")
+            continue
+        q05, q50, q95 = results.quantiles[row][:, columns]
+        cells = "".join(
+            f"{f'{m:.1f} [{lo:.1f}, {hi:.1f}]':>30}"
+            for lo, m, hi in zip(q05, q50, q95, strict=True)
+        )
+        flag = "  FLAGGED: not a grating?" if results.flagged[row] else ""
+        lines.append(f"{index:>5}  {'ok':<7} {cells}{flag}")
+    return "\n".join(lines)
+
+
+def write_plots(results: Results, out_dir: Path, exposure: int | None = None) -> list[Path]:
+    """Traces across the scan, and the line-out and corner plot of ``exposure`` (default:
+    the first exposure with a posterior); return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = results.status == "ok"
+    if not ok.any():
+        raise ValueError("no exposure of this file has a posterior to plot")
+    written = []
+
+    columns = [results.parameter_names.index(name) for name in SHOWN]
+    figure, axes = plt.subplots(len(SHOWN), 1, figsize=(8, 2.2 * len(SHOWN)), sharex=True)
+    for axis, name, column in zip(axes, SHOWN, columns, strict=True):
+        q = results.quantiles[ok][:, :, column]
+        axis.fill_between(results.index[ok], q[:, 0], q[:, 2], alpha=0.3, label="90% interval")
+        axis.plot(results.index[ok], q[:, 1], ".-", ms=3, label="median")
+        flagged = ok & results.flagged
+        axis.plot(results.index[flagged], results.quantiles[flagged][:, 1, column], "rx")
+        axis.set_ylabel(f"{name}")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("exposure index")
+    axes[0].set_title(f"Scan {results.scan_id}: posterior across the scan (x: flagged)")
+    written.append(_save(figure, out_dir / "traces.png"))
+
+    rows = np.flatnonzero(ok) if exposure is None else np.flatnonzero(results.index == exposure)
+    if rows.size == 0:
+        raise ValueError(f"exposure {exposure} is not in the file")
+    row = int(rows[0])
+    if results.status[row] != "ok":
+        raise ValueError(f"exposure {exposure} failed ({results.error[row]}): nothing to plot")
+    index = int(results.index[row])
+    samples = results.samples[row]
+
+    grid = _grid(results)
+    draws = samples[np.random.default_rng(index).choice(len(samples), 200, replace=False)]
+    low, high = np.percentile(expected_counts(draws.astype(np.float64), grid), [5, 95], axis=0)
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.fill_between(
+        results.q_nm,
+        low + 0.5,
+        high + 0.5,
+        color="C1",
+        alpha=0.5,
+        label="expected counts, 5-95% of 200 draws",
+    )
+    axis.plot(results.q_nm, results.counts[row] + 0.5, "k-", lw=0.7, label="measured")
+    axis.set(
+        yscale="log",
+        xlabel="q (1/nm)",
+        ylabel="counts + 0.5",
+        title=f"Exposure {index}: z = {results.predictive_z[row]:.1f}",
+    )
+    axis.legend(fontsize=8)
+    written.append(_save(figure, out_dir / f"lineout_{index:06d}.png"))
+
+    n = len(results.parameter_names)
+    figure, axes = plt.subplots(n, n, figsize=(2 * n, 2 * n))
+    for i in range(n):
+        for j in range(n):
+            axis = axes[i, j]
+            if j > i:
+                axis.axis("off")
+            elif i == j:
+                axis.hist(samples[:, i], bins=40, color="C0")
+            else:
+                axis.plot(samples[:, j], samples[:, i], ",", alpha=0.5)
+            if i == n - 1:
+                axis.set_xlabel(f"{results.parameter_names[j]} ({results.parameter_units[j]})")
+            if j == 0 and i > 0:
+                axis.set_ylabel(results.parameter_names[i])
+    figure.suptitle(f"Exposure {index}: posterior ({len(samples)} draws)")
+    written.append(_save(figure, out_dir / f"corner_{index:06d}.png"))
+    return written
+
+
+def _grid(results: Results) -> QGrid:
+    """The scan's q grid, with its resolution, from the configuration saved in the file."""
+    grid = json.loads(results.config_json or "{}").get("grid")
+    if grid:
+        return QGrid(**grid)
+    return QGrid(float(results.q_nm[0]), float(results.q_nm[-1]), int(results.q_nm.size))
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return path
