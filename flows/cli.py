@@ -353,10 +353,10 @@ def _add_scan_options(command: argparse.ArgumentParser) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pipeline.store import read_results
+    from pipeline.store import open_results
     from pipeline.store.views import summary_table, write_plots
 
-    results = read_results(args.results)
+    results = open_results(args.results)
     ok = results.status == "ok"
     print(
         f"scan {results.scan_id}: {results.index.size} exposures, {int(ok.sum())} with a "

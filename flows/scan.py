@@ -33,7 +33,7 @@ from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.sources import DirectoryWatcher, FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.dectris import DectrisStream
-from pipeline.store import read_results
+from pipeline.store import open_results
 from workers.metrics import stage_table
 from workers.scan import ScanRunner, ScanSummary
 
@@ -250,7 +250,7 @@ def watch_scan(
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:
     """A small table of posterior medians [5%, 95%] against the true values."""
-    results = read_results(path)
+    results = open_results(path)
     names = ("pitch_nm", "width_nm", "sigma_nm")
     columns = [results.parameter_names.index(name) for name in names]
     lines = ["exposure  " + "  ".join(f"{name:>34}" for name in names)]

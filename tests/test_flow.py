@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from pipeline.store import read_results
+from pipeline.store import open_results
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_demo_writes_every_exposure_exactly_once(prefect_harness, tmp_path, caps
     assert "exposures:  24 (24 written, 0 failed)" in printed
     (path,) = tmp_path.glob("*.h5")
     assert str(path) in printed
-    results = read_results(path)
+    results = open_results(path)
     assert results.index.tolist() == list(range(24))
     assert (results.status == "ok").all()
     assert results.samples.shape == (24, 1000, 5) and np.isfinite(results.samples).all()
@@ -68,7 +68,7 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
     status = main(["reprocess", *paths, *options, "--workers", "1", "--samples", "200"])
     printed = capsys.readouterr().out
     assert status == 1 and "exposures:  8 (6 written, 2 failed)" in printed, printed
-    results = read_results(out / "archive.h5")
+    results = open_results(out / "archive.h5")
     assert results.index.tolist() == list(range(8))
     # natural order over all paths: the Eiger file's 2 frames, then scan_1 ... scan_6
     assert results.status.tolist() == ["ok", "ok", "ok", "ok", "failed", "ok", "ok", "failed"]
@@ -133,7 +133,7 @@ def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     assert not failures, failures
     printed = capsys.readouterr().out
     assert status == 0 and "exposures:  100 (100 written, 0 failed)" in printed, printed
-    results = read_results(out / "live.h5")
+    results = open_results(out / "live.h5")
     assert results.index.tolist() == list(range(100)) and (results.status == "ok").all()
     assert all(eiger_simulator.stream in source for source in results.source)
     assert np.isfinite(results.samples).all()
@@ -171,7 +171,7 @@ def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tm
     status = main(["online", *watch, *options, "--workers", "1", "--samples", "100"])
     thread.join(10)
     assert status == 0, capsys.readouterr().out
-    results = read_results(out / "watched.h5")
+    results = open_results(out / "watched.h5")
     assert results.index.tolist() == list(range(5)) and (results.status == "ok").all()
     names = [source.rsplit("/", 1)[-1] for source in results.source]
     assert names == ["frame_1.edf", "frame_2.edf", "frame_3.edf", "frame_4.edf", "frame_10.edf"]

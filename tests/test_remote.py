@@ -15,7 +15,7 @@ from test_scan import _line_outs
 
 from flows.cli import main
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
-from pipeline.store import read_results
+from pipeline.store import open_results
 from pipeline.transport.security import create_keypair, is_loopback
 from workers.scan import ScanError, ScanRunner
 
@@ -81,7 +81,7 @@ def test_a_worker_with_its_key_serves_scan_after_scan_over_tcp(tmp_path, keys):
                 summary = runner.wait()
             assert summary.remote_workers == 1 and summary.written_ok == 60
             assert summary.stages["inferred"]["count"] == 60
-            results = read_results(config.output_path)
+            results = open_results(config.output_path)
             assert sorted(results.index.tolist()) == list(range(60))
             assert (results.status == "ok").all()
         _wait_for(lambda: log.read_text().count("ended (stop)") == 2, 10, "the second stop")
@@ -143,7 +143,7 @@ def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys):
         worker.wait()
     assert summary.remote_workers == 1 and summary.resent > 0 and summary.worker_restarts == 0
     assert summary.written_ok == 300
-    assert sorted(read_results(config.output_path).index.tolist()) == list(range(300))
+    assert sorted(open_results(config.output_path).index.tolist()) == list(range(300))
 
 
 @pytest.mark.parametrize(

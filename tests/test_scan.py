@@ -13,7 +13,7 @@ from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
-from pipeline.store import read_results
+from pipeline.store import open_results
 from workers.scan import RECENT_RESULTS, ScanError, ScanRunner
 
 
@@ -44,7 +44,7 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
         "failed": 4,
     }
     assert summary.stages["integrated"]["p50_ms"] > 0
-    results = read_results(config.output_path)
+    results = open_results(config.output_path)
     assert results.index.tolist() == list(range(10))  # every exposure exactly once
     failed = {
         int(i): e
@@ -114,7 +114,7 @@ def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(pid) for pid in pids), "children outlived their feeder"
-    results = read_results(tmp_path / "killed.h5")
+    results = open_results(tmp_path / "killed.h5")
     assert results.index.tolist() == list(range(6)) and (results.status == "ok").all()
 
 
@@ -157,7 +157,7 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path)
     assert summary.stages["written"]["count"] == 1000
     assert summary.stages["inferred"]["count"] >= 1000  # some computed twice
     assert summary.submitted == summary.written_ok == 1000 and summary.failed == 0
-    results = read_results(config.output_path)
+    results = open_results(config.output_path)
     assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
     assert len(runner.recent) == RECENT_RESULTS  # only the newest are kept for live views
@@ -186,7 +186,7 @@ def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path):
             if _running(stalled):
                 os.kill(stalled, signal.SIGKILL)
     assert summary.written_ok == 200 and summary.worker_restarts == 1
-    assert sorted(read_results(config.output_path).index.tolist()) == list(range(200))
+    assert sorted(open_results(config.output_path).index.tolist()) == list(range(200))
 
 
 def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplog):
@@ -226,7 +226,7 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
     writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
     assert "dropped a malformed message" in writer_log
     assert "writer: a sender disconnected" in writer_log
-    assert sorted(read_results(config.output_path).index.tolist()) == list(range(20))
+    assert sorted(open_results(config.output_path).index.tolist()) == list(range(20))
 
 
 def _resident_mb(pid: int) -> float:
@@ -300,7 +300,7 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tm
             if runner.n_done >= 40 and writer.poll() is None:
                 os.kill(writer.pid, signal.SIGKILL)
         runner.wait()
-    partial = read_results(config.output_path)  # readable as it was left (SWMR reader)
+    partial = open_results(config.output_path)  # readable as it was left (SWMR reader)
     assert 40 <= partial.index.size < 150
     assert np.unique(partial.index).size == partial.index.size
 
@@ -312,7 +312,7 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tm
         summary = runner.wait()
     assert summary.skipped == partial.index.size
     assert summary.written_ok == 150 - partial.index.size
-    results = read_results(config.output_path)
+    results = open_results(config.output_path)
     assert results.index.tolist() == list(range(150))  # no duplicate, no gap
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
     np.testing.assert_array_equal(results.samples[partial.index], partial.samples)
@@ -333,7 +333,7 @@ def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):
         for exposure, line_out in line_outs:
             runner.submit_line_out(exposure, line_out)
         runner.wait()
-    results = read_results(config.output_path)
+    results = open_results(config.output_path)
     assert results.index[results.flagged].tolist() == [3, 7, 11]
     assert (results.predictive_z[results.flagged] > Z_THRESHOLD).all()
     recent = {r.index: r for r in runner.recent}

@@ -3,7 +3,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 
-from pipeline.store import ExposureResult, ResultsWriter, read_results
+from pipeline.store import ExposureResult, ResultsWriter, open_results
 
 NAMES, UNITS = ("pitch_nm", "width_nm"), ("nm", "nm")
 Q = np.linspace(0.01, 0.4, 512)
@@ -38,7 +38,7 @@ def test_rows_are_written_once_and_read_back_in_index_order(tmp_path):
         )
         assert writer.append(_ok(1))
         assert not writer.append(_ok(2))  # duplicate
-    results = read_results(path)
+    results = open_results(path)
     assert results.index.tolist() == [0, 1, 2]
     assert results.status.tolist() == ["failed", "ok", "ok"]
     assert results.error[0] == "bad frame"
@@ -143,18 +143,18 @@ def test_resuming_continues_only_a_file_of_the_same_scan(tmp_path):
     (tmp_path / "scan.h5.resuming").write_bytes(b"left by an interrupted resume")
     with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", model_card=card, resume=True) as w:
         assert not w.append(_ok(0)) and w.append(_ok(1))  # 0 is in the file already
-    assert read_results(path).index.tolist() == [0, 1]
+    assert open_results(path).index.tolist() == [0, 1]
     assert not (tmp_path / "scan.h5.resuming").exists()
 
 
 FOLLOWER = """
 import sys, time
-from pipeline.store import read_results
+from pipeline.store import open_results
 seen = []
-print(read_results(sys.argv[1]).index.size, flush=True)  # ready: imports done, file open
+print(open_results(sys.argv[1]).index.size, flush=True)  # ready: imports done, file open
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline and (not seen or seen[-1] < int(sys.argv[2])):
-    seen.append(read_results(sys.argv[1]).index.size)  # the file is open for writing meanwhile
+    seen.append(open_results(sys.argv[1]).index.size)  # the file is open for writing meanwhile
     time.sleep(0.05)
 print(" ".join(map(str, seen)))
 """
@@ -191,7 +191,7 @@ def test_a_file_whose_nxcansas_groups_cannot_be_added_keeps_its_rows(tmp_path, c
     with caplog.at_level("WARNING"), ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
         writer.append(_ok(0))
     assert "could not be added" in caplog.text
-    assert read_results(path).index.tolist() == [0]
+    assert open_results(path).index.tolist() == [0]
 
 
 def test_show_prints_a_table_and_writes_plots(tmp_path, capsys):
@@ -235,3 +235,14 @@ def test_show_prints_a_table_and_writes_plots(tmp_path, capsys):
     assert "bad frame" in capsys.readouterr().out
     assert main(["show", str(path), "--png", str(tmp_path / "png"), "--exposure", "4"]) == 2
     assert "failed (bad frame): nothing to plot" in capsys.readouterr().err
+
+
+def test_long_and_non_ascii_text_is_kept_within_its_field(tmp_path):
+    path = tmp_path / "scan.h5"
+    error = "détecteur saturé " * 60  # 1,140 bytes of UTF-8
+    with ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
+        writer.append(ExposureResult(0, 0.0, status="failed", error=error, source="scan_α.cbf"))
+    results = open_results(path)
+    assert results.source[0] == "scan_α.cbf"
+    assert results.error[0].startswith("détecteur saturé") and results.error[0].endswith("...")
+    assert len(results.error[0].encode()) <= 512

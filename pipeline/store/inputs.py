@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.physics import PARAMETER_NAMES
-from pipeline.store.results import read_results
+from pipeline.store.results import open_results
 
 N_POINTS = 512
 
@@ -39,7 +39,7 @@ def read_line_outs(
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         if path.suffix in (".h5", ".hdf5", ".nxs"):
-            results = read_results(path)
+            results = open_results(path)
             wanted = exposures if exposures else results.index[results.status == "ok"].tolist()
             for index in wanted:
                 rows = np.flatnonzero(results.index == index)

@@ -37,7 +37,7 @@ Example:
     >>> with ResultsWriter(path, names, units, n_samples=4, q_nm=np.linspace(0.01, 0.4, 512)) as w:
     ...     w.append(ExposureResult(index=0, timestamp=0.0, status="failed", error="bad frame"))
     True
-    >>> read_results(path).error.tolist()
+    >>> open_results(path).error.tolist()
     ['bad frame']
 """
 
@@ -61,7 +61,21 @@ QUANTILE_LEVELS = (0.05, 0.5, 0.95)
 #: Posterior samples are stored bitshuffle + LZ4 compressed (as Eiger detectors write
 #: frames): 1.27x smaller for 0.016 ms more per exposure (``benchmarks/store.py``).
 SAMPLES_COMPRESSION = dict(hdf5plugin.Bitshuffle(cname="lz4"))
-_TEXT = h5py.string_dtype()
+#: Per-exposure text fields, as fixed-length UTF-8 (bytes): HDF5's SWMR does not support
+#: variable-length data (a reader following the file meets "bad heap index" errors). Longer
+#: text is cut, ending in "...".
+TEXT_BYTES = {"status": 8, "error": 512, "source": 256}
+
+
+def _fixed_text(value: str) -> np.ndarray:
+    """A fixed-length UTF-8 string scalar (no global heap, so SWMR readers can read it)."""
+    data = value.encode()
+    return np.array(data, dtype=f"S{max(1, len(data))}")
+
+
+def _cut(value: str, length: int) -> bytes:
+    data = value.encode()
+    return data if len(data) <= length else data[: length - 3] + b"..."
 
 
 @dataclass
@@ -151,11 +165,11 @@ class ResultsWriter:
         entry.attrs["software"] = json.dumps(_software_versions())
         for name in ("definition", "title", "run"):
             value = "NXcanSAS" if name == "definition" else scan_id
-            entry.create_dataset(name, data=value, dtype=_TEXT)
-        entry.create_dataset("config", data=config_json, dtype=_TEXT)
-        entry.create_dataset("model_card", data=json.dumps(model_card or {}), dtype=_TEXT)
+            entry.create_dataset(name, data=_fixed_text(value))
+        entry.create_dataset("config", data=_fixed_text(config_json))
+        entry.create_dataset("model_card", data=_fixed_text(json.dumps(model_card or {})))
         geometry = entry.create_group("instrument/geometry")
-        geometry.create_dataset("poni", data=poni_text, dtype=_TEXT)
+        geometry.create_dataset("poni", data=_fixed_text(poni_text))
 
         def growing(
             group: h5py.Group, name: str, shape: tuple, dtype, fill=np.nan, **filters
@@ -180,9 +194,10 @@ class ResultsWriter:
             "index": growing(exposures, "index", (), np.int64, -1),
             "timestamp": growing(exposures, "timestamp", (), np.float64),
             "written_time": growing(exposures, "written_time", (), np.float64),
-            "status": growing(exposures, "status", (), _TEXT, ""),
-            "error": growing(exposures, "error", (), _TEXT, ""),
-            "source": growing(exposures, "source", (), _TEXT, ""),
+            **{
+                name: growing(exposures, name, (), f"S{length}", b"")
+                for name, length in TEXT_BYTES.items()
+            },
             "truth": growing(exposures, "truth", (n_par,), np.float64),
             "counts": growing(line_out, "counts", (n_q,), np.float32),
             "counts_sd": growing(line_out, "counts_sd", (n_q,), np.float32),
@@ -327,8 +342,8 @@ class ResultsWriter:
 
 def _rows_block(dataset: h5py.Dataset, values: list) -> np.ndarray:
     """The rows to write into ``dataset``: the values, its fill value where one is missing."""
-    if dataset.dtype.kind == "O":  # text
-        return np.array([value or "" for value in values], dtype=object)
+    if dataset.dtype.kind == "S":  # text, UTF-8 in fixed-length bytes
+        return np.array([_cut(value or "", dataset.dtype.itemsize) for value in values])
     fill = np.full(dataset.shape[1:], dataset.fillvalue, dtype=dataset.dtype)
     return np.stack([fill if v is None else np.asarray(v, dtype=dataset.dtype) for v in values])
 
@@ -466,7 +481,7 @@ class Results:
     model_card: dict
 
 
-def read_results(path: Path) -> Results:
+def open_results(path: Path) -> Results:
     """Read a results file (also one still being written, through SWMR)."""
     with h5py.File(path, "r", libver="latest", swmr=True) as handle:
         entry = handle["entry"]
@@ -483,9 +498,9 @@ def read_results(path: Path) -> Results:
             q_nm=entry["line_out/q_nm"][()],
             index=rows("exposures/index"),
             timestamp=rows("exposures/timestamp"),
-            status=np.array([s.decode() for s in rows("exposures/status")]),
-            error=np.array([s.decode() for s in rows("exposures/error")]),
-            source=np.array([s.decode() for s in rows("exposures/source")]),
+            status=np.array([s.decode(errors="replace") for s in rows("exposures/status")]),
+            error=np.array([s.decode(errors="replace") for s in rows("exposures/error")]),
+            source=np.array([s.decode(errors="replace") for s in rows("exposures/source")]),
             truth=rows("exposures/truth"),
             counts=rows("line_out/counts"),
             normalization=rows("line_out/normalization"),

@@ -10,14 +10,14 @@ Example:
     >>> import tempfile, numpy as np
     >>> from pathlib import Path
     >>> from pipeline.physics import simulate
-    >>> from pipeline.store import ExposureResult, ResultsWriter, read_results
+    >>> from pipeline.store import ExposureResult, ResultsWriter, open_results
     >>> theta, counts = simulate(1, np.random.default_rng(0))
     >>> path = Path(tempfile.mkdtemp()) / "scan.h5"
     >>> names = ("pitch_nm", "width_nm", "sigma_nm", "n_photons", "background")
     >>> with ResultsWriter(path, names, ("nm",) * 3 + ("", ""), 3, np.linspace(0.01, 0.4, 512)) as w:
     ...     w.append(ExposureResult(0, 0.0, status="failed", error="truncated file"))
     True
-    >>> print(summary_table(read_results(path)).splitlines()[-1])
+    >>> print(summary_table(open_results(path)).splitlines()[-1])
         0  failed  truncated file
 """
 
