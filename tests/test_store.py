@@ -61,6 +61,10 @@ def test_units_and_names_are_stored(tmp_path):
         assert list(handle["entry/posterior/samples"].attrs["parameter_names"]) == list(NAMES)
         assert handle["entry/posterior/samples"].shape == (1, 10, 2)
         assert str(hdf5plugin.BSHUF_ID) in handle["entry/posterior/samples"]._filters
+        for group in ("exposures", "line_out", "posterior"):  # units on every quantity
+            for name, dataset in handle["entry"][group].items():
+                if dataset.dtype.kind in "fu" and name != "index":
+                    assert "units" in dataset.attrs, f"{group}/{name}"
 
 
 def test_an_existing_file_is_never_overwritten(tmp_path):

@@ -226,6 +226,9 @@ class ResultsWriter:
             self._datasets[name].attrs["parameter_names"] = list(parameter_names)
             self._datasets[name].attrs["units"] = list(parameter_units)
         self._datasets["quantiles"].attrs["levels"] = list(QUANTILE_LEVELS)
+        self._datasets["normalization"].attrs["units"] = "arbitrary"  # monitor x transmission
+        for name in ("predictive_z", "width_mode_weights", "flagged"):
+            self._datasets[name].attrs["units"] = "dimensionless"
         self._datasets["width_mode_weights"].attrs["modes"] = [
             "narrow: width < pitch / 2",
             "wide: width > pitch / 2",

@@ -3,8 +3,9 @@
 - :func:`summary_table`: one line per exposure: status, quality flag, and the posterior
   median with its 90% interval for pitch, width and sigma (or the error of a failed one);
 - :func:`write_plots`: the parameter traces across the scan with their 90% bands; for one
-  exposure, its line-out with the band of the expected counts (the forward model run on 200
-  of its posterior draws, 5-95%) and a corner plot of its posterior.
+  exposure, its line-out with the posterior-predictive band (5-95% of line-outs simulated
+  from 200 of its posterior draws, Poisson noise included) and a corner plot of its
+  posterior.
 
 Example:
     >>> import tempfile, numpy as np
@@ -97,8 +98,10 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     samples = results.samples[row]
 
     grid = _grid(results)
-    draws = samples[np.random.default_rng(index).choice(len(samples), 200, replace=False)]
-    low, high = np.percentile(expected_counts(draws.astype(np.float64), grid), [5, 95], axis=0)
+    rng = np.random.default_rng(index)
+    draws = samples[rng.choice(len(samples), min(200, len(samples)), replace=False)]
+    replicas = rng.poisson(expected_counts(draws.astype(np.float64), grid))  # new line-outs
+    low, high = np.percentile(replicas, [5, 95], axis=0)
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.fill_between(
         results.q_nm,
@@ -106,7 +109,7 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
         high + 0.5,
         color="C1",
         alpha=0.5,
-        label="expected counts, 5-95% of 200 draws",
+        label="posterior predictive, 5-95%",
     )
     axis.plot(results.q_nm, results.counts[row] + 0.5, "k-", lw=0.7, label="measured")
     axis.set(
