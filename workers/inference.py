@@ -4,8 +4,8 @@ summaries out (PUSH to the writer).
 It loads the model once and says ``ready`` with its credits (line-outs it will take); the
 feeder sends it no more than that. It batches the line-outs that are waiting into one
 forward pass, at most the batch its measured costs say fits ``inference.latency_budget_ms``
-(:class:`BatchSizer`, never more than ``inference.max_batch``), sends the results to the
-writer and returns the credits, keeping twice that batch in credit. While idle it sends a
+(:class:`BatchSizer`, never more than ``inference.max_batch``), returns the credits (keeping
+twice that batch in credit) and then sends the results to the writer. While idle it sends a
 heartbeat every ``transport.heartbeat_interval_s``. A worker that goes silent is replaced by
 the feeder and its exposures are sent to the others. An exposure the model cannot handle is
 sent on as a failure record with the error text, so the scan goes on and nothing is silently
@@ -185,7 +185,8 @@ class InferenceSession:
 
     def run(self, line_outs: list[Message]) -> tuple[list[list], dict]:
         """The messages for the writer (results, failure records) of one batch, and the
-        header of the ``credit`` message to send the feeder after it."""
+        header of the ``credit`` message for the feeder (sent before the results, so that
+        the feeder counts the batch as inferred before the writer acknowledges any of it)."""
         self.batches += 1
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
@@ -258,8 +259,6 @@ def serve(argv: list[str] | None = None) -> int:
                 work.send_multipart(encode("credit", {"id": args.id, "credits": session.credits()}))
             continue
         outgoing, credit = session.run(line_outs)
-        # the credit (with the batch's inference count) first: the feeder then counts the
-        # batch as inferred before the writer can acknowledge any of it
         work.send_multipart(encode("credit", credit))
         for frames in outgoing:
             results.send_multipart(frames, copy=False)

@@ -194,7 +194,7 @@ class RemoteWorker:
         """Infer one batch and send its results and credits; ``"lost"`` if the feeder is gone."""
         outgoing, credit = session.run(line_outs)
         try:
-            self._send("credit", credit)  # before the results, as a local worker does
+            self._send("credit", credit)  # before the results (see InferenceSession.run)
             for frames in outgoing:
                 self.socket.send_multipart(frames, copy=False)
         except zmq.Again:  # no connection for CONNECTION_TIMEOUT_S: the feeder re-sends them

@@ -134,8 +134,10 @@ class RecentResult:
             f"{name} {q50:.4g} [{q05:.4g}, {q95:.4g}]"
             for name, q05, q50, q95 in zip(PARAMETER_NAMES, *self.quantiles, strict=True)
         ]
-        flag = f" FLAGGED (z = {self.predictive_z:.0f}): not explained by a grating" * self.flagged
-        return f"{self.index}: " + ", ".join(parts) + flag
+        line = f"{self.index}: " + ", ".join(parts)
+        if self.flagged:
+            line += f" FLAGGED (z = {self.predictive_z:.0f}): not explained by a grating"
+        return line
 
 
 @dataclass
