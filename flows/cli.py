@@ -274,12 +274,10 @@ def _print_summary(summary: dict) -> int:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
-    import re
-
     from flows.scan import archived_frames, reprocess_scan
+    from pipeline.config import scan_id_from
 
-    first = Path(args.paths[0]).name.split(".")[0] or "scan"
-    config = _scan_config(args, re.sub(r"[^A-Za-z0-9._-]", "_", first).lstrip("._-") or "scan")
+    config = _scan_config(args, scan_id_from(Path(args.paths[0]).name.split(".")[0]))
     paths = [str(path) for path in args.paths]
     archived_frames(paths, config.scan_id)  # bad patterns stop here, before Prefect starts
     summary = reprocess_scan(config, paths, read_ahead=args.read_ahead, resume=args.resume)
@@ -289,13 +287,19 @@ def _reprocess(args: argparse.Namespace) -> int:
 def _online(args: argparse.Namespace) -> int:
     import time
 
-    from flows.scan import online_scan, watch_scan
+    from flows.online import DectrisStreamSource, WatchedFolder, online_reconstruction
 
     config = _scan_config(args, time.strftime("online-%Y%m%d-%H%M%S"))
     if args.watch is not None:
-        summary = watch_scan(config, args.watch, args.pattern, args.idle_timeout)
+        source = WatchedFolder(
+            directory=args.watch, pattern=args.pattern, idle_timeout_s=args.idle_timeout
+        )
     else:
-        summary = online_scan(config, args.stream, args.protocol, args.idle_timeout)
+        source = DectrisStreamSource(
+            stream=args.stream, protocol=args.protocol, idle_timeout_s=args.idle_timeout
+        )
+    summary = online_reconstruction(config.settings, source, config.scan_id)
+    if "stream" in summary:
         print(f"stream:     {summary['stream']}")
     return _print_summary(summary)
 
@@ -367,6 +371,25 @@ def _show(args: argparse.Namespace) -> int:
     if args.png is not None:
         for path in write_plots(results, args.png, args.exposure):
             print(f"wrote {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import load_deployments
+
+    deployments = load_deployments(args.deployments)  # a bad file stops here
+    if not PREFECT_API_URL.value():
+        raise ValueError(
+            "serve needs a Prefect server that outlives it: start one (prefect server start) and "
+            "set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api (see deploy/README.md)"
+        )
+    for deployment in deployments:
+        schedule = f" on {deployment.schedules[0].schedule.cron}" if deployment.schedules else ""
+        print(f"serving {deployment.flow_name}/{deployment.name}{schedule}", flush=True)
+    serve(*deployments, limit=args.limit)
     return 0
 
 
@@ -498,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--exposure", type=int, help="only this exposure (and plot it)")
     show.add_argument("--png", type=Path, metavar="DIR", help="write PNG plots into DIR")
     show.set_defaults(run=_show)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the deployments of a YAML file (online, nightly reprocessing, ...) to a "
+        "Prefect server",
+    )
+    serve.add_argument("deployments", type=Path, help="e.g. deploy/deployments.yaml")
+    serve.add_argument(
+        "--limit", type=_positive_int, default=None, help="flow runs at once (default: no limit)"
+    )
+    serve.set_defaults(run=_serve)
 
     keys = commands.add_parser(
         "keys",

@@ -1,12 +1,12 @@
-"""The scan flows: a simulated scan (``reconstruct-scan``, the demo), archived frames
-(``reprocess-scan``), a live DECTRIS stream (``online-scan``) and a folder being written
-(``watch-scan``), each watched from Prefect.
+"""The scan flows of one scan: a simulated scan (``reconstruct-scan``, the demo) and archived
+frames (``reprocess-scan``), and :func:`reconstruct`, which the live flow
+(:mod:`flows.online`) and the batch reprocessing (:mod:`flows.reprocess`) share.
 
 The flows are thin: :class:`workers.scan.ScanRunner` starts the writer and inference workers;
 for archived and simulated frames each task integrates and sends one batch of frames (never
 one task per exposure: a Prefect task costs 10-27 ms here), for a live stream one task takes
-the whole series and sends each frame on as it arrives. Progress is reported through one
-progress artifact updated at most once a second, plus a markdown summary at the end.
+the whole series and sends each frame on as it arrives. A :class:`flows.monitor.ScanMonitor`
+shows progress, recent exposures, plots and alerts in the UI, rate-limited.
 
 Without ``PREFECT_API_URL`` the flows run on Prefect's ephemeral local server.
 """
@@ -16,24 +16,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 from prefect import flow, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    update_progress_artifact,
-)
 from prefect.cache_policies import NO_CACHE
 
+from flows.monitor import ScanMonitor
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
-from pipeline.sources import DirectoryWatcher, FileSource, ReadAhead, SimulatedDetector
-from pipeline.sources.dectris import DectrisStream
-from pipeline.store import open_results
+from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
+from pipeline.store import mark_complete, open_results
 from workers.metrics import stage_table
 from workers.scan import ScanRunner, ScanSummary
 
@@ -51,40 +46,23 @@ def submit_batch(runner: ScanRunner, exposures: Iterator[Exposure]) -> int:
 
 
 @task(name="receive-integrate-send", cache_policy=NO_CACHE)
-def submit_stream(
-    runner: ScanRunner, exposures: Iterator[Exposure], progress: RateLimitedProgress
-) -> int:
+def submit_stream(runner: ScanRunner, exposures: Iterator[Exposure], monitor: ScanMonitor) -> int:
     """Integrate and send each frame of a live stream as it arrives (one task per series)."""
     for exposure in exposures:
         runner.submit(exposure)
         runner.collect()
-        progress.update(runner.n_done, runner.n_submitted)
+        monitor.update(runner.n_done, runner.n_submitted)
     return runner.n_submitted
 
 
 @task(name="wait-for-results", cache_policy=NO_CACHE)
-def wait_for_results(runner: ScanRunner, progress: RateLimitedProgress) -> ScanSummary:
+def wait_for_results(runner: ScanRunner, monitor: ScanMonitor) -> ScanSummary:
     """Wait until the writer has acknowledged every exposure."""
-    return runner.wait(on_progress=lambda done, total: progress.update(done, total))
+    return runner.wait(on_progress=monitor.update)
 
 
-class RateLimitedProgress:
-    """A Prefect progress artifact updated at most once per ``interval_s`` (plus at the end)."""
-
-    def __init__(self, scan_id: str, interval_s: float = 1.0) -> None:
-        self.artifact_id = create_progress_artifact(
-            0.0, key="scan-progress", description=f"Scan {scan_id}"
-        )
-        self.interval_s = interval_s
-        self._last = 0.0
-
-    def update(self, done: int, total: int, force: bool = False) -> None:
-        if force or time.monotonic() - self._last >= self.interval_s:
-            update_progress_artifact(self.artifact_id, 100.0 * done / max(total, 1))
-            self._last = time.monotonic()
-
-
-def _summary_markdown(summary: ScanSummary) -> str:
+def summary_markdown(summary: ScanSummary, note: str = "") -> str:
+    """The scan's summary artifact: counts, rate, latency, stages, failures, output path."""
     lines = [
         f"# Scan `{summary.scan_id}`",
         "",
@@ -96,6 +74,8 @@ def _summary_markdown(summary: ScanSummary) -> str:
         "",
         f"Results: `{summary.output_path}`",
     ]
+    if note:
+        lines += ["", note]
     lines += ["", "## Stages", "", "```", stage_table(summary.stages), "```"]
     if summary.worker_restarts or summary.resent:
         lines += [
@@ -113,31 +93,39 @@ def _summary_markdown(summary: ScanSummary) -> str:
     return "\n".join(lines)
 
 
-def _reconstruct(
+def reconstruct(
     config: PipelineConfig,
     exposures: Iterator[Exposure],
     batch_size: int | None,
     expected_frames: int | None = None,
     resume: bool = False,
+    source_ended: Callable[[], bool] = lambda: True,
+    note: Callable[[], str] = lambda: "",
 ) -> dict:
     """Feed ``exposures`` through a :class:`ScanRunner` in tasks of ``batch_size`` frames (or,
-    when ``None``, one task for a live stream), with a progress artifact and a markdown
-    summary; return the summary as a dict. ``resume`` continues an existing results file."""
-    progress = RateLimitedProgress(config.scan_id)
-    with ScanRunner(config, resume=resume) as runner:
+    when ``None``, one task for a live stream), watched by a :class:`ScanMonitor`; return the
+    summary as a dict. ``resume`` continues an existing results file.
+
+    When the iteration is over and ``source_ended()`` says the source gave all it had (not,
+    say, a run cancelled halfway), the file is marked complete with its number of exposures
+    (:func:`pipeline.store.mark_complete`), so that reprocessing skips it. ``note()`` adds a
+    line to the summary artifact.
+    """
+    monitor = ScanMonitor(config.scan_id, config.output_path, expected_frames)
+    with ScanRunner(config, resume=resume, on_result=monitor.record) as runner:
         if batch_size is None:
-            submit_stream(runner, exposures, progress)
+            submit_stream(runner, exposures, monitor)
         else:
             while (first := next(exposures, None)) is not None:
                 submit_batch(runner, chain([first], islice(exposures, batch_size - 1)))
                 del first
-                progress.update(runner.n_done, expected_frames or runner.n_submitted)
-        summary = wait_for_results(runner, progress)
-    progress.update(summary.submitted, summary.submitted, force=True)
-    create_markdown_artifact(
-        _summary_markdown(summary), key="scan-summary", description=config.scan_id
-    )
-    return dataclasses.asdict(summary)
+                monitor.update(runner.n_done, runner.n_submitted)
+        summary = wait_for_results(runner, monitor)
+    complete = source_ended()
+    if complete:
+        mark_complete(config.output_path, summary.submitted + summary.skipped)
+    monitor.finish(summary_markdown(summary, note()))
+    return {**dataclasses.asdict(summary), "complete": complete}
 
 
 @flow(name="reconstruct-scan")
@@ -162,7 +150,7 @@ def reconstruct_simulated_scan(
     source = SimulatedDetector(config.integration, config.grid.grid(), seed=seed).exposures(
         scan_id, n_frames
     )
-    return _reconstruct(config, source, batch_size, expected_frames=n_frames)
+    return reconstruct(config, source, batch_size, expected_frames=n_frames)
 
 
 def archived_frames(paths: list[str], scan_id: str) -> FileSource:
@@ -174,8 +162,7 @@ def archived_frames(paths: list[str], scan_id: str) -> FileSource:
     return source
 
 
-@flow(name="reprocess-scan")
-def reprocess_scan(
+def reprocess_files(
     config: PipelineConfig,
     paths: list[str],
     batch_size: int = 16,
@@ -188,64 +175,31 @@ def reprocess_scan(
     completed: exposures already in it are not computed again.
 
     A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
-    read in the flow's own process), so that decoding and integrating overlap; pyFAI's engine
-    then leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
+    read in this process), so that decoding and integrating overlap; pyFAI's engine then
+    leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
     """
     source = archived_frames(paths, config.scan_id)
     if read_ahead == 0:
-        return _reconstruct(config, source.exposures(), batch_size, resume=resume)
+        return reconstruct(config, source.exposures(), batch_size, resume=resume)
     if config.integration.openmp_threads is None:
         threads = max(1, (os.cpu_count() or 1) - 1)
         integration = config.integration.model_copy(update={"openmp_threads": threads})
         config = config.model_copy(update={"integration": integration})
     with ReadAhead(source, read_ahead) as reader:
         reader.start()  # its start-up (about a second) overlaps the workers'
-        return _reconstruct(config, reader.exposures(), batch_size, resume=resume)
+        return reconstruct(config, reader.exposures(), batch_size, resume=resume)
 
 
-@flow(name="online-scan")
-def online_scan(
+@flow(name="reprocess-scan")
+def reprocess_scan(
     config: PipelineConfig,
-    stream: str,
-    protocol: str = "dectris-v1",
-    idle_timeout_s: float = 30.0,
+    paths: list[str],
+    batch_size: int = 16,
+    read_ahead: int = 4,
+    resume: bool = False,
 ) -> dict:
-    """Reconstruct one series received live from a DECTRIS detector's stream at ``stream``.
-
-    Frames are integrated and sent on as they arrive (one task per series, so no frame waits
-    for a batch to fill); the series ends with its end message, or after ``idle_timeout_s``
-    without a message (then the frames received so far are kept and the summary says so).
-    """
-    protocols = {"dectris-v1": "v1", "dectris-v2": "v2"}
-    if protocol not in protocols:
-        raise ValueError(f"unknown stream protocol {protocol!r}: one of {sorted(protocols)}")
-    with DectrisStream(
-        stream, config.scan_id, protocol=protocols[protocol], idle_timeout_s=idle_timeout_s
-    ) as source:
-        summary = _reconstruct(config, source.exposures(), batch_size=None)
-        summary["stream"] = source.statistics.summary()
-    return summary
-
-
-@flow(name="watch-scan")
-def watch_scan(
-    config: PipelineConfig,
-    directory: Path,
-    pattern: str = "*",
-    idle_timeout_s: float = 30.0,
-    max_frames: int | None = None,
-) -> dict:
-    """Reconstruct the frames a detector writes into ``directory`` (files matching
-    ``pattern``), each once its file is complete; ends after ``idle_timeout_s`` without a new
-    frame, or after ``max_frames``."""
-    watcher = DirectoryWatcher(
-        directory,
-        config.scan_id,
-        pattern,
-        idle_timeout_s=idle_timeout_s,
-        max_frames=max_frames,
-    )
-    return _reconstruct(config, watcher.exposures(), batch_size=None)
+    """One archived scan (``beamline-inn reprocess``): see :func:`reprocess_files`."""
+    return reprocess_files(config, paths, batch_size, read_ahead, resume)
 
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -165,10 +166,10 @@ class TransportConfig(_Strict):
         return self
 
 
-class PipelineConfig(_Strict):
-    """Everything needed to reproduce a scan's results."""
+class ScanSettings(_Strict):
+    """Everything a scan's processing needs but its name: what a deployment or a batch of
+    archived scans shares; :meth:`for_scan` makes the :class:`PipelineConfig` of one scan."""
 
-    scan_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: Path = Path("beamline-inn-results")
     #: local inference workers started by the feeder (0: remote workers only)
     n_workers: int = Field(2, ge=0)
@@ -178,10 +179,39 @@ class PipelineConfig(_Strict):
     transport: TransportConfig = TransportConfig()
 
     @model_validator(mode="after")
-    def _some_worker(self) -> PipelineConfig:
+    def _some_worker(self) -> ScanSettings:
         if self.n_workers == 0 and self.transport.remote_work is None:
             raise ValueError("n_workers is 0 and no remote_work endpoint is set: no worker")
         return self
+
+    def for_scan(self, scan_id: str) -> PipelineConfig:
+        """The configuration of scan ``scan_id`` with these settings."""
+        return PipelineConfig(scan_id=scan_id, **dict(self))
+
+
+SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def scan_id_from(name: str) -> str:
+    """A scan id (letters, digits, ``.``, ``_``, ``-``; no path separators) made from a file
+    or folder name.
+
+    >>> scan_id_from("run 12/äb_master")
+    'run_12__b_master'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "scan"
+
+
+class PipelineConfig(ScanSettings):
+    """Everything needed to reproduce a scan's results: the settings and the scan's name,
+    which names its results file (so it cannot leave ``output_dir``)."""
+
+    scan_id: str = Field(pattern=SCAN_ID_PATTERN)
+
+    @property
+    def settings(self) -> ScanSettings:
+        """These settings without the scan's name."""
+        return ScanSettings(**{name: getattr(self, name) for name in ScanSettings.model_fields})
 
     @property
     def output_path(self) -> Path:

@@ -142,3 +142,15 @@ def eiger_simulator(tmp_path_factory) -> Iterator[EigerSimulator]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory) -> Iterator[str]:
+    """A temporary Prefect server for the whole session (it takes 15-60 s to start here);
+    yields its API URL."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())

@@ -8,19 +8,9 @@ import time
 import h5py
 import hdf5plugin
 import numpy as np
-import pytest
 
 from flows.cli import main
 from pipeline.store import open_results
-
-
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_demo_writes_every_exposure_exactly_once(prefect_harness, tmp_path, capsys):

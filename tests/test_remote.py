@@ -216,6 +216,7 @@ def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, 
     [
         ("beamline-inn-worker.service", "worker.env.example", "worker"),
         ("beamline-inn-online.service", "online.env.example", "online"),
+        ("beamline-inn-serve.service", "serve.env.example", "serve"),
     ],
 )
 def test_systemd_units_run_commands_the_cli_accepts(unit, environment, command):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,13 @@ class ScanSummary:
     failures: dict[int, str] = field(default_factory=dict)
     #: per stage: count, p50/p99 latency (see :mod:`workers.metrics`)
     stages: dict[str, dict] = field(default_factory=dict)
+    #: CPU time of the feeder's process (all its threads) over ``wall_s``
+    feeder_cpu_s: float = 0.0
+
+
+def _process_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 @dataclass(frozen=True)
@@ -173,11 +181,24 @@ class ScanRunner:
 
     With ``resume``, an existing results file of the same scan is continued: the writer keeps
     its complete rows, and exposures already in it are skipped when submitted again.
+    ``on_result`` is called with each exposure as the writer acknowledges it (in this
+    thread, so it must be quick: a live view's bookkeeping, not its drawing).
+
+    The writer and the local workers run in sessions of their own: a signal to this process's
+    group (Ctrl-C, or Prefect cancelling a run) reaches only this process, which then stops
+    them in order, so that the results file is closed complete. They also stop when this
+    process dies.
     """
 
-    def __init__(self, config: PipelineConfig, resume: bool = False) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        resume: bool = False,
+        on_result: Callable[[RecentResult], None] | None = None,
+    ) -> None:
         self.config = config
         self.resume = resume
+        self.on_result = on_result
         self._written_before: set[int] = set()
         self._skipped: set[int] = set()
         self.integrator = LineOutIntegrator(config.integration, config.grid.grid())
@@ -204,6 +225,7 @@ class ScanRunner:
         self.metrics = ScanMetrics()
         self.recent: deque[RecentResult] = deque(maxlen=RECENT_RESULTS)
         self._started = time.perf_counter()
+        self._cpu_started = _process_cpu_s()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> ScanRunner:
@@ -258,6 +280,7 @@ class ScanRunner:
             self.stop(timeout_s=5.0)
             raise
         self._started = time.perf_counter()
+        self._cpu_started = _process_cpu_s()
         return self
 
     def _bind_remote_work(self) -> None:
@@ -296,6 +319,7 @@ class ScanRunner:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._children.append(_Child(name, number, process, log))
 
@@ -636,18 +660,19 @@ class ScanRunner:
             return 0
         self._status[index] = message.header["status"]
         self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
-        self.recent.append(
-            RecentResult(
-                index,
-                self._status[index],
-                self._latency_s[index],
-                tuple(message.header.get("mean", ())),
-                tuple(message.header.get("sd", ())),
-                tuple(tuple(row) for row in message.header.get("quantiles", ())),
-                str(message.header.get("error", "")),
-                float(message.header.get("predictive_z", np.nan)),
-            )
+        result = RecentResult(
+            index,
+            self._status[index],
+            self._latency_s[index],
+            tuple(message.header.get("mean", ())),
+            tuple(message.header.get("sd", ())),
+            tuple(tuple(row) for row in message.header.get("quantiles", ())),
+            str(message.header.get("error", "")),
+            float(message.header.get("predictive_z", np.nan)),
         )
+        self.recent.append(result)
+        if self.on_result is not None:
+            self.on_result(result)
         if self._status[index] != "ok":
             self.failures[index] = str(message.header.get("error", ""))
             self.metrics.record("failed")
@@ -719,4 +744,5 @@ class ScanRunner:
             latency_p99_ms=float(np.percentile(latencies, 99)) if latencies.size else np.nan,
             failures=dict(self.failures),
             stages=self.metrics.summary(),
+            feeder_cpu_s=_process_cpu_s() - self._cpu_started,
         )

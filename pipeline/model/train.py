@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def train(
     stop_at_step: int | None = None,
     device: str = "cpu",
     model: torch.nn.Module | None = None,
+    on_validation: Callable[[int, float, float], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a model (resuming from ``checkpoint_dir`` when it holds a state of this
     configuration); return it on the CPU in eval mode with the loss history.
@@ -149,7 +151,9 @@ def train(
     too (same seeds, different random streams: results are reproducible per device).
     ``model`` replaces the one ``config.architecture`` describes (benchmarks train peer models
     on the same simulations this way); it needs ``training_loss(theta, counts, progress)``
-    and ``validation_loss(theta, counts)``.
+    and ``validation_loss(theta, counts)``. ``on_validation(step, train_loss,
+    validation_loss)`` is called at each validation (every ``validation_every`` steps), e.g.
+    to show progress in a flow.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -204,6 +208,8 @@ def train(
             history["train_loss"].append(running)
             history["validation_loss"].append(validation)
             bar.set_postfix(train=f"{running:.3f}", validation=f"{validation:.3f}")
+            if on_validation is not None:
+                on_validation(step, running, validation)
         if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == last):
             history["wall_s"] = wall_before + time.perf_counter() - start
             history["running_train_loss"] = running

@@ -3,7 +3,8 @@
 
 - :class:`SimulatedDetector`: grating frames with known truth (the demo);
 - :class:`FileSource` / :func:`open_source`: EDF, CBF, TIFF (fabio) and Eiger/NeXus HDF5 files,
-  lists and globs in natural order; :class:`EigerSource` for HDF5 alone;
+  lists and globs in natural order; :class:`EigerSource` for HDF5 alone; :func:`find_scans`:
+  the archived scans (folders, Eiger master files) that paths and globs name;
 - :class:`DirectoryWatcher`: frames of a scan being written, each once its file is complete;
 - :class:`DectrisStream`: a DECTRIS detector's live SIMPLON stream (v1 JSON, v2 CBOR) over
   ZeroMQ;
@@ -13,17 +14,19 @@
 
 from pipeline.sources.dectris import DectrisStream
 from pipeline.sources.eiger import EigerSource
-from pipeline.sources.files import FileSource, open_source
+from pipeline.sources.files import ArchivedScan, FileSource, find_scans, open_source
 from pipeline.sources.readahead import ReadAhead
 from pipeline.sources.simulated import SimulatedDetector
 from pipeline.sources.watch import DirectoryWatcher
 
 __all__ = [
+    "ArchivedScan",
     "DectrisStream",
     "DirectoryWatcher",
     "EigerSource",
     "FileSource",
     "ReadAhead",
     "SimulatedDetector",
+    "find_scans",
     "open_source",
 ]

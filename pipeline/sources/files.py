@@ -570,6 +570,78 @@ class FileSource(NumberedFrames):
                 yield from read_fabio_file(path)
 
 
+@dataclass(frozen=True)
+class ArchivedScan:
+    """One archived scan: a folder of frame files, or one file (an Eiger master file with its
+    data files, or a multi-frame file); its results go to ``SCAN_ID.h5``."""
+
+    scan_id: str
+    path: Path
+
+    def files(self) -> list[Path]:
+        """Every file the scan is read from (an Eiger master's data files included)."""
+        files, _ = expand_paths([self.path])
+        linked = [target for path in files for target in linked_data_files(path)]
+        return files + [path for path in linked if path.exists()]
+
+    def last_modified(self) -> float:
+        """The newest modification time of its files (s since the epoch; 0 when none)."""
+        return max((path.stat().st_mtime for path in self.files()), default=0.0)
+
+
+def find_scans(patterns: Sequence[PathLike]) -> list[ArchivedScan]:
+    """The archived scans named by ``patterns`` (paths or glob patterns): each folder matched
+    is one scan, each file another, except HDF5 data files whose master file is among the
+    matches (an Eiger scan is its master file). The scan id is the folder's name or the
+    file's name without its suffix and a trailing ``_master``, letters, digits, ``.``, ``_``
+    and ``-`` kept (so results stay in their folder).
+
+    ``ValueError`` when a pattern matches nothing or two scans would get the same id.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("night 1", "night_2"):
+        ...     (root / name).mkdir()
+        >>> [(scan.scan_id, scan.path.name) for scan in find_scans([root / "night*"])]
+        [('night_1', 'night 1'), ('night_2', 'night_2')]
+        >>> import shutil; shutil.rmtree(root)
+    """
+    from pipeline.config import scan_id_from
+
+    matches: dict[str, Path] = {}
+    for pattern in patterns:
+        text = os.fspath(pattern)
+        found = (
+            [Path(m) for m in glob.glob(text, recursive=True)]
+            if _GLOB_MAGIC.search(text)
+            else ([Path(text)] if os.path.exists(text) else [])
+        )
+        if not found:
+            raise ValueError(f"no scan matches {text}")
+        for path in found:
+            matches.setdefault(os.path.normpath(os.path.abspath(path)), path)
+    linked = {
+        os.path.abspath(target)
+        for path in matches.values()
+        if path.is_file() and is_hdf5_file(path)
+        for target in linked_data_files(path)
+    }
+    scans: dict[str, ArchivedScan] = {}
+    for key, path in sorted(matches.items(), key=lambda item: natural_sort_key(item[1])):
+        if key in linked or path.name.startswith("."):
+            continue
+        name = path.name if path.is_dir() else path.name.split(".")[0].removesuffix("_master")
+        scan = ArchivedScan(scan_id_from(name), path)
+        if scan.scan_id in scans:
+            raise ValueError(
+                f"{scans[scan.scan_id].path} and {path} would both be scan {scan.scan_id}: "
+                "reprocess them separately, into different output folders"
+            )
+        scans[scan.scan_id] = scan
+    return list(scans.values())
+
+
 def open_source(paths: Sequence[str | Path], scan_id: str) -> Iterator[Exposure]:
     """Exposures from a mix of files, directories and glob patterns (fabio formats and HDF5),
     in natural order: ``FileSource(paths, scan_id).exposures()``.

@@ -2,14 +2,27 @@
 
 from pipeline.store.inputs import read_line_outs
 from pipeline.store.nxcansas import SasCurve, read_nxcansas
-from pipeline.store.results import ExposureResult, Results, ResultsWriter, open_results
+from pipeline.store.results import (
+    Completion,
+    ExposureResult,
+    Results,
+    ResultsWriter,
+    latest_posterior,
+    mark_complete,
+    open_results,
+    read_completion,
+)
 
 __all__ = [
+    "Completion",
     "ExposureResult",
     "Results",
     "ResultsWriter",
     "SasCurve",
+    "latest_posterior",
+    "mark_complete",
     "open_results",
+    "read_completion",
     "read_line_outs",
     "read_nxcansas",
 ]

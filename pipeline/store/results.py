@@ -4,7 +4,8 @@ Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)
 
     /                            attrs default = "entry"
     /entry                       NXentry, canSAS_class SASentry (NXcanSAS 1.1); attrs scan_id,
-                                 software versions, default = "line_out"
+                                 software versions, default = "line_out"; complete and
+                                 n_exposures once its scan ended (:func:`mark_complete`)
       definition, title, run     "NXcanSAS", the scan id (twice)
       config                     the run's PipelineConfig as JSON
       model_card                 the model's card as JSON (architecture, training, hash)
@@ -455,6 +456,64 @@ def add_cansas_curves(path: Path) -> int:
             group["I"].attrs["uncertainties"] = "Idev"
             added += 1
     return added
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a finished scan's results file says of itself (:func:`mark_complete`)."""
+
+    n_exposures: int
+    model_sha256: str
+    n_samples: int
+
+
+def mark_complete(path: Path, n_exposures: int) -> None:
+    """Record in a closed results file that its scan ended and all ``n_exposures`` of it are
+    in the file (those that failed as failed rows): a later reprocessing skips it.
+    ``ValueError`` when the file holds another number of exposures."""
+    with h5py.File(path, "a", libver="latest") as handle:
+        entry = handle["entry"]
+        rows = _complete_rows(entry)
+        if rows != n_exposures:
+            raise ValueError(f"{path} holds {rows} exposures, not the scan's {n_exposures}")
+        entry.attrs["complete"] = True
+        entry.attrs["n_exposures"] = n_exposures
+
+
+def read_completion(path: Path) -> Completion | None:
+    """The :class:`Completion` of a results file its scan finished; ``None`` when the file
+    is missing, unfinished (say, its writer was killed) or unreadable."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+            entry = handle["entry"]
+            if not entry.attrs.get("complete", False):
+                return None
+            card = json.loads(entry["model_card"][()].decode())
+            return Completion(
+                n_exposures=int(entry.attrs["n_exposures"]),
+                model_sha256=str(card.get("weights_sha256", "")),
+                n_samples=int(entry["posterior/samples"].shape[1]),
+            )
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def latest_posterior(path: Path, look_back: int = 64) -> tuple[int, np.ndarray] | None:
+    """The exposure index and posterior samples (samples, parameters) of the newest
+    successful row among the last ``look_back`` of a results file, also of one being written
+    (SWMR); ``None`` when there is none yet."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+        entry = handle["entry"]
+        n = _complete_rows(entry)
+        first = max(0, n - look_back)
+        status = entry["exposures/status"][first:n]
+        ok = np.flatnonzero(status == b"ok")
+        if ok.size == 0:
+            return None
+        row = first + int(ok[-1])
+        return int(entry["exposures/index"][row]), entry["posterior/samples"][row]
 
 
 @dataclass

@@ -5,7 +5,9 @@
 - :func:`write_plots`: the parameter traces across the scan with their 90% bands; for one
   exposure, its line-out with the posterior-predictive band (5-95% of line-outs simulated
   from 200 of its posterior draws, Poisson noise included) and a corner plot of its
-  posterior.
+  posterior;
+- :func:`live_view_png`: the same traces while a scan runs, beside the newest exposure's
+  posterior marginals, as one PNG (drawn without pyplot, so from any thread).
 
 Example:
     >>> import tempfile, numpy as np
@@ -139,6 +141,63 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     figure.suptitle(f"Exposure {index}: posterior ({len(samples)} draws)")
     written.append(_save(figure, out_dir / f"corner_{index:06d}.png"))
     return written
+
+
+def live_view_png(
+    index: np.ndarray,
+    quantiles: np.ndarray,
+    flagged: np.ndarray,
+    latest: tuple[int, np.ndarray] | None,
+    title: str,
+    max_points: int = 2000,
+) -> bytes:
+    """A PNG of the scan so far: median and 90% interval of pitch, width and sigma against
+    the exposure index (flagged exposures as red crosses; at most ``max_points`` per trace,
+    evenly thinned), and on the right the newest posterior's marginals.
+
+    Args:
+        index: (n,) exposure indices of the exposures with a posterior.
+        quantiles: (n, 3, 3) their 5/50/95% quantiles of pitch, width and sigma (nm).
+        flagged: (n,) bool, the posterior-predictive flag.
+        latest: the newest exposure's index and samples (samples, parameters; the first
+            three are pitch, width, sigma), or ``None``.
+        title: the figure's title.
+    """
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 6.5))
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(len(SHOWN), 2, width_ratios=(3, 1))
+    order = np.argsort(index, kind="stable")
+    keep = order[:: max(1, -(-order.size // max_points))]
+    for row, name in enumerate(SHOWN):
+        axis = figure.add_subplot(grid[row, 0])
+        if keep.size:
+            x, q = index[keep], quantiles[keep, :, row]
+            axis.fill_between(x, q[:, 0], q[:, 2], alpha=0.3, label="90% interval")
+            axis.plot(x, q[:, 1], ".-", ms=3, lw=0.8, label="median")
+            marked = keep[flagged[keep]]
+            axis.plot(index[marked], quantiles[marked, 1, row], "rx", label="flagged")
+        axis.set_ylabel(name)
+        if row == 0:
+            axis.set_title(title)
+            axis.legend(loc="upper right", fontsize=7)
+        if row == len(SHOWN) - 1:
+            axis.set_xlabel("exposure index")
+        marginal = figure.add_subplot(grid[row, 1])
+        if latest is not None:
+            marginal.hist(latest[1][:, row], bins=40, color="C1")
+            marginal.set_yticks([])
+            if row == 0:
+                marginal.set_title(f"exposure {latest[0]}: posterior")
+        marginal.set_xlabel(name, fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=72)
+    return buffer.getvalue()
 
 
 def _grid(results: Results) -> QGrid:

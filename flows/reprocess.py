@@ -1,0 +1,209 @@
+"""``reprocess-scans``: archived scans reconstructed in a batch, fanned out over Dask.
+
+Each scan (a folder of frames or an Eiger master file, :func:`pipeline.sources.find_scans`)
+gets one results file, ``output_dir/SCAN_ID.h5``. The flow is idempotent: a scan whose file
+is marked complete (with the same model and samples per exposure) is skipped, one whose
+file a killed run left unfinished is resumed (its exposures are not computed again), and
+the others are reconstructed, one Prefect task per scan, through prefect-dask's
+``DaskTaskRunner`` in a subflow (``reprocess-scans-on-dask``): a local cluster by default,
+an existing Dask scheduler when ``cluster.address`` is set.
+
+A scan whose files changed within ``settle_s`` is still being written (copied, or the
+detector is still on it): its task fails with :class:`ScanNotSettled` and is retried later,
+twice at most. Other errors are not retried: they would fail the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+from prefect.tasks import Task
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.scan import reprocess_files
+from pipeline.config import ScanSettings
+from pipeline.model import read_card
+from pipeline.sources import ArchivedScan, find_scans
+from pipeline.store import read_completion
+
+#: Seconds between the tries of a scan that is still being written.
+RETRY_DELAY_S = 60
+
+
+class DaskCluster(BaseModel):
+    """Where the scans run: an existing Dask scheduler, or a cluster started for the run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: an existing scheduler, e.g. ``tcp://10.0.0.7:8786``; ``None``: a local cluster
+    address: str | None = None
+    #: local cluster: worker processes, each reprocessing one scan at a time (each scan also
+    #: starts its own inference workers and writer)
+    n_workers: int = Field(1, ge=1)
+
+
+class ScanNotSettled(RuntimeError):
+    """A scan's files changed too recently: they may still be being written."""
+
+
+def _retry_if_unsettled(task: Task, task_run: TaskRun, state: State) -> bool:
+    try:
+        state.result()
+    except ScanNotSettled:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="reprocess-one-scan",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=_retry_if_unsettled,
+)
+def reprocess_one_scan(
+    scan: ArchivedScan, settings: ScanSettings, settle_s: float, read_ahead: int, batch_size: int
+) -> dict:
+    """Reconstruct ``scan`` (resuming an unfinished results file); its summary as a dict."""
+    age_s = time.time() - scan.last_modified()
+    if age_s < settle_s:
+        raise ScanNotSettled(
+            f"{scan.path} changed {age_s:.0f} s ago (less than settle_s = {settle_s:g} s): it "
+            "may still be being written"
+        )
+    config = settings.for_scan(scan.scan_id)
+    resume = config.output_path.exists()
+    return reprocess_files(config, [str(scan.path)], batch_size, read_ahead, resume=resume)
+
+
+@flow(name="reprocess-scans-on-dask")
+def reprocess_on_dask(
+    scans: list[ArchivedScan],
+    settings: ScanSettings,
+    settle_s: float,
+    read_ahead: int,
+    batch_size: int,
+) -> dict[str, dict | str]:
+    """One task per scan on the flow's Dask task runner; per scan its summary, or the error
+    that failed it (the other scans go on)."""
+    futures = reprocess_one_scan.map(
+        scans,
+        settings=unmapped(settings),
+        settle_s=unmapped(settle_s),
+        read_ahead=unmapped(read_ahead),
+        batch_size=unmapped(batch_size),
+    )
+    outcome: dict[str, dict | str] = {}
+    for scan, future in zip(scans, futures, strict=True):
+        try:
+            outcome[scan.scan_id] = future.result()
+        except Exception as error:
+            outcome[scan.scan_id] = f"{type(error).__name__}: {error}"
+    return outcome
+
+
+def plan(scans: list[ArchivedScan], settings: ScanSettings) -> tuple[list[ArchivedScan], dict]:
+    """Split ``scans`` into those to reconstruct and those complete already (by scan id, why
+    skipped). ``ValueError`` when a complete file holds another model's or another number of
+    samples' results: the analyst chooses another output folder rather than lose them."""
+    model_sha256 = read_card(settings.inference.model)["weights_sha256"]
+    to_run, skipped = [], {}
+    for scan in scans:
+        path = settings.for_scan(scan.scan_id).output_path
+        completion = read_completion(path)
+        if completion is None:
+            to_run.append(scan)
+            continue
+        theirs = (completion.model_sha256, completion.n_samples)
+        if theirs != (model_sha256, settings.inference.n_samples):
+            raise ValueError(
+                f"{path} holds complete results of another model or number of samples "
+                f"({completion.model_sha256[:12]}, {completion.n_samples} samples): choose "
+                "another output_dir"
+            )
+        skipped[scan.scan_id] = f"complete: {completion.n_exposures} exposures in {path}"
+    return to_run, skipped
+
+
+@flow(name="reprocess-scans")
+def reprocess_scans(
+    scans: list[str],
+    settings: ScanSettings,
+    cluster: DaskCluster = DaskCluster(),
+    settle_s: Annotated[float, Field(ge=0)] = 60.0,
+    read_ahead: Annotated[int, Field(ge=0)] = 0,
+    batch_size: Annotated[int, Field(ge=1)] = 16,
+) -> dict[str, dict | str]:
+    """Reconstruct the archived scans named by ``scans`` (folders, Eiger master files,
+    glob patterns) into ``settings.output_dir``, one file per scan, skipping the complete
+    ones; fails, after all scans are done, when one of them failed.
+
+    ``read_ahead``: frames decoded ahead by a reader process per scan (0: read in the task);
+    on a remote cluster its workers must allow child processes (``distributed.worker.daemon:
+    false``)."""
+    import dask.config
+    from prefect_dask import DaskTaskRunner
+
+    found = find_scans(scans)
+    to_run, skipped = plan(found, settings)
+    outcome: dict[str, dict | str] = dict(skipped)
+    if to_run:
+        if cluster.address is not None:
+            runner = DaskTaskRunner(address=cluster.address)
+        else:
+            workers = min(cluster.n_workers, len(to_run))
+            runner = DaskTaskRunner(
+                cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
+            )
+        with dask.config.set({"distributed.worker.daemon": False}):  # a task starts processes
+            outcome |= reprocess_on_dask.with_options(task_runner=runner)(
+                to_run, settings, settle_s, read_ahead, batch_size
+            )
+    rows = [_row(scan, outcome[scan.scan_id], settings) for scan in found]
+    create_table_artifact(
+        rows, key="reprocessed-scans", description=f"{len(found)} scans into {settings.output_dir}"
+    )
+    failed = {
+        scan_id: why
+        for scan_id, why in outcome.items()
+        if isinstance(why, str) and scan_id not in skipped
+    }
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {len(found)} scans failed: "
+            + "; ".join(f"{scan_id}: {why}" for scan_id, why in failed.items())
+        )
+    return outcome
+
+
+def _row(scan: ArchivedScan, outcome: dict | str, settings: ScanSettings) -> dict[str, object]:
+    path = settings.for_scan(scan.scan_id).output_path
+    if isinstance(outcome, str):
+        state = "skipped" if outcome.startswith("complete:") else "failed"
+        return {
+            "scan": scan.scan_id,
+            "source": str(scan.path),
+            "outcome": state,
+            "exposures": "",
+            "failed exposures": "",
+            "results": str(path),
+            "note": outcome,
+        }
+    return {
+        "scan": scan.scan_id,
+        "source": str(scan.path),
+        "outcome": "written",
+        "exposures": outcome["submitted"] + outcome["skipped"],
+        "failed exposures": outcome["failed"],
+        "results": str(Path(outcome["output_path"])),
+        "note": f"resumed: {outcome['skipped']} were already written" if outcome["skipped"] else "",
+    }

@@ -1,0 +1,446 @@
+"""The Prefect side: monitoring artifacts and events, reprocessing on Dask, the online flow's
+clean stop, the model flows, and the deployments file."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import fabio
+import h5py
+import numpy as np
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.events.filters import EventFilter, EventNameFilter
+
+from flows.cli import main
+from flows.deployments import load_deployments
+from flows.monitor import EVENT_FAILED, EVENT_FLAGGED, MonitorIntervals, ScanMonitor
+from flows.reprocess import (
+    DaskCluster,
+    ScanNotSettled,
+    _retry_if_unsettled,
+    reprocess_one_scan,
+    reprocess_scans,
+)
+from pipeline.config import InferenceConfig, IntegrationConfig, ScanSettings
+from pipeline.integration import DEFAULT_PONI
+from pipeline.physics import PARAMETER_NAMES
+from pipeline.sources import ArchivedScan, SimulatedDetector, find_scans
+from pipeline.store import ExposureResult, ResultsWriter, open_results, read_completion
+from workers.scan import RecentResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _artifacts(flow_run_id) -> dict[str, list]:
+    """The artifacts of a flow run (and of its task runs), by key, oldest first."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key: dict[str, list] = {}
+    for artifact in sorted(artifacts, key=lambda a: a.created):
+        by_key.setdefault(artifact.key, []).append(artifact)
+    return by_key
+
+
+def _events(name: str, scan_id: str) -> list:
+    with get_client(sync_client=True) as client:
+        page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
+    return [e for e in page.events if e.resource.id == f"beamline-inn.scan.{scan_id}"]
+
+
+def _write_scan(folder: Path, frames: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True)
+    for number, frame in enumerate(frames):
+        fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(str(folder / f"f_{number}.cbf"))
+
+
+def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harness, tmp_path):
+    """Per exposure only bookkeeping; the thread publishes the table, the plot (from the
+    results file, followed while written), progress and one event per kind and interval."""
+    names, units = PARAMETER_NAMES, ("nm",) * 3 + ("", "")
+    path = tmp_path / "mon.h5"
+    rng = np.random.default_rng(0)
+    samples = rng.normal(100.0, 1.0, (50, 5)).astype(np.float32)
+    quantiles = tuple(
+        tuple(float(v) for v in row) for row in np.quantile(samples, [0.05, 0.5, 0.95], axis=0)
+    )
+
+    @flow
+    def watched_scan() -> tuple[dict, str]:
+        with ResultsWriter(path, names, units, 50, np.linspace(0.01, 0.4, 512), scan_id="mon") as w:
+            w.append(ExposureResult(0, 0.0, samples=samples))
+            w.file.flush()
+            monitor = ScanMonitor(
+                "mon", path, expected=40, intervals=MonitorIntervals(0.05, 0.2, 0.2, 0.2)
+            )
+            for index in range(40):
+                if index % 10 == 9:
+                    result = RecentResult(index, "failed", 0.01, error=f"bad frame {index}")
+                else:
+                    z = 100.0 if index in (3, 4) else 1.0
+                    result = RecentResult(index, "ok", 0.02, quantiles=quantiles, predictive_z=z)
+                monitor.record(result)
+                monitor.update(index + 1, 40)
+                time.sleep(0.01)
+            monitor.finish("# done")
+        from prefect.runtime import flow_run
+
+        return monitor.published, flow_run.id
+
+    published, run_id = watched_scan()
+    # rate-limited: 40 exposures in about 0.5 s, far fewer updates than exposures
+    assert 1 <= published["table"] <= 6 and 1 <= published["plot"] <= 6, published
+    artifacts = _artifacts(run_id)
+    assert {"scan-progress", "recent-exposures", "scan-plots", "scan-summary"} <= set(artifacts)
+    assert artifacts["scan-progress"][-1].data == 100.0
+    table = artifacts["recent-exposures"][-1].data
+    rows = __import__("json").loads(table) if isinstance(table, str) else table
+    assert rows[0]["exposure"] == 39 and rows[0]["status"] == "failed"
+    assert rows[0]["error"] == "bad frame 39" and len(rows) == 20
+    ok = next(row for row in rows if row["status"] == "ok")
+    assert ok["pitch_nm median [5%, 95%]"].startswith(f"{quantiles[1][0]:.2f}")
+    assert artifacts["scan-plots"][-1].data.startswith("data:image/png;base64,")
+    deadline = time.monotonic() + 30  # events reach the API asynchronously
+    while time.monotonic() < deadline:
+        flagged, failed = _events(EVENT_FLAGGED, "mon"), _events(EVENT_FAILED, "mon")
+        if sum(e.payload["count"] for e in failed) == 4 and flagged:
+            break
+        time.sleep(0.5)
+    assert sorted(i for e in flagged for i in e.payload["exposures"]) == [3, 4]
+    assert sorted(i for e in failed for i in e.payload["exposures"]) == [9, 19, 29, 39]
+    assert any(r.id == f"prefect.flow-run.{run_id}" for r in failed[0].related)
+
+
+def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
+    """The per-exposure path makes no Prefect task run: 40 frames in batches of 16 are 3
+    batch tasks and one wait; the UI gets progress, table, plots and summary."""
+    from flows.scan import reconstruct_simulated_scan
+
+    state = reconstruct_simulated_scan(
+        n_frames=40, n_workers=1, output_dir=tmp_path, n_samples=100, return_state=True
+    )
+    summary = state.result()
+    assert summary["written_ok"] == 40 and summary["complete"]
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    names = sorted(run.name.rsplit("-", 1)[0] for run in task_runs)
+    assert names == ["integrate-and-send"] * math.ceil(40 / 16) + ["wait-for-results"]
+    artifacts = _artifacts(run_id)
+    assert {"scan-progress", "recent-exposures", "scan-plots", "scan-summary"} <= set(artifacts)
+    assert read_completion(Path(summary["output_path"])).n_exposures == 40
+
+
+def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
+    prefect_harness, tmp_path
+):
+    detector = SimulatedDetector(IntegrationConfig(), seed=3)
+    frames = [exposure.frame for exposure in detector.exposures("archive", 9)]
+    for number in range(3):
+        _write_scan(tmp_path / "archive" / f"night {number}", frames[3 * number : 3 * number + 3])
+    settings = ScanSettings(
+        output_dir=tmp_path / "out",
+        n_workers=1,
+        integration=IntegrationConfig(poni=DEFAULT_PONI),
+        inference=InferenceConfig(n_samples=100),
+    )
+    patterns = [str(tmp_path / "archive" / "night*")]
+    first = reprocess_scans(patterns, settings, DaskCluster(n_workers=2), settle_s=0)
+    assert sorted(first) == ["night_0", "night_1", "night_2"]
+    for number in range(3):
+        path = tmp_path / "out" / f"night_{number}.h5"
+        assert read_completion(path).n_exposures == 3
+        results = open_results(path)
+        assert results.index.tolist() == [0, 1, 2] and (results.status == "ok").all()
+    modified = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.h5")}
+    second = reprocess_scans(patterns, settings, DaskCluster(n_workers=2), settle_s=0)
+    assert all(
+        isinstance(v, str) and v.startswith("complete: 3 exposures") for v in second.values()
+    )
+    assert modified == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.h5")}
+
+
+def test_scan_still_being_written_is_retried_other_errors_are_not(tmp_path):
+    from prefect.states import Failed
+
+    scan = ArchivedScan("fresh", tmp_path)
+    (tmp_path / "f_0.cbf").write_bytes(b"just written")
+    settings = ScanSettings(output_dir=tmp_path / "out", n_workers=1)
+    with pytest.raises(ScanNotSettled):
+        reprocess_one_scan.fn(scan, settings, settle_s=3600, read_ahead=0, batch_size=4)
+    assert _retry_if_unsettled(None, None, Failed(data=ScanNotSettled("still written")))
+    assert not _retry_if_unsettled(None, None, Failed(data=ValueError("bad PONI")))
+    assert reprocess_one_scan.retries == 2
+
+
+def test_find_scans_takes_folders_and_eiger_masters_and_refuses_clashes(tmp_path):
+    import h5py
+
+    (tmp_path / "a").mkdir()
+    master = tmp_path / "b_master.h5"
+    with h5py.File(tmp_path / "b_data_000001.h5", "w") as data:
+        data["entry/data/data"] = np.zeros((1, 4, 4), np.uint16)
+    with h5py.File(master, "w") as handle:
+        handle["entry/data/data_000001"] = h5py.ExternalLink("b_data_000001.h5", "entry/data/data")
+    scans = find_scans([tmp_path / "*"])
+    assert [(s.scan_id, s.path.name) for s in scans] == [("a", "a"), ("b", "b_master.h5")]
+    assert {p.name for p in scans[1].files()} == {"b_master.h5", "b_data_000001.h5"}
+    with pytest.raises(ValueError, match="no scan matches"):
+        find_scans([tmp_path / "missing*"])
+    (tmp_path / "a.cbf").write_bytes(b"")
+    with pytest.raises(ValueError, match="would both be scan a"):
+        find_scans([tmp_path / "a*"])
+
+
+def test_online_flow_stops_cleanly_on_sigterm_with_every_frame_taken_written(
+    prefect_harness, tmp_path
+):
+    """SIGTERM (what Prefect's runner sends to cancel) to the flow's process: the frames
+    already taken are written, the file is closed and readable, no child is left, and the
+    summary says it was cancelled. The workers sit in their own sessions, so a signal to
+    the flow's process group does not reach them."""
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    detector = SimulatedDetector(IntegrationConfig(), seed=4)
+    frames = [exposure.frame for exposure in detector.exposures("live", 6)]
+    for number, frame in enumerate(frames[:4]):
+        fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(
+            str(incoming / f"f_{number}.cbf")
+        )
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from flows.online import WatchedFolder, online_reconstruction
+        from pipeline.config import InferenceConfig, ScanSettings
+        settings = ScanSettings(output_dir=Path({str(out)!r}), n_workers=1,
+                                inference=InferenceConfig(n_samples=100))
+        source = WatchedFolder(directory=Path({str(incoming)!r}), pattern="f_*.cbf",
+                               idle_timeout_s=None, poll_interval_s=0.2)
+        online_reconstruction(settings, source, "live")
+        """
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    path = out / "live.h5"
+    deadline = time.monotonic() + 240
+    written = 0
+    while written < 4 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+        try:
+            from pipeline.store.results import written_indices
+
+            written = len(written_indices(path)) if path.exists() else 0
+        except (OSError, KeyError, ValueError):
+            written = 0
+    assert written == 4, process.communicate(timeout=30)[0][-3000:]
+    os.killpg(process.pid, signal.SIGTERM)  # the whole group, as Prefect's runner does
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode != 0  # the run ends as cancelled, not completed
+    results = open_results(path)
+    assert results.index.tolist() == [0, 1, 2, 3] and (results.status == "ok").all()
+    with h5py.File(path, "r") as handle:  # the writer closed it: it added the NXcanSAS groups
+        assert sorted(k for k in handle["entry"] if k.startswith("sasdata_")) == [
+            f"sasdata_{i:06d}" for i in range(4)
+        ]
+    assert read_completion(path) is None  # cancelled: not marked complete, a rerun resumes
+    assert "stopped on SIGTERM after writing every frame taken" in output, output[-3000:]
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"--run-dir .*{tmp_path.name}"], capture_output=True, text=True
+    ).stdout
+    assert not leftover.strip()
+
+
+def test_train_and_validate_flows_write_a_model_its_card_and_artifacts(prefect_harness, tmp_path):
+    from flows.model import train_model, validate_model
+    from pipeline.model import Architecture, load
+    from pipeline.model.train import TrainingConfig
+
+    training = TrainingConfig(
+        steps=6,
+        batch_size=32,
+        n_validation=64,
+        validation_every=3,
+        architecture=Architecture(n_blocks=2, hidden=16, condition_dim=8, condition_hidden=16),
+    )
+    state = train_model(tmp_path / "m.safetensors", training, return_state=True)
+    result = state.result()
+    model = load(Path(result["model"]), device="cpu")  # hash checked against the card
+    assert model.card["training"]["flow"] == "train-model"
+    assert result["history"]["step"] == [3, 6]
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert artifacts["training-progress"][-1].data == 100.0
+    assert "Calibration error" in artifacts["trained-model"][-1].data
+
+    state = validate_model(
+        Path(result["model"]), tmp_path / "v", simulations=20, reference=1, return_state=True
+    )
+    report = state.result()
+    assert Path(report["report"]).is_file() and "calibration_error" in report["simulation"]
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert artifacts["validation-progress"][-1].data == 100.0
+    assert artifacts["validation-coverage"][-1].data.startswith("data:image/png;base64,")
+    assert "C2ST" in artifacts["model-validation"][-1].data
+
+
+def test_deployments_file_defines_the_online_flow_and_a_nightly_schedule(tmp_path):
+    deployments = {d.name: d for d in load_deployments(REPO / "deploy" / "deployments.yaml")}
+    assert sorted(deployments) == ["demo", "nightly", "online", "train", "validate"]
+    assert deployments["online"].flow_name == "online-reconstruction"
+    assert not deployments["online"].schedules  # started by operators from the UI
+    nightly = deployments["nightly"]
+    assert nightly.flow_name == "reprocess-scans"
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("online:\n  name: online\n  parameters:\n    source: {kind: camera}\n")
+    with pytest.raises(ValueError, match="online"):
+        load_deployments(bad)
+    bad.write_text(
+        "nightly:\n  name: n\n  cron: 'every night'\n  parameters: {scans: [x], settings: {}}\n"
+    )
+    with pytest.raises(ValueError, match="nightly"):
+        load_deployments(bad)
+
+
+def test_serve_refuses_to_run_without_a_prefect_server(monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        status = main(["serve", str(REPO / "deploy" / "deployments.yaml")])
+    assert status == 2 and "PREFECT_API_URL" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_dom(url: str, screenshot: Path | None = None) -> str:
+    """The page's DOM after 20 s of (virtual) time in headless Chromium, its scripts run."""
+    import tempfile
+
+    options = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1500,1100",
+        "--virtual-time-budget=20000",
+    ]
+    with tempfile.TemporaryDirectory() as profile:
+        options.append(f"--user-data-dir={profile}")
+        if screenshot is not None:
+            subprocess.run(
+                [_chromium(), *options, f"--screenshot={screenshot}", url],
+                capture_output=True,
+                timeout=180,
+                check=False,
+            )
+        return subprocess.run(
+            [_chromium(), *options, "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=True,
+        ).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium (Debian package chromium)")
+def test_prefect_ui_shows_a_demo_run_with_its_artifacts(tmp_path):
+    """A Prefect server on loopback, the demo run against it, and the run's page in headless
+    Chromium: the run and its artifacts appear. With BEAMLINE_INN_SCREENSHOT=DIR, the pages
+    are also saved as PNGs there (docs/prefect-ui-*.png come from this)."""
+    import json
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    prefect = Path(sys.executable).parent / "prefect"
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        demo = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "demo", "--frames", "64", "--out", str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+        request = urllib.request.Request(
+            f"{api}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (run,) = json.load(response)
+        assert run["state_type"] == "COMPLETED"
+        shots = (
+            Path(os.environ["BEAMLINE_INN_SCREENSHOT"])
+            if "BEAMLINE_INN_SCREENSHOT" in os.environ
+            else None
+        )
+        page = f"http://127.0.0.1:{port}/runs/flow-run/{run['id']}"
+        dom = chromium_dom(page, shots / "prefect-ui-run.png" if shots else None)
+        assert run["name"] in dom and "reconstruct-scan" in dom
+        dom = chromium_dom(
+            page + "?tab=Artifacts", shots / "prefect-ui-artifacts.png" if shots else None
+        )
+        for key in ("scan-summary", "recent-exposures", "scan-plots", "scan-progress"):
+            assert key in dom, key
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
