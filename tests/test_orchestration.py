@@ -436,11 +436,24 @@ def test_prefect_ui_shows_a_demo_run_with_its_artifacts(tmp_path):
         page = f"http://127.0.0.1:{port}/runs/flow-run/{run['id']}"
         dom = chromium_dom(page, shots / "prefect-ui-run.png" if shots else None)
         assert run["name"] in dom and "reconstruct-scan" in dom
-        dom = chromium_dom(
-            page + "?tab=Artifacts", shots / "prefect-ui-artifacts.png" if shots else None
+        body = json.dumps({"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).encode()
+        request = urllib.request.Request(
+            f"{api}/artifacts/filter", data=body, headers={"Content-Type": "application/json"}
         )
-        for key in ("scan-summary", "recent-exposures", "scan-plots", "scan-progress"):
-            assert key in dom, key
+        with urllib.request.urlopen(request, timeout=30) as response:
+            artifacts = sorted(json.load(response), key=lambda a: a["created"])
+        latest = {artifact["key"]: artifact for artifact in artifacts}
+        assert {"scan-summary", "recent-exposures", "scan-plots", "scan-progress"} <= set(latest)
+        for key, expected in (
+            ("recent-exposures", "pitch_nm median [5%, 95%]"),
+            ("scan-plots", "data:image/png;base64,"),
+            ("scan-summary", "Results:"),
+        ):
+            shot = shots / f"prefect-ui-{key}.png" if shots else None
+            dom = chromium_dom(
+                f"http://127.0.0.1:{port}/artifacts/artifact/{latest[key]['id']}", shot
+            )
+            assert expected in dom, (key, dom[-2000:])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
