@@ -118,9 +118,14 @@ class ScanMonitor:
             )
             if run is not None
         ]
-        self._progress_id = create_progress_artifact(
-            0.0, key="scan-progress", description=f"Scan {scan_id}: exposures written"
-        )
+        self._progress_id = None
+        try:
+            self._progress_id = create_progress_artifact(
+                0.0, key="scan-progress", description=f"Scan {scan_id}: exposures written"
+            )
+        except Exception as error:  # the API is down: the scan starts all the same
+            self._api_failures = 1
+            log.warning("Prefect progress artifact not created, the scan goes on: %s", error)
         context = contextvars.copy_context()  # the flow run's, so artifacts attach to it
         self._thread = threading.Thread(
             target=context.run, args=(self._publish_loop,), name="prefect-monitor", daemon=True
@@ -149,7 +154,8 @@ class ScanMonitor:
         self._done, self._total = done, total
 
     def finish(self, summary_markdown: str, timeout_s: float = 30.0) -> None:
-        """Publish everything a last time, then the summary; stop the thread."""
+        """Publish everything a last time, then the summary (markdown); stop the thread.
+        Call it also when the scan failed, with what is known, or the thread goes on."""
         self._stop.set()
         self._thread.join(timeout_s)
         self._call(
@@ -180,7 +186,9 @@ class ScanMonitor:
         return False
 
     def _publish(self, final: bool) -> None:
-        if self._due("progress", self.intervals.progress_s, final):
+        if self._progress_id is not None and self._due(
+            "progress", self.intervals.progress_s, final
+        ):
             total = self.expected or self._total
             percent = 100.0 if final else 100.0 * self._done / max(total, 1)
             self._call("progress", update_progress_artifact, self._progress_id, percent)

@@ -92,7 +92,7 @@ def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
         _run_logger().info("stopped on SIGTERM after writing every frame taken")
         if callable(previous):
             previous(signal.SIGTERM, None)
-        else:
+        elif previous == signal.SIG_DFL:
             raise SystemExit(128 + signal.SIGTERM)
 
 

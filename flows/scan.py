@@ -112,15 +112,22 @@ def reconstruct(
     line to the summary artifact.
     """
     monitor = ScanMonitor(config.scan_id, config.output_path, expected_frames)
-    with ScanRunner(config, resume=resume, on_result=monitor.record) as runner:
-        if batch_size is None:
-            submit_stream(runner, exposures, monitor)
-        else:
-            while (first := next(exposures, None)) is not None:
-                submit_batch(runner, chain([first], islice(exposures, batch_size - 1)))
-                del first
-                monitor.update(runner.n_done, runner.n_submitted)
-        summary = wait_for_results(runner, monitor)
+    try:
+        with ScanRunner(config, resume=resume, on_result=monitor.record) as runner:
+            if batch_size is None:
+                submit_stream(runner, exposures, monitor)
+            else:
+                while (first := next(exposures, None)) is not None:
+                    submit_batch(runner, chain([first], islice(exposures, batch_size - 1)))
+                    del first
+                    monitor.update(runner.n_done, runner.n_submitted)
+            summary = wait_for_results(runner, monitor)
+    except Exception as error:
+        monitor.finish(
+            f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
+            f"Exposures written before: see `{config.output_path}`."
+        )
+        raise
     complete = source_ended()
     if complete:
         mark_complete(config.output_path, summary.submitted + summary.skipped)

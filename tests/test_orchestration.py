@@ -3,6 +3,7 @@ clean stop, the model flows, and the deployments file."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -125,6 +126,40 @@ def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harne
     assert sorted(i for e in flagged for i in e.payload["exposures"]) == [3, 4]
     assert sorted(i for e in failed for i in e.payload["exposures"]) == [9, 19, 29, 39]
     assert any(r.id == f"prefect.flow-run.{run_id}" for r in failed[0].related)
+
+
+def test_monitor_goes_on_when_the_prefect_api_fails(prefect_harness, tmp_path, monkeypatch, caplog):
+    """A failing API call is logged once and the scan's bookkeeping goes on; when the API
+    answers again, the log says so."""
+    import flows.monitor
+
+    calls = {"n": 0}
+
+    def flaky_table(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ConnectionError("API unreachable")
+
+    monkeypatch.setattr(flows.monitor, "create_table_artifact", flaky_table)
+
+    @flow
+    def scan() -> dict:
+        monitor = ScanMonitor(
+            "flaky", tmp_path / "none.h5", intervals=MonitorIntervals(10, 0.05, 10, 10)
+        )
+        for index in range(3):
+            monitor.record(RecentResult(index, "failed", 0.0, error="x"))
+            time.sleep(0.08)
+        time.sleep(0.1)
+        monitor.finish("# done")
+        return monitor.published
+
+    with caplog.at_level("WARNING", logger="flows.monitor"):
+        published = scan()
+    assert calls["n"] >= 3 and published["table"] == calls["n"] - 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("failed, the scan goes on" in m for m in messages) == 1
+    assert any("answers again after 2 failed updates" in m for m in messages)
 
 
 def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
@@ -374,23 +409,31 @@ def chromium_dom(url: str, screenshot: Path | None = None) -> str:
         ).stdout
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium (Debian package chromium)")
-def test_prefect_ui_shows_a_demo_run_with_its_artifacts(tmp_path):
-    """A Prefect server on loopback, the demo run against it, and the run's page in headless
-    Chromium: the run and its artifacts appear. With BEAMLINE_INN_SCREENSHOT=DIR, the pages
-    are also saved as PNGs there (docs/prefect-ui-*.png come from this)."""
+def _api(url: str, body: object | None = None, method: str | None = None) -> object:
     import json
     import urllib.request
 
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """``prefect server start`` on loopback (what an operator runs); yields the environment
+    that points a process at it (``PREFECT_API_URL``)."""
     from conftest import free_port
 
+    home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PYTHONPATH": str(REPO),
@@ -407,53 +450,136 @@ def test_prefect_ui_shows_a_demo_run_with_its_artifacts(tmp_path):
         deadline = time.monotonic() + 240
         while True:
             try:
-                with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
+                _api(env["PREFECT_API_URL"] + "/health")
+                break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise
                 time.sleep(1)
-        demo = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "demo", "--frames", "64", "--out", str(tmp_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
-        request = urllib.request.Request(
-            f"{api}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            (run,) = json.load(response)
-        assert run["state_type"] == "COMPLETED"
-        shots = (
-            Path(os.environ["BEAMLINE_INN_SCREENSHOT"])
-            if "BEAMLINE_INN_SCREENSHOT" in os.environ
-            else None
-        )
-        page = f"http://127.0.0.1:{port}/runs/flow-run/{run['id']}"
-        dom = chromium_dom(page, shots / "prefect-ui-run.png" if shots else None)
-        assert run["name"] in dom and "reconstruct-scan" in dom
-        body = json.dumps({"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).encode()
-        request = urllib.request.Request(
-            f"{api}/artifacts/filter", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            artifacts = sorted(json.load(response), key=lambda a: a["created"])
-        latest = {artifact["key"]: artifact for artifact in artifacts}
-        assert {"scan-summary", "recent-exposures", "scan-plots", "scan-progress"} <= set(latest)
-        for key, expected in (
-            ("recent-exposures", "pitch_nm median [5%, 95%]"),
-            ("scan-plots", "data:image/png;base64,"),
-            ("scan-summary", "Results:"),
-        ):
-            shot = shots / f"prefect-ui-{key}.png" if shots else None
-            dom = chromium_dom(
-                f"http://127.0.0.1:{port}/artifacts/artifact/{latest[key]['id']}", shot
-            )
-            assert expected in dom, (key, dom[-2000:])
+        yield env
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium (Debian package chromium)")
+def test_prefect_ui_shows_a_demo_run_with_its_artifacts(prefect_server, tmp_path):
+    """A Prefect server on loopback, the demo run against it, and the run's page in headless
+    Chromium: the run and its artifacts appear. With BEAMLINE_INN_SCREENSHOT=DIR, the pages
+    are also saved as PNGs there (docs/prefect-ui-*.png come from this)."""
+    api = prefect_server["PREFECT_API_URL"]
+    ui = api.removesuffix("/api")
+    demo = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--frames", "64", "--out", str(tmp_path)],
+        env=prefect_server,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    runs = _api(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"like_": ""}}})
+    (run,) = [r for r in runs if str(tmp_path) in str(r["parameters"].get("output_dir", ""))]
+    assert run["state_type"] == "COMPLETED"
+    shots = (
+        Path(os.environ["BEAMLINE_INN_SCREENSHOT"])
+        if "BEAMLINE_INN_SCREENSHOT" in os.environ
+        else None
+    )
+    page = f"{ui}/runs/flow-run/{run['id']}"
+    dom = chromium_dom(page, shots / "prefect-ui-run.png" if shots else None)
+    assert run["name"] in dom and "reconstruct-scan" in dom
+    artifacts = _api(
+        f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    )
+    latest = {a["key"]: a for a in sorted(artifacts, key=lambda a: a["created"])}
+    assert {"scan-summary", "recent-exposures", "scan-plots", "scan-progress"} <= set(latest)
+    for key, expected in (
+        ("recent-exposures", "pitch_nm median [5%, 95%]"),
+        ("scan-plots", "data:image/png;base64,"),
+        ("scan-summary", "Results:"),
+    ):
+        shot = shots / f"prefect-ui-{key}.png" if shots else None
+        dom = chromium_dom(f"{ui}/artifacts/artifact/{latest[key]['id']}", shot)
+        assert expected in dom, (key, dom[-2000:])
+
+
+@pytest.mark.slow
+def test_served_online_deployment_runs_from_the_api_and_cancels_cleanly(prefect_server, tmp_path):
+    """``beamline-inn serve`` against a real server: the nightly deployment carries its cron
+    schedule; a run of the online deployment (created as the UI's Run button does) takes the
+    frames a detector writes, and cancelling it (as the UI's Cancel does) ends it Cancelled
+    with every frame taken written and the file closed."""
+    api = prefect_server["PREFECT_API_URL"]
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    frames = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=8).exposures("x", 3)]
+    for number, frame in enumerate(frames):
+        fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(
+            str(incoming / f"f_{number}.cbf")
+        )
+    deployments = tmp_path / "deployments.yaml"
+    deployments.write_text(
+        textwrap.dedent(
+            f"""
+            online:
+              name: online-test
+              parameters:
+                scan_id: served
+                source: {{kind: folder, directory: {incoming}, pattern: "f_*.cbf",
+                          idle_timeout_s: null, poll_interval_s: 0.2}}
+                settings: {{output_dir: {out}, n_workers: 1, inference: {{n_samples: 100}}}}
+            nightly:
+              name: nightly-test
+              cron: "30 3 * * *"
+              parameters: {{scans: ["{tmp_path}/archive/*"], settings: {{output_dir: {out}}}}}
+            """
+        )
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", str(deployments)],
+        env=prefect_server,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        found: dict = {}
+        while len(found) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            found = {d["name"]: d for d in _api(f"{api}/deployments/filter", {})}
+        assert set(found) == {"online-test", "nightly-test"}, serve.stdout and serve.poll()
+        assert found["nightly-test"]["schedules"][0]["schedule"]["cron"] == "30 3 * * *"
+        run = _api(f"{api}/deployments/{found['online-test']['id']}/create_flow_run", {})
+        path = out / "served.h5"
+        from pipeline.store.results import written_indices
+
+        written: set[int] = set()
+        while len(written) < 3 and time.monotonic() < deadline + 240:
+            time.sleep(1)
+            with contextlib.suppress(OSError, KeyError, ValueError):  # not yet there
+                written = written_indices(path) if path.exists() else set()
+        assert written == {0, 1, 2}
+        _api(
+            f"{api}/flow_runs/{run['id']}/set_state",
+            {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+        )
+        state = ""
+        while state != "CANCELLED" and time.monotonic() < deadline + 360:
+            time.sleep(1)
+            state = _api(f"{api}/flow_runs/{run['id']}")["state_type"]
+        assert state == "CANCELLED"
+        with h5py.File(path, "r") as handle:  # closed by the writer, NXcanSAS groups added
+            assert sorted(k for k in handle["entry"] if k.startswith("sasdata_")) == [
+                f"sasdata_{i:06d}" for i in range(3)
+            ]
+        artifacts = _api(
+            f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+        )
+        summary = [a for a in artifacts if a["key"] == "scan-summary"]
+        assert summary and "Cancelled: every frame taken was written" in summary[-1]["data"]
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(60)
