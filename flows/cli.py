@@ -223,7 +223,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
     from pipeline.transport.security import read_public_key, read_secret_key
 
     config = PipelineConfig(
-        scan_id=args.scan_id or scan_id,
+        scan_id=getattr(args, "scan_id", None) or scan_id,
         output_dir=args.out,
         n_workers=args.workers,
         integration=IntegrationConfig(
@@ -284,6 +284,35 @@ def _reprocess(args: argparse.Namespace) -> int:
     return _print_summary(summary)
 
 
+def _reprocess_scans(args: argparse.Namespace) -> int:
+    from flows.reprocess import DaskCluster, reprocess_scans
+    from pipeline.sources import find_scans
+
+    settings = _scan_config(args, "scan").settings
+    scans = find_scans(args.scans)  # bad patterns and clashing names stop here
+    print(f"{len(scans)} scans: {', '.join(scan.scan_id for scan in scans)}", flush=True)
+    try:
+        outcome = reprocess_scans(
+            args.scans,
+            settings,
+            DaskCluster(address=args.dask, n_workers=args.dask_workers),
+            settle_s=args.settle,
+            read_ahead=args.read_ahead,
+        )
+    except RuntimeError as error:  # some scans failed; the others are written
+        print(f"beamline-inn reprocess-scans: {error}", file=sys.stderr)
+        return 1
+    for scan_id, result in outcome.items():
+        if isinstance(result, str):
+            print(f"{scan_id}: skipped ({result})")
+        else:
+            print(
+                f"{scan_id}: {result['written_ok']} written, {result['failed']} failed, "
+                f"{result['skipped']} already there -> {result['output_path']}"
+            )
+    return 0
+
+
 def _online(args: argparse.Namespace) -> int:
     import time
 
@@ -304,7 +333,7 @@ def _online(args: argparse.Namespace) -> int:
     return _print_summary(summary)
 
 
-def _add_scan_options(command: argparse.ArgumentParser) -> None:
+def _add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> None:
     """Options shared by ``reprocess`` and ``online``: geometry, corrections, output."""
     command.add_argument("--poni", type=Path, required=True, help="pyFAI geometry (PONI v1/v2)")
     command.add_argument("--mask", type=Path, help="mask image (EDF, TIFF, .npy; non-zero masked)")
@@ -328,7 +357,8 @@ def _add_scan_options(command: argparse.ArgumentParser) -> None:
         help="frame metadata (e.g. monitor, transmission) to normalise by; repeatable",
     )
     command.add_argument("--out", type=Path, required=True, help="output folder")
-    command.add_argument("--scan-id", help="name of the scan and its results file")
+    if scan_id:
+        command.add_argument("--scan-id", help="name of the scan and its results file")
     command.add_argument(
         "--workers",
         type=_non_negative_int,
@@ -473,6 +503,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="complete an existing results file of this scan (e.g. of a run that was killed)",
     )
     reprocess.set_defaults(run=_reprocess)
+
+    batch = commands.add_parser(
+        "reprocess-scans",
+        help="reconstruct many archived scans (folders, Eiger masters, globs) over Dask, one "
+        "file each; complete ones skipped, unfinished ones resumed",
+        description="Reconstruct each archived scan (a folder of frames, or an Eiger master "
+        "file) into OUT/SCAN_ID.h5, one Dask task per scan (the reprocess-scans flow). Scans "
+        "whose results are complete are skipped; unfinished results files are resumed.",
+    )
+    batch.add_argument("scans", nargs="+", metavar="SCAN", help="folders, files or globs")
+    _add_scan_options(batch, scan_id=False)
+    batch.add_argument("--dask", metavar="ADDRESS", help="an existing Dask scheduler, tcp://...")
+    batch.add_argument(
+        "--dask-workers",
+        type=_positive_int,
+        default=1,
+        help="without --dask: processes of the local Dask cluster, scans at once (default 1)",
+    )
+    batch.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="leave scans alone whose files changed in the last S seconds (retried later)",
+    )
+    batch.add_argument(
+        "--read-ahead",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="frames decoded ahead per scan by a reader process (default 0)",
+    )
+    batch.set_defaults(run=_reprocess_scans)
 
     online = commands.add_parser(
         "online",

@@ -185,7 +185,7 @@ def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
 
 
 def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
-    prefect_harness, tmp_path
+    prefect_harness, tmp_path, capsys
 ):
     detector = SimulatedDetector(IntegrationConfig(), seed=3)
     frames = [exposure.frame for exposure in detector.exposures("archive", 9)]
@@ -206,10 +206,10 @@ def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
         results = open_results(path)
         assert results.index.tolist() == [0, 1, 2] and (results.status == "ok").all()
     modified = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.h5")}
-    second = reprocess_scans(patterns, settings, DaskCluster(n_workers=2), settle_s=0)
-    assert all(
-        isinstance(v, str) and v.startswith("complete: 3 exposures") for v in second.values()
-    )
+    options = ["--poni", str(DEFAULT_PONI), "--out", str(tmp_path / "out"), "--workers", "1"]
+    status = main(["reprocess-scans", *patterns, *options, "--samples", "100", "--settle", "0"])
+    printed = capsys.readouterr().out
+    assert status == 0 and printed.count("skipped (complete: 3 exposures") == 3, printed
     assert modified == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.h5")}
 
 
