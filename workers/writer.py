@@ -15,6 +15,7 @@ Run: ``python -m workers.writer --run-dir RUN_DIR [--resume]`` (the scan runner 
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import zmq
@@ -30,6 +31,12 @@ from workers.process import Parent, announce_ready, control_socket, parse_args, 
 #: Most results appended as one block (one resize and write per dataset, one flush): 2.5 ms
 #: per exposure one at a time, 0.39 ms in blocks of 8, 0.14 ms in blocks of 64.
 MAX_BLOCK = 256
+#: A block goes on gathering while results keep arriving within this many milliseconds: a
+#: worker's batch comes as a burst of messages, which then makes one block instead of 2-4
+#: (300 exposures in batches of 8: 39 blocks instead of 72-77; the writer's CPU per
+#: exposure 1.1 ms instead of 1.7-1.9 ms), for at most MAX_GATHER_MS more latency.
+GATHER_MS = 1
+MAX_GATHER_MS = 5
 
 
 def to_result(message: Message) -> ExposureResult:
@@ -86,14 +93,20 @@ def serve(argv: list[str] | None = None) -> int:
     poller.register(monitor, zmq.POLLIN)
 
     def write_waiting() -> int:
-        """Append what has arrived (up to :data:`MAX_BLOCK` results) as one block, flush,
-        then acknowledge each; return how many messages were taken."""
+        """Append what has arrived (up to :data:`MAX_BLOCK` results, gathered while they
+        keep coming within :data:`GATHER_MS`, for :data:`MAX_GATHER_MS` at most) as one
+        block, flush, then acknowledge each; return how many messages were taken."""
         batch = []
-        for _ in range(MAX_BLOCK):
+        taken = 0
+        deadline = time.monotonic() + MAX_GATHER_MS / 1e3
+        while taken < MAX_BLOCK:
             try:
                 frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                if time.monotonic() < deadline and results.poll(GATHER_MS, zmq.POLLIN):
+                    continue
                 break
+            taken += 1
             try:
                 batch.append(to_result(decode([f.buffer for f in frames])))
             except (ProtocolError, KeyError, TypeError, ValueError) as error:
@@ -109,7 +122,7 @@ def serve(argv: list[str] | None = None) -> int:
                 ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
                 ack["predictive_z"] = result.predictive_z
             acks.send_multipart(encode("ack", ack))
-        return len(batch)
+        return taken
 
     try:
         while True:
