@@ -61,7 +61,7 @@ def _median_ms(run: Callable[[], None], frames: int, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _bare_loop(integrator: LineOutIntegrator, frames: list[np.ndarray]) -> Callable[[], None]:
+def bare_pyfai_loop(integrator: LineOutIntegrator, frames: list[np.ndarray]) -> Callable[[], None]:
     """pyFAI alone, with the options :class:`LineOutIntegrator` passes."""
     config, grid = integrator.config, integrator.grid
     geometry = integrator.geometry
@@ -110,7 +110,7 @@ def integration_ratios(n_frames: int, repeats: int) -> dict:
         config = IntegrationConfig(poni=PILATUS_PONI, azimuth_range_deg=sector)
         integrator = LineOutIntegrator(config, WIDE_GRID)
         integrator.integrate(frames[0])  # builds the engine
-        bare = _median_ms(_bare_loop(integrator, frames), n_frames, repeats)
+        bare = _median_ms(bare_pyfai_loop(integrator, frames), n_frames, repeats)
         ours = _median_ms(_ours_loop(integrator, frames), n_frames, repeats)
         out[label] = {
             "bare_pyfai_ms": round(bare, 2),

@@ -7,6 +7,8 @@ environment already sets them: a longer start-up timeout for the ephemeral API s
 
 import os
 
+import pipeline  # noqa: F401  (first: it sets the OpenMP wait policy before pyFAI and torch load)
+
 for _name, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",

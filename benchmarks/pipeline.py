@@ -1,0 +1,230 @@
+"""The whole pipeline against the integration limit, and its latency at fixed input rates
+(issue: benchmarks), side by side in one run on the same frames and cores.
+
+For each detector (simulated frames of an Eiger 4M at 5 m, sector chi = 0 +- 5 degrees, the
+bundled geometry; and of a Pilatus 1M at 8 m, sector +- 10 degrees):
+
+1. **integration limit**: a bare pyFAI ``integrate1d`` loop over the frames in one process,
+   with the options the pipeline's integrator passes (CSR, no pixel splitting, 512 bins);
+2. **pipeline**: the same frames through :class:`~workers.scan.ScanRunner` (integration in
+   the feeder, 2 inference workers drawing 1,000 posterior samples each, the writer's HDF5
+   file), fed as fast as they go in batches of 16, from the first frame handed over to the
+   last exposure written. The ratio pipeline / limit is the figure (target >= 0.8);
+3. **latency**: frames handed over at a fixed rate (10 Hz, and 90% of the pipeline's rate
+   from 2.), each timed from the moment it is handed over (before integration) to the
+   writer's acknowledgement that it is in the file: p50, p99, max (target p99 <= 100 ms at
+   10 Hz on 2 cores).
+
+Frames are simulated once and reused (an Eiger 4M frame is 18 MB), handed over under new
+exposure indices. Each figure is the median of ``--repeats`` runs, with min and max.
+
+Run: ``python -m benchmarks.pipeline [--frames 96] [--repeats 3] [--latency-s 10]``
+(results in ``benchmarks/results/pipeline.json``, plot ``benchmarks/results/pipeline_latency.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.integration import bare_pyfai_loop
+from pipeline.config import IntegrationConfig, PipelineConfig
+from pipeline.exposure import Exposure
+from pipeline.integration import LineOutIntegrator
+from pipeline.physics import QGrid
+from pipeline.sources import SimulatedDetector
+from workers.scan import RecentResult, ScanRunner
+
+RESULTS = Path(__file__).parent / "results" / "pipeline.json"
+PLOT = Path(__file__).parent / "results" / "pipeline_latency.png"
+BATCH = 16
+#: A Pilatus 1M (172 um pixels) at 8 m, 8 keV, beam at its centre: q up to 0.4 1/nm fits
+#: along chi = 0, and every q bin has pixels in a +-10 degree sector.
+PILATUS_1M_PONI = """poni_version: 2
+Detector: Pilatus1M
+Detector_config: {}
+Distance: 8.0
+Poni1: 0.0845
+Poni2: 0.0897
+Rot1: 0
+Rot2: 0
+Rot3: 0
+Wavelength: 1.55e-10
+"""
+
+
+def detectors(folder: Path) -> dict[str, IntegrationConfig]:
+    pilatus = folder / "pilatus1m_8m.poni"
+    pilatus.write_text(PILATUS_1M_PONI)
+    return {
+        "eiger4m": IntegrationConfig(),
+        "pilatus1m": IntegrationConfig(poni=pilatus, azimuth_range_deg=(-10.0, 10.0)),
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": float(np.median(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+    }
+
+
+def integration_limit(integration: IntegrationConfig, frames: list[np.ndarray]) -> float:
+    """Frames per second of the bare pyFAI loop (its engine built before timing)."""
+    integrator = LineOutIntegrator(integration, QGrid())
+    integrator.integrate(frames[0])
+    run = bare_pyfai_loop(integrator, frames)
+    start = time.perf_counter()
+    run()
+    return len(frames) / (time.perf_counter() - start)
+
+
+def _exposure(scan_id: str, index: int, frames: list[np.ndarray]) -> Exposure:
+    return Exposure(scan_id, index, time.time(), frames[index % len(frames)])
+
+
+def pipeline_rate(
+    integration: IntegrationConfig, frames: list[np.ndarray], n: int, folder: Path
+) -> float:
+    """Exposures per second through the pipeline, first frame handed over to last written."""
+    config = PipelineConfig(
+        scan_id=f"rate-{time.monotonic_ns()}", output_dir=folder, integration=integration
+    )
+    with ScanRunner(config) as runner:
+        start = time.perf_counter()
+        for first in range(0, n, BATCH):
+            for index in range(first, min(n, first + BATCH)):
+                runner.submit(_exposure(config.scan_id, index, frames))
+            runner.collect()
+        summary = runner.wait()
+        elapsed = time.perf_counter() - start
+    assert summary.written_ok == n, summary
+    return n / elapsed
+
+
+def latency_at(
+    integration: IntegrationConfig,
+    frames: list[np.ndarray],
+    rate_hz: float,
+    duration_s: float,
+    folder: Path,
+) -> np.ndarray:
+    """Milliseconds from hand-over to written of each frame handed over at ``rate_hz``."""
+    handed: dict[int, float] = {}
+    written: dict[int, float] = {}
+
+    def on_result(result: RecentResult) -> None:
+        written[result.index] = time.perf_counter()
+
+    config = PipelineConfig(
+        scan_id=f"latency-{time.monotonic_ns()}", output_dir=folder, integration=integration
+    )
+    n = max(1, round(rate_hz * duration_s))
+    with ScanRunner(config, on_result=on_result) as runner:
+        start = time.perf_counter()
+        for index in range(n):
+            due = start + index / rate_hz
+            while (wait := due - time.perf_counter()) > 0:
+                runner.collect(timeout_ms=max(1, int(wait * 1e3)))
+            handed[index] = time.perf_counter()
+            runner.submit(_exposure(config.scan_id, index, frames))
+            runner.collect()
+        runner.wait()
+    return np.array([1e3 * (written[i] - handed[i]) for i in range(n)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=96, help="exposures per throughput run")
+    parser.add_argument("--distinct", type=int, default=16, help="distinct simulated frames")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-s", type=float, default=10.0, help="seconds per latency run")
+    parser.add_argument("--detectors", nargs="+", default=["eiger4m", "pilatus1m"])
+    args = parser.parse_args()
+    report: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "settings": vars(args) | {"workers": 2, "samples_per_exposure": 1000, "batch": BATCH},
+        "targets": {"pipeline_over_limit_min": 0.8, "p99_at_10_hz_max_ms": 100.0},
+        "detectors": {},
+    }
+    latencies: dict[str, dict[str, np.ndarray]] = {}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        for detector, integration in detectors(folder).items():
+            if detector not in args.detectors:
+                continue
+            simulator = SimulatedDetector(integration, seed=1)
+            frames = [e.frame for e in simulator.exposures(detector, args.distinct)]
+            limits, rates = [], []
+            for _ in range(args.repeats):  # alternating, so that drifts hit both alike
+                limits.append(integration_limit(integration, frames))
+                rates.append(pipeline_rate(integration, frames, args.frames, folder))
+                print(
+                    f"{detector}: limit {limits[-1]:.1f}/s, pipeline {rates[-1]:.1f}/s", flush=True
+                )
+            ratios = [rate / limit for rate, limit in zip(rates, limits, strict=True)]
+            sustained = 0.9 * float(np.median(rates))
+            entry = {
+                "frame_shape": list(frames[0].shape),
+                "integration_limit_per_s": _stats(limits),
+                "pipeline_per_s": _stats(rates),
+                "pipeline_over_limit": _stats(ratios),
+                "latency_ms": {},
+            }
+            latencies[detector] = {}
+            for label, rate in (("10_hz", 10.0), ("sustained", sustained)):
+                runs = [
+                    latency_at(integration, frames, rate, args.latency_s, folder)
+                    for _ in range(args.repeats)
+                ]
+                latencies[detector][label] = np.concatenate(runs)
+                entry["latency_ms"][label] = {
+                    "rate_hz": rate,
+                    "p50": _stats([float(np.percentile(r, 50)) for r in runs]),
+                    "p99": _stats([float(np.percentile(r, 99)) for r in runs]),
+                    "max": _stats([float(r.max()) for r in runs]),
+                    "exposures_per_run": len(runs[0]),
+                }
+                print(
+                    f"{detector} {label} ({rate:.1f} Hz): {entry['latency_ms'][label]}", flush=True
+                )
+            report["detectors"][detector] = entry
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    plot(latencies, PLOT)
+    print(json.dumps(report, indent=2))
+
+
+def plot(latencies: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """Latency distributions per detector and rate (log-spaced histogram)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3.5 * max(1, len(latencies))))
+    FigureCanvasAgg(figure)
+    for row, (detector, runs) in enumerate(latencies.items()):
+        axis = figure.add_subplot(len(latencies), 1, row + 1)
+        values = np.concatenate(list(runs.values()))
+        bins = np.geomspace(max(1.0, values.min() * 0.9), values.max() * 1.1, 40)
+        for label, data in runs.items():
+            axis.hist(
+                data, bins=bins, alpha=0.6, label=f"{label}: p99 {np.percentile(data, 99):.0f} ms"
+            )
+        axis.axvline(100.0, color="k", ls="--", lw=0.8, label="100 ms")
+        axis.set(xscale="log", xlabel="frame handed over -> written (ms)", ylabel="exposures")
+        axis.set_title(detector)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    main()
