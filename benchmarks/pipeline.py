@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.integration import bare_pyfai_loop
-from pipeline.config import IntegrationConfig, PipelineConfig
+from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
 from pipeline.physics import QGrid
@@ -45,6 +45,8 @@ from workers.scan import RecentResult, ScanRunner
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PLOT = Path(__file__).parent / "results" / "pipeline_latency.png"
 BATCH = 16
+#: the workers' sampler compiled (``--compile``; 11-22 s per worker start, not timed)
+COMPILE = False
 #: A Pilatus 1M (172 um pixels) at 8 m, 8 keV, beam at its centre: q up to 0.4 1/nm fits
 #: along chi = 0, and every q bin has pixels in a +-10 degree sector.
 PILATUS_1M_PONI = """poni_version: 2
@@ -96,7 +98,10 @@ def pipeline_rate(
 ) -> float:
     """Exposures per second through the pipeline, first frame handed over to last written."""
     config = PipelineConfig(
-        scan_id=f"rate-{time.monotonic_ns()}", output_dir=folder, integration=integration
+        scan_id=f"rate-{time.monotonic_ns()}",
+        output_dir=folder,
+        integration=integration,
+        inference=InferenceConfig(compile=COMPILE),
     )
     with ScanRunner(config) as runner:
         start = time.perf_counter()
@@ -125,7 +130,10 @@ def latency_at(
         written[result.index] = time.perf_counter()
 
     config = PipelineConfig(
-        scan_id=f"latency-{time.monotonic_ns()}", output_dir=folder, integration=integration
+        scan_id=f"latency-{time.monotonic_ns()}",
+        output_dir=folder,
+        integration=integration,
+        inference=InferenceConfig(compile=COMPILE),
     )
     n = max(1, round(rate_hz * duration_s))
     with ScanRunner(config, on_result=on_result) as runner:
@@ -148,10 +156,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-s", type=float, default=10.0, help="seconds per latency run")
     parser.add_argument("--detectors", nargs="+", default=["eiger4m", "pilatus1m"])
+    parser.add_argument("--compile", action="store_true", help="workers compile their sampler")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     report: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "settings": vars(args) | {"workers": 2, "samples_per_exposure": 1000, "batch": BATCH},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"workers": 2, "samples_per_exposure": 1000, "batch": BATCH},
         "targets": {"pipeline_over_limit_min": 0.8, "p99_at_10_hz_max_ms": 100.0},
         "detectors": {},
     }
@@ -197,10 +210,11 @@ def main() -> None:
                     f"{detector} {label} ({rate:.1f} Hz): {entry['latency_ms'][label]}", flush=True
                 )
             report["detectors"][detector] = entry
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    plot(latencies, PLOT)
-    print(json.dumps(report, indent=2))
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.out == RESULTS:
+        plot(latencies, PLOT)
+    print(json.dumps(report, indent=2, default=str))
 
 
 def plot(latencies: dict[str, dict[str, np.ndarray]], path: Path) -> None:

@@ -243,9 +243,12 @@ def test_compiled_sampling_draws_what_eager_sampling_draws():
     model = PosteriorModel(TINY).eval()
     for parameter in model.flow.parameters():  # leave the identity start
         torch.nn.init.normal_(parameter, std=0.1)
-    _, counts = simulate(2, np.random.default_rng(9))
-    eager = model.sample(counts, 300, seed=5)
+    _, counts = simulate(3, np.random.default_rng(9))
+    eager = model.sample(counts[:2], 300, seed=5)
     model.compile_sampling()
-    compiled = model.sample(counts, 300, seed=5)
+    # as a worker warms up: batch 1, then 2 (recompiled for any size), unseeded; then seeded
+    for exposures in (1, 2, 3):
+        assert model.sample(counts[:exposures], 300).shape == (exposures, 300, 5)
+    compiled = model.sample(counts[:2], 300, seed=5)
     spread = eager.std(axis=1, keepdims=True)  # per exposure and parameter
     assert (np.abs(compiled - eager) / spread).max() < 1e-3

@@ -287,15 +287,16 @@ class CountsSampler(nn.Module, abc.ABC):
         """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
 
     def compile_sampling(self) -> None:
-        """Compile :meth:`sample_tensor` with ``torch.compile`` (inductor) for this process.
+        """Compile the sampler (the network part of :meth:`sample_tensor`; the noise is drawn
+        outside) with ``torch.compile`` (inductor) for this process.
 
-        The first call per batch size compiles (about 30 s on a CPU, 4-13 s with inductor's
-        on-disk cache warm; a second batch size compiles once more, for all sizes); after
-        that, sampling takes about half the time on a CPU (1,000 samples of one exposure with
-        the shipped model: 10 ms instead of 19 ms on one thread here, ``benchmarks/sampling.py``).
-        For long-running workers, not for one-off calls.
+        The first call compiles (tens of seconds on a CPU, less with inductor's on-disk cache
+        warm; a second batch size compiles once more, for all sizes); after that, sampling
+        takes about half the time on a CPU (1,000 samples of one exposure with the shipped
+        model: 3.9 against 7.2 ms on one thread here, ``benchmarks/sampling.py``). For
+        long-running workers, not for one-off calls.
         """
-        self.sample_tensor = torch.compile(self.sample_tensor)  # type: ignore[method-assign]
+        self._draws = torch.compile(self._draws)  # type: ignore[method-assign]
 
     def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
         """Posterior draws for a float array of counts (exposures, n_points).
@@ -399,7 +400,6 @@ class PosteriorModel(CountsSampler):
         self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior draws (exposures, n_samples, 5) for counts (exposures, n_points) on the model's device."""
-        encoding = self.encoder(counts)
         z = torch.randn(
             counts.shape[0],
             n_samples,
@@ -407,10 +407,17 @@ class PosteriorModel(CountsSampler):
             generator=generator,
             device=counts.device,
         )
-        # the condition (exposures, 1, C) broadcasts over the samples of its exposure
-        u = self.flow.inverse(z, encoding.condition[:, None, :])
         # w and p - w are equally probable (exact: likelihood and prior are symmetric)
         side = torch.rand(z.shape[:-1], generator=generator, device=z.device).round() * 2 - 1
+        return self._draws(counts, z, side)
+
+    def _draws(self, counts: torch.Tensor, z: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """The draws for given noise: the deterministic part of :meth:`sample_tensor`, which
+        :meth:`compile_sampling` compiles (random numbers of a symbolic batch size cannot be
+        drawn inside a compiled graph)."""
+        encoding = self.encoder(counts)
+        # the condition (exposures, 1, C) broadcasts over the samples of its exposure
+        u = self.flow.inverse(z, encoding.condition[:, None, :])
         return self.transform.to_physical(u, encoding.readout.per_sample(), side)
 
     def architecture_dict(self) -> dict:
