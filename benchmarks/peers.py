@@ -36,8 +36,8 @@ import torch
 
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
-from pipeline.physics import GratingPrior, expected_counts, simulate
-from pipeline.physics.reference import reference_posterior
+from pipeline.physics import simulate
+from pipeline.physics.reference import nested_sampling_posterior, reference_posterior
 
 RESULTS = Path(__file__).parent / "results" / "peers.json"
 STORED = Path(__file__).parent / "results" / "posterior_models.json"
@@ -57,37 +57,6 @@ def _distance(draws: np.ndarray, exact: np.ndarray) -> dict[str, list[float]]:
         "sd_ratio": (ours.std(0) / sd).tolist(),
         "bias_in_exact_sd": (np.abs(ours.mean(0) - truth.mean(0)) / sd).tolist(),
     }
-
-
-def nested(counts: np.ndarray, n_photons: float, background: float, seed: int) -> np.ndarray:
-    import dynesty
-
-    prior = GratingPrior()
-
-    def log_likelihood(x: np.ndarray) -> float:
-        row = np.array([[x[0], x[1] * x[0], x[2], n_photons, background]])
-        mu = expected_counts(row)[0]
-        return float((counts * np.log(mu) - mu).sum())
-
-    def from_unit_cube(u: np.ndarray) -> np.ndarray:
-        (p0, p1), (d0, d1), (s0, s1) = prior.pitch_nm, prior.duty, prior.sigma_nm
-        return np.array([p0 + (p1 - p0) * u[0], d0 + (d1 - d0) * u[1], s0 + (s1 - s0) * u[2]])
-
-    sampler = dynesty.NestedSampler(
-        log_likelihood,
-        from_unit_cube,
-        3,
-        nlive=500,
-        bound="multi",
-        sample="rwalk",
-        rstate=np.random.default_rng(seed),
-    )
-    sampler.run_nested(dlogz=0.1, print_progress=False)
-    results = sampler.results
-    weights = np.exp(results.logwt - results.logz[-1])
-    rng = np.random.default_rng(seed)
-    draws = results.samples[rng.choice(len(weights), 10_000, p=weights / weights.sum())]
-    return np.stack([draws[:, 0], draws[:, 1] * draws[:, 0], draws[:, 2]], axis=-1)
 
 
 def main() -> None:
@@ -113,7 +82,7 @@ def main() -> None:
         distances["cinn"].append(_distance(draws, exact))
         if not args.no_nested:
             start = time.perf_counter()
-            draws = nested(counts[row].astype(np.float64), n_photons, background, seed=row)
+            draws = nested_sampling_posterior(counts[row], n_photons, background, seed=row).samples
             times["nested"].append(time.perf_counter() - start)
             distances["nested"].append(_distance(draws, exact))
         print(row, {k: round(v[-1], 4) for k, v in times.items() if v}, flush=True)

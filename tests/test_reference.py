@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from pipeline.physics import expected_counts
-from pipeline.physics.reference import mirror_weight, reference_posterior
+from pipeline.physics.reference import (
+    mirror_weight,
+    nested_sampling_posterior,
+    reference_posterior,
+)
 
 
 def _counts(theta, seed=0):
@@ -73,40 +77,19 @@ def test_bad_input_is_refused(counts, n_photons, background, message):
 @pytest.mark.slow
 def test_nested_sampling_agrees_with_the_reference():
     """dynesty (about 30 s per case here) against the staged grids: weights and moments."""
-    dynesty = pytest.importorskip("dynesty")
+    pytest.importorskip("dynesty")
     for seed, theta in enumerate(
         [np.array([200.0, 60.0, 3.0, 1e4, 1.0]), np.array([140.0, 100.0, 8.0, 3e4, 2.0])]
     ):
         counts = _counts(theta, seed=seed)
         reference = reference_posterior(counts, theta[3], theta[4], n_samples=20_000)
-
-        def log_likelihood(x, counts=counts, theta=theta):
-            row = np.array([[x[0], x[1] * x[0], x[2], theta[3], theta[4]]])
-            mu = expected_counts(row)[0]
-            return float((counts * np.log(mu) - mu).sum())
-
-        def from_unit_cube(u):
-            return np.array([100 + 200 * u[0], 0.1 + 0.8 * u[1], 1 + 19 * u[2]])
-
-        sampler = dynesty.NestedSampler(
-            log_likelihood,
-            from_unit_cube,
-            3,
-            nlive=1000,
-            bound="multi",
-            sample="rwalk",
-            rstate=np.random.default_rng(seed),
+        nested = nested_sampling_posterior(
+            counts, theta[3], theta[4], nlive=1000, n_samples=20_000, seed=seed
         )
-        sampler.run_nested(dlogz=0.1, print_progress=False)
-        results = sampler.results
-        weights = np.exp(results.logwt - results.logz[-1])
-        draws = results.samples[
-            np.random.default_rng(0).choice(len(weights), 20_000, p=weights / weights.sum())
-        ]
-        draws = np.stack([draws[:, 0], draws[:, 1] * draws[:, 0], draws[:, 2]], axis=-1)
+        draws = nested.samples
         # a mode's weight from one nested-sampling run is uncertain by about 0.5 * logzerr
         # (each mode holds half the live points): allow three of those
-        tolerance = 1.5 * float(results.logzerr[-1])
+        tolerance = 1.5 * nested.log_evidence_error
         assert mirror_weight(draws) == pytest.approx(
             mirror_weight(reference.samples), abs=tolerance
         )
