@@ -137,15 +137,19 @@ def open_hdf5(path: PathLike) -> h5py.File:
     being written by a SWMR writer (a plain reader is refused then).
 
     Raises:
-        OSError: when the file cannot be opened either way (the first error).
+        OSError: when the file cannot be opened either way (the first error; h5py's
+            RuntimeError for a corrupt superblock, found by fuzzing, becomes an OSError too).
     """
     try:
         return h5py.File(path, "r", locking=False)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         try:
             return h5py.File(path, "r", locking=False, swmr=True)
-        except OSError:
+        except (OSError, RuntimeError):
+            pass
+        if isinstance(error, OSError):
             raise error from None
+        raise OSError(f"corrupt data or not an HDF5 file: {error}") from None
 
 
 def _scalar(node: object) -> object | None:

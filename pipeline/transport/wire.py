@@ -46,12 +46,13 @@ def encode(kind: str, header: dict[str, Any] | None = None, **arrays: np.ndarray
     specs = []
     buffers = []
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype.str not in ALLOWED_DTYPES:
             raise ProtocolError(f"array {name!r} has dtype {array.dtype}, not allowed on the wire")
         specs.append([name, dtype.str, list(array.shape)])
-        buffers.append(memoryview(array.astype(dtype, copy=False)).cast("B"))
+        # bytes as a flat uint8 view (a memoryview cast fails on arrays with a 0-length axis)
+        buffers.append(memoryview(array.astype(dtype, copy=False).reshape(-1).view(np.uint8)))
     fields = dict(header or {})
     fields.update(proto=PROTOCOL_VERSION, kind=kind, arrays=specs)
     return [msgpack.packb(fields, use_bin_type=True), *buffers]
