@@ -45,8 +45,6 @@ from workers.scan import RecentResult, ScanRunner
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PLOT = Path(__file__).parent / "results" / "pipeline_latency.png"
 BATCH = 16
-#: the workers' sampler compiled (``--compile``; 11-22 s per worker start, not timed)
-COMPILE = False
 #: A Pilatus 1M (172 um pixels) at 8 m, 8 keV, beam at its centre: q up to 0.4 1/nm fits
 #: along chi = 0, and every q bin has pixels in a +-10 degree sector.
 PILATUS_1M_PONI = """poni_version: 2
@@ -94,14 +92,18 @@ def _exposure(scan_id: str, index: int, frames: list[np.ndarray]) -> Exposure:
 
 
 def pipeline_rate(
-    integration: IntegrationConfig, frames: list[np.ndarray], n: int, folder: Path
+    integration: IntegrationConfig,
+    frames: list[np.ndarray],
+    n: int,
+    folder: Path,
+    compiled: bool = False,
 ) -> float:
     """Exposures per second through the pipeline, first frame handed over to last written."""
     config = PipelineConfig(
         scan_id=f"rate-{time.monotonic_ns()}",
         output_dir=folder,
         integration=integration,
-        inference=InferenceConfig(compile=COMPILE),
+        inference=InferenceConfig(compile=compiled),
     )
     with ScanRunner(config) as runner:
         start = time.perf_counter()
@@ -121,6 +123,7 @@ def latency_at(
     rate_hz: float,
     duration_s: float,
     folder: Path,
+    compiled: bool = False,
 ) -> np.ndarray:
     """Milliseconds from hand-over to written of each frame handed over at ``rate_hz``."""
     handed: dict[int, float] = {}
@@ -133,7 +136,7 @@ def latency_at(
         scan_id=f"latency-{time.monotonic_ns()}",
         output_dir=folder,
         integration=integration,
-        inference=InferenceConfig(compile=COMPILE),
+        inference=InferenceConfig(compile=compiled),
     )
     n = max(1, round(rate_hz * duration_s))
     with ScanRunner(config, on_result=on_result) as runner:
@@ -156,11 +159,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-s", type=float, default=10.0, help="seconds per latency run")
     parser.add_argument("--detectors", nargs="+", default=["eiger4m", "pilatus1m"])
-    parser.add_argument("--compile", action="store_true", help="workers compile their sampler")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="workers compile their sampler (11-22 s per worker start, not timed)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
     report: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
@@ -179,7 +184,7 @@ def main() -> None:
             limits, rates = [], []
             for _ in range(args.repeats):  # alternating, so that drifts hit both alike
                 limits.append(integration_limit(integration, frames))
-                rates.append(pipeline_rate(integration, frames, args.frames, folder))
+                rates.append(pipeline_rate(integration, frames, args.frames, folder, args.compile))
                 print(
                     f"{detector}: limit {limits[-1]:.1f}/s, pipeline {rates[-1]:.1f}/s", flush=True
                 )
@@ -195,7 +200,7 @@ def main() -> None:
             latencies[detector] = {}
             for label, rate in (("10_hz", 10.0), ("sustained", sustained)):
                 runs = [
-                    latency_at(integration, frames, rate, args.latency_s, folder)
+                    latency_at(integration, frames, rate, args.latency_s, folder, args.compile)
                     for _ in range(args.repeats)
                 ]
                 latencies[detector][label] = np.concatenate(runs)
