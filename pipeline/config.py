@@ -189,17 +189,19 @@ class ScanSettings(_Strict):
         return PipelineConfig(scan_id=scan_id, **dict(self))
 
 
-SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: A scan id names its results file and log folder: no path separators, no leading dot, at
+#: most 200 characters (a file name may have 255 bytes).
+SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 
 
 def scan_id_from(name: str) -> str:
-    """A scan id (letters, digits, ``.``, ``_``, ``-``; no path separators) made from a file
-    or folder name.
+    """A scan id (letters, digits, ``.``, ``_``, ``-``; no path separators; at most 200
+    characters) made from a file or folder name.
 
     >>> scan_id_from("run 12/äb_master")
     'run_12__b_master'
     """
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "scan"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:200] or "scan"
 
 
 class PipelineConfig(ScanSettings):

@@ -154,3 +154,89 @@ def prefect_harness(tmp_path_factory) -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield str(PREFECT_API_URL.value())
+
+
+# The reliability report: every test that takes the ``reliability`` fixture is marked
+# ``reliability``; ``pytest -m reliability --reliability-report docs/reliability.md`` runs them
+# (fast and slow) and writes what each injected, how often, and what was lost.
+
+AREAS = ("fault", "bad input", "hostile message", "fuzzing", "load", "security")
+
+
+@dataclass
+class ReliabilityRecord:
+    """What one test tried: ``tried`` injections or inputs, ``accepted`` exposures acknowledged
+    before (or around) the fault, ``lost`` of those missing or duplicated afterwards."""
+
+    test: str
+    area: str
+    what: str
+    tried: int = 0
+    accepted: int | None = None
+    lost: int | None = None
+    detail: str = ""
+
+
+class Reliability:
+    """The ``reliability`` fixture: ``record(...)`` one fault or input kind per call."""
+
+    def __init__(self, test: str, records: list[ReliabilityRecord]) -> None:
+        self.test, self._records = test, records
+
+    def record(self, area: str, what: str, **fields: object) -> ReliabilityRecord:
+        assert area in AREAS, area
+        entry = ReliabilityRecord(self.test, area, what, **fields)  # type: ignore[arg-type]
+        self._records.append(entry)
+        return entry
+
+    def check_every_acknowledged_once(self, acknowledged: set[int], stored: list[int]) -> int:
+        """The number of exposures lost or duplicated: acknowledged ones missing from the
+        file plus indices stored more than once."""
+        return len(acknowledged - set(stored)) + len(stored) - len(set(stored))
+
+
+_RELIABILITY_RECORDS: list[ReliabilityRecord] = []
+_RELIABILITY_OUTCOMES: dict[str, tuple[str, str, float]] = {}
+
+
+@pytest.fixture
+def reliability(request) -> Reliability:
+    return Reliability(request.node.nodeid, _RELIABILITY_RECORDS)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        metavar="PATH",
+        help="write the reliability report (markdown) of the tests that ran to PATH",
+    )
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if "reliability" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reliability)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if "reliability" not in getattr(item, "fixturenames", ()):
+        return
+    if report.when == "call" or report.outcome != "passed":
+        reason = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        elif report.failed:
+            reason = str(report.longrepr).strip().splitlines()[-1][:200]
+        previous = _RELIABILITY_OUTCOMES.get(item.nodeid, ("passed", "", 0.0))
+        if previous[0] == "passed":  # the first failure or skip of a test is the one told
+            _RELIABILITY_OUTCOMES[item.nodeid] = (report.outcome, reason, report.duration)
+
+
+def pytest_sessionfinish(session) -> None:
+    path = session.config.getoption("--reliability-report")
+    if path and _RELIABILITY_OUTCOMES:
+        from reliability_report import write_report
+
+        write_report(Path(path), _RELIABILITY_RECORDS, _RELIABILITY_OUTCOMES)

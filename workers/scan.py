@@ -108,6 +108,25 @@ class ScanSummary:
     feeder_cpu_s: float = 0.0
 
 
+#: Below this much free space on the output file system, a scan error says the disk is full.
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def _disk_space_note(folder: Path) -> str:
+    """A sentence for an error message when ``folder``'s file system is (nearly) full: then
+    the log files, on the same disk, may say nothing."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    if free >= LOW_DISK_BYTES:
+        return ""
+    return (
+        f"the output file system is full ({free / 2**20:.1f} MiB free at {folder}): free space "
+        "and resume the scan; every acknowledged exposure is in the file; "
+    )
+
+
 def _process_cpu_s() -> float:
     times = os.times()
     return times.user + times.system
@@ -347,6 +366,7 @@ class ScanRunner:
                 # does not load): another would fail the same way. A signal is not its doing.
                 raise ScanError(
                     f"{child.name} exited with code {code} during the scan; "
+                    f"{_disk_space_note(self.config.output_dir)}"
                     f"last lines of {child.log}:\n{child.tail()}"
                 )
             self._replace(child, f"exited with code {code}" if code is not None else "went silent")

@@ -14,6 +14,7 @@ Run: ``python -m workers.writer --run-dir RUN_DIR [--resume]`` (the scan runner 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -24,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
-from pipeline.store import ExposureResult, ResultsWriter
+from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
@@ -142,6 +143,17 @@ def serve(argv: list[str] | None = None) -> int:
                 while write_waiting():
                     pass
                 break
+    except ResultsWriteError as error:  # a full disk, a lost mount: treated as a crash
+        print(
+            f"writer: {error}\nwriter: every exposure acknowledged so far is in the file; "
+            "resume the scan once the cause is removed",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Closing would fail as well and leave the file flagged as open, unreadable even with
+        # SWMR; left as it is, it reads (SWMR) as the last flush left it and resumes, as
+        # after SIGKILL. Freeing its objects in the interpreter's teardown crashes HDF5.
+        os._exit(3)
     finally:
         writer.close()
         results.disable_monitor()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.model.bidirectional import BidirectionalINN
@@ -123,6 +124,10 @@ def load(path: Path | None = None, device: str = "auto") -> PosteriorModel | Bid
         ),
         QGrid(**card["physics"]["grid"]),
     )
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:  # not safetensors (a pickled checkpoint, say): not read
+        raise ModelFileError(f"{weights} is not a safetensors file: {error}") from error
+    model.load_state_dict(state, strict=True)
     model.card = card
     return model.to(resolve_device(device)).eval()

@@ -140,7 +140,7 @@ def _exact_posterior(
     ).hexdigest()[:24]
     cached = cache_dir / f"exact-{key}.npz" if cache_dir is not None else None
     if cached is not None and cached.is_file():
-        with np.load(cached) as data:
+        with np.load(cached, allow_pickle=False) as data:
             return data["samples"], int(data["modes"]), float(data["wall_s"])
     exact = reference_posterior(
         counts, theta[3], theta[4], model.prior, model.grid, n_samples, seed

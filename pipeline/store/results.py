@@ -114,6 +114,11 @@ def _software_versions() -> dict[str, str]:
     return versions
 
 
+class ResultsWriteError(OSError):
+    """The results file could not be written (a full disk, a lost mount); the rows flushed
+    before are intact, and the scan can be resumed once the cause is removed."""
+
+
 class ResultsWriter:
     """Appends exposures to a new results file; refuses to overwrite an existing one.
 
@@ -269,25 +274,28 @@ class ResultsWriter:
         Much cheaper per exposure than :meth:`append` one by one (each dataset is resized
         and written once per block): the writer process appends whatever has arrived.
         """
-        new: list[ExposureResult] = []
+        new: dict[int, ExposureResult] = {}
         written = []
         for result in results:
-            fresh = result.index not in self._seen
+            fresh = result.index not in self._seen and result.index not in new
             if fresh:
-                self._seen.add(result.index)
-                new.append(result)
+                new[result.index] = result
             written.append(fresh)
         if not new:
             return written
         now = time.time()
-        rows = [self._row_values(result, now) for result in new]
+        rows = [self._row_values(result, now) for result in new.values()]
         first, n = self.n_rows, len(new)
-        for name, dataset in self._datasets.items():
-            dataset.resize(first + n, axis=0)
-            values = [row[name] for row in rows]
-            if any(value is not None for value in values):
-                dataset[first : first + n] = _rows_block(dataset, values)
-        self.file.flush()
+        try:
+            for name, dataset in self._datasets.items():
+                dataset.resize(first + n, axis=0)
+                values = [row[name] for row in rows]
+                if any(value is not None for value in values):
+                    dataset[first : first + n] = _rows_block(dataset, values)
+            self.file.flush()
+        except (OSError, RuntimeError) as error:  # HDF5 reports a failed write as either
+            raise ResultsWriteError(f"cannot write {self.path}: {error}") from error
+        self._seen.update(new)
         self.n_rows += n
         return written
 
@@ -326,7 +334,8 @@ class ResultsWriter:
         cannot get new groups while it is written)."""
         if not self.file.id.valid:
             return
-        self.file.close()
+        self._datasets.clear()  # before the file: after a failed write, HDF5 can crash
+        self.file.close()  # freeing a dataset of a file whose close failed (disk full)
         try:
             add_cansas_curves(self.path)
         except OSError as error:  # e.g. another program opened the file without SWMR meanwhile
