@@ -53,6 +53,9 @@ from workers.scan import RecentResult
 
 log = logging.getLogger(__name__)
 
+#: An update slower than this (seconds) means the API was unreachable or slow: logged.
+SLOW_UPDATE_S = 10.0
+
 EVENT_FLAGGED = "beamline-inn.exposures.flagged"
 EVENT_FAILED = "beamline-inn.exposures.failed"
 #: Rows of the recent-exposures table.
@@ -273,7 +276,10 @@ class ScanMonitor:
             )
 
     def _call(self, kind: str, function: Callable, *args: object, **kwargs: object) -> None:
-        """Call the Prefect API; a failure is logged and the scan goes on."""
+        """Call the Prefect API; a failure is logged and the scan goes on. Prefect's client
+        retries a lost connection for about a minute (2, 4, ... 32 s), so a shorter outage
+        shows as one slow update, which is logged when the API answers again."""
+        started = time.monotonic()
         try:
             function(*args, **kwargs)
         except Exception as error:  # the API is down or refused: the results file has it all
@@ -281,9 +287,17 @@ class ScanMonitor:
             if self._api_failures == 1:
                 log.warning("Prefect update (%s) failed, the scan goes on: %s", kind, error)
             return
+        took_s = time.monotonic() - started
         if self._api_failures:
             log.warning("Prefect API answers again after %d failed updates", self._api_failures)
             self._api_failures = 0
+        elif took_s > SLOW_UPDATE_S:
+            log.warning(
+                "Prefect API answers again: an update (%s) took %.0f s (unreachable or slow "
+                "meanwhile); the scan went on",
+                kind,
+                took_s,
+            )
         if kind in self.published:
             self.published[kind] += 1
 

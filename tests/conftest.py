@@ -144,6 +144,38 @@ def eiger_simulator(tmp_path_factory) -> Iterator[EigerSimulator]:
             process.wait(10)
 
 
+def start_prefect_server(home: Path, port: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    """``prefect server start`` on loopback (what an operator runs), in a session of its own,
+    once its API answers; returns the process and the environment that points a process at
+    it (``PREFECT_API_URL``). Stop it with ``os.killpg(process.pid, signal.SIGTERM)``."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    prefect = Path(sys.executable).parent / "prefect"
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=30):
+                return server, env
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory) -> Iterator[str]:
     """A temporary Prefect server for the whole session (it takes 15-60 s to start here);

@@ -376,3 +376,228 @@ def test_results_and_logs_stay_in_the_output_directory_whatever_the_names(tmp_pa
         f"{len(made)} made from file names all inside the output directory",
     )
     assert refused == len(HOSTILE_SCAN_IDS)
+
+
+# Load: a soak run at the highest rate the pipeline accepts
+
+SOAK = """
+import json, os, sys, time
+from dataclasses import replace
+from pathlib import Path
+from pipeline.config import PipelineConfig
+from pipeline.sources import SimulatedDetector
+from workers.scan import ScanRunner
+
+duration_s, output_dir = float(sys.argv[1]), Path(sys.argv[2])
+config = PipelineConfig(scan_id="soak", output_dir=output_dir)  # the defaults: 2 workers
+pool = list(SimulatedDetector(config.integration, seed=1).exposures("soak", 12))
+with ScanRunner(config) as runner:
+    children = {c.name: c.process.pid for c in runner._children}
+    print(json.dumps({"feeder": os.getpid(), **children}), flush=True)
+    start, index = time.monotonic(), 0
+    while time.monotonic() - start < duration_s:  # as fast as the pipeline takes them
+        runner.submit(replace(pool[index % len(pool)], index=index, timestamp=time.time()))
+        index += 1
+    summary = runner.wait()
+print(json.dumps({"submitted": summary.submitted, "written_ok": summary.written_ok,
+                  "wall_s": time.monotonic() - start}), flush=True)
+"""
+
+
+def _process_state(pid: int) -> dict[str, float]:
+    """Resident memory (MiB), threads, open file descriptors and sockets of ``pid``."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    links = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            continue
+    return {
+        "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
+        "threads": int(status["Threads"]),
+        "fds": len(links),
+        "sockets": sum(link.startswith("socket:") for link in links),
+    }
+
+
+@pytest.mark.slow
+def test_a_soak_run_keeps_memory_descriptors_sockets_and_threads_flat(tmp_path, reliability):
+    """``BEAMLINE_INN_SOAK_S`` seconds (default 120) of simulated Eiger 4M frames handed over
+    as fast as the pipeline takes them; every process sampled every 5 s."""
+    import json
+
+    duration_s = float(os.environ.get("BEAMLINE_INN_SOAK_S", "120"))
+    process = subprocess.Popen(
+        [sys.executable, "-c", SOAK, str(duration_s), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    samples: dict[int, list[dict[str, float]]] = {}
+    times: list[float] = []
+    try:
+        processes = json.loads(process.stdout.readline())
+        pids = list(processes.values())
+        start = time.monotonic()
+        while time.monotonic() - start < duration_s - 2:
+            times.append(time.monotonic() - start)
+            for pid in pids:
+                samples.setdefault(pid, []).append(_process_state(pid))
+            time.sleep(5)
+        summary = json.loads(process.stdout.readline())
+        assert process.wait(300) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stored = open_results(tmp_path / "soak.h5").index.tolist()
+    lost = reliability.check_every_acknowledged_once(set(range(summary["written_ok"])), stored)
+    names = list(processes)
+    settled = [i for i, t in enumerate(times) if t >= min(60.0, duration_s / 4)]  # warmed up
+    growth = {}
+    for name, pid in zip(names, pids, strict=True):
+        series = {key: [samples[pid][i][key] for i in settled] for key in samples[pid][0]}
+        third = max(1, len(settled) // 3)
+        growth[name] = {
+            "rss_mib": float(np.median(series["rss_mib"][-third:]))
+            - float(np.median(series["rss_mib"][:third])),
+            **{key: max(series[key]) - min(series[key]) for key in ("threads", "fds", "sockets")},
+        }
+    rate = summary["written_ok"] / summary["wall_s"]
+    between = rate * (times[settled[-1]] - times[settled[0]]) * 2 / 3  # exposures, third to third
+    reliability.record(
+        "load",
+        f"soak: {duration_s:.0f} s of Eiger 4M frames as fast as accepted, 2 workers",
+        tried=summary["submitted"],
+        accepted=summary["written_ok"],
+        lost=lost,
+        detail=f"{rate:.1f} exposures/s; after warm-up, resident memory change (MiB, last "
+        "third vs first) and spread of threads/fds/sockets per process: "
+        + "; ".join(
+            f"{name} {g['rss_mib']:+.1f} MiB, {g['threads']:.0f}/{g['fds']:.0f}/{g['sockets']:.0f}"
+            for name, g in growth.items()
+        ),
+    )
+    (tmp_path / "soak-samples.json").write_text(json.dumps({"times": times, "samples": samples}))
+    assert summary["written_ok"] == summary["submitted"] == len(stored) and lost == 0
+    for name, g in growth.items():
+        assert g["rss_mib"] < 8 + between / 1024, (name, g)  # 8 MiB of noise + 1 KiB/exposure
+        assert g["threads"] == 0 and g["fds"] <= 2 and g["sockets"] == 0, (name, g)
+
+
+# The Prefect API gone during an online run
+
+
+@pytest.mark.slow
+def test_an_online_run_goes_on_writing_while_the_prefect_api_is_unreachable(tmp_path, reliability):
+    """``beamline-inn online`` watching a folder against a Prefect server that is stopped
+    mid-run and started again: every frame is written, and the log says when the API
+    answers again."""
+    import fabio
+    from conftest import free_port, start_prefect_server
+
+    poni = tmp_path / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    incoming, out, home = tmp_path / "incoming", tmp_path / "out", tmp_path / "prefect"
+    incoming.mkdir()
+    port = free_port()
+    server, environment = start_prefect_server(home, port)
+    rng = np.random.default_rng(9)
+    written = 0
+
+    def write_frames(n: int, interval_s: float) -> None:
+        nonlocal written
+        for _ in range(n):
+            frame = rng.poisson(20.0, (48, 64)).astype(np.int32)
+            fabio.edfimage.EdfImage(data=frame).write(str(incoming / f"frame_{written:04d}.edf"))
+            written += 1
+            time.sleep(interval_s)
+
+    command = [
+        sys.executable, "-m", "flows.cli", "online", "--watch", str(incoming),
+        "--pattern", "frame_*.edf", "--idle-timeout", "20", "--poni", str(poni), "--full-ring",
+        "--out", str(out), "--scan-id", "api-outage", "--workers", "1", "--samples", "100",
+    ]  # fmt: skip
+    log = tmp_path / "online.log"
+    with open(log, "w") as output:
+        online = subprocess.Popen(command, env=environment, stdout=output, stderr=output)
+    path = out / "api-outage.h5"
+    try:
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert online.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        write_frames(20, 0.1)
+        while len(_stored(path)) < 20:
+            assert online.poll() is None, log.read_text()
+            time.sleep(0.2)
+        before_outage = _stored(path)
+        os.killpg(server.pid, signal.SIGTERM)  # the API goes away
+        server.wait(60)
+        write_frames(40, 0.25)
+        deadline = time.monotonic() + 60
+        while len(_stored(path)) < 60 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        during_outage = len(_stored(path)) - len(before_outage)
+        server, _ = start_prefect_server(home, port)  # and comes back
+        write_frames(20, 0.25)
+        code = online.wait(240)
+    finally:
+        if online.poll() is None:
+            online.kill()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+    printed = log.read_text()
+    stored = open_results(path).index.tolist()
+    lost = reliability.check_every_acknowledged_once(set(range(written)), stored)
+    reliability.record(
+        "fault",
+        "Prefect API unreachable for part of an online run (server stopped, started again)",
+        tried=1,
+        accepted=len(stored),
+        lost=lost,
+        detail=f"{during_outage} of 40 frames written while the API was down; exit {code}; "
+        f"the log: {next((line for line in printed.splitlines() if 'answers again' in line), '')}",
+    )
+    assert code == 0, printed
+    assert stored == list(range(80)) and lost == 0
+    assert during_outage == 40, printed  # the pipeline did not wait for the API
+    assert "Prefect API answers again" in printed, printed
+
+
+def test_an_update_held_up_by_the_prefect_client_s_retries_is_logged(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Prefect's client retries a lost connection for about a minute: a shorter outage is
+    one slow update, which the log reports once the API answers."""
+    import logging
+
+    from prefect import flow
+
+    import flows.monitor
+    from flows.monitor import MonitorIntervals, ScanMonitor
+    from workers.scan import RecentResult
+
+    monkeypatch.setattr(flows.monitor, "SLOW_UPDATE_S", 0.2)
+    monkeypatch.setattr(flows.monitor, "create_table_artifact", lambda *a, **k: time.sleep(0.3))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+
+    @flow
+    def scan() -> None:
+        monitor = ScanMonitor(
+            "held-up", tmp_path / "none.h5", intervals=MonitorIntervals(10, 0.05, 10, 10)
+        )
+        monitor.record(RecentResult(0, "failed", 0.0, error="x"))
+        time.sleep(0.5)
+        monitor.finish("# done")
+
+    flows.monitor.log.addHandler(handler)
+    try:
+        scan()
+    finally:
+        flows.monitor.log.removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    assert any("answers again: an update (table) took 0 s" in m for m in messages), messages
