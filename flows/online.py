@@ -47,6 +47,9 @@ class DectrisStreamSource(BaseModel):
     protocol: Literal["dectris-v1", "dectris-v2"] = "dectris-v1"
     #: end the series after this long without a message once it started (frames kept)
     idle_timeout_s: float = Field(30.0, gt=0)
+    #: larger message parts are refused (the connection dropped, the image then missing), so
+    #: a rogue sender cannot exhaust memory; an Eiger2 16M image, 32-bit, is 72 MiB unpacked
+    max_message_bytes: int = Field(256 * 2**20, ge=2**16)
 
 
 class WatchedFolder(BaseModel):
@@ -122,6 +125,7 @@ def online_reconstruction(
                 config.scan_id,
                 protocol=protocol,
                 idle_timeout_s=source.idle_timeout_s,
+                max_message_bytes=source.max_message_bytes,
             ) as stream,
             stop_on_sigterm(stream.stop) as cancelled,
         ):

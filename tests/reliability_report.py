@@ -75,6 +75,14 @@ def write_report(
         "*acknowledged*: exposures the writer had acknowledged (in the file) when the fault "
         "struck, or in the whole run; *lost*: acknowledged exposures missing afterwards plus "
         "any stored twice.",
+        "",
+        "Run it: `pytest -m reliability --reliability-report docs/reliability.md` (the fast "
+        "tests are also in the default suite, the slow ones in `pytest -m slow`); "
+        "`BEAMLINE_INN_FUZZ_EXAMPLES` sets the inputs per fuzz test (default 400, fewer for "
+        "the slower file and PONI fuzzers), `BEAMLINE_INN_SOAK_S` the soak run's length "
+        "(default 120 s). The integrator runs in the flow process (the feeder), so killing "
+        "the flow process kills the integrator mid-frame; the threat model behind the "
+        "security rows is in [security](security.md).",
     ]
     recorded = {r.test for r in records}
     unrecorded = [

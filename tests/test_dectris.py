@@ -575,7 +575,7 @@ def _bad_v1(rng, case):
         ("corrupt data", "bitshuffle-LZ4 data"),
     ],
 )
-def test_bad_v1_image_becomes_a_failed_exposure(push, rng, case, message):
+def test_bad_v1_image_becomes_a_failed_exposure(push, rng, case, message, reliability):
     frames = [counts(rng) for _ in range(3)]
     messages = [
         v1_header(1, nimages=3),
@@ -592,9 +592,16 @@ def test_bad_v1_image_becomes_a_failed_exposure(push, rng, case, message):
     stats = stream.statistics
     assert (stats.frames_decoded, stats.frames_failed, stats.frames_missing) == (2, 1, 0)
     assert stats.complete and message in stats.errors[0]
+    reliability.record(
+        "hostile message",
+        f"stream v1 image message: {case}",
+        tried=1,
+        detail=f"a failed exposure ({exposures[1].error}); the {stats.frames_decoded} images "
+        "around it decoded, the series complete",
+    )
 
 
-def test_unreadable_foreign_duplicate_and_out_of_order_messages(push, rng):
+def test_unreadable_foreign_duplicate_and_out_of_order_messages(push, rng, reliability):
     frames = [counts(rng) for _ in range(4)]
     messages = [
         [b"{not json"],
@@ -622,6 +629,17 @@ def test_unreadable_foreign_duplicate_and_out_of_order_messages(push, rng):
     assert "first part is not valid JSON" in text and "unknown htype 'dimage-2.0'" in text
     assert "second copy of image 1 of series 2" in text
     assert "dropped an image message of series 1 (receiving series 2)" in text
+    reliability.record(
+        "hostile message",
+        "stream v1: unreadable, unknown htype, another series', duplicate, out-of-order",
+        tried=stats.rejected_messages
+        + stats.foreign_messages
+        + stats.duplicate_frames
+        + stats.out_of_order_frames,  # as asserted above: 7 of the 11 messages
+        detail=f"{stats.rejected_messages} rejected, {stats.foreign_messages} of another series "
+        f"and {stats.duplicate_frames} duplicate dropped, {stats.out_of_order_frames} "
+        f"out-of-order images taken and marked; all {len(exposures)} frames equal to those sent",
+    )
 
 
 def test_a_stream_that_stops_ends_after_the_idle_timeout(push, rng):
@@ -704,7 +722,7 @@ def test_next_series_on_the_same_connection_and_series_filter(pushes, rng):
         assert stream.statistics.foreign_messages == 3 and stream.statistics.complete
 
 
-def test_bad_v2_messages_in_a_live_series(push, rng):
+def test_bad_v2_messages_in_a_live_series(push, rng, reliability):
     frame = counts(rng)
     messages = [
         b"\xa1\x64ty",  # truncated CBOR
@@ -724,18 +742,33 @@ def test_bad_v2_messages_in_a_live_series(push, rng):
     text = "\n".join(stats.errors)
     assert "not valid CBOR" in text and "unknown message type 'status'" in text
     assert "stream v1 end message in a stream v2 series" in text
+    reliability.record(
+        "hostile message",
+        "stream v2: truncated CBOR, unknown type, image too short for its shape, a v1 end",
+        tried=stats.rejected_messages + stats.frames_failed,  # 3 + 1, as asserted above
+        detail=f"{stats.rejected_messages} messages rejected with their cause, the short image a "
+        f"failed exposure; the other {len(exposures) - stats.frames_failed} images taken, "
+        "the series complete",
+    )
 
 
-def test_wrong_header_parts_are_recorded_and_the_series_taken(push, rng):
+def test_wrong_header_parts_are_recorded_and_the_series_taken(push, rng, reliability):
     frame = counts(rng)
     header = v1_header(7, "all", nimages=1)[:5]  # flatfield and half the mask only
     exposures, stream = receive_series(push, [header, v1_image(7, 0, frame), v1_end(7)])
     assert exposures[0].error is None
     assert "has 5 parts, expected 8" in stream.statistics.errors[0]
     assert stream.header.flatfield is not None and stream.header.pixel_mask is None
+    reliability.record(
+        "hostile message",
+        "a stream v1 series header of 5 parts instead of 8 (flatfield, half the mask)",
+        tried=1,
+        detail="recorded as an error; the flatfield kept, the cut mask dropped, the series' "
+        f"{sum(e.error is None for e in exposures)} image taken",
+    )
 
 
-def test_socket_options_and_oversized_messages(push, rng):
+def test_socket_options_and_oversized_messages(push, rng, reliability):
     sender, endpoint = push
     events = sender.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     frames = [counts(rng), rng.poisson(3.0, (100, 100)).astype(np.uint32), counts(rng)]
@@ -781,6 +814,14 @@ def test_socket_options_and_oversized_messages(push, rng):
     stats = stream.statistics
     assert stats.missing_frames == [1] and stats.end_received
     assert any("max_message_bytes = 4096" in error for error in stats.errors)
+    reliability.record(
+        "hostile message",
+        f"an uncompressed image of {frames[1].nbytes:,} bytes, over max_message_bytes = 4096",
+        tried=1,
+        detail="ZeroMQ dropped it with the connection, which was renewed; image "
+        f"{stats.missing_frames[0]} reported missing, the other "
+        f"{sum(e.error is None for e in exposures)} and the end message received",
+    )
 
 
 def test_stop_and_start_timeout(push, rng):

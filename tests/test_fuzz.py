@@ -2,12 +2,16 @@
 decoder, the DECTRIS stream v1/v2 decoders, and the configuration loader. Each must either
 return a value or raise its own error type (a ``ValueError``), never anything else, whatever
 the bytes. The number of inputs per run is bounded (``max_examples``), so the default suite
-stays fast; a crash found becomes a regression test below."""
+stays fast; ``BEAMLINE_INN_FUZZ_EXAMPLES`` (default 400, the most inputs a test is given)
+scales every test's ``max_examples`` for longer runs. A crash found becomes a regression test
+below. Each test records the inputs it ran, and how they ended, in the reliability report."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import weakref
+from collections import Counter
 
 import cbor2
 import msgpack
@@ -21,7 +25,46 @@ from pipeline.config import PipelineConfig
 from pipeline.sources.dectris import FormatError, parse_message
 from pipeline.transport.wire import ALLOWED_DTYPES, PROTOCOL_VERSION, ProtocolError, decode, encode
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: The inputs the most thoroughly fuzzed tests are given; the others get proportionally fewer.
+FUZZ_EXAMPLES = int(os.environ.get("BEAMLINE_INN_FUZZ_EXAMPLES", "400"))
+
+
+def _examples(default: int) -> int:
+    """``default`` inputs (of 400) scaled to ``BEAMLINE_INN_FUZZ_EXAMPLES``."""
+    return max(1, round(default * FUZZ_EXAMPLES / 400))
+
+
+FUZZ = settings(
+    max_examples=_examples(400),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+_FUZZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # by reliability fixture
+
+
+class _Fuzzed:
+    """A fuzz test's row in the reliability report: hypothesis runs the test's body once per
+    input but makes its fixtures once, so the row is made on the first input and counts on."""
+
+    def __init__(self, row) -> None:
+        self.row, self.outcomes = row, Counter()
+
+    @classmethod
+    def input(cls, reliability, what: str) -> _Fuzzed:
+        """The row of ``reliability``'s test, one more input tried."""
+        if reliability not in _FUZZED:
+            _FUZZED[reliability] = cls(reliability.record("fuzzing", what))
+        fuzzed = _FUZZED[reliability]
+        fuzzed.row.tried += 1
+        return fuzzed
+
+    def ended(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        told = ", ".join(f"{n:,} {outcome}" for outcome, n in sorted(self.outcomes.items()))
+        self.row.detail = f"no crash: {told}"
+
 
 scalars = st.one_of(
     st.none(),
@@ -42,9 +85,14 @@ documents = st.recursive(
 
 @FUZZ
 @given(st.lists(st.binary(max_size=200), max_size=4))
-def test_wire_decoder_refuses_arbitrary_bytes_with_its_own_error(frames):
-    with contextlib.suppress(ProtocolError):
+def test_wire_decoder_refuses_arbitrary_bytes_with_its_own_error(reliability, frames):
+    fuzzed = _Fuzzed.input(reliability, "wire decoder: up to 4 frames of arbitrary bytes")
+    try:
         decode(frames)
+    except ProtocolError:
+        fuzzed.ended("refused with ProtocolError")
+    else:
+        fuzzed.ended("decoded")
 
 
 @FUZZ
@@ -60,9 +108,10 @@ def test_wire_decoder_refuses_arbitrary_bytes_with_its_own_error(frames):
     ),
     st.lists(st.binary(max_size=120), max_size=3),
 )
-def test_wire_decoder_checks_headers_that_look_right(fields, specs, buffers):
+def test_wire_decoder_checks_headers_that_look_right(reliability, fields, specs, buffers):
     """Well-formed msgpack headers with the right protocol version, and array specs of
     every shape and dtype, against buffers of any size."""
+    fuzzed = _Fuzzed.input(reliability, "wire decoder: right-looking headers, any arrays")
     header = {
         **fields,
         "proto": PROTOCOL_VERSION,
@@ -72,9 +121,11 @@ def test_wire_decoder_checks_headers_that_look_right(fields, specs, buffers):
     try:
         message = decode([msgpack.packb(header), *buffers])
     except ProtocolError:
+        fuzzed.ended("refused with ProtocolError")
         return
     for (name, dtype, shape), array in zip(specs, message.arrays.values(), strict=True):
         assert array.dtype.str == np.dtype(dtype).str and list(array.shape) == shape, name
+    fuzzed.ended("decoded with the declared dtypes and shapes")
 
 
 @FUZZ
@@ -83,21 +134,32 @@ def test_wire_decoder_checks_headers_that_look_right(fields, specs, buffers):
     st.lists(st.integers(min_value=0, max_value=5), max_size=3),
     st.data(),
 )
-def test_wire_round_trip(dtype, shape, data):
+def test_wire_round_trip(reliability, dtype, shape, data):
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = data.draw(st.binary(min_size=size, max_size=size))
+    raw = data.draw(st.binary(min_size=size, max_size=size))  # may abort the example
+    fuzzed = _Fuzzed.input(reliability, "wire format: encode, decode arrays of every dtype")
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     message = decode([bytes(frame) for frame in encode("x", {"index": 3}, values=array)])
     assert message.header["index"] == 3
     assert message.arrays["values"].shape == array.shape
     np.testing.assert_array_equal(message.arrays["values"], array)
+    fuzzed.ended("arrays arrived unchanged")
+
+
+def _parse_counted(fuzzed: _Fuzzed, parts: list[bytes], version: str) -> None:
+    try:
+        parse_message(parts, version)
+    except FormatError:
+        fuzzed.ended("refused with FormatError")
+    else:
+        fuzzed.ended("parsed")
 
 
 @FUZZ
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=5))
-def test_dectris_v1_decoder_refuses_arbitrary_parts(parts):
-    with contextlib.suppress(FormatError):
-        parse_message(parts, "v1")
+def test_dectris_v1_decoder_refuses_arbitrary_parts(reliability, parts):
+    fuzzed = _Fuzzed.input(reliability, "DECTRIS v1 decoder: 1-5 parts of arbitrary bytes")
+    _parse_counted(fuzzed, parts, "v1")
 
 
 @FUZZ
@@ -123,17 +185,17 @@ def test_dectris_v1_decoder_refuses_arbitrary_parts(parts):
         max_size=5,
     )
 )
-def test_dectris_v1_decoder_refuses_near_misses(parts):
+def test_dectris_v1_decoder_refuses_near_misses(reliability, parts):
     """JSON parts that look like SIMPLON v1 headers, image headers and ends, in any order."""
-    with contextlib.suppress(FormatError):
-        parse_message(parts, "v1")
+    fuzzed = _Fuzzed.input(reliability, "DECTRIS v1 decoder: JSON parts like v1 messages")
+    _parse_counted(fuzzed, parts, "v1")
 
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=300), documents.map(cbor2.dumps)))
-def test_dectris_v2_decoder_refuses_arbitrary_cbor(payload):
-    with contextlib.suppress(FormatError):
-        parse_message([payload], "v2")
+def test_dectris_v2_decoder_refuses_arbitrary_cbor(reliability, payload):
+    fuzzed = _Fuzzed.input(reliability, "DECTRIS v2 decoder: arbitrary bytes and CBOR")
+    _parse_counted(fuzzed, [payload], "v2")
 
 
 @FUZZ
@@ -150,17 +212,22 @@ def test_dectris_v2_decoder_refuses_arbitrary_cbor(payload):
         },
     )
 )
-def test_dectris_v2_decoder_refuses_near_misses(message):
-    with contextlib.suppress(FormatError):
-        parse_message([cbor2.dumps(message)], "v2")
+def test_dectris_v2_decoder_refuses_near_misses(reliability, message):
+    fuzzed = _Fuzzed.input(reliability, "DECTRIS v2 decoder: CBOR maps like v2 messages")
+    _parse_counted(fuzzed, [cbor2.dumps(message)], "v2")
 
 
 @FUZZ
 @given(documents)
-def test_configuration_loader_refuses_any_document_with_a_validation_error(document):
+def test_configuration_loader_refuses_any_document_with_a_validation_error(reliability, document):
+    fuzzed = _Fuzzed.input(reliability, "configuration loader: arbitrary JSON documents")
     text = json.dumps(document, default=str)
-    with contextlib.suppress(ValidationError):
+    try:
         PipelineConfig.model_validate_json(text)
+    except ValidationError:
+        fuzzed.ended("refused with ValidationError")
+    else:
+        fuzzed.ended("accepted")
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"scan_id": "../../etc"}', '{"scan_id": 3}'])
@@ -189,7 +256,9 @@ poni_values = st.one_of(
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=_examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     st.fixed_dictionaries(
@@ -199,17 +268,26 @@ poni_values = st.one_of(
         },
     )
 )
-def test_poni_loader_refuses_bad_values_with_a_geometry_error(tmp_path_factory, entries):
+def test_poni_loader_refuses_bad_values_with_a_geometry_error(
+    tmp_path_factory, reliability, entries
+):
     from pipeline.integration import GeometryError, load_geometry
 
+    fuzzed = _Fuzzed.input(reliability, "PONI loader: arbitrary values for its keys")
     path = tmp_path_factory.mktemp("poni") / "fuzz.poni"
     path.write_text("".join(f"{key}: {value}\n" for key, value in entries.items()))
-    with contextlib.suppress(GeometryError):
+    try:
         load_geometry(path)
+    except GeometryError:
+        fuzzed.ended("refused with GeometryError")
+    else:
+        fuzzed.ended("loaded")
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=_examples(120),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     st.sampled_from([".cbf", ".edf", ".tif", ".h5", ".img"]),
@@ -226,17 +304,20 @@ def test_poni_loader_refuses_bad_values_with_a_geometry_error(tmp_path_factory, 
     ),
 )
 def test_file_sources_turn_any_bytes_into_frames_or_failed_exposures(
-    tmp_path_factory, suffix, content
+    tmp_path_factory, reliability, suffix, content
 ):
     """Whatever a file holds, reading it yields exposures, each with a frame or an error."""
     from pipeline.sources import FileSource
 
+    fuzzed = _Fuzzed.input(reliability, "file sources: CBF, EDF, TIFF, HDF5 of arbitrary bytes")
     path = tmp_path_factory.mktemp("files") / f"frame_1{suffix}"
     path.write_bytes(content)
     exposures = list(FileSource([path], "fuzz").exposures())
     assert exposures, "a file must give at least one exposure (a failed one if unreadable)"
     for exposure in exposures:
         assert (exposure.frame is None) != (exposure.error is None)
+    failed = any(exposure.error is not None for exposure in exposures)
+    fuzzed.ended("files gave a failed exposure" if failed else "files gave frames")
 
 
 def test_a_truncated_hdf5_file_is_a_failed_exposure(tmp_path):

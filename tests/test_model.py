@@ -154,23 +154,39 @@ def test_an_unknown_flow_is_refused():
         PosteriorModel(dataclasses.replace(TINY, flow="glow-9000"))
 
 
-def test_weights_that_do_not_match_their_card_are_refused(tmp_path):
+def test_weights_that_do_not_match_their_card_are_refused(tmp_path, reliability):
     path = save(PosteriorModel(TINY), tmp_path / "tiny")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="SHA-256"):
+    with pytest.raises(ModelFileError, match="SHA-256") as error:
         load(path)
+    reliability.record(
+        "security",
+        "model weights with one byte flipped, beside their model card",
+        tried=1,
+        detail=f"load refused them: {str(error.value).replace(str(tmp_path), '...')}",
+    )
 
 
-def test_missing_or_foreign_card_is_refused(tmp_path):
+def test_missing_or_foreign_card_is_refused(tmp_path, reliability):
     path = save(PosteriorModel(TINY), tmp_path / "tiny")
     path.with_suffix(".json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ModelFileError):
+    refusals = []
+    with pytest.raises(ModelFileError) as error:
         load(path)
+    refusals.append(error.value)
     path.with_suffix(".json").unlink()
-    with pytest.raises(ModelFileError, match="card not found"):
+    with pytest.raises(ModelFileError, match="card not found") as error:
         load(path)
+    refusals.append(error.value)
+    reliability.record(
+        "security",
+        "model weights with a card of another format, then with no card",
+        tried=len(refusals),
+        detail="load refused both with ModelFileError: "
+        + "; ".join(str(e).replace(str(tmp_path), "...") for e in refusals),
+    )
 
 
 def test_short_training_lowers_the_validation_loss():

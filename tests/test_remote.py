@@ -93,7 +93,7 @@ def test_a_worker_with_its_key_serves_scan_after_scan_over_tcp(tmp_path, keys):
     assert "scan remote-a as worker 0 on cpu" in text and "scan remote-b as worker 0" in text
 
 
-def test_workers_with_a_wrong_key_are_refused(tmp_path, keys):
+def test_workers_with_a_wrong_key_are_refused(tmp_path, keys, reliability):
     url = f"tcp://127.0.0.1:{_free_port()}"
     intruders = {
         "unknown key": (keys / "intruder.key_secret", keys / "feeder.key"),
@@ -110,6 +110,18 @@ def test_workers_with_a_wrong_key_are_refused(tmp_path, keys):
             for exposure, line_out in _line_outs(30, seed=9):
                 runner.submit_line_out(exposure, line_out)
             summary = runner.wait()
+        reliability.record(
+            "security",
+            "remote workers with an unknown key, or expecting another feeder's key",
+            tried=len(intruders),
+            accepted=runner.n_done,
+            lost=reliability.check_every_acknowledged_once(
+                set(runner._status), open_results(config.output_path).index.tolist()
+            ),
+            detail=f"{len(runner._greeted)} remote workers greeted, "
+            f"{summary.remote_workers} took part; the local worker wrote "
+            f"{summary.written_ok} of 30 exposures",
+        )
         assert runner._greeted == {}  # no hello got through
         assert summary.remote_workers == 0 and summary.written_ok == 30
     finally:
@@ -120,7 +132,7 @@ def test_workers_with_a_wrong_key_are_refused(tmp_path, keys):
         assert " as worker " not in log.read_text()
 
 
-def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys):
+def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys, reliability):
     url = f"tcp://127.0.0.1:{_free_port()}"
     log = tmp_path / "worker.log"
     worker = _start_worker(url, keys / "gpu-node.key_secret", keys / "feeder.key", log)
@@ -133,6 +145,7 @@ def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys):
                 runner.submit_line_out(exposure, line_out)
             remote = next(w for w in runner._workers.values() if w.remote)
             _wait_for(lambda: runner.collect() >= 0 and remote.holding, 30, "work for it")
+            held = len(remote.holding)  # sent to it, not yet written
             os.kill(worker.pid, signal.SIGKILL)
             for exposure, line_out in line_outs[100:]:
                 runner.submit_line_out(exposure, line_out)
@@ -141,9 +154,20 @@ def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys):
         if worker.poll() is None:
             worker.kill()
         worker.wait()
+    stored = open_results(config.output_path).index.tolist()
+    reliability.record(
+        "fault",
+        "SIGKILL of a remote (CURVE, TCP) worker mid-scan",
+        tried=1,
+        accepted=runner.n_done,
+        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
+        detail=f"it held {held} exposures when killed; {summary.resent} resent (worker "
+        f"timeout {config.transport.worker_timeout_s:g} s); {summary.written_ok} of "
+        f"{len(line_outs)} written",
+    )
     assert summary.remote_workers == 1 and summary.resent > 0 and summary.worker_restarts == 0
     assert summary.written_ok == 300
-    assert sorted(open_results(config.output_path).index.tolist()) == list(range(300))
+    assert sorted(stored) == list(range(300))
 
 
 @pytest.mark.parametrize(
@@ -165,13 +189,15 @@ def test_loopback_addresses(url, loopback):
     assert is_loopback(url) is loopback
 
 
-def test_endpoints_that_leave_the_machine_need_curve(keys):
-    with pytest.raises(ValidationError, match="would leave this machine"):
-        TransportConfig(results="tcp://*:6000")
-    with pytest.raises(ValidationError, match="reachable from other hosts"):
-        TransportConfig(remote_work="tcp://*:5555")
-    with pytest.raises(ValidationError, match="both"):
-        TransportConfig(remote_work="tcp://*:5555", curve_secret_key=keys / "feeder.key_secret")
+def test_endpoints_that_leave_the_machine_need_curve(keys, reliability):
+    insecure = [  # the fields of a transport configuration, what its refusal says
+        ({"results": "tcp://*:6000"}, "would leave this machine"),
+        ({"remote_work": "tcp://*:5555"}, "reachable from other hosts"),
+        ({"remote_work": "tcp://*:5555", "curve_secret_key": keys / "feeder.key_secret"}, "both"),
+    ]
+    for fields, refusal in insecure:
+        with pytest.raises(ValidationError, match=refusal):
+            TransportConfig(**fields)
     with pytest.raises(ValidationError, match="no worker"):
         PipelineConfig(scan_id="x", n_workers=0)
     TransportConfig(remote_work="tcp://127.0.0.1:5555")  # loopback: keys optional
@@ -181,6 +207,13 @@ def test_endpoints_that_leave_the_machine_need_curve(keys):
         curve_authorized_keys=keys / "authorized",
     )
     assert PipelineConfig(scan_id="x", n_workers=0, transport=secure).n_workers == 0
+    reliability.record(
+        "security",
+        "endpoints reachable from other hosts without CURVE keys, or with only half of them",
+        tried=len(insecure),
+        detail=f"all {len(insecure)} configurations refused; loopback without keys and "
+        "a non-loopback endpoint with both keys accepted",
+    )
 
 
 def test_keys_command_writes_a_private_secret_and_never_overwrites(tmp_path, capsys):
@@ -197,7 +230,7 @@ def test_worker_command_refuses_plaintext_to_another_host(capsys):
     assert "not a loopback address" in capsys.readouterr().err
 
 
-def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, keys):
+def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, keys, reliability):
     (tmp_path / "nobody").mkdir()
     config = _config("no-keys", tmp_path, keys, "tcp://127.0.0.1:*", n_workers=1)
     config = config.model_copy(
@@ -207,8 +240,15 @@ def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, 
             )
         }
     )
-    with pytest.raises(ValueError, match="no public key"):
+    with pytest.raises(ValueError, match="no public key") as error:
         ScanRunner(config).start()
+    reliability.record(
+        "security",
+        "a feeder with CURVE but an empty authorized-keys folder",
+        tried=1,
+        detail=f"it did not start: {type(error.value).__name__}: "
+        f"{str(error.value).replace(str(tmp_path), '...')}",
+    )
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ from pipeline.store import open_results
 from workers.scan import RECENT_RESULTS, ScanError, ScanRunner
 
 
-def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
+def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path, reliability):
     config = PipelineConfig(scan_id="bad-input", n_workers=1, output_dir=tmp_path)
     exposures = list(SimulatedDetector(config.integration, seed=7).exposures("bad-input", 10))
+    bad = {2, 4, 6, 8}  # spoiled below
     exposures[2].frame = exposures[2].frame[:100]
     exposures[4].frame = exposures[4].frame.astype(np.float32)
     exposures[4].frame[10, 10] = np.nan
@@ -51,7 +52,16 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path):
         for i, s, e in zip(results.index, results.status, results.error, strict=True)
         if s != "ok"
     }
-    assert set(failed) == {2, 4, 6, 8}
+    reliability.record(
+        "bad input",
+        "frames of the wrong shape, with NaN, with negative counts, unreadable",
+        tried=len(bad),
+        accepted=summary.written_ok,
+        lost=reliability.check_every_acknowledged_once(set(runner._status), results.index.tolist()),
+        detail=f"{len(failed)} of {summary.submitted} exposures stored as failed with their "
+        f"cause, {summary.written_ok} good ones written; one row per exposure",
+    )
+    assert set(failed) == bad
     assert "shape" in failed[2] and "NaN" in failed[4] and "negative" in failed[6]
     assert "truncated" in failed[8]
     ok = results.status == "ok"
@@ -87,7 +97,7 @@ runner = ScanRunner(config).start()
 for exposure in SimulatedDetector(config.integration, seed=3).exposures("killed", 6):
     runner.submit(exposure)
 runner.wait()
-print(*runner.pids, flush=True)
+print(runner.n_done, *runner.pids, flush=True)
 time.sleep(600)
 """
 
@@ -100,21 +110,35 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp_path):
+def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp_path, reliability):
     feeder = subprocess.Popen(
         [sys.executable, "-c", FEEDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
-        pids = [int(pid) for pid in feeder.stdout.readline().split()]
+        numbers = [int(number) for number in feeder.stdout.readline().split()]
     finally:
         feeder.send_signal(signal.SIGKILL)
         feeder.wait()
+    acknowledged, pids = numbers[:1], numbers[1:]  # the feeder's n_done, then its children
     assert len(pids) == 2
-    deadline = time.monotonic() + 20
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+    killed_at = time.monotonic()
+    while any(_running(pid) for pid in pids) and time.monotonic() < killed_at + 20:
         time.sleep(0.2)
+    exited_after_s = time.monotonic() - killed_at
     assert not any(_running(pid) for pid in pids), "children outlived their feeder"
     results = open_results(tmp_path / "killed.h5")
+    reliability.record(
+        "fault",
+        "SIGKILL of the feeder after its scan",
+        tried=1,
+        accepted=acknowledged[0],
+        lost=reliability.check_every_acknowledged_once(
+            set(range(acknowledged[0])),
+            results.index.tolist(),  # it sent exposures 0, 1, ...
+        ),
+        detail=f"its {len(pids)} children (writer, worker) exited within "
+        f"{exited_after_s:.1f} s; the file readable with {results.index.size} rows",
+    )
     assert results.index.tolist() == list(range(6)) and (results.status == "ok").all()
 
 
@@ -137,7 +161,7 @@ def _worker_pids(runner: ScanRunner) -> list[int]:
     return [c.process.pid for c in runner._children if c.name.startswith("worker")]
 
 
-def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path):
+def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path, reliability):
     config = PipelineConfig(
         scan_id="killed-workers",
         n_workers=2,
@@ -158,6 +182,15 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path)
     assert summary.stages["inferred"]["count"] >= 1000  # some computed twice
     assert summary.submitted == summary.written_ok == 1000 and summary.failed == 0
     results = open_results(config.output_path)
+    reliability.record(
+        "fault",
+        f"SIGKILL of an inference worker, {len(kills)} times during {summary.submitted} exposures",
+        tried=len(kills),
+        accepted=runner.n_done,
+        lost=reliability.check_every_acknowledged_once(set(runner._status), results.index.tolist()),
+        detail=f"{summary.worker_restarts} workers replaced, {summary.resent} exposures resent; "
+        f"{summary.duplicates} duplicate acknowledgements, {summary.failed} failed",
+    )
     assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
     assert len(runner.recent) == RECENT_RESULTS  # only the newest are kept for live views
@@ -166,7 +199,7 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path)
     assert "replaced by the feeder" in log
 
 
-def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path):
+def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path, reliability):
     config = PipelineConfig(
         scan_id="stalled-worker",
         n_workers=2,
@@ -185,11 +218,22 @@ def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path):
         finally:
             if _running(stalled):
                 os.kill(stalled, signal.SIGKILL)
+    stored = open_results(config.output_path).index.tolist()
+    reliability.record(
+        "fault",
+        "SIGSTOP of an inference worker (alive, answering nothing) before the scan",
+        tried=1,
+        accepted=runner.n_done,
+        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
+        detail=f"the stalled worker replaced {summary.worker_restarts} time(s) after the "
+        f"{config.transport.worker_timeout_s:g} s timeout, {summary.resent} exposures resent; "
+        f"{summary.written_ok} of {len(line_outs)} written",
+    )
     assert summary.written_ok == 200 and summary.worker_restarts == 1
-    assert sorted(open_results(config.output_path).index.tolist()) == list(range(200))
+    assert sorted(stored) == list(range(200))
 
 
-def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplog):
+def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplog, reliability):
     import zmq
 
     from pipeline.transport import encode
@@ -202,31 +246,50 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         transport=TransportConfig(max_message_bytes=2**20),
     )
     context = zmq.Context()
+    hostile: list[list[bytes]] = []  # every message sent below
+
+    def send(socket, frames: list[bytes]) -> None:
+        hostile.append(frames)
+        socket.send_multipart(frames)
+
     with caplog.at_level("WARNING"), ScanRunner(config) as runner:
         intruder = context.socket(zmq.DEALER)  # as a worker would connect
         intruder.connect(runner.endpoints.work)
-        intruder.send_multipart([b"not msgpack"])
-        intruder.send_multipart(encode("ready", {"id": 9}))  # no pid, no credits
+        send(intruder, [b"not msgpack"])
+        send(intruder, encode("ready", {"id": 9}))  # no pid, no credits
         to_writer = context.socket(zmq.PUSH)
         to_writer.connect(runner.endpoints.results)
-        to_writer.send_multipart([b"\x81\xa4kind\xa6result"])  # a header without "proto"
-        to_writer.send_multipart([b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
+        send(to_writer, [b"\x81\xa4kind\xa6result"])  # a header without "proto"
+        send(to_writer, [b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
         oversized = context.socket(zmq.DEALER)
         oversized.connect(runner.endpoints.work)
-        oversized.send_multipart([b"x" * (2**20 + 1)])
+        send(oversized, [b"x" * (2**20 + 1)])
         for exposure, line_out in _line_outs(20, seed=5):
             runner.submit_line_out(exposure, line_out)
         summary = runner.wait()
         for socket in (intruder, to_writer, oversized):
             socket.close(linger=0)
     context.term()
+    writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
+    stored = open_results(config.output_path).index.tolist()
+    oversized_bytes = config.transport.max_message_bytes
+    reliability.record(
+        "hostile message",
+        "not msgpack, ready without fields, header without proto, 2 oversized (feeder, writer)",
+        tried=len(hostile),
+        accepted=runner.n_done,
+        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
+        detail=f"{runner.malformed} malformed dropped and logged by the feeder, "
+        f"{writer_log.count('dropped a malformed message')} by the writer; "
+        f"{sum(sum(map(len, f)) > oversized_bytes for f in hostile)} oversized cost their "
+        f"senders the connection; {summary.written_ok} of 20 exposures written",
+    )
     assert summary.written_ok == 20 and runner.malformed == 2
     assert caplog.text.count("dropped a malformed message on work") == 2
     assert "a peer of the work socket disconnected" in caplog.text
-    writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
     assert "dropped a malformed message" in writer_log
     assert "writer: a sender disconnected" in writer_log
-    assert sorted(open_results(config.output_path).index.tolist()) == list(range(20))
+    assert sorted(stored) == list(range(20))
 
 
 def _resident_mb(pid: int) -> float:
@@ -235,7 +298,7 @@ def _resident_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_path):
+def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_path, reliability):
     config = PipelineConfig(
         scan_id="fast-producer",
         n_workers=1,
@@ -255,13 +318,26 @@ def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_
                 for pid in pids:
                     resident.setdefault(pid, []).append(_resident_mb(pid))
         summary = runner.wait()
+    growth_mb = {pid: max(sizes[2:]) - sizes[1] for pid, sizes in resident.items()}
+    reliability.record(
+        "load",
+        f"{len(line_outs)} exposures handed over at once, far faster than inference",
+        tried=len(line_outs),
+        accepted=runner.n_done,
+        lost=reliability.check_every_acknowledged_once(
+            set(runner._status), open_results(config.output_path).index.tolist()
+        ),
+        detail=f"at most {largest_in_flight} in flight (high-water mark "
+        f"{config.transport.high_water_mark}); largest RSS growth of the {len(growth_mb)} "
+        f"processes {max(growth_mb.values()):.1f} MB",
+    )
     assert summary.written_ok == 240
     assert largest_in_flight <= 8  # what waits in memory is bounded, not the scan's length
     for pid, sizes in resident.items():  # no process grows with the exposures handed over
         assert max(sizes[2:]) - sizes[1] < 25, (pid, sizes)
 
 
-def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path):
+def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path, reliability):
     import shutil
 
     from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
@@ -277,13 +353,23 @@ def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path):
         output_dir=tmp_path,
         inference=InferenceConfig(model=weights),
     )
+    started = time.monotonic()
     with pytest.raises(ScanError, match="worker-0 exited") as error, ScanRunner(config):
         pass
+    reliability.record(
+        "security",
+        "model weights with a byte appended: no longer the SHA-256 in their model card",
+        tried=1,
+        detail="the worker refused them, naming the SHA-256 mismatch; the scan ended after "
+        f"{time.monotonic() - started:.1f} s with its error, the worker not restarted",
+    )
     assert "SHA-256" in str(error.value)  # the worker's own words, from its log
     assert "replaced" not in str(error.value)  # not started again and again
 
 
-def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tmp_path):
+def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
+    tmp_path, reliability
+):
     import h5py
 
     config = PipelineConfig(
@@ -293,26 +379,44 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(tm
         inference=InferenceConfig(n_samples=50),
     )
     line_outs = _line_outs(150, seed=12)
-    with pytest.raises(ScanError, match="writer exited"), ScanRunner(config) as runner:
+    acknowledged: set[int] = set()  # by the writer before it was killed, and after resuming
+    with (
+        pytest.raises(ScanError, match="writer exited"),
+        ScanRunner(config, on_result=lambda result: acknowledged.add(result.index)) as runner,
+    ):
         writer = next(c.process for c in runner._children if c.name == "writer")
         for exposure, line_out in line_outs:
             runner.submit_line_out(exposure, line_out)
             if runner.n_done >= 40 and writer.poll() is None:
                 os.kill(writer.pid, signal.SIGKILL)
         runner.wait()
+    acknowledged_before_kill = set(acknowledged)
     partial = open_results(config.output_path)  # readable as it was left (SWMR reader)
     assert 40 <= partial.index.size < 150
     assert np.unique(partial.index).size == partial.index.size
 
     with pytest.raises(FileExistsError, match="resume"):
         ScanRunner(config).start()
-    with ScanRunner(config, resume=True) as runner:
+    with ScanRunner(
+        config, resume=True, on_result=lambda result: acknowledged.add(result.index)
+    ) as runner:
         for exposure, line_out in line_outs:  # the whole scan again
             runner.submit_line_out(exposure, line_out)
         summary = runner.wait()
     assert summary.skipped == partial.index.size
     assert summary.written_ok == 150 - partial.index.size
     results = open_results(config.output_path)
+    reliability.record(
+        "fault",
+        "SIGKILL of the writer mid-scan, then the scan resumed",
+        tried=1,
+        accepted=len(acknowledged_before_kill),
+        lost=len(acknowledged_before_kill - set(partial.index.tolist()))  # before resuming
+        + reliability.check_every_acknowledged_once(acknowledged, results.index.tolist()),
+        detail=f"killed after {len(acknowledged_before_kill)} acknowledged; its file readable with "
+        f"{partial.index.size} rows; the resumed scan skipped {summary.skipped} and wrote "
+        f"{summary.written_ok}: {results.index.size} rows for {len(line_outs)} exposures",
+    )
     assert results.index.tolist() == list(range(150))  # no duplicate, no gap
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
     np.testing.assert_array_equal(results.samples[partial.index], partial.samples)

@@ -123,7 +123,9 @@ def test_pixel_mask_is_exposed_and_not_applied(tmp_path):
     np.testing.assert_array_equal(read_pixel_mask(data_file), mask)  # through its master
 
 
-def test_missing_data_file_gives_one_error_per_lost_frame_and_the_rest_is_read(tmp_path):
+def test_missing_data_file_gives_one_error_per_lost_frame_and_the_rest_is_read(
+    tmp_path, reliability
+):
     master, frames = write_scan(tmp_path)
     (tmp_path / "scan_data_000002.h5").unlink()
 
@@ -145,11 +147,19 @@ def test_missing_data_file_gives_one_error_per_lost_frame_and_the_rest_is_read(t
         np.testing.assert_array_equal(exposure.frame, expected)
     assert exposures[6].metadata["image_nr"] == "7"
     assert (source.frames_read, source.frames_failed) == (5, 3)
+    reliability.record(
+        "bad input",
+        "an Eiger scan with one of its 3 data files missing",
+        tried=1,
+        detail=f"{source.frames_failed} failed exposures, one per lost frame, named by the "
+        f"master's counts and links; the other {source.frames_read} frames read intact",
+    )
 
 
-def test_unreadable_chunk_is_an_error_for_that_frame_only(tmp_path):
+def test_unreadable_chunk_is_an_error_for_that_frame_only(tmp_path, reliability):
     master, frames = write_scan(tmp_path, counts=(3, 3))
-    for name in ("scan_data_000001.h5", "scan_data_000002.h5"):  # LZ4 and bitshuffle-LZ4
+    damaged = ("scan_data_000001.h5", "scan_data_000002.h5")  # LZ4 and bitshuffle-LZ4
+    for name in damaged:
         with h5py.File(tmp_path / name, "r") as handle:
             chunk = handle["entry/data/data"].id.get_chunk_info(1)
         with open(tmp_path / name, "r+b") as raw:
@@ -163,6 +173,14 @@ def test_unreadable_chunk_is_an_error_for_that_frame_only(tmp_path):
         assert bad.frame is None and bad.error.startswith("unreadable chunk: frame 1")
         assert bad.metadata["frame"] == "1"
     np.testing.assert_array_equal(exposures[5].frame, frames[5])
+    failed = sum(e.error is not None for e in exposures)
+    reliability.record(
+        "bad input",
+        "a compressed chunk overwritten in each of 2 Eiger data files (LZ4, bitshuffle-LZ4)",
+        tried=len(damaged),
+        detail=f"{failed} frames are 'unreadable chunk' errors, the other "
+        f"{len(exposures) - failed} of {len(exposures)} read",
+    )
 
 
 def test_data_files_linked_from_a_master_in_the_list_are_not_read_twice(tmp_path):

@@ -117,7 +117,7 @@ def test_globs_lists_and_directories_are_read_in_natural_order_once(tmp_path):
     assert [e.scan_id for e in exposures] == ["scan-7"] * 3
 
 
-def test_truncated_edf_frames_are_errors_and_the_complete_frames_are_kept(tmp_path):
+def test_truncated_edf_frames_are_errors_and_the_complete_frames_are_kept(tmp_path, reliability):
     frames = [image(seed, np.uint16) for seed in range(3)]
     whole = write_edf(tmp_path / "whole.edf", frames).read_bytes()
     frame_bytes = len(whole) // 3
@@ -141,9 +141,18 @@ def test_truncated_edf_frames_are_errors_and_the_complete_frames_are_kept(tmp_pa
     assert len(cut_single) == 1 and cut_single[0].frame is None
     assert "truncated file" in cut_single[0].error
     assert (source.frames_read, source.frames_failed) == (0, 1)
+    read = [*cut_data, *cut_header, *cut_single]
+    reliability.record(
+        "bad input",
+        "EDF files cut in a frame's data, in a frame's header, and a one-frame file cut short",
+        tried=len((cut_data, cut_header, cut_single)),
+        detail=f"{sum(e.error is not None for e in read)} cut frames are 'truncated file' "
+        f"errors; the {sum(e.error is None for e in read)} complete frames before them kept, "
+        "equal to those written",
+    )
 
 
-def test_truncated_and_corrupt_cbf_are_errors(tmp_path):
+def test_truncated_and_corrupt_cbf_are_errors(tmp_path, reliability):
     data = image(4)
     CbfImage(data=data).write(str(tmp_path / "good.cbf"))
     raw = (tmp_path / "good.cbf").read_bytes()
@@ -160,10 +169,17 @@ def test_truncated_and_corrupt_cbf_are_errors(tmp_path):
     assert truncated.frame is None and truncated.error.startswith("truncated file")
     assert flipped_exposure.frame is None
     assert flipped_exposure.error.startswith("corrupt data") and "MD5" in flipped_exposure.error
+    reliability.record(
+        "bad input",
+        "CBF files cut short by 200 bytes, or with one byte of the image flipped",
+        tried=len((truncated, flipped_exposure)),
+        detail="the cut file a 'truncated file' error, the flipped byte a 'corrupt data' error "
+        "(MD5 mismatch); the good file beside them read equal to what was written",
+    )
 
 
 def test_garbage_unknown_empty_missing_and_truncated_tiff_files_are_errors_and_reading_goes_on(
-    tmp_path,
+    tmp_path, reliability
 ):
     rng = np.random.default_rng(5)
     write_edf(tmp_path / "f_01.edf", [image(1, np.uint16)])
@@ -188,6 +204,13 @@ def test_garbage_unknown_empty_missing_and_truncated_tiff_files_are_errors_and_r
     assert all((e.frame is None) == (e.error is not None) for e in exposures)
     assert exposures[6].metadata["source"] == str(tmp_path / "f_07_missing.edf")
     assert (source.frames_read, source.frames_failed) == (2, 5)
+    reliability.record(
+        "bad input",
+        "garbage with an EDF name, unknown format, empty file, truncated TIFF, missing file",
+        tried=source.frames_failed,  # the 5 bad files, as asserted above
+        detail=f"each bad file one failed exposure with its cause, in order; the "
+        f"{source.frames_read} good files among them read",
+    )
 
 
 def test_pilatus_cbf_header_gives_exposure_time_flux_and_timestamp(tmp_path):

@@ -135,7 +135,9 @@ def test_a_reader_started_early_is_stopped_by_its_with_block_even_unused(tmp_pat
 
 
 @pytest.mark.parametrize("exit_code", [None, 3])
-def test_a_failing_reader_is_reported_after_the_frames_it_delivered(tmp_path, exit_code):
+def test_a_failing_reader_is_reported_after_the_frames_it_delivered(
+    tmp_path, exit_code, reliability
+):
     write_frames(tmp_path, [(30, 40)] * 5)
     source = ReadAhead(FailingSource(FileSource(tmp_path, "scan"), 3, exit_code), depth=2)
     delivered = []
@@ -144,6 +146,14 @@ def test_a_failing_reader_is_reported_after_the_frames_it_delivered(tmp_path, ex
     assert delivered == [0, 1, 2]
     expected = "disk went away" if exit_code is None else "exit code 3"
     assert expected in str(error.value)
+    how = "an OSError" if exit_code is None else f"os._exit({exit_code})"
+    reliability.record(
+        "fault",
+        f"the read-ahead reader process failing after 3 of 5 frames: {how}",
+        tried=1,
+        detail=f"the {len(delivered)} frames read before it delivered, then a ReaderError "
+        f"naming the cause ({expected!r})",
+    )
 
 
 def test_depth_must_be_positive():

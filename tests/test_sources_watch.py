@@ -159,7 +159,9 @@ def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path):
     assert [p.name for p in watcher.skipped_files] == ["run_master.h5"]
 
 
-def test_a_file_that_stays_broken_becomes_an_error_and_later_files_still_come(tmp_path):
+def test_a_file_that_stays_broken_becomes_an_error_and_later_files_still_come(
+    tmp_path, reliability
+):
     (tmp_path / "f_1.edf").write_bytes(np.random.default_rng(1).bytes(3000))
     (tmp_path / "f_2.edf").write_bytes(edf_bytes(tmp_path, 2))
     watcher = DirectoryWatcher(
@@ -171,6 +173,13 @@ def test_a_file_that_stays_broken_becomes_an_error_and_later_files_still_come(tm
     assert [e.frame is None for e in exposures] == [True, False]
     assert exposures[0].error.startswith("corrupt or truncated EDF file")
     assert (watcher.frames_read, watcher.frames_failed) == (1, 1)
+    reliability.record(
+        "bad input",
+        "a watched file of garbage that never becomes a readable EDF",
+        tried=1,
+        detail=f"after the {watcher.settle_timeout_s:g} s settle timeout a failed exposure "
+        f"('corrupt or truncated EDF file'); the {watcher.frames_read} later file still read",
+    )
 
 
 def test_an_incomplete_file_at_the_end_is_reported_when_watching_stops(tmp_path):

@@ -18,24 +18,48 @@ def test_round_trip_keeps_arrays_and_header():
     np.testing.assert_array_equal(message.arrays["samples"], samples)
 
 
-def test_object_arrays_are_refused():
-    with pytest.raises(ProtocolError):
+def test_object_arrays_are_refused(reliability):
+    with pytest.raises(ProtocolError) as error:
         encode("x", values=np.array([object()]))
+    reliability.record(
+        "hostile message",
+        "an object (pickle-needing) array to encode",
+        tried=1,
+        detail=f"refused with ProtocolError: {error.value}",
+    )
 
 
 @pytest.mark.parametrize(
-    "frames",
+    ("what", "frames"),
     [
-        [],
-        [b"\xc1not msgpack"],
-        [msgpack.packb([1, 2])],
-        [msgpack.packb({"proto": 99, "kind": "x", "arrays": []})],
-        [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [4]]]})],
-        [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [4]]]}), b"123"],
-        [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "|O", [1]]]}), b"12345678"],
-        [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [-1]]]}), b""],
+        ("no frame", []),
+        ("not msgpack", [b"\xc1not msgpack"]),
+        ("a header that is no map", [msgpack.packb([1, 2])]),
+        ("an unknown protocol version", [msgpack.packb({"proto": 99, "kind": "x", "arrays": []})]),
+        (
+            "an array without its buffer",
+            [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [4]]]})],
+        ),
+        (
+            "a buffer too short for its array",
+            [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [4]]]}), b"123"],
+        ),
+        (
+            "an object array",
+            [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "|O", [1]]]}), b"12345678"],
+        ),
+        (
+            "a negative shape",
+            [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [-1]]]}), b""],
+        ),
     ],
 )
-def test_malformed_messages_raise_protocol_error(frames):
-    with pytest.raises(ProtocolError):
+def test_malformed_messages_raise_protocol_error(what, frames, reliability):
+    with pytest.raises(ProtocolError) as error:
         decode(frames)
+    reliability.record(
+        "hostile message",
+        f"wire message to decode: {what}",
+        tried=1,
+        detail=f"refused with ProtocolError: {error.value}",
+    )

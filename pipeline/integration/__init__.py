@@ -124,7 +124,11 @@ def read_image(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise GeometryError(f"{what} file not found: {path}")
     try:
-        data = np.load(path, allow_pickle=False) if path.suffix == ".npy" else fabio.open(str(path)).data
+        data = (
+            np.load(path, allow_pickle=False)
+            if path.suffix == ".npy"
+            else fabio.open(str(path)).data
+        )
     except Exception as error:
         raise GeometryError(f"{what} file {path} cannot be read: {error}") from error
     if data is None or np.asarray(data).ndim != 2:
