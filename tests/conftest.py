@@ -259,8 +259,9 @@ def pytest_runtest_makereport(item, call):
         reason = ""
         if report.skipped and isinstance(report.longrepr, tuple):
             reason = str(report.longrepr[2]).removeprefix("Skipped: ")
-        elif report.failed:
-            reason = str(report.longrepr).strip().splitlines()[-1][:200]
+        elif report.failed and call.excinfo is not None:
+            told = str(call.excinfo.value).strip().splitlines()
+            reason = f"{call.excinfo.typename}: {told[0] if told else ''}"[:200]
         previous = _RELIABILITY_OUTCOMES.get(item.nodeid, ("passed", "", 0.0))
         if previous[0] == "passed":  # the first failure or skip of a test is the one told
             _RELIABILITY_OUTCOMES[item.nodeid] = (report.outcome, reason, report.duration)

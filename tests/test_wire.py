@@ -52,6 +52,20 @@ def test_object_arrays_are_refused(reliability):
             "a negative shape",
             [msgpack.packb({"proto": 1, "kind": "x", "arrays": [["a", "<f4", [-1]]]}), b""],
         ),
+        (  # found by the fuzzer at 10,000 inputs: the second array silently replaced the first
+            "two arrays of one name",
+            [
+                msgpack.packb(
+                    {"proto": 1, "kind": "x", "arrays": [["", "<f4", [0]], ["", "<f8", [0]]]}
+                ),
+                b"",
+                b"",
+            ],
+        ),
+        (
+            "an array name that is no string",
+            [msgpack.packb({"proto": 1, "kind": "x", "arrays": [[[1], "<f4", [0]]]}), b""],
+        ),
     ],
 )
 def test_malformed_messages_raise_protocol_error(what, frames, reliability):

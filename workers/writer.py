@@ -14,6 +14,7 @@ Run: ``python -m workers.writer --run-dir RUN_DIR [--resume]`` (the scan runner 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -61,6 +62,13 @@ def to_result(message: Message) -> ExposureResult:
         predictive_z=float(header.get("predictive_z", np.nan)),
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )
+
+
+def _log(message: str) -> None:
+    """Write ``message`` to the log (stderr), which may be on a full disk: then it is lost,
+    and the writer goes on (or leaves) as it would have."""
+    with contextlib.suppress(OSError):
+        print(message, file=sys.stderr, flush=True)
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -111,7 +119,7 @@ def serve(argv: list[str] | None = None) -> int:
             try:
                 batch.append(to_result(decode([f.buffer for f in frames])))
             except (ProtocolError, KeyError, TypeError, ValueError) as error:
-                print(f"writer: dropped a malformed message: {error}", file=sys.stderr)
+                _log(f"writer: dropped a malformed message: {error}")
         for result, written in zip(batch, writer.append_many(batch), strict=True):
             ack = {
                 "index": result.index,
@@ -130,12 +138,10 @@ def serve(argv: list[str] | None = None) -> int:
             events = dict(poller.poll(1000))
             if monitor in events:
                 event = recv_monitor_message(monitor)
-                print(
+                _log(
                     f"writer: a sender disconnected ({event['endpoint'].decode()}): a worker "
                     "that exited, or a message larger than max_message_bytes "
-                    f"({config.transport.max_message_bytes} B)",
-                    file=sys.stderr,
-                    flush=True,
+                    f"({config.transport.max_message_bytes} B)"
                 )
             if results in events:
                 write_waiting()
@@ -144,11 +150,9 @@ def serve(argv: list[str] | None = None) -> int:
                     pass
                 break
     except ResultsWriteError as error:  # a full disk, a lost mount: treated as a crash
-        print(
+        _log(
             f"writer: {error}\nwriter: every exposure acknowledged so far is in the file; "
-            "resume the scan once the cause is removed",
-            file=sys.stderr,
-            flush=True,
+            "resume the scan once the cause is removed"
         )
         # Closing would fail as well and leave the file flagged as open, unreadable even with
         # SWMR; left as it is, it reads (SWMR) as the last flush left it and resumes, as

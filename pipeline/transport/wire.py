@@ -86,6 +86,8 @@ def decode(frames: list[Any]) -> Message:
             shape = tuple(int(n) for n in shape)
         except (TypeError, ValueError) as error:
             raise ProtocolError(f"bad array spec {spec!r}") from error
+        if not isinstance(name, str) or name in arrays:
+            raise ProtocolError(f"array name {name!r} is not a string, or given twice")
         if dtype.str not in ALLOWED_DTYPES or any(n < 0 for n in shape):
             raise ProtocolError(f"array {name!r}: dtype {dtype_str!r} or shape {shape} not allowed")
         buffer = memoryview(frame)
