@@ -144,6 +144,24 @@ def eiger_simulator(tmp_path_factory) -> Iterator[EigerSimulator]:
             process.wait(10)
 
 
+@pytest.fixture
+def monitor_warnings() -> Iterator[list[str]]:
+    """The warnings the UI monitor (``flows.monitor``) logs during the test, read by a handler
+    on its own logger: Prefect's logging setup can keep them from pytest's ``caplog``."""
+    import logging
+
+    import flows.monitor
+
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    flows.monitor.log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        flows.monitor.log.removeHandler(handler)
+
+
 def start_prefect_server(home: Path, port: int) -> tuple[subprocess.Popen, dict[str, str]]:
     """``prefect server start`` on loopback (what an operator runs), in a session of its own,
     once its API answers; returns the process and the environment that points a process at
@@ -189,7 +207,7 @@ def prefect_harness(tmp_path_factory) -> Iterator[str]:
 
 
 # The reliability report: every test that takes the ``reliability`` fixture is marked
-# ``reliability``; ``pytest -m reliability --reliability-report docs/reliability.md`` runs them
+# ``reliability``; ``pytest -m reliability --reliability-report=docs/reliability.md`` runs them
 # (fast and slow) and writes what each injected, how often, and what was lost.
 
 AREAS = ("fault", "bad input", "hostile message", "fuzzing", "load", "security")
@@ -240,6 +258,8 @@ def pytest_addoption(parser) -> None:
     parser.addoption(
         "--reliability-report",
         metavar="PATH",
+        # give it as --reliability-report=PATH: pytest reads a separate PATH of an option it
+        # does not know yet (this file defines it) as a test path, and then misses this file
         help="write the reliability report (markdown) of the tests that ran to PATH",
     )
 

@@ -76,7 +76,7 @@ def write_report(
         "struck, or in the whole run; *lost*: acknowledged exposures missing afterwards plus "
         "any stored twice.",
         "",
-        "Run it: `pytest -m reliability --reliability-report docs/reliability.md` (the fast "
+        "Run it: `pytest -m reliability --reliability-report=docs/reliability.md` (the fast "
         "tests are also in the default suite, the slow ones in `pytest -m slow`); "
         "`BEAMLINE_INN_FUZZ_EXAMPLES` sets the inputs per fuzz test (default 400, fewer for "
         "the slower file and PONI fuzzers), `BEAMLINE_INN_SOAK_S` the soak run's length "

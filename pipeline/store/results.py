@@ -337,8 +337,10 @@ class ResultsWriter:
         cannot get new groups while it is written)."""
         if not self.file.id.valid:
             return
-        self._datasets.clear()  # before the file: after a failed write, HDF5 can crash
-        self.file.close()  # freeing a dataset of a file whose close failed (disk full)
+        # Datasets first: after a failed write (a full disk) the file's close fails, and
+        # HDF5 then crashes when it frees a dataset of that file.
+        self._datasets.clear()
+        self.file.close()
         try:
             add_cansas_curves(self.path)
         except OSError as error:  # e.g. another program opened the file without SWMR meanwhile
