@@ -114,7 +114,7 @@ def _descendants(pid: int) -> set[int]:
 def _stored(path: Path) -> list[int]:
     try:
         return open_results(path).index.tolist()
-    except (OSError, KeyError):  # not created yet, or its datasets not yet there
+    except (OSError, KeyError, ValueError):  # not created yet, or its datasets not yet there
         return []
 
 

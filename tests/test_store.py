@@ -250,3 +250,20 @@ def test_long_and_non_ascii_text_is_kept_within_its_field(tmp_path):
     assert results.source[0] == "scan_α.cbf"
     assert results.error[0].startswith("détecteur saturé") and results.error[0].endswith("...")
     assert len(results.error[0].encode()) <= 512
+
+
+def test_a_file_caught_mid_block_reads_only_its_complete_rows(tmp_path):
+    """A reader can find a file being written (or left by a killed writer) with some
+    datasets grown and others not, and grown rows not yet written (index -1): only rows
+    complete in every dataset are read (this raised IndexError while a scan ran)."""
+    path = tmp_path / "scan.h5"
+    writer = ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1")
+    writer.append_many([_ok(i) for i in range(3)])
+    for dataset in writer._datasets.values():  # a block of rows grown, nothing written yet
+        dataset.resize(4, axis=0)
+    writer._datasets["index"].resize(5, axis=0)  # and the next block begun in one dataset
+    writer.file.flush()
+    results = open_results(path)
+    assert results.index.tolist() == [0, 1, 2] and len(results.samples) == 3
+    np.testing.assert_array_equal(results.samples[2], _ok(2).samples)
+    writer.close()

@@ -452,12 +452,13 @@ def add_cansas_curves(path: Path) -> int:
     with h5py.File(path, "a", libver="latest") as handle:
         entry = handle["entry"]
         line_out = entry["line_out"]
-        indices = entry["exposures/index"][()]
-        status = entry["exposures/status"][()]
+        n = _complete_rows(entry)
+        indices = entry["exposures/index"][:n]
+        status = entry["exposures/status"][:n]
         n_q = line_out["q_nm"].shape[0]
         for row in np.argsort(indices, kind="stable"):
             name = f"sasdata_{indices[row]:06d}"
-            if name in entry or status[row] != b"ok":
+            if indices[row] < 0 or name in entry or status[row] != b"ok":
                 continue
             group = entry.create_group(name)
             group.attrs.update(NX_class="NXdata", canSAS_class="SASdata", signal="I", I_axes="Q")
@@ -561,11 +562,16 @@ def open_results(path: Path) -> Results:
     """Read a results file (also one still being written, through SWMR)."""
     with h5py.File(path, "r", libver="latest", swmr=True) as handle:
         entry = handle["entry"]
-        order = np.argsort(entry["exposures/index"][()], kind="stable")
+        # A file being written can show its datasets grown to different lengths, and rows
+        # grown but not yet written (index = -1): only rows complete in every dataset count.
+        n = _complete_rows(entry)
+        index = entry["exposures/index"][:n]
+        written = np.flatnonzero(index >= 0)
+        order = written[np.argsort(index[written], kind="stable")]
         samples = entry["posterior/samples"]
 
         def rows(name: str) -> np.ndarray:
-            return entry[name][()][order]
+            return entry[name][:n][order]
 
         return Results(
             scan_id=str(entry.attrs["scan_id"]),
@@ -580,7 +586,7 @@ def open_results(path: Path) -> Results:
             truth=rows("exposures/truth"),
             counts=rows("line_out/counts"),
             normalization=rows("line_out/normalization"),
-            samples=samples[()][order],
+            samples=samples[:n][order],
             mean=rows("posterior/mean"),
             sd=rows("posterior/sd"),
             quantiles=rows("posterior/quantiles"),
