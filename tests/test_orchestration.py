@@ -432,16 +432,26 @@ def chromium_dom(url: str, screenshot: Path | None = None) -> str:
 
 
 def _api(url: str, body: object | None = None, method: str | None = None) -> object:
+    """One call to Prefect's REST API, retried as Prefect's own client retries it: the server
+    answers 503 when its SQLite database was busy (``SQLITE_BUSY``: the transaction did not
+    happen, so a retry is safe), which a loaded 2-core machine sees now and then."""
     import json
+    import urllib.error
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+    for delay_s in (1, 2, 4, 8, 16, None):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as error:
+            if error.code not in (408, 429, 502, 503) or delay_s is None:
+                raise
+            time.sleep(delay_s)
 
 
 @pytest.fixture(scope="module")
