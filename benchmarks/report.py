@@ -54,7 +54,7 @@ def render() -> str:
     later = sorted(
         f"`{path.stem}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(path.stat().st_mtime))})"
         for path in RESULTS.glob("*.json")
-        if path.stat().st_mtime > finished + 60 and path.stem in run.get("steps", {})
+        if path.stat().st_mtime > finished + 60 and path.stem != "run"
     )
     if later:
         lines += ["", "Measured again by themselves after that run: " + ", ".join(later) + "."]
@@ -151,6 +151,15 @@ def render() -> str:
         lines.append(
             f"| 2 inference workers against 1 (2 cores) | {transport['two_workers_speed_up']:.2f}× | "
             f"≥ 1.6× | {_met(transport['two_workers_speed_up'] >= 1.6)} |"
+        )
+    writer = _load("writer")
+    if writer:
+        ceiling = writer["ceiling_per_s"]
+        lines.append(
+            f"| one results writer's ceiling, exposures/s at 1,000 samples (blocks of 256; it "
+            f"bounds the engine whatever the workers' speed) | {ceiling:,}/s "
+            f"({writer['layout_speed_up_full_blocks']:.2f}× the layout with a chunk per "
+            f"exposure) | ≥ 20,000 (the GPU target through the engine) | {_met(ceiling >= 20_000)} |"
         )
     orchestration = _load("orchestration")
     if orchestration:

@@ -54,7 +54,7 @@ def _line_out_error(message: Message) -> str | None:
     return None
 
 
-def _infer(model, messages: list[Message], n_samples: int, seed: int) -> tuple[list[list], int]:
+def run_batch(model, messages: list[Message], n_samples: int, seed: int) -> tuple[list[list], int]:
     """Messages to the writer for a batch of line-out messages: posterior results (with
     summaries and the posterior-predictive ``z``), failure records for bad ones; and how
     many results."""
@@ -191,7 +191,7 @@ class InferenceSession:
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
         try:
-            outgoing, inferred = _infer(self.model, line_outs, self.config.n_samples, seed)
+            outgoing, inferred = run_batch(self.model, line_outs, self.config.n_samples, seed)
         except Exception as error:  # one bad batch must not stop the scan: report each exposure
             text = f"{type(error).__name__}: {error}"
             traceback.print_exc()

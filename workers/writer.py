@@ -64,6 +64,21 @@ def to_result(message: Message) -> ExposureResult:
     )
 
 
+def acknowledgement(result: ExposureResult, written: bool) -> list:
+    """The ``ack`` message to the feeder for a stored result (``written`` False: a duplicate,
+    already in the file), with its posterior summaries for the feeder's view."""
+    ack = {
+        "index": result.index,
+        "status": result.status,
+        "error": result.error,
+        "duplicate": not written,
+    }
+    if result.status == "ok":
+        ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
+        ack["predictive_z"] = result.predictive_z
+    return encode("ack", ack)
+
+
 def _log(message: str) -> None:
     """Write ``message`` to the log (stderr), which may be on a full disk: then it is lost,
     and the writer goes on (or leaves) as it would have."""
@@ -121,16 +136,7 @@ def serve(argv: list[str] | None = None) -> int:
             except (ProtocolError, KeyError, TypeError, ValueError) as error:
                 _log(f"writer: dropped a malformed message: {error}")
         for result, written in zip(batch, writer.append_many(batch), strict=True):
-            ack = {
-                "index": result.index,
-                "status": result.status,
-                "error": result.error,
-                "duplicate": not written,
-            }
-            if result.status == "ok":
-                ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
-                ack["predictive_z"] = result.predictive_z
-            acks.send_multipart(encode("ack", ack))
+            acks.send_multipart(acknowledgement(result, written))
         return taken
 
     try:

@@ -66,6 +66,9 @@ SAMPLES_COMPRESSION = dict(hdf5plugin.Bitshuffle(cname="lz4"))
 #: variable-length data (a reader following the file meets "bad heap index" errors). Longer
 #: text is cut, ending in "...".
 TEXT_BYTES = {"status": 8, "error": 512, "source": 256}
+#: Bytes per HDF5 chunk of the uncompressed per-exposure arrays (line-outs, summaries): 32
+#: to 1,024 exposures per chunk instead of one.
+CHUNK_BYTES = 64 * 1024
 
 
 def _fixed_text(value: str) -> np.ndarray:
@@ -131,6 +134,9 @@ class ResultsWriter:
     replaces it, and appending goes on there. The copy is needed because a file whose SWMR
     writer was killed cannot be opened for writing again (HDF5 keeps its "open for write"
     flag; only readers in SWMR mode may open it).
+
+    ``chunk_bytes`` sizes the HDF5 chunks of the uncompressed per-exposure arrays (0: one
+    exposure per chunk); the compressed posterior draws are chunked one exposure per chunk.
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class ResultsWriter:
         model_card: dict | None = None,
         poni_text: str = "",
         resume: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.path = Path(path)
         target = self.path
@@ -188,7 +195,7 @@ class ResultsWriter:
                 shape=(0, *shape),
                 maxshape=(None, *shape),
                 dtype=dtype,
-                chunks=(1, *shape) if shape else (1024,),
+                chunks=(_chunk_rows(shape, dtype, filters, chunk_bytes), *shape),
                 fillvalue=fill,
                 **filters,
             )
@@ -356,6 +363,20 @@ class ResultsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _chunk_rows(shape: tuple, dtype, filters: dict, chunk_bytes: int) -> int:
+    """Rows per HDF5 chunk of a growing dataset: 1,024 for a scalar per exposure; one
+    exposure per chunk where the rows are compressed (a reader decompresses one exposure's
+    draws alone); else as many rows as fit in ``chunk_bytes`` (at least 1, at most 1,024).
+    Small per-exposure arrays in chunks of one row cost HDF5 about as much per exposure as
+    the data itself (``python -m benchmarks.writer``)."""
+    if not shape:
+        return 1024
+    if filters:
+        return 1
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape))
+    return max(1, min(1024, chunk_bytes // row_bytes))
 
 
 def _rows_block(dataset: h5py.Dataset, values: list) -> np.ndarray:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +92,7 @@ def decode(frames: list[Any]) -> Message:
         if dtype.str not in ALLOWED_DTYPES or any(n < 0 for n in shape):
             raise ProtocolError(f"array {name!r}: dtype {dtype_str!r} or shape {shape} not allowed")
         buffer = memoryview(frame)
-        expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        expected = dtype.itemsize * math.prod(shape)  # exact: Python ints (np.prod: 3.5 us)
         if buffer.nbytes != expected:
             raise ProtocolError(f"array {name!r}: {buffer.nbytes} bytes, expected {expected}")
         arrays[name] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
