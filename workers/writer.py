@@ -30,8 +30,9 @@ from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
-#: Most results appended as one block (one resize and write per dataset, one flush): 2.5 ms
-#: per exposure one at a time, 0.39 ms in blocks of 8, 0.14 ms in blocks of 64.
+#: Most results appended as one block (one resize and write per dataset, one flush). The
+#: writer's work per exposure (decode, append, acknowledge; ``benchmarks.writer``): 3.7 ms one
+#: at a time, 0.65 ms in blocks of 8, 0.24 ms in 64, 0.20 ms in 256.
 MAX_BLOCK = 256
 #: A block goes on gathering while results keep arriving within this many milliseconds: a
 #: worker's batch comes as a burst of messages, which then makes one block instead of 2-4
