@@ -33,7 +33,7 @@ import torch
 
 from pipeline.config import PipelineConfig
 from pipeline.model import load
-from pipeline.physics import simulate
+from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.store import ResultsWriter
 from pipeline.store.results import CHUNK_BYTES
 from pipeline.transport import decode, encode
@@ -80,14 +80,12 @@ def result_messages(n: int, distinct: int = 256) -> list[list[bytes]]:
 
 def store(messages: list[list[bytes]], block: int, chunk_bytes: int, folder: Path) -> float:
     """Seconds per exposure for the writer's work on ``messages``, appended ``block`` at a time."""
-    config = PipelineConfig(scan_id="writer-benchmark")
-    model = load(device="cpu")
     writer = ResultsWriter(
         folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5",
-        model.parameter_names,
-        model.parameter_units,
+        PARAMETER_NAMES,
+        PARAMETER_UNITS,
         N_SAMPLES,
-        config.grid.grid().q_nm,
+        PipelineConfig(scan_id="writer-benchmark").grid.grid().q_nm,
         chunk_bytes=chunk_bytes,
     )
     start = time.perf_counter()
