@@ -6,6 +6,14 @@ the device), and, on 8 exposures, the posterior medians and sds drawn on the GPU
 those drawn on the CPU (4,000 samples each, width folded to the narrow-line solution; they
 differ only by Monte Carlo error).
 
+Then the inference worker's whole batch as the streaming engine runs it
+(:func:`workers.inference.run_batch`: line-out messages in; draws, summaries and the
+posterior-predictive z on the GPU; copies to pinned host memory; ``results`` messages out),
+for batches of 256 to 2,048 (median of 3 after a warm-up), and the results writer's work on
+those messages (:func:`workers.writer.store`, full blocks): the two stages a GPU scan's
+exposures pass besides the feeder. The quality flags of the GPU's ``z`` are compared with
+numpy's on the CPU for the same draws.
+
 Run on a machine with CUDA: ``python -m benchmarks.device_inference --out results.json``.
 """
 
@@ -13,14 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.config import TransportConfig
 from pipeline.model import load
-from pipeline.physics import simulate
+from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
+from pipeline.physics.quality import Z_THRESHOLD, predictive_z
+from pipeline.store import ResultsWriter
+from pipeline.transport import decode, encode
+from workers.inference import run_batch
+from workers.writer import MAX_BLOCK, rows_of, store
 
 BATCHES = (1, 16, 64, 256, 1024, 4096, 16384)
 
@@ -56,6 +71,84 @@ def agreement(cpu: torch.nn.Module, gpu: torch.nn.Module) -> dict:
     }
 
 
+WORKER_BATCHES = (256, 1024, 2048)
+
+
+def line_out_messages(model: torch.nn.Module, n: int, seed: int) -> list:
+    """``n`` simulated line-outs as the feeder sends them (decoded)."""
+    _, counts = simulate(n, np.random.default_rng(seed), model.prior, model.grid)
+    return [
+        decode(
+            encode(
+                "line_out",
+                {"index": index, "timestamp": time.time(), "normalization": 1.0},
+                counts=row.astype(np.float32),
+                counts_sd=np.sqrt(np.maximum(row, 1.0)).astype(np.float32),
+            )
+        )
+        for index, row in enumerate(counts)
+    ]
+
+
+def worker_and_writer(
+    gpu: torch.nn.Module, folder: Path, batches: tuple[int, ...] = WORKER_BATCHES
+) -> dict:
+    """Exposures/s of the worker's whole batch on the GPU and of the writer on its messages."""
+    limit = TransportConfig().max_message_bytes
+    out: dict = {"worker": [], "writer": {}}
+    messages: list = []
+    for batch in batches:
+        line_outs = line_out_messages(gpu, batch, seed=batch)
+        times = []
+        for attempt in range(4):
+            start = time.perf_counter()
+            messages, inferred = run_batch(
+                gpu, line_outs, 1000, seed=attempt, max_message_bytes=limit
+            )
+            if inferred != batch:
+                raise RuntimeError(f"{batch - inferred} of {batch} line-outs failed on the GPU")
+            if attempt:
+                times.append(time.perf_counter() - start)
+        latency = float(np.median(times))
+        out["worker"].append(
+            {"batch": batch, "latency_ms": 1e3 * latency, "exposures_per_s": batch / latency}
+        )
+    # the largest batch's messages, stored as the writer does, in full blocks
+    frames = [[bytes(f) for f in message] for message in messages] * 4
+    writer = ResultsWriter(
+        folder / "gpu-writer.h5",
+        PARAMETER_NAMES,
+        PARAMETER_UNITS,
+        1000,
+        gpu.grid.q_nm,
+        scan_id="gpu",
+    )
+    blocks, stored, start = [], 0, time.perf_counter()
+    for number, message in enumerate(frames):
+        rows = rows_of(writer, message)
+        if rows is None:
+            raise RuntimeError("the writer refused a GPU worker's message")
+        rows["index"] = rows["index"] + number * batches[-1]
+        blocks.append(rows)
+        stored += len(rows["index"])
+        if sum(len(b["index"]) for b in blocks) >= MAX_BLOCK:
+            store(writer, blocks)
+            blocks = []
+    if blocks:
+        store(writer, blocks)
+    seconds = time.perf_counter() - start
+    writer.close()
+    out["writer"] = {"exposures": stored, "exposures_per_s": stored / seconds}
+    # the flags of the GPU's z against numpy's for the same draws
+    decoded = [decode(message) for message in messages]
+    draws = np.concatenate([m.arrays["samples"] for m in decoded])
+    counts = np.concatenate([m.arrays["counts"] for m in decoded])
+    z_gpu = np.concatenate([m.arrays["predictive_z"] for m in decoded])
+    z_cpu = predictive_z(counts, draws, gpu.grid, seed=0)
+    out["flags_agree"] = float(np.mean((z_gpu > Z_THRESHOLD) == (z_cpu > Z_THRESHOLD)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -69,6 +162,8 @@ def main() -> None:
         "throughput": [throughput(gpu, batch) for batch in BATCHES],
         "cpu_agreement": agreement(load(device="cpu"), gpu),
     }
+    with tempfile.TemporaryDirectory() as folder:
+        report["engine_stages"] = worker_and_writer(gpu, Path(folder))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -21,7 +21,8 @@ against (2, one worker); the price of a remote worker is (3) against (2, one wor
 thread). Beside the wall time, the CPU time of every process involved (feeder, workers,
 writer; ``/proc/PID/stat``) is summed over the same interval: the engine's CPU cost per
 exposure against the model's in process does not depend on how many cores the machine has
-to spare. Each figure is the median of ``--repeats`` runs.
+to spare; it is also given per process (feeder, writer, workers). Each figure is the
+median of ``--repeats`` runs.
 
 Run: ``python -m benchmarks.transport [--exposures 300] [--repeats 3]``
 (results in ``benchmarks/results/transport.json``).
@@ -110,10 +111,10 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> tuple[float, f
 
 def through_engine(
     counts: np.ndarray, n_workers: int, threads: int, folder: Path, remote: bool = False
-) -> tuple[float, float, float]:
+) -> tuple[float, dict[str, float], float]:
     """Seconds from the first line-out submitted to the last acknowledged, the CPU seconds
-    of all the processes meanwhile, and the median latency (ms); with ``remote``, through
-    one remote worker over CURVE instead."""
+    of the processes meanwhile (feeder, writer, workers), and the median latency (ms); with
+    ``remote``, through one remote worker over CURVE instead."""
     transport = TransportConfig()
     if remote:
         keys = folder / f"keys-{time.monotonic_ns()}"
@@ -146,15 +147,19 @@ def through_engine(
     with ScanRunner(config) as runner:
         while remote and runner.remote_workers == 0:
             runner.collect(timeout_ms=100)
-        pids = [os.getpid(), *runner.pids, *([worker.pid] if remote else [])]
-        cpu = sum(_cpu_s(pid) for pid in pids)
+        writer, *workers = runner.pids  # the writer is started first
+        roles = {"feeder": [os.getpid()], "writer": [writer]}
+        roles["workers"] = [*workers, *([worker.pid] if remote else [])]
+        before = {role: sum(_cpu_s(pid) for pid in pids) for role, pids in roles.items()}
         start = time.perf_counter()
         for index, row in enumerate(counts):
             exposure = Exposure(config.scan_id, index, time.time(), None)
             runner.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
         summary = runner.wait()
         elapsed = time.perf_counter() - start
-        cpu = sum(_cpu_s(pid) for pid in pids) - cpu
+        cpu = {
+            role: sum(_cpu_s(pid) for pid in pids) - before[role] for role, pids in roles.items()
+        }
     if remote:
         worker.wait(timeout=30)
     return elapsed, cpu, summary.latency_p50_ms
@@ -171,6 +176,7 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     latency: dict[str, list[float]] = {}
+    by_role: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         for _ in range(args.repeats):
@@ -183,12 +189,14 @@ def main() -> None:
                 label = f"engine_{n_workers}_workers_{threads}_threads_each"
                 elapsed, used, p50 = through_engine(counts, n_workers, threads, folder)
                 times.setdefault(label, []).append(elapsed)
-                cpu.setdefault(label, []).append(used)
+                cpu.setdefault(label, []).append(sum(used.values()))
+                by_role.setdefault(label, []).append(used)
                 latency.setdefault(label, []).append(p50)
             label = "engine_1_remote_worker_curve_1_thread"
             elapsed, used, p50 = through_engine(counts, 0, 1, folder, remote=True)
             times.setdefault(label, []).append(elapsed)
-            cpu.setdefault(label, []).append(used)
+            cpu.setdefault(label, []).append(sum(used.values()))
+            by_role.setdefault(label, []).append(used)
             latency.setdefault(label, []).append(p50)
     per_exposure_ms = {
         label: round(1e3 * float(np.median(values)) / args.exposures, 3)
@@ -207,6 +215,13 @@ def main() -> None:
         "repeats": args.repeats,
         "per_exposure_ms": per_exposure_ms,
         "cpu_per_exposure_ms": cpu_ms,
+        "cpu_per_exposure_ms_by_process": {
+            label: {
+                role: round(1e3 * float(np.median([run[role] for run in runs])) / args.exposures, 3)
+                for role in runs[0]
+            }
+            for label, runs in by_role.items()
+        },
         "latency_p50_ms": {k: round(float(np.median(v)), 1) for k, v in latency.items()},
         "engine_overhead": round(one / per_exposure_ms["in_process_1_threads"] - 1.0, 3),
         "engine_cpu_overhead": round(

@@ -1,21 +1,25 @@
 """How many exposures per second one results writer can store (issue: streaming engine): the
-ceiling the engine has whatever its workers' speed, side by side for two file layouts.
+ceiling the engine has whatever its workers' speed, side by side for block sizes, the
+workers' message sizes and two file layouts.
 
 Every exposure of a scan passes through the scan's one writer process, so its cost per
 exposure bounds the engine's throughput however fast the GPU workers are. This benchmark
-times, in this process, the writer's work per exposure as :mod:`workers.writer` does it:
-decode the worker's result message, append a block of them to the file
-(:meth:`ResultsWriter.append_many`, one flush), and encode each acknowledgement. The result
-messages are those a worker sends for the shipped model's posteriors (1,000 draws) of
-simulated line-outs (:func:`workers.inference.run_batch`); receiving them from ZeroMQ is left out.
+times, in this process, the writer's work as :mod:`workers.writer` does it
+(:func:`workers.writer.rows_of` for each message: decode and check it; then
+:func:`workers.writer.store`: append the block of rows, flush, encode the ``acks``
+message) on the messages a worker sends for the shipped model's posteriors (1,000 draws) of
+simulated line-outs (:func:`workers.inference.run_batch`: one ``results`` message per
+batch); receiving them from ZeroMQ is left out.
 
-Blocks of 1, 8, 64 and 256 exposures (the writer appends whatever has arrived, up to 256: at
-a GPU worker's rate the blocks are full), for two layouts of the uncompressed per-exposure
-arrays: one exposure per HDF5 chunk (the layout before), and :data:`CHUNK_BYTES` per chunk
-(now). Medians of ``--repeats``; the ceiling is 1 / (time per exposure), set against the
-engine's GPU target of 20,000 exposures/s.
+The writer appends whatever has arrived, up to :data:`workers.writer.MAX_BLOCK` exposures
+(at a GPU worker's rate the blocks are full). Measured: blocks of 1 to 1,024 exposures made
+of the messages of CPU workers' batches (8 exposures; 1 for blocks of 1), and full blocks of
+a GPU worker's batches (1,024 per message); each for two layouts of the per-exposure arrays:
+one exposure per HDF5 chunk, and :data:`CHUNK_BYTES` per chunk (the writer's). Medians of
+``--repeats``; the ceiling is 1 / (time per exposure) in full blocks of the writer's layout,
+set against the engine's GPU target of 20,000 exposures/s.
 
-Run: ``python -m benchmarks.writer [--exposures 512] [--repeats 3]``
+Run: ``python -m benchmarks.writer [--exposures 4096] [--repeats 3]``
 (results in ``benchmarks/results/writer.json``).
 """
 
@@ -31,25 +35,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TransportConfig
 from pipeline.model import load
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.store import ResultsWriter
 from pipeline.store.results import CHUNK_BYTES
 from pipeline.transport import decode, encode
 from workers.inference import run_batch
-from workers.writer import acknowledgement, to_result
+from workers.writer import MAX_BLOCK, rows_of, store
 
 RESULTS = Path(__file__).parent / "results" / "writer.json"
-BLOCKS = (1, 8, 64, 256)
+BLOCKS = (1, 8, 64, 256, 1024)
+CPU_BATCH = 8
+GPU_BATCH = 1024
 LAYOUTS = {"one_exposure_per_chunk": 0, f"{CHUNK_BYTES // 1024}_KiB_chunks": CHUNK_BYTES}
 N_SAMPLES = 1000
 GPU_TARGET_PER_S = 20_000
 
 
-def result_messages(n: int, distinct: int = 256) -> list[list[bytes]]:
-    """``n`` result messages (frames as bytes) as a worker sends them: ``distinct`` posteriors
-    of the shipped model, repeated under new exposure indices."""
+def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
+    """The columns of ``distinct`` posteriors of the shipped model, as its workers send them."""
     torch.set_num_threads(1)
     model = load(device="cpu")
     _, counts = simulate(distinct, np.random.default_rng(5), model.prior, model.grid)
@@ -64,22 +69,36 @@ def result_messages(n: int, distinct: int = 256) -> list[list[bytes]]:
         )
         for index, row in enumerate(counts)
     ]
-    distinct_frames = []
+    bytes_limit = TransportConfig().max_message_bytes
+    arrays: dict[str, list[np.ndarray]] = {}
     for first in range(0, distinct, 32):
-        outgoing, _ = run_batch(model, line_outs[first : first + 32], N_SAMPLES, seed=first)
-        distinct_frames += [[bytes(frame) for frame in frames] for frames in outgoing]
+        batch = line_outs[first : first + 32]
+        for frames in run_batch(model, batch, N_SAMPLES, seed=first, max_message_bytes=bytes_limit)[
+            0
+        ]:
+            for name, array in decode(frames).arrays.items():
+                arrays.setdefault(name, []).append(array)
+    return {name: np.concatenate(parts) for name, parts in arrays.items()}
+
+
+def result_messages(columns: dict[str, np.ndarray], n: int, batch: int) -> list[list[bytes]]:
+    """``n`` exposures as ``results`` messages of ``batch`` each: the distinct posteriors in
+    ``columns`` repeated under new exposure indices."""
+    distinct = len(columns["index"])
     messages = []
-    for index in range(n):
-        message = decode(distinct_frames[index % distinct])
-        message.header["index"] = index
-        messages.append(
-            [bytes(frame) for frame in encode("result", message.header, **message.arrays)]
-        )
+    for first in range(0, n, batch):
+        rows = np.arange(first, min(n, first + batch))
+        arrays = {name: column[rows % distinct] for name, column in columns.items()}
+        arrays["index"] = rows.astype(np.int64)
+        header = {"source": [f"simulated {row}" for row in rows.tolist()]}
+        messages.append([bytes(frame) for frame in encode("results", header, **arrays)])
     return messages
 
 
-def store(messages: list[list[bytes]], block: int, chunk_bytes: int, folder: Path) -> float:
-    """Seconds per exposure for the writer's work on ``messages``, appended ``block`` at a time."""
+def seconds_per_exposure(
+    messages: list[list[bytes]], block: int, chunk_bytes: int, folder: Path
+) -> float:
+    """Seconds per exposure for the writer's work on ``messages``, in blocks of ``block``."""
     writer = ResultsWriter(
         folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5",
         PARAMETER_NAMES,
@@ -88,49 +107,77 @@ def store(messages: list[list[bytes]], block: int, chunk_bytes: int, folder: Pat
         PipelineConfig(scan_id="writer-benchmark").grid.grid().q_nm,
         chunk_bytes=chunk_bytes,
     )
+    exposures = 0
     start = time.perf_counter()
-    for first in range(0, len(messages), block):
-        results = [to_result(decode(frames)) for frames in messages[first : first + block]]
-        for result, written in zip(results, writer.append_many(results), strict=True):
-            acknowledgement(result, written)
-    seconds = (time.perf_counter() - start) / len(messages)
+    blocks: list[dict[str, np.ndarray]] = []
+    waiting = 0
+    for frames in messages:
+        rows = rows_of(writer, frames)
+        if rows is None:
+            raise RuntimeError("the writer refused a message of the benchmark (see its log line)")
+        blocks.append(rows)
+        waiting += len(rows["index"])
+        if waiting >= block:
+            store(writer, blocks)
+            exposures += waiting
+            blocks, waiting = [], 0
+    if blocks:
+        store(writer, blocks)
+        exposures += waiting
+    seconds = (time.perf_counter() - start) / exposures
     writer.close()
     return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--exposures", type=int, default=512)
+    parser.add_argument("--exposures", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    messages = result_messages(args.exposures)
-    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BLOCKS} for name in LAYOUTS}
+    columns = worker_results()
+    runs = {  # name: (messages, writer block)
+        **{
+            f"cpu_batches_block_{block}": (
+                result_messages(columns, args.exposures, min(block, CPU_BATCH)),
+                block,
+            )
+            for block in BLOCKS
+        },
+        f"gpu_batches_block_{MAX_BLOCK}": (
+            result_messages(columns, args.exposures, GPU_BATCH),
+            MAX_BLOCK,
+        ),
+    }
+    times: dict[str, dict[str, list[float]]] = {layout: {r: [] for r in runs} for layout in LAYOUTS}
     with tempfile.TemporaryDirectory() as name:
         for _ in range(args.repeats):
             for layout, chunk_bytes in LAYOUTS.items():
-                for block in BLOCKS:
-                    times[layout][block].append(store(messages, block, chunk_bytes, Path(name)))
+                for run, (messages, block) in runs.items():
+                    times[layout][run].append(
+                        seconds_per_exposure(messages, block, chunk_bytes, Path(name))
+                    )
     per_exposure_ms = {
-        layout: {str(b): round(1e3 * float(np.median(v)), 4) for b, v in by_block.items()}
-        for layout, by_block in times.items()
+        layout: {run: round(1e3 * float(np.median(v)), 4) for run, v in by_run.items()}
+        for layout, by_run in times.items()
     }
     now = f"{CHUNK_BYTES // 1024}_KiB_chunks"
-    ceiling = 1e3 / per_exposure_ms[now][str(BLOCKS[-1])]
+    full = f"gpu_batches_block_{MAX_BLOCK}"
+    ceiling = 1e3 / per_exposure_ms[now][full]
     report = {
         "machine": {"platform": platform.platform()},
         "exposures": args.exposures,
         "samples_per_exposure": N_SAMPLES,
-        "message_bytes": sum(len(frame) for frame in messages[0]),
         "repeats": args.repeats,
         "per_exposure_ms": per_exposure_ms,
         "exposures_per_s": {
-            layout: {b: round(1e3 / ms) for b, ms in by_block.items()}
-            for layout, by_block in per_exposure_ms.items()
+            layout: {run: round(1e3 / ms) for run, ms in by_run.items()}
+            for layout, by_run in per_exposure_ms.items()
         },
         "layout_speed_up_full_blocks": round(
-            per_exposure_ms["one_exposure_per_chunk"][str(BLOCKS[-1])]
-            / per_exposure_ms[now][str(BLOCKS[-1])],
-            3,
+            per_exposure_ms["one_exposure_per_chunk"][full] / per_exposure_ms[now][full], 3
+        ),
+        "full_blocks_of_cpu_batches_per_s": round(
+            1e3 / per_exposure_ms[now][f"cpu_batches_block_{MAX_BLOCK}"]
         ),
         "ceiling_per_s": round(ceiling),
         "ceiling_against_gpu_target": round(ceiling / GPU_TARGET_PER_S, 3),

@@ -3,7 +3,9 @@ of integration, :class:`PosteriorSamples` out of inference."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -72,14 +74,43 @@ class PosteriorSamples:
             ... ].tolist()
             [[0.75, 0.25]]
         """
+        return posterior_summaries(self.samples, self.parameter_names)
+
+
+def posterior_summaries(samples: Any, parameter_names: tuple[str, ...]) -> dict[str, Any]:
+    """:meth:`PosteriorSamples.summaries` of ``samples`` (exposures, samples, parameters), a
+    numpy array or a torch tensor (then computed on its device: a GPU worker summarizes its
+    draws where it drew them). Quantiles interpolate linearly between order statistics, as
+    numpy's default does (torch's own ``quantile`` refuses tensors over 2**24 elements)."""
+    levels = PosteriorSamples.QUANTILES
+    if isinstance(samples, np.ndarray):
+        xp = np
         out = {
-            "mean": self.samples.mean(axis=1),
-            "sd": self.samples.std(axis=1, ddof=1),
-            "quantiles": np.moveaxis(np.quantile(self.samples, self.QUANTILES, axis=1), 0, 1),
+            "mean": samples.mean(axis=1),
+            "sd": samples.std(axis=1, ddof=1),
+            "quantiles": np.moveaxis(np.quantile(samples, levels, axis=1), 0, 1),
         }
-        if {"pitch_nm", "width_nm"} <= set(self.parameter_names):
-            pitch = self.samples[..., self.parameter_names.index("pitch_nm")]
-            width = self.samples[..., self.parameter_names.index("width_nm")]
-            narrow = (width < pitch / 2).mean(axis=1)
-            out["width_mode_weights"] = np.stack([narrow, 1.0 - narrow], axis=-1)
-        return out
+    else:
+        import torch
+
+        xp = torch
+        ordered = samples.sort(dim=1).values
+        last = samples.shape[1] - 1
+        quantiles = []
+        for level in levels:
+            below = math.floor(level * last)
+            above = min(below + 1, last)
+            fraction = level * last - below
+            low, high = ordered[:, below], ordered[:, above]
+            quantiles.append(low + fraction * (high - low))
+        out = {
+            "mean": samples.mean(1),
+            "sd": samples.std(1),
+            "quantiles": torch.stack(quantiles, 1),
+        }
+    if {"pitch_nm", "width_nm"} <= set(parameter_names):
+        pitch = samples[..., parameter_names.index("pitch_nm")]
+        width = samples[..., parameter_names.index("width_nm")]
+        narrow = ((width < pitch / 2) * 1.0).mean(1)
+        out["width_mode_weights"] = xp.stack([narrow, 1.0 - narrow], -1)
+    return out

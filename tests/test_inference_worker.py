@@ -29,7 +29,7 @@ def test_batch_size_stays_within_one_and_the_limit():
 
 
 def test_credits_keep_twice_the_batch_outstanding():
-    session = InferenceSession(None, InferenceConfig(), 0, BatchSizer(limit=8, budget_s=0.2))
+    session = InferenceSession(None, InferenceConfig(), 0, BatchSizer(limit=8, budget_s=0.2), 2**20)
     assert session.credits() == 16
     session._taken += 5  # five line-outs received
     assert session.credits() == 5
@@ -51,3 +51,57 @@ def test_credits_keep_twice_the_batch_outstanding():
 )
 def test_batch_limit_by_device(max_batch, device, limit):
     assert InferenceConfig(max_batch=max_batch).batch_limit(device) == limit
+
+
+def test_summaries_on_a_torch_device_equal_numpy_s():
+    """A GPU worker summarizes its draws on the device: mean, sd, quantiles (numpy's linear
+    interpolation) and width-mode weights as numpy computes them."""
+    import numpy as np
+    import torch
+
+    from pipeline.exposure import posterior_summaries
+    from pipeline.physics import PARAMETER_NAMES
+
+    draws = np.random.default_rng(3).normal(100.0, 10.0, (4, 1001, 5)).astype(np.float32)
+    draws[..., 1] = np.abs(draws[..., 1] - 50.0)  # widths on both sides of pitch / 2
+    as_numpy = posterior_summaries(draws, PARAMETER_NAMES)
+    as_torch = posterior_summaries(torch.from_numpy(draws), PARAMETER_NAMES)
+    assert as_numpy.keys() == as_torch.keys()
+    for name, values in as_numpy.items():
+        np.testing.assert_allclose(as_torch[name].numpy(), values, rtol=2e-6, atol=1e-4)
+
+
+def test_a_batch_s_results_travel_in_messages_that_fit_and_bad_line_outs_fail_alone():
+    """One ``results`` message per batch, split where a message would pass half of
+    max_message_bytes; a line-out of the wrong length is a failure record without arrays
+    (they would not fit the results file), the others are inferred."""
+    import numpy as np
+
+    from pipeline.model import load
+    from pipeline.physics import simulate
+    from pipeline.transport import decode, encode
+    from workers.inference import run_batch
+
+    model = load(device="cpu")
+    _, counts = simulate(5, np.random.default_rng(8), model.prior, model.grid)
+    line_outs = [
+        decode(encode("line_out", {"index": i}, counts=c, counts_sd=np.sqrt(c + 1)))
+        for i, c in enumerate(counts.astype(np.float32))
+    ]
+    line_outs.append(
+        decode(encode("line_out", {"index": 9}, counts=np.ones(7), counts_sd=np.ones(7)))
+    )
+    per_exposure = 50 * 5 * 4 + 2 * 512 * 4 + 100  # draws, line-out, summaries: about 6 kB
+    out, inferred = run_batch(model, line_outs, 50, seed=0, max_message_bytes=5 * per_exposure)
+    messages = [decode(frames) for frames in out]
+    assert inferred == 5 and [m.kind for m in messages] == [
+        "failed",
+        "results",
+        "results",
+        "results",
+    ]
+    assert messages[0].header["index"] == 9 and messages[0].arrays == {}
+    assert "shape (7,)" in messages[0].header["error"]
+    assert [m.arrays["index"].tolist() for m in messages[1:]] == [[0, 1], [2, 3], [4]]
+    assert messages[1].arrays["samples"].shape == (2, 50, 5)
+    assert max(sum(len(f) for f in frames) for frames in out) <= 5 * per_exposure / 2

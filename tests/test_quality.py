@@ -36,3 +36,29 @@ def test_spheres_and_background_are_flagged(model):
     spheres, _ = sphere_counts(100, rng, model.grid)
     assert (_z(model, spheres, seed=2) > Z_THRESHOLD).all()
     assert (_z(model, background_counts(100, rng, model.grid), seed=3) > Z_THRESHOLD).mean() >= 0.85
+
+
+def test_the_torch_check_equals_numpy_s_and_flags_the_same_line_outs(model):
+    """A GPU worker checks its posteriors with torch where it drew them: the same arithmetic
+    as numpy's (equal for the same replicas), the same flags."""
+    import torch
+
+    from pipeline.physics import expected_counts
+    from pipeline.physics.quality import z_of_replicas
+
+    rng = np.random.default_rng(79)
+    _, gratings = simulate(60, rng)
+    spheres, _ = sphere_counts(20, rng, model.grid)
+    counts = np.concatenate([gratings, spheres])
+    draws = model.sample(counts, N_DRAWS, seed=4)
+    mu = expected_counts(draws.astype(np.float64), model.grid).clip(1e-12)
+    replicas = rng.poisson(mu).astype(np.float64)
+    as_numpy = z_of_replicas(counts.astype(np.float64), mu, replicas)
+    as_torch = z_of_replicas(*(torch.from_numpy(a) for a in (counts * 1.0, mu, replicas)))
+    np.testing.assert_allclose(as_torch.numpy(), as_numpy, rtol=1e-9)
+
+    z = predictive_z(torch.from_numpy(counts), torch.from_numpy(draws), model.grid, seed=4)
+    assert z.dtype == torch.float64
+    flagged = z.numpy() > Z_THRESHOLD
+    np.testing.assert_array_equal(flagged, _z(model, counts, seed=4) > Z_THRESHOLD)
+    assert flagged[60:].all() and flagged[:60].mean() <= 0.05

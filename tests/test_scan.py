@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
+from pipeline.config import CPU_MAX_BATCH, InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
@@ -260,14 +260,33 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         to_writer = context.socket(zmq.PUSH)
         to_writer.connect(runner.endpoints.results)
         send(to_writer, [b"\x81\xa4kind\xa6result"])  # a header without "proto"
+        far = np.array([10**6, 10**6 + 1])  # exposures of no scan
+        seven_bins = np.zeros((1, 7), np.float32)
+        send(to_writer, encode("results", {}, index=far[:1], counts=seven_bins))
+        send(to_writer, encode("results", {}, index=far, samples=np.zeros((1, 50, 5), "f4")))
         send(to_writer, [b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
+        to_feeder = context.socket(zmq.PUSH)  # acknowledgements whose columns disagree
+        to_feeder.connect(runner.endpoints.acks)
+        columns = {name: np.zeros((1, 5), "f4") for name in ("mean", "sd")}
+        send(
+            to_feeder,
+            encode(
+                "acks",
+                {"status": ["ok"], "error": []},
+                index=far[:1],
+                duplicate=np.zeros(1, "u1"),
+                quantiles=np.zeros((1, 3, 5), "f4"),
+                predictive_z=np.zeros(1, "f4"),
+                **columns,
+            ),
+        )
         oversized = context.socket(zmq.DEALER)
         oversized.connect(runner.endpoints.work)
         send(oversized, [b"x" * (2**20 + 1)])
         for exposure, line_out in _line_outs(20, seed=5):
             runner.submit_line_out(exposure, line_out)
         summary = runner.wait()
-        for socket in (intruder, to_writer, oversized):
+        for socket in (intruder, to_writer, oversized, to_feeder):
             socket.close(linger=0)
     context.term()
     writer_log = (config.output_dir / "logs" / "malformed" / "writer.log").read_text()
@@ -275,7 +294,8 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
     oversized_bytes = config.transport.max_message_bytes
     reliability.record(
         "hostile message",
-        "not msgpack, ready without fields, header without proto, 2 oversized (feeder, writer)",
+        "not msgpack, ready without fields, header without proto, results of another shape "
+        "or length, acks of columns of different lengths, 2 oversized (feeder, writer)",
         tried=len(hostile),
         accepted=runner.n_done,
         lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
@@ -284,10 +304,12 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         f"{sum(sum(map(len, f)) > oversized_bytes for f in hostile)} oversized cost their "
         f"senders the connection; {summary.written_ok} of 20 exposures written",
     )
-    assert summary.written_ok == 20 and runner.malformed == 2
+    assert summary.written_ok == 20 and runner.malformed == 3
     assert caplog.text.count("dropped a malformed message on work") == 2
+    assert caplog.text.count("dropped a malformed message on acks") == 1
     assert "a peer of the work socket disconnected" in caplog.text
-    assert "dropped a malformed message" in writer_log
+    assert writer_log.count("dropped a malformed message") == 3
+    assert "column 'counts': shape (1, 7), expected (1, 512)" in writer_log
     assert "writer: a sender disconnected" in writer_log
     assert sorted(stored) == list(range(20))
 
@@ -328,13 +350,37 @@ def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_
             set(runner._status), open_results(config.output_path).index.tolist()
         ),
         detail=f"at most {largest_in_flight} in flight (high-water mark "
-        f"{config.transport.high_water_mark}); largest RSS growth of the {len(growth_mb)} "
+        f"{config.transport.high_water_mark}, a worker's two batches {2 * CPU_MAX_BATCH}); "
+        f"largest RSS growth of the {len(growth_mb)} "
         f"processes {max(growth_mb.values()):.1f} MB",
     )
     assert summary.written_ok == 240
-    assert largest_in_flight <= 8  # what waits in memory is bounded, not the scan's length
+    # what waits in memory is bounded, not by the scan's length: per worker the high-water
+    # mark or the two batches it asked for, whichever is more
+    assert largest_in_flight <= max(8, 2 * CPU_MAX_BATCH)
     for pid, sizes in resident.items():  # no process grows with the exposures handed over
         assert max(sizes[2:]) - sizes[1] < 25, (pid, sizes)
+
+
+def test_a_worker_s_batches_fill_whatever_the_high_water_mark(tmp_path):
+    """A worker asks for two of its largest batches: a GPU worker's batches of thousands
+    must not be cut to the high-water mark (64 by default), or it runs at a fraction of its
+    speed; what waits in memory stays bounded by those two batches."""
+    config = PipelineConfig(
+        scan_id="full-batches",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=100, max_batch=32, latency_budget_ms=10_000),
+        transport=TransportConfig(high_water_mark=4),
+    )
+    with ScanRunner(config) as runner:
+        largest_in_flight = 0
+        for exposure, line_out in _line_outs(160, seed=7):
+            runner.submit_line_out(exposure, line_out)
+            largest_in_flight = max(largest_in_flight, runner.in_flight)
+        summary = runner.wait()
+    assert summary.written_ok == 160
+    assert 32 < largest_in_flight <= 64
 
 
 def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path, reliability):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.store import ExposureResult, ResultsWriter, open_results
+from pipeline.store.results import CHUNK_BYTES
 
 NAMES, UNITS = ("pitch_nm", "width_nm"), ("nm", "nm")
 Q = np.linspace(0.01, 0.4, 512)
@@ -67,16 +68,16 @@ def test_units_and_names_are_stored(tmp_path):
                     assert "units" in dataset.attrs, f"{group}/{name}"
 
 
-def test_draws_are_chunked_per_exposure_and_small_arrays_many_exposures_per_chunk(tmp_path):
-    """A reader decompresses one exposure's draws alone; line-outs and summaries share chunks
-    (a chunk per exposure made the writer 1.2x slower in full blocks: benchmarks.writer), and
-    rows appended in blocks that cross chunk boundaries read back as written."""
+def test_per_exposure_arrays_are_chunked_many_exposures_per_chunk(tmp_path):
+    """Draws, line-outs and summaries share chunks of CHUNK_BYTES (a chunk per exposure made
+    the writer 1.2x slower in full blocks: benchmarks.writer), and rows appended in blocks
+    that cross chunk boundaries read back as written."""
     path = tmp_path / "scan.h5"
     with ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
         for first, end in ((0, 3), (3, 40), (40, 41)):  # across chunks of 32 line-outs
             writer.append_many([_ok(index) for index in range(first, end)])
     with h5py.File(path) as handle:
-        assert handle["entry/posterior/samples"].chunks == (1, 10, 2)
+        assert handle["entry/posterior/samples"].chunks == (CHUNK_BYTES // (10 * 2 * 4), 10, 2)
         assert handle["entry/line_out/counts"].chunks == (32, 512)
         assert handle["entry/posterior/mean"].chunks == (1024, 2)
     results = open_results(path)
@@ -286,3 +287,31 @@ def test_a_file_caught_mid_block_reads_only_its_complete_rows(tmp_path):
     assert results.index.tolist() == [0, 1, 2] and len(results.samples) == 3
     np.testing.assert_array_equal(results.samples[2], _ok(2).samples)
     writer.close()
+
+
+def test_blocks_of_columns_are_checked_before_anything_is_written(tmp_path):
+    """A block with a column of another shape or length, an unknown column, a negative index
+    or text where numbers belong is refused as a whole (the writer process drops such a
+    message with a log line; an unchecked one crashed it halfway through a block)."""
+    path = tmp_path / "scan.h5"
+    good = {"index": np.array([0, 1]), "status": ["ok", "ok"], "samples": np.zeros((2, 10, 2))}
+    bad = {
+        "a line-out of 7 bins": {**good, "counts": np.zeros((2, 7))},
+        "3 rows of draws for 2 exposures": {**good, "samples": np.zeros((3, 10, 2))},
+        "one row of another shape": {**good, "mean": [np.zeros(2), np.zeros(3)]},
+        "an unknown column": {**good, "weights": np.zeros(2)},
+        "a negative index": {**good, "index": np.array([0, -1])},
+        "text as numbers": {**good, "timestamp": np.array(["a", "b"])},
+        "one text for two exposures": {**good, "status": "ok"},
+        "no index": {"status": ["ok", "ok"]},
+    }
+    with ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
+        for what, columns in bad.items():
+            with pytest.raises(ValueError):
+                writer.append_rows(columns)
+            assert writer.n_rows == 0, what
+        written = writer.append_rows({**good, "index": np.array([5, 5])})
+        assert written.tolist() == [True, False]  # the same exposure twice in one block
+    results = open_results(path)
+    assert results.index.tolist() == [5] and results.status.tolist() == ["ok"]
+    assert np.isnan(results.counts).all() and (results.samples == 0).all()

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import zmq
 
-from pipeline.config import InferenceConfig
-from pipeline.exposure import PosteriorSamples
+from pipeline.config import InferenceConfig, PipelineConfig
+from pipeline.exposure import posterior_summaries
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics.quality import predictive_z
@@ -37,16 +37,24 @@ from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, control_socket, parse_args, read_run
 
 
-def _failure(message: Message, error: str) -> list:
+def _failure(message: Message, error: str, n_points: int) -> list:
+    """The failure record of a line-out, with its counts where they fit the results file."""
     header = {**message.header, "stage": "inference", "error": error}
-    return encode("failed", header, **message.arrays)
+    arrays = {
+        name: array
+        for name, array in message.arrays.items()
+        if name in ("counts", "counts_sd") and array.shape == (n_points,)
+    }
+    return encode("failed", header, **arrays)
 
 
-def _line_out_error(message: Message) -> str | None:
-    """Why this line-out cannot go to the model, or None."""
-    counts = message.arrays.get("counts")
-    if counts is None or counts.ndim != 1:
-        return "message holds no 1D 'counts' array"
+def _line_out_error(message: Message, n_points: int) -> str | None:
+    """Why this line-out cannot go to a model of ``n_points`` q bins, or None."""
+    counts, counts_sd = message.arrays.get("counts"), message.arrays.get("counts_sd")
+    if counts is None or counts_sd is None:
+        return "message holds no 'counts' and 'counts_sd' arrays"
+    if counts.shape != (n_points,) or counts_sd.shape != (n_points,):
+        return f"line-out of shape {counts.shape}, the model takes ({n_points},)"
     if not np.isfinite(counts).all():
         return "line-out holds NaN or infinite counts"
     if (counts < 0).any():
@@ -54,41 +62,100 @@ def _line_out_error(message: Message) -> str | None:
     return None
 
 
-def run_batch(model, messages: list[Message], n_samples: int, seed: int) -> tuple[list[list], int]:
-    """Messages to the writer for a batch of line-out messages: posterior results (with
-    summaries and the posterior-predictive ``z``), failure records for bad ones; and how
-    many results."""
+def run_batch(
+    model, messages: list[Message], n_samples: int, seed: int, max_message_bytes: int
+) -> tuple[list[list], int]:
+    """Messages to the writer for a batch of line-out messages: the posterior results of
+    the good ones as ``results`` messages (a block of exposures each, as many as fit in half
+    of ``max_message_bytes``), with summaries and the posterior-predictive ``z``; a
+    ``failed`` record for each bad one; and how many results."""
     out = []
     good = []
     for message in messages:
-        error = _line_out_error(message)
+        error = _line_out_error(message, model.grid.n_points)
         if error is None:
             good.append(message)
         else:
-            out.append(_failure(message, error))
+            out.append(_failure(message, error, model.grid.n_points))
     if not good:
         return out, 0
     counts = np.stack([m.arrays["counts"] for m in good]).astype(np.float32)
-    posterior = PosteriorSamples(
-        model.sample(counts, n_samples, seed=seed), model.parameter_names, model.parameter_units
-    )
-    summaries = posterior.summaries()
-    z = predictive_z(counts, posterior.samples, model.grid, seed=seed)
-    for row, message in enumerate(good):
+    posterior = posterior_columns(model, counts, n_samples, seed)
+    columns = {
+        "index": np.array([m.header["index"] for m in good], dtype=np.int64),
+        "timestamp": np.array([_number(m, "timestamp") for m in good], np.float64),
+        "normalization": np.array([_number(m, "normalization") for m in good], np.float64),
+        "truth": np.array([_truth_row(m, model.parameter_names) for m in good], np.float64),
+        "counts": counts,
+        "counts_sd": np.stack([m.arrays["counts_sd"] for m in good]).astype(np.float32),
+        **{name: column.astype(np.float32) for name, column in posterior.items()},
+    }
+    sources = [str(m.header.get("source") or "") for m in good]
+    row_bytes = sum(column[0].nbytes for column in columns.values()) + 256
+    per_message = max(1, max_message_bytes // (2 * row_bytes))
+    for first in range(0, len(good), per_message):
+        rows = slice(first, first + per_message)
         out.append(
             encode(
-                "result",
-                {**message.header, "predictive_z": float(z[row])},
-                counts=message.arrays["counts"],
-                counts_sd=message.arrays["counts_sd"],
-                samples=posterior.samples[row],
-                mean=summaries["mean"][row].astype(np.float32),
-                sd=summaries["sd"][row].astype(np.float32),
-                quantiles=summaries["quantiles"][row].astype(np.float32),
-                width_mode_weights=summaries["width_mode_weights"][row].astype(np.float32),
+                "results",
+                {"source": sources[rows]},
+                **{name: column[rows] for name, column in columns.items()},
             )
         )
     return out, len(good)
+
+
+def posterior_columns(
+    model, counts: np.ndarray, n_samples: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Posterior draws for a batch of line-outs (exposures, n_points), with their summaries
+    (:func:`posterior_summaries`) and posterior-predictive ``z``, as host arrays.
+
+    On a GPU all of it is computed on the device, where the draws are, and only the results
+    are copied back, through pinned host memory; computed with numpy on a CPU the summaries
+    and ``z`` would cost 3 ms per exposure of a CPU core, 60 cores at 20,000 exposures/s. On
+    a CPU the draws go to numpy first (its ``z`` is faster there than torch's: 2.5 against
+    4.2 ms per exposure on one thread).
+    """
+    with torch.inference_mode():
+        tensor = torch.from_numpy(counts).to(model.device)
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        draws = model.sample_tensor(tensor, n_samples, generator)
+        if model.device.type == "cpu":
+            draws, tensor = draws.numpy(), counts
+        columns = {
+            "samples": draws,
+            **posterior_summaries(draws, model.parameter_names),
+            "predictive_z": predictive_z(tensor, draws, model.grid, seed=seed),
+        }
+        return to_host(columns)
+
+
+def to_host(columns: dict) -> dict[str, np.ndarray]:
+    """``columns`` as numpy arrays: tensors on a GPU are copied into pinned (page-locked)
+    host memory, all copies queued before one wait; numpy arrays stay as they are."""
+    on_device = {k: v for k, v in columns.items() if isinstance(v, torch.Tensor)}
+    host = {}
+    for name, tensor in on_device.items():
+        if tensor.device.type == "cuda":
+            host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host[name].copy_(tensor, non_blocking=True)
+        else:
+            host[name] = tensor
+    for device in {tensor.device for tensor in on_device.values() if tensor.is_cuda}:
+        torch.cuda.synchronize(device)
+    return {name: host[name].numpy() if name in host else v for name, v in columns.items()}
+
+
+def _number(message: Message, key: str) -> float:
+    value = message.header.get(key)
+    return np.nan if value is None else float(value)
+
+
+def _truth_row(message: Message, names: tuple[str, ...]) -> list[float]:
+    """The true parameters of a simulated exposure, NaN for a measured one."""
+    truth = message.header.get("truth") or {}
+    return [float(truth.get(name, np.nan)) for name in names]
 
 
 class BatchSizer:
@@ -144,15 +211,19 @@ class InferenceSession:
     config: InferenceConfig
     worker_id: int
     sizer: BatchSizer
+    #: the largest message part the writer takes (``transport.max_message_bytes``)
+    max_message_bytes: int
     batches: int = 0
     inferred: int = 0
     _granted: int = field(default=0, repr=False)  # credits handed to the feeder, in all
     _taken: int = field(default=0, repr=False)  # messages received against them
 
     @classmethod
-    def start(cls, model: torch.nn.Module, config: InferenceConfig, worker_id: int):
-        limit = config.batch_limit(model.device.type)
-        return cls(model, config, worker_id, BatchSizer(limit, config.latency_budget_ms / 1e3))
+    def start(cls, model: torch.nn.Module, config: PipelineConfig, worker_id: int):
+        inference = config.inference
+        limit = inference.batch_limit(model.device.type)
+        sizer = BatchSizer(limit, inference.latency_budget_ms / 1e3)
+        return cls(model, inference, worker_id, sizer, config.transport.max_message_bytes)
 
     def credits(self) -> int:
         """Credits to hand the feeder now, to keep twice the batch size in credit."""
@@ -191,11 +262,14 @@ class InferenceSession:
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
         try:
-            outgoing, inferred = run_batch(self.model, line_outs, self.config.n_samples, seed)
+            outgoing, inferred = run_batch(
+                self.model, line_outs, self.config.n_samples, seed, self.max_message_bytes
+            )
         except Exception as error:  # one bad batch must not stop the scan: report each exposure
             text = f"{type(error).__name__}: {error}"
             traceback.print_exc()
-            outgoing, inferred = [_failure(m, text) for m in line_outs], 0
+            n_points = self.model.grid.n_points
+            outgoing, inferred = [_failure(m, text, n_points) for m in line_outs], 0
         seconds = time.perf_counter() - start
         if inferred:
             self.sizer.observe(len(line_outs), seconds)
@@ -227,7 +301,7 @@ def serve(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     model = load(config.inference.model, device=config.inference.device)
     compile_if_asked(model, config.inference)
-    session = InferenceSession.start(model, config.inference, args.id)
+    session = InferenceSession.start(model, config, args.id)
 
     context = zmq.Context()
     results = context.socket(zmq.PUSH)

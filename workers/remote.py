@@ -169,7 +169,7 @@ class RemoteWorker:
             compile_if_asked(model, config.inference)
             self._models[digest] = model
         model = self._models[digest]
-        session = InferenceSession.start(model, config.inference, int(message.header["worker_id"]))
+        session = InferenceSession.start(model, config, int(message.header["worker_id"]))
         ready = {
             "role": "worker",
             "id": session.worker_id,

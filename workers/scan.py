@@ -13,7 +13,8 @@ never holds a queue of exposures. The feeder keeps every line-out until the writ
 acknowledges it; a worker that exits or stays silent for ``transport.worker_timeout_s`` is
 replaced, and the exposures it held go to the others (the writer stores each exposure once,
 so one that was already written is only acknowledged again). The line-outs in flight are
-bounded (``transport.high_water_mark`` per worker): beyond that, :meth:`submit` waits.
+bounded (per worker ``transport.high_water_mark`` or twice its largest batch, whichever is
+more): beyond that, :meth:`submit` waits.
 
 Workers on other nodes (:mod:`workers.remote`) connect to ``transport.remote_work`` (CURVE
 unless loopback), the same ROUTER socket bound a second time: they say ``hello``, get the
@@ -22,7 +23,8 @@ results come back over that socket and the feeder passes them to the writer. A r
 that goes silent is dropped (its exposures go to the others), not replaced; at the end of
 the scan each is told to ``stop`` and waits for the next scan.
 
-The writer's acknowledgements carry each exposure's posterior summaries; the newest
+The writer acknowledges each block it stored in one message, with each exposure's
+posterior summaries; the newest
 :data:`RECENT_RESULTS` are kept in :attr:`ScanRunner.recent` for live views (older ones are
 only in the file). A peer that ZeroMQ disconnects (a message part over
 ``transport.max_message_bytes``, or a process that exited) is logged.
@@ -190,6 +192,8 @@ class _Worker:
     credits: int
     last_seen: float
     holding: set[int] = field(default_factory=set)
+    #: the credits it asked for when it started: twice its largest batch
+    capacity: int = 0
     #: a worker on another node (``host``), not a child of the feeder
     remote: bool = False
     host: str = ""
@@ -501,7 +505,7 @@ class ScanRunner:
 
     def _send(self, exposure: Exposure, line_out: LineOut) -> None:
         """Keep the line-out until it is acknowledged, and send it when a worker has credit
-        (waits while ``high_water_mark`` per worker are in flight)."""
+        (waits while :meth:`_in_flight_limit` line-outs are in flight)."""
         self._sent_at[exposure.index] = time.perf_counter()
         self._unacknowledged[exposure.index] = encode(
             "line_out",
@@ -510,7 +514,7 @@ class ScanRunner:
             counts_sd=line_out.counts_sd.astype(np.float32),
         )
         self._queue.append(exposure.index)
-        limit = self.config.transport.high_water_mark * max(1, len(self._workers))
+        limit = self._in_flight_limit()
         self._service(0)  # credits returned meanwhile
         self._dispatch()
         waiting_since = time.monotonic()
@@ -525,6 +529,17 @@ class ScanRunner:
                     f"{len(self._unacknowledged)} in flight and {len(self._workers)} workers "
                     "connected"
                 )
+
+    def _in_flight_limit(self) -> int:
+        """Line-outs kept until the writer acknowledges them before :meth:`submit` waits:
+        for each worker, ``transport.high_water_mark`` or the credits it asked for at start
+        (twice its largest batch, so a GPU worker's batches can fill), whichever is more; a
+        worker's share is capped at twice the largest batch a worker may take."""
+        most = self.config.transport.high_water_mark
+        batch = self.config.inference
+        cap = max(most, 2 * max(batch.batch_limit("cpu"), batch.batch_limit("cuda")))
+        shares = [min(cap, max(most, worker.capacity)) for worker in self._workers.values()]
+        return max(most, sum(shares))
 
     @staticmethod
     def _header(exposure: Exposure) -> dict:
@@ -613,12 +628,14 @@ class ScanRunner:
         if message.kind == "ready":
             number, pid = int(message.header["id"]), int(message.header["pid"])
             if self._greeted.get(identity) == number:
+                credits = int(message.header["credits"])
                 self._workers[identity] = _Worker(
                     identity,
                     number,
                     pid,
-                    int(message.header["credits"]),
+                    credits,
                     now,
+                    capacity=credits,
                     remote=True,
                     host=str(message.header.get("host", "")),
                 )
@@ -631,8 +648,9 @@ class ScanRunner:
                     message.header.get("device"),
                 )
             elif pid in {c.process.pid for c in self._children}:  # not a replaced one's word
+                credits = int(message.header["credits"])
                 self._workers[identity] = _Worker(
-                    identity, number, pid, int(message.header["credits"]), now
+                    identity, number, pid, credits, now, capacity=credits
                 )
                 self._ready.add(f"worker-{number}")
                 self._ready_pids.add(pid)
@@ -644,7 +662,7 @@ class ScanRunner:
                 self._send_to(identity, "reset")
             return
         worker.last_seen = now
-        if message.kind in ("result", "failed") and worker.remote:  # for the writer
+        if message.kind in ("results", "failed") and worker.remote:  # for the writer
             self.to_writer.send_multipart(frames, copy=False)
         elif message.kind == "credit":
             worker.credits += int(message.header["credits"])
@@ -672,29 +690,56 @@ class ScanRunner:
         if message.kind == "ready":
             self._ready.add(f"{message.header['role']}-{message.header['id']}")
             return 0
-        if message.kind != "ack":
+        if message.kind != "acks":
             return 0
-        index = int(message.header["index"])
-        if message.header.get("duplicate") or index in self._status:
+        indices = message.arrays["index"].tolist()
+        columns = [
+            message.header["status"],
+            message.header["error"],
+            message.arrays["duplicate"].tolist(),
+            *(message.arrays[name].tolist() for name in ("mean", "sd", "quantiles")),
+            message.arrays["predictive_z"].tolist(),
+        ]
+        if any(len(column) != len(indices) for column in columns):
+            raise ValueError("the columns of an acks message differ in length")
+        acknowledged = 0
+        for index, *row in zip(indices, *columns, strict=True):
+            acknowledged += self._acknowledged(int(index), *row)
+        return acknowledged
+
+    def _acknowledged(
+        self,
+        index: int,
+        status: str,
+        error: str,
+        duplicate: int,
+        mean: list[float],
+        sd: list[float],
+        quantiles: list[list[float]],
+        z: float,
+    ) -> int:
+        """Record that the writer stored exposure ``index``; 1 if that is news, else 0."""
+        if duplicate or index in self._status:
             self.duplicates += 1
             return 0
-        self._status[index] = message.header["status"]
+        self._status[index] = str(status)
         self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
+        ok = status == "ok"
         result = RecentResult(
             index,
             self._status[index],
             self._latency_s[index],
-            tuple(message.header.get("mean", ())),
-            tuple(message.header.get("sd", ())),
-            tuple(tuple(row) for row in message.header.get("quantiles", ())),
-            str(message.header.get("error", "")),
-            float(message.header.get("predictive_z", np.nan)),
+            tuple(mean) if ok else (),
+            tuple(sd) if ok else (),
+            tuple(tuple(row) for row in quantiles) if ok else (),
+            str(error),
+            float(z),
         )
         self.recent.append(result)
         if self.on_result is not None:
             self.on_result(result)
-        if self._status[index] != "ok":
-            self.failures[index] = str(message.header.get("error", ""))
+        if not ok:
+            self.failures[index] = str(error)
             self.metrics.record("failed")
         else:
             self.metrics.record("written", self._latency_s[index])

@@ -1,12 +1,15 @@
 """Writer: the only process that opens the scan's HDF5 file.
 
-It receives posterior results and failure records (PULL, bound on the results endpoint),
-appends whatever has arrived to the file as one block of rows, flushes, and acknowledges
-each exposure to the feeder (so nothing is acknowledged before it is in the file), with its
-posterior summaries (mean, sd, 5/50/95% quantiles) for the feeder's view of the newest
-results. A duplicate (an exposure index already written) is acknowledged again but not
-written twice. A sender that ZeroMQ disconnects (a message part over
-``transport.max_message_bytes``, or a worker that exited) is logged.
+It receives posterior results (``results``: a block of exposures from one worker's batch)
+and failure records (``failed``: one exposure) on a PULL socket bound on the results
+endpoint, appends whatever has arrived to the file as one block of rows, flushes, and then
+acknowledges the block's exposures to the feeder in one ``acks`` message (so nothing is
+acknowledged before it is in the file), with their posterior summaries (mean, sd, 5/50/95%
+quantiles) for the feeder's view of the newest results. A duplicate (an exposure index
+already written) is acknowledged again but not written twice. A message that does not fit
+the file (an unknown field, arrays of another shape) is dropped with a log line; a sender
+that ZeroMQ disconnects (a message part over ``transport.max_message_bytes``, or a worker
+that exited) is logged.
 
 Run: ``python -m workers.writer --run-dir RUN_DIR [--resume]`` (the scan runner does this;
 ``--resume`` continues an existing file of the same scan, see :class:`ResultsWriter`).
@@ -27,57 +30,74 @@ from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
+from pipeline.store.results import concatenate_rows, result_columns
 from pipeline.transport import Message, ProtocolError, decode, encode
 from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
-#: Most results appended as one block (one resize and write per dataset, one flush). The
-#: writer's work per exposure (decode, append, acknowledge; ``benchmarks.writer``): 3.7 ms one
-#: at a time, 0.65 ms in blocks of 8, 0.24 ms in 64, 0.20 ms in 256.
-MAX_BLOCK = 256
-#: A block goes on gathering while results keep arriving within this many milliseconds: a
-#: worker's batch comes as a burst of messages, which then makes one block instead of 2-4
-#: (300 exposures in batches of 8: 39 blocks instead of 72-77; the writer's CPU per
-#: exposure 1.1 ms instead of 1.7-1.9 ms), for at most MAX_GATHER_MS more latency.
+#: Most exposures appended as one block (one resize and write per dataset, one flush). The
+#: writer's work per exposure (decode, append, acknowledge; ``python -m benchmarks.writer``)
+#: falls with the block: a block costs about 3.5 ms whatever its size.
+MAX_BLOCK = 1024
+#: A block goes on gathering while results keep arriving within this many milliseconds:
+#: workers' batches finishing together then make one block (300 exposures in batches of 8:
+#: 39 blocks instead of 72-77; the writer's CPU per exposure 1.1 ms instead of 1.7-1.9 ms),
+#: for at most MAX_GATHER_MS more latency.
 GATHER_MS = 1
 MAX_GATHER_MS = 5
 
 
 def to_result(message: Message) -> ExposureResult:
-    """The stored form of a ``result`` or ``failed`` message."""
+    """The stored form of a ``failed`` message (one exposure)."""
     header, arrays = message.header, message.arrays
     truth = header.get("truth")
     return ExposureResult(
         index=int(header["index"]),
-        timestamp=float(header.get("timestamp") or np.nan),
-        status="ok" if message.kind == "result" else "failed",
+        timestamp=_number(header, "timestamp"),
+        status="failed",
         error=str(header.get("error", "")),
         source=str(header.get("source") or ""),
-        normalization=float(header.get("normalization") or np.nan),
+        normalization=_number(header, "normalization"),
         counts=arrays.get("counts"),
         counts_sd=arrays.get("counts_sd"),
-        samples=arrays.get("samples"),
-        mean=arrays.get("mean"),
-        sd=arrays.get("sd"),
-        quantiles=arrays.get("quantiles"),
-        width_mode_weights=arrays.get("width_mode_weights"),
-        predictive_z=float(header.get("predictive_z", np.nan)),
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )
 
 
-def acknowledgement(result: ExposureResult, written: bool) -> list:
-    """The ``ack`` message to the feeder for a stored result (``written`` False: a duplicate,
-    already in the file), with its posterior summaries for the feeder's view."""
-    ack = {
-        "index": result.index,
-        "status": result.status,
-        "error": result.error,
-        "duplicate": not written,
+def _number(header: dict, key: str) -> float:
+    value = header.get(key)
+    return np.nan if value is None else float(value)
+
+
+def columns_of(message: Message) -> dict:
+    """The columns (:meth:`ResultsWriter.rows`) of a ``results`` or ``failed`` message;
+    ``ValueError`` for any other kind."""
+    if message.kind == "failed":
+        return result_columns([to_result(message)])
+    if message.kind != "results":
+        raise ValueError(f"a {message.kind!r} message holds no result")
+    n = len(message.arrays["index"])
+    return {
+        **message.arrays,
+        "status": ["ok"] * n,
+        "error": [""] * n,
+        "source": message.header.get("source", [""] * n),
     }
-    if result.status == "ok":
-        ack |= {k: getattr(result, k).tolist() for k in ("mean", "sd", "quantiles")}
-        ack["predictive_z"] = result.predictive_z
-    return encode("ack", ack)
+
+
+def acknowledgements(rows: dict[str, np.ndarray], written: np.ndarray) -> list:
+    """The ``acks`` message to the feeder for a block of stored rows (:meth:`ResultsWriter.rows`;
+    ``written`` False: a duplicate, already in the file), with their posterior summaries for
+    the feeder's view (NaN for failed exposures)."""
+    return encode(
+        "acks",
+        {
+            "status": [status.decode() for status in rows["status"].tolist()],
+            "error": [error.decode(errors="replace") for error in rows["error"].tolist()],
+        },
+        index=rows["index"],
+        duplicate=(~written).astype(np.uint8),
+        **{name: rows[name] for name in ("mean", "sd", "quantiles", "predictive_z")},
+    )
 
 
 def _log(message: str) -> None:
@@ -85,6 +105,23 @@ def _log(message: str) -> None:
     and the writer goes on (or leaves) as it would have."""
     with contextlib.suppress(OSError):
         print(message, file=sys.stderr, flush=True)
+
+
+def rows_of(writer: ResultsWriter, frames: list) -> dict[str, np.ndarray] | None:
+    """The rows (:meth:`ResultsWriter.rows`) of one received message; ``None``, logged, when
+    the message is malformed or does not fit the file."""
+    try:
+        return writer.rows(columns_of(decode(frames)))
+    except (ProtocolError, KeyError, TypeError, ValueError) as error:
+        _log(f"writer: dropped a malformed message: {error}")
+        return None
+
+
+def store(writer: ResultsWriter, blocks: list[dict[str, np.ndarray]]) -> list:
+    """Append ``blocks`` of rows (:func:`rows_of`) to the file as one block, flushed; return
+    the ``acks`` message for them."""
+    rows = concatenate_rows(blocks)
+    return acknowledgements(rows, writer.append_rows(rows))
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -118,13 +155,13 @@ def serve(argv: list[str] | None = None) -> int:
     poller.register(monitor, zmq.POLLIN)
 
     def write_waiting() -> int:
-        """Append what has arrived (up to :data:`MAX_BLOCK` results, gathered while they
+        """Append what has arrived (up to :data:`MAX_BLOCK` exposures, gathered while they
         keep coming within :data:`GATHER_MS`, for :data:`MAX_GATHER_MS` at most) as one
-        block, flush, then acknowledge each; return how many messages were taken."""
-        batch = []
-        taken = 0
+        block, flush, then acknowledge it; return how many messages were taken."""
+        blocks = []
+        exposures = taken = 0
         deadline = time.monotonic() + MAX_GATHER_MS / 1e3
-        while taken < MAX_BLOCK:
+        while exposures < MAX_BLOCK:
             try:
                 frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -132,12 +169,12 @@ def serve(argv: list[str] | None = None) -> int:
                     continue
                 break
             taken += 1
-            try:
-                batch.append(to_result(decode([f.buffer for f in frames])))
-            except (ProtocolError, KeyError, TypeError, ValueError) as error:
-                _log(f"writer: dropped a malformed message: {error}")
-        for result, written in zip(batch, writer.append_many(batch), strict=True):
-            acks.send_multipart(acknowledgement(result, written))
+            rows = rows_of(writer, [f.buffer for f in frames])
+            if rows is not None:
+                blocks.append(rows)
+                exposures += len(rows["index"])
+        if blocks:
+            acks.send_multipart(store(writer, blocks))
         return taken
 
     try:

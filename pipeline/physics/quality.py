@@ -35,9 +35,11 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipeline.physics.grating import GratingPrior, QGrid, expected_counts
+from pipeline.physics.grating import GratingPrior, QGrid, _namespace, expected_counts
 
 #: Flag threshold on ``z``: about the 99th percentile of ``z`` (38.8) over 4,000 grating
 #: exposures drawn from the prior with the shipped model's posteriors, so about 1% false
@@ -48,21 +50,27 @@ Z_THRESHOLD = 40.0
 N_DRAWS = 32
 
 
-def _deviance(counts: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """Poisson deviance summed over the last axis."""
+def _deviance(counts: Any, mu: Any) -> Any:
+    """Poisson deviance summed over the last axis (numpy arrays or torch tensors)."""
+    xp = _namespace(mu)
     with np.errstate(divide="ignore", invalid="ignore"):
-        term = np.where(counts > 0, counts * np.log(counts / mu), 0.0)
+        term = xp.where(counts > 0, counts * xp.log(counts / mu), 0.0)
     return 2.0 * (term - (counts - mu)).sum(-1)
 
 
 def predictive_z(
-    counts: np.ndarray,
-    samples: np.ndarray,
+    counts: Any,
+    samples: Any,
     grid: QGrid = QGrid(),
     n_draws: int = N_DRAWS,
     seed: int | None = None,
-) -> np.ndarray:
+) -> Any:
     """``z`` of each exposure's observed discrepancy among its replicas.
+
+    Works on numpy arrays and on torch tensors (then on their device, so that a GPU worker
+    checks its posteriors where it drew them), in float64 either way; the replicas' random
+    numbers differ between the two, so the ``z`` of one exposure differs by Monte Carlo
+    error only.
 
     Args:
         counts: (exposures, n_points) observed counts.
@@ -72,14 +80,31 @@ def predictive_z(
         n_draws: draws re-simulated per exposure.
         seed: for the Poisson replicas.
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    draws = np.asarray(samples[:, :n_draws], dtype=np.float64)
-    mu = expected_counts(draws, grid).clip(1e-12)  # (exposures, draws, bins)
-    replicas = np.random.default_rng(seed).poisson(mu).astype(np.float64)
+    xp = _namespace(samples)
+    if xp is np:
+        counts = np.asarray(counts, dtype=np.float64)
+        draws = np.asarray(samples[:, :n_draws], dtype=np.float64)
+        mu = expected_counts(draws, grid).clip(1e-12)  # (exposures, draws, bins)
+        replicas = np.random.default_rng(seed).poisson(mu).astype(np.float64)
+    else:
+        counts = counts.to(xp.float64)
+        mu = expected_counts(samples[:, :n_draws].to(xp.float64), grid).clamp(min=1e-12)
+        generator = xp.Generator(device=mu.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        replicas = xp.poisson(mu, generator=generator)
+    return z_of_replicas(counts, mu, replicas)
+
+
+def z_of_replicas(counts: Any, mu: Any, replicas: Any) -> Any:
+    """:func:`predictive_z` for given expected counts ``mu`` (exposures, draws, bins) and
+    Poisson ``replicas`` of them (numpy arrays or torch tensors)."""
     observed = _deviance(counts[:, None, :], mu)  # (exposures, draws)
     replicated = _deviance(replicas, mu)
-    spread = replicated.std(axis=1, ddof=1)
-    return (observed.mean(axis=1) - replicated.mean(axis=1)) / np.maximum(spread, 1e-12)
+    spread = replicated.std(1, ddof=1) if _namespace(mu) is np else replicated.std(1)
+    return (observed.mean(1) - replicated.mean(1)) / (spread.clip(1e-12, None))
 
 
 def _nuisances(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -47,8 +47,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import hdf5plugin  # registers the bitshuffle filter for writing and reading samples
@@ -66,8 +68,8 @@ SAMPLES_COMPRESSION = dict(hdf5plugin.Bitshuffle(cname="lz4"))
 #: variable-length data (a reader following the file meets "bad heap index" errors). Longer
 #: text is cut, ending in "...".
 TEXT_BYTES = {"status": 8, "error": 512, "source": 256}
-#: Bytes per HDF5 chunk of the uncompressed per-exposure arrays (line-outs, summaries): 32
-#: to 1,024 exposures per chunk instead of one.
+#: Bytes (before compression) per HDF5 chunk of the per-exposure arrays: 3 exposures' draws
+#: of 1,000 samples, 32 line-outs, up to 1,024 summaries per chunk instead of one.
 CHUNK_BYTES = 64 * 1024
 
 
@@ -135,8 +137,8 @@ class ResultsWriter:
     writer was killed cannot be opened for writing again (HDF5 keeps its "open for write"
     flag; only readers in SWMR mode may open it).
 
-    ``chunk_bytes`` sizes the HDF5 chunks of the uncompressed per-exposure arrays (0: one
-    exposure per chunk); the compressed posterior draws are chunked one exposure per chunk.
+    ``chunk_bytes`` sizes the HDF5 chunks of the per-exposure arrays (0: one exposure per
+    chunk; scalars are chunked 1,024 exposures per chunk).
     """
 
     def __init__(
@@ -195,7 +197,7 @@ class ResultsWriter:
                 shape=(0, *shape),
                 maxshape=(None, *shape),
                 dtype=dtype,
-                chunks=(_chunk_rows(shape, dtype, filters, chunk_bytes), *shape),
+                chunks=(_chunk_rows(shape, dtype, chunk_bytes), *shape),
                 fillvalue=fill,
                 **filters,
             )
@@ -229,6 +231,11 @@ class ResultsWriter:
             "flagged": growing(posterior, "flagged", (), np.uint8, 0),
             "I": growing(line_out, "I", (n_q,), np.float32),
             "Idev": growing(line_out, "Idev", (n_q,), np.float32),
+        }
+        #: (row shape, dtype, fill value) of each dataset, read once (h5py reads them anew)
+        self._layout = {
+            name: (dataset.shape[1:], dataset.dtype, dataset.fillvalue)
+            for name, dataset in self._datasets.items()
         }
         self._datasets["I"].attrs.update(units="arbitrary", uncertainties="Idev")
         self._datasets["Idev"].attrs["units"] = "arbitrary"
@@ -279,65 +286,72 @@ class ResultsWriter:
 
     def append_many(self, results: list[ExposureResult]) -> list[bool]:
         """Write several exposures as one block of rows and flush once; for each, False if
-        its index was written before (or earlier in ``results``).
+        its index was written before (or earlier in ``results``)."""
+        return self.append_rows(result_columns(results)).tolist()
 
-        Much cheaper per exposure than :meth:`append` one by one (each dataset is resized
-        and written once per block): the writer process appends whatever has arrived.
+    def rows(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``columns`` (one value per exposure in each; names from :data:`ROW_COLUMNS`) as
+        this file's rows: an array per column in the file's dtype, its fill value where a
+        column is missing or a value is ``None``; text cut to its field.
+
+        ``ValueError`` when a column is unknown, has another number of rows than ``index``,
+        a row of another shape, or an index is negative: nothing is written then. Cheap on
+        its own output (no copies), so a block checked message by message is not converted
+        twice.
         """
-        new: dict[int, ExposureResult] = {}
-        written = []
-        for result in results:
-            fresh = result.index not in self._seen and result.index not in new
-            if fresh:
-                new[result.index] = result
-            written.append(fresh)
-        if not new:
+        unknown = set(columns) - set(ROW_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown columns {sorted(unknown)}")
+        if "index" not in columns:
+            raise ValueError("no 'index' column")
+        n = len(columns["index"])
+        rows = {}
+        for name in ROW_COLUMNS:
+            shape, dtype, fill = self._layout[name]
+            value = columns.get(name)
+            if value is None:
+                rows[name] = np.full((n, *shape), fill, dtype=dtype)
+            elif dtype.kind == "S":
+                rows[name] = _text_column(name, value, n, dtype)
+            else:
+                rows[name] = _number_column(name, value, n, shape, dtype, fill)
+        if (rows["index"] < 0).any():
+            raise ValueError("an exposure index is negative")
+        return rows
+
+    def append_rows(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """Write exposures given as columns (:meth:`rows`) as one block and flush once;
+        return for each row whether it was written (False: its index was written before, or
+        earlier in the block).
+
+        The cheapest way to store many exposures (each dataset is resized and written once
+        per block): the writer process appends the blocks that have arrived together.
+        """
+        rows = self.rows(columns)
+        index = rows["index"].tolist()
+        written = np.zeros(len(index), dtype=bool)
+        new: set[int] = set()
+        for row, exposure in enumerate(index):
+            if exposure not in self._seen and exposure not in new:
+                new.add(exposure)
+                written[row] = True
+        n = len(new)
+        if n == 0:
             return written
-        now = time.time()
-        rows = [self._row_values(result, now) for result in new.values()]
-        first, n = self.n_rows, len(new)
+        if n < len(index):
+            rows = {name: column[written] for name, column in rows.items()}
+        rows |= _derived_columns(rows, time.time())
+        first = self.n_rows
         try:
             for name, dataset in self._datasets.items():
                 dataset.resize(first + n, axis=0)
-                values = [row[name] for row in rows]
-                if any(value is not None for value in values):
-                    dataset[first : first + n] = _rows_block(dataset, values)
+                dataset[first : first + n] = rows[name]
             self.file.flush()
         except (OSError, RuntimeError) as error:  # HDF5 reports a failed write as either
             raise ResultsWriteError(f"cannot write {self.path}: {error}") from error
         self._seen.update(new)
         self.n_rows += n
         return written
-
-    @staticmethod
-    def _row_values(result: ExposureResult, now: float) -> dict:
-        values = {
-            "index": result.index,
-            "timestamp": result.timestamp,
-            "written_time": now,
-            "status": result.status,
-            "error": result.error,
-            "source": result.source,
-            "normalization": result.normalization,
-            "truth": result.truth,
-            "counts": result.counts,
-            "counts_sd": result.counts_sd,
-            "samples": result.samples,
-            "mean": result.mean,
-            "sd": result.sd,
-            "quantiles": result.quantiles,
-            "predictive_z": result.predictive_z,
-            "width_mode_weights": result.width_mode_weights,
-            "flagged": int(bool(result.predictive_z > Z_THRESHOLD)),
-            "I": None,
-            "Idev": None,
-        }
-        if result.counts is not None and result.counts_sd is not None:
-            normalization = result.normalization
-            scale = 1.0 / normalization if np.isfinite(normalization) and normalization > 0 else 1.0
-            values["I"] = result.counts * scale
-            values["Idev"] = result.counts_sd * scale
-        return values
 
     def close(self) -> None:
         """Close the file, then add the per-exposure NXcanSAS groups (a file in SWMR mode
@@ -365,26 +379,95 @@ class ResultsWriter:
         self.close()
 
 
-def _chunk_rows(shape: tuple, dtype, filters: dict, chunk_bytes: int) -> int:
-    """Rows per HDF5 chunk of a growing dataset: 1,024 for a scalar per exposure; one
-    exposure per chunk where the rows are compressed (a reader decompresses one exposure's
-    draws alone); else as many rows as fit in ``chunk_bytes`` (at least 1, at most 1,024).
-    Small per-exposure arrays in chunks of one row cost HDF5 about as much per exposure as
-    the data itself (``python -m benchmarks.writer``)."""
+def _chunk_rows(shape: tuple, dtype, chunk_bytes: int) -> int:
+    """Rows per HDF5 chunk of a growing dataset: 1,024 for a scalar per exposure, else as
+    many rows as fit in ``chunk_bytes`` (at least 1, at most 1,024). Small per-exposure
+    arrays in chunks of one row cost HDF5 about as much per exposure as the data itself
+    (``python -m benchmarks.writer``)."""
     if not shape:
         return 1024
-    if filters:
-        return 1
     row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape))
     return max(1, min(1024, chunk_bytes // row_bytes))
 
 
-def _rows_block(dataset: h5py.Dataset, values: list) -> np.ndarray:
-    """The rows to write into ``dataset``: the values, its fill value where one is missing."""
-    if dataset.dtype.kind == "S":  # text, UTF-8 in fixed-length bytes
-        return np.array([_cut(value or "", dataset.dtype.itemsize) for value in values])
-    fill = np.full(dataset.shape[1:], dataset.fillvalue, dtype=dataset.dtype)
-    return np.stack([fill if v is None else np.asarray(v, dtype=dataset.dtype) for v in values])
+#: The columns a block of exposures is given in (:meth:`ResultsWriter.rows`); the writer
+#: adds ``written_time``, ``flagged`` (predictive_z > Z_THRESHOLD), and ``I``, ``Idev``
+#: (counts and counts_sd / normalization).
+ROW_COLUMNS = (
+    "index",
+    "timestamp",
+    "status",
+    "error",
+    "source",
+    "normalization",
+    "truth",
+    "counts",
+    "counts_sd",
+    "samples",
+    "mean",
+    "sd",
+    "quantiles",
+    "predictive_z",
+    "width_mode_weights",
+)
+
+
+def result_columns(results: list[ExposureResult]) -> dict[str, list]:
+    """The columns of ``results`` (lists, ``None`` where a result has no value), for
+    :meth:`ResultsWriter.rows`."""
+    return {name: [getattr(result, name) for result in results] for name in ROW_COLUMNS}
+
+
+def concatenate_rows(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Blocks of rows (:meth:`ResultsWriter.rows`) as one block, in order."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+
+
+def _text_column(name: str, values: Any, n: int, dtype: np.dtype) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype == dtype and values.shape == (n,):
+        return values
+    if isinstance(values, str | bytes) or len(values) != n:
+        raise ValueError(f"column {name!r}: expected {n} texts")
+    return np.array([_cut("" if v is None else str(v), dtype.itemsize) for v in values], dtype)
+
+
+def _number_column(
+    name: str, values: Any, n: int, shape: tuple, dtype: np.dtype, fill: Any
+) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        array = values
+    else:
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"column {name!r}: {len(values)} rows, expected {n}")
+        missing = np.full(shape, fill, dtype=dtype)
+        rows = [missing if v is None else np.asarray(v) for v in values]
+        for row in rows:
+            if row.shape != shape:
+                raise ValueError(f"column {name!r}: a row of shape {row.shape}, expected {shape}")
+        array = np.stack(rows) if rows else np.empty((0, *shape), dtype)
+    if array.shape != (n, *shape):
+        raise ValueError(f"column {name!r}: shape {array.shape}, expected {(n, *shape)}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"column {name!r}: dtype {array.dtype} is not a number")
+    return array.astype(dtype, copy=False)
+
+
+def _derived_columns(rows: dict[str, np.ndarray], now: float) -> dict[str, np.ndarray]:
+    """``written_time``, ``flagged``, and the line-out divided by its normalization
+    (``I``, ``Idev``; by 1 where the normalization is missing or not positive)."""
+    normalization = rows["normalization"]
+    usable = np.isfinite(normalization) & (normalization > 0)
+    scale = np.divide(1.0, normalization, out=np.ones_like(normalization), where=usable)
+    scale = scale.astype(np.float32)[:, None]
+    return {
+        "written_time": np.full(len(normalization), now),
+        "flagged": (rows["predictive_z"] > Z_THRESHOLD).astype(np.uint8),
+        "I": rows["counts"] * scale,
+        "Idev": rows["counts_sd"] * scale,
+    }
 
 
 #: Where each per-exposure dataset of a results file lives, by :class:`ResultsWriter` name.
