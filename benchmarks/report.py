@@ -166,6 +166,15 @@ def render() -> str:
             f"| 2 inference workers against 1 (2 cores) | {transport['two_workers_speed_up']:.2f}× | "
             f"≥ 1.6× | {_met(transport['two_workers_speed_up'] >= 1.6)} |"
         )
+        if "high_rate" in transport:
+            high = transport["high_rate"]
+            cpu = high["cpu_us_per_exposure"]
+            lines.append(
+                f"| the engine's own CPU per exposure at a high rate (2 draws per exposure, "
+                f"{high['exposures_per_s']:,}/s through 1 worker on 2 cores): feeder / writer | "
+                f"{cpu['feeder']:.0f} / {cpu['writer']:.0f} µs (a core each would carry "
+                f"{1e6 / cpu['feeder']:,.0f} / {1e6 / cpu['writer']:,.0f} exposures/s) | — | — |"
+            )
     writer = _load("writer")
     if writer:
         ceiling = writer["ceiling_per_s"]

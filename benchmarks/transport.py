@@ -24,6 +24,10 @@ exposure against the model's in process does not depend on how many cores the ma
 to spare; it is also given per process (feeder, writer, workers). Each figure is the
 median of ``--repeats`` runs.
 
+Last, once, the engine's own CPU per exposure at a high rate: 8,000 line-outs through one
+worker drawing 2 samples each (batches up to 512), so that the feeder and the writer handle
+thousands of exposures per second, as they would beside a GPU worker.
+
 Run: ``python -m benchmarks.transport [--exposures 300] [--repeats 3]``
 (results in ``benchmarks/results/transport.json``).
 """
@@ -57,6 +61,7 @@ from workers.scan import ScanRunner
 RESULTS = Path(__file__).parent / "results" / "transport.json"
 N_SAMPLES = 1000
 BATCH = InferenceConfig().batch_limit("cpu")
+HIGH_RATE_EXPOSURES = 8000
 
 
 def _cpu_s(pid: int) -> float:
@@ -110,7 +115,13 @@ def in_process(counts: np.ndarray, threads: int, folder: Path) -> tuple[float, f
 
 
 def through_engine(
-    counts: np.ndarray, n_workers: int, threads: int, folder: Path, remote: bool = False
+    counts: np.ndarray,
+    n_workers: int,
+    threads: int,
+    folder: Path,
+    remote: bool = False,
+    n_samples: int = N_SAMPLES,
+    max_batch: int | None = None,
 ) -> tuple[float, dict[str, float], float]:
     """Seconds from the first line-out submitted to the last acknowledged, the CPU seconds
     of the processes meanwhile (feeder, writer, workers), and the median latency (ms); with
@@ -140,7 +151,7 @@ def through_engine(
         scan_id=f"transport-{n_workers}-{time.monotonic_ns()}",
         n_workers=n_workers,
         output_dir=folder,
-        inference=InferenceConfig(n_samples=N_SAMPLES, threads=threads),
+        inference=InferenceConfig(n_samples=n_samples, threads=threads, max_batch=max_batch),
         transport=transport,
     )
     q = QGrid().q_nm
@@ -198,6 +209,19 @@ def main() -> None:
             cpu.setdefault(label, []).append(sum(used.values()))
             by_role.setdefault(label, []).append(used)
             latency.setdefault(label, []).append(p50)
+        # the engine's own cost at a high rate: 2 draws per exposure, so the model costs
+        # little and the feeder and the writer handle thousands of exposures per second
+        many = np.resize(counts, (HIGH_RATE_EXPOSURES, counts.shape[1]))
+        elapsed, used, _ = through_engine(many, 1, 1, folder, n_samples=2, max_batch=512)
+        high_rate = {
+            "exposures": HIGH_RATE_EXPOSURES,
+            "samples_per_exposure": 2,
+            "exposures_per_s": round(HIGH_RATE_EXPOSURES / elapsed),
+            "cpu_us_per_exposure": {
+                role: round(1e6 * seconds / HIGH_RATE_EXPOSURES, 1)
+                for role, seconds in used.items()
+            },
+        }
     per_exposure_ms = {
         label: round(1e3 * float(np.median(values)) / args.exposures, 3)
         for label, values in times.items()
@@ -223,6 +247,7 @@ def main() -> None:
             for label, runs in by_role.items()
         },
         "latency_p50_ms": {k: round(float(np.median(v)), 1) for k, v in latency.items()},
+        "high_rate": high_rate,
         "engine_overhead": round(one / per_exposure_ms["in_process_1_threads"] - 1.0, 3),
         "engine_cpu_overhead": round(
             cpu_ms["engine_1_workers_1_threads_each"] / cpu_ms["in_process_1_threads"] - 1.0, 3
