@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.writer import line_out_messages
 from pipeline.config import TransportConfig
 from pipeline.model import load
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.physics.quality import Z_THRESHOLD, predictive_z
 from pipeline.store import ResultsWriter
-from pipeline.transport import decode, encode
+from pipeline.transport import decode
 from workers.inference import run_batch
 from workers.writer import MAX_BLOCK, rows_of, store
 
@@ -72,22 +73,6 @@ def agreement(cpu: torch.nn.Module, gpu: torch.nn.Module) -> dict:
 
 
 WORKER_BATCHES = (256, 1024, 2048)
-
-
-def line_out_messages(model: torch.nn.Module, n: int, seed: int) -> list:
-    """``n`` simulated line-outs as the feeder sends them (decoded)."""
-    _, counts = simulate(n, np.random.default_rng(seed), model.prior, model.grid)
-    return [
-        decode(
-            encode(
-                "line_out",
-                {"index": index, "timestamp": time.time(), "normalization": 1.0},
-                counts=row.astype(np.float32),
-                counts_sd=np.sqrt(np.maximum(row, 1.0)).astype(np.float32),
-            )
-        )
-        for index, row in enumerate(counts)
-    ]
 
 
 def worker_and_writer(

@@ -40,7 +40,7 @@ from pipeline.model import load
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.store import ResultsWriter
 from pipeline.store.results import CHUNK_BYTES
-from pipeline.transport import decode, encode
+from pipeline.transport import Message, decode, encode
 from workers.inference import run_batch
 from workers.writer import MAX_BLOCK, rows_of, store
 
@@ -53,12 +53,10 @@ N_SAMPLES = 1000
 GPU_TARGET_PER_S = 20_000
 
 
-def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
-    """The columns of ``distinct`` posteriors of the shipped model, as its workers send them."""
-    torch.set_num_threads(1)
-    model = load(device="cpu")
-    _, counts = simulate(distinct, np.random.default_rng(5), model.prior, model.grid)
-    line_outs = [
+def line_out_messages(model: torch.nn.Module, n: int, seed: int) -> list[Message]:
+    """``n`` simulated line-outs as the feeder sends them (decoded)."""
+    _, counts = simulate(n, np.random.default_rng(seed), model.prior, model.grid)
+    return [
         decode(
             encode(
                 "line_out",
@@ -69,6 +67,13 @@ def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
         )
         for index, row in enumerate(counts)
     ]
+
+
+def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
+    """The columns of ``distinct`` posteriors of the shipped model, as its workers send them."""
+    torch.set_num_threads(1)
+    model = load(device="cpu")
+    line_outs = line_out_messages(model, distinct, seed=5)
     bytes_limit = TransportConfig().max_message_bytes
     arrays: dict[str, list[np.ndarray]] = {}
     for first in range(0, distinct, 32):
