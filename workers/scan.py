@@ -192,7 +192,8 @@ class _Worker:
     credits: int
     last_seen: float
     holding: set[int] = field(default_factory=set)
-    #: the credits it asked for when it started: twice its largest batch
+    #: the credits it asked for when it started (twice its largest batch), at most twice the
+    #: largest batch a worker may take
     capacity: int = 0
     #: a worker on another node (``host``), not a child of the feeder
     remote: bool = False
@@ -228,6 +229,8 @@ class ScanRunner:
         self._children: list[_Child] = []
         self._workers: dict[bytes, _Worker] = {}
         self._unacknowledged: dict[int, list] = {}  # index -> its line-out message
+        limits = (config.inference.batch_limit(device) for device in ("cpu", "cuda"))
+        self._largest_capacity = 2 * max(limits)  # the most a worker may keep in flight
         self._queue: deque[int] = deque()  # exposures waiting for a worker's credit
         self._sent_at: dict[int, float] = {}
         self._latency_s: dict[int, float] = {}
@@ -532,14 +535,11 @@ class ScanRunner:
 
     def _in_flight_limit(self) -> int:
         """Line-outs kept until the writer acknowledges them before :meth:`submit` waits:
-        for each worker, ``transport.high_water_mark`` or the credits it asked for at start
-        (twice its largest batch, so a GPU worker's batches can fill), whichever is more; a
-        worker's share is capped at twice the largest batch a worker may take."""
+        for each worker, ``transport.high_water_mark`` or its capacity (the credits it asked
+        for at start, twice its largest batch, so a GPU worker's batches can fill),
+        whichever is more."""
         most = self.config.transport.high_water_mark
-        batch = self.config.inference
-        cap = max(most, 2 * max(batch.batch_limit("cpu"), batch.batch_limit("cuda")))
-        shares = [min(cap, max(most, worker.capacity)) for worker in self._workers.values()]
-        return max(most, sum(shares))
+        return max(most, sum(max(most, worker.capacity) for worker in self._workers.values()))
 
     @staticmethod
     def _header(exposure: Exposure) -> dict:
@@ -635,7 +635,7 @@ class ScanRunner:
                     pid,
                     credits,
                     now,
-                    capacity=credits,
+                    capacity=min(credits, self._largest_capacity),
                     remote=True,
                     host=str(message.header.get("host", "")),
                 )
@@ -650,7 +650,12 @@ class ScanRunner:
             elif pid in {c.process.pid for c in self._children}:  # not a replaced one's word
                 credits = int(message.header["credits"])
                 self._workers[identity] = _Worker(
-                    identity, number, pid, credits, now, capacity=credits
+                    identity,
+                    number,
+                    pid,
+                    credits,
+                    now,
+                    capacity=min(credits, self._largest_capacity),
                 )
                 self._ready.add(f"worker-{number}")
                 self._ready_pids.add(pid)
