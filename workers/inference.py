@@ -33,7 +33,7 @@ from pipeline.exposure import posterior_summaries
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics.quality import predictive_z
-from pipeline.transport import Message, ProtocolError, decode, encode
+from pipeline.transport import Message, ProtocolError, decode, encode, header_float
 from workers.process import Parent, control_socket, parse_args, read_run
 
 
@@ -83,8 +83,10 @@ def run_batch(
     posterior = posterior_columns(model, counts, n_samples, seed)
     columns = {
         "index": np.array([m.header["index"] for m in good], dtype=np.int64),
-        "timestamp": np.array([_number(m, "timestamp") for m in good], np.float64),
-        "normalization": np.array([_number(m, "normalization") for m in good], np.float64),
+        "timestamp": np.array([header_float(m.header, "timestamp") for m in good], np.float64),
+        "normalization": np.array(
+            [header_float(m.header, "normalization") for m in good], np.float64
+        ),
         "truth": np.array([_truth_row(m, model.parameter_names) for m in good], np.float64),
         "counts": counts,
         "counts_sd": np.stack([m.arrays["counts_sd"] for m in good]).astype(np.float32),
@@ -145,11 +147,6 @@ def to_host(columns: dict) -> dict[str, np.ndarray]:
     for device in {tensor.device for tensor in on_device.values() if tensor.is_cuda}:
         torch.cuda.synchronize(device)
     return {name: host[name].numpy() if name in host else v for name, v in columns.items()}
-
-
-def _number(message: Message, key: str) -> float:
-    value = message.header.get(key)
-    return np.nan if value is None else float(value)
 
 
 def _truth_row(message: Message, names: tuple[str, ...]) -> list[float]:

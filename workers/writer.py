@@ -31,7 +31,7 @@ from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
 from pipeline.store.results import concatenate_rows, result_columns
-from pipeline.transport import Message, ProtocolError, decode, encode
+from pipeline.transport import Message, ProtocolError, decode, encode, header_float
 from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
 
 #: Most exposures appended as one block (one resize and write per dataset, one flush). The
@@ -52,20 +52,15 @@ def to_result(message: Message) -> ExposureResult:
     truth = header.get("truth")
     return ExposureResult(
         index=int(header["index"]),
-        timestamp=_number(header, "timestamp"),
+        timestamp=header_float(header, "timestamp"),
         status="failed",
         error=str(header.get("error", "")),
         source=str(header.get("source") or ""),
-        normalization=_number(header, "normalization"),
+        normalization=header_float(header, "normalization"),
         counts=arrays.get("counts"),
         counts_sd=arrays.get("counts_sd"),
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )
-
-
-def _number(header: dict, key: str) -> float:
-    value = header.get(key)
-    return np.nan if value is None else float(value)
 
 
 def columns_of(message: Message) -> dict:

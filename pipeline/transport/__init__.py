@@ -5,6 +5,6 @@
 """
 
 from pipeline.transport.endpoints import Endpoints
-from pipeline.transport.wire import Message, ProtocolError, decode, encode
+from pipeline.transport.wire import Message, ProtocolError, decode, encode, header_float
 
-__all__ = ["Endpoints", "Message", "ProtocolError", "decode", "encode"]
+__all__ = ["Endpoints", "Message", "ProtocolError", "decode", "encode", "header_float"]

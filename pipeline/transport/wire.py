@@ -99,3 +99,9 @@ def decode(frames: list[Any]) -> Message:
     for key in ("proto", "kind", "arrays"):
         header.pop(key)
     return Message(kind=kind, header=header, arrays=arrays)
+
+
+def header_float(header: dict[str, Any], key: str) -> float:
+    """A header field as a float, NaN when it is missing or ``None`` (0 stays 0)."""
+    value = header.get(key)
+    return math.nan if value is None else float(value)
