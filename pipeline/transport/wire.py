@@ -102,6 +102,11 @@ def decode(frames: list[Any]) -> Message:
 
 
 def header_float(header: dict[str, Any], key: str) -> float:
-    """A header field as a float, NaN when it is missing or ``None`` (0 stays 0)."""
+    """A header field as a float, NaN when it is missing or ``None`` (0 stays 0).
+
+    Example:
+        >>> header_float({"timestamp": 0}, "timestamp"), header_float({}, "timestamp")
+        (0.0, nan)
+    """
     value = header.get(key)
     return math.nan if value is None else float(value)
