@@ -627,18 +627,21 @@ class ScanRunner:
             return
         if message.kind == "ready":
             number, pid = int(message.header["id"]), int(message.header["pid"])
-            if self._greeted.get(identity) == number:
-                credits = int(message.header["credits"])
-                self._workers[identity] = _Worker(
-                    identity,
-                    number,
-                    pid,
-                    credits,
-                    now,
-                    capacity=min(credits, self._largest_capacity),
-                    remote=True,
-                    host=str(message.header.get("host", "")),
-                )
+            remote = self._greeted.get(identity) == number
+            if not remote and pid not in {c.process.pid for c in self._children}:
+                return  # a replaced worker's word
+            credits = int(message.header["credits"])
+            self._workers[identity] = _Worker(
+                identity,
+                number,
+                pid,
+                credits,
+                now,
+                capacity=min(credits, self._largest_capacity),
+                remote=remote,
+                host=str(message.header.get("host", "")),
+            )
+            if remote:
                 self.remote_workers += 1
                 log.info(
                     "scan %s: remote worker %d joined from %s (%s)",
@@ -647,16 +650,7 @@ class ScanRunner:
                     message.header.get("host"),
                     message.header.get("device"),
                 )
-            elif pid in {c.process.pid for c in self._children}:  # not a replaced one's word
-                credits = int(message.header["credits"])
-                self._workers[identity] = _Worker(
-                    identity,
-                    number,
-                    pid,
-                    credits,
-                    now,
-                    capacity=min(credits, self._largest_capacity),
-                )
+            else:
                 self._ready.add(f"worker-{number}")
                 self._ready_pids.add(pid)
             return
