@@ -6,9 +6,14 @@ Commands that need Prefect import it only when they run, so ``beamline-inn train
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
+import gc
+import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -199,6 +204,7 @@ def _reference(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _use_prefect_api(args)
     from flows.scan import run_demo
 
     return run_demo(
@@ -211,16 +217,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _scan_config(args: argparse.Namespace, scan_id: str):
-    """The :class:`PipelineConfig` of a ``reprocess`` or ``online`` command; its geometry,
-    mask, dark and flat files are checked here, before Prefect and the workers start."""
+    """The :class:`PipelineConfig` of a ``reprocess``, ``reprocess-scans`` or ``online``
+    command; its settings (geometry, mask, dark, flat, model, output folder, CURVE keys)
+    are checked here, before Prefect and the workers start
+    (:func:`pipeline.preflight.check_settings`)."""
     from pipeline.config import (
         InferenceConfig,
         IntegrationConfig,
         PipelineConfig,
         TransportConfig,
     )
-    from pipeline.integration import check_files
-    from pipeline.transport.security import read_public_key, read_secret_key
+    from pipeline.preflight import check_settings
 
     config = PipelineConfig(
         scan_id=getattr(args, "scan_id", None) or scan_id,
@@ -241,11 +248,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
             curve_authorized_keys=args.authorized_keys,
         ),
     )
-    check_files(config.integration)
-    if args.curve_key is not None:  # a wrong key file is found before anything starts
-        read_secret_key(args.curve_key)
-        for public in sorted(args.authorized_keys.glob("*.key")):
-            read_public_key(public)
+    check_settings(config)
     return config
 
 
@@ -268,28 +271,51 @@ def _print_summary(summary: dict) -> int:
         )
     if summary["skipped"]:
         print(f"resumed:    {summary['skipped']} exposures were already in the file")
+    if summary["redone"]:
+        print(
+            f"redone:     {summary['redone']} rows of the file (failed ones retried, or of "
+            "files changed since)"
+        )
+    if summary["removed"]:
+        print(
+            f"removed:    {summary['removed']} rows of the file come from files no longer "
+            "among the scan's (kept)"
+        )
     if summary["remote_workers"]:
         print(f"remote:     {summary['remote_workers']} workers on other nodes took part")
     return 0 if summary["failed"] == 0 else 1
 
 
 def _reprocess(args: argparse.Namespace) -> int:
+    _use_prefect_api(args)
     from flows.scan import archived_frames, reprocess_scan
     from pipeline.config import scan_id_from
+    from pipeline.preflight import check_setup
 
     config = _scan_config(args, scan_id_from(Path(args.paths[0]).name.split(".")[0]))
     paths = [str(path) for path in args.paths]
-    archived_frames(paths, config.scan_id)  # bad patterns stop here, before Prefect starts
-    summary = reprocess_scan(config, paths, read_ahead=args.read_ahead, resume=args.resume)
+    source = archived_frames(paths, config.scan_id, args.hdf5_dataset)  # bad patterns stop here
+    resume = args.resume or args.retry_failed
+    check_setup(config, resume, source.manifest(), args.retry_failed)
+    summary = reprocess_scan(
+        config,
+        paths,
+        read_ahead=args.read_ahead,
+        resume=resume,
+        retry_failed=args.retry_failed,
+        hdf5_dataset=args.hdf5_dataset,
+    )
     return _print_summary(summary)
 
 
 def _reprocess_scans(args: argparse.Namespace) -> int:
-    from flows.reprocess import DaskCluster, reprocess_scans
+    _use_prefect_api(args)
+    from flows.reprocess import DaskCluster, name_scans, plan, reprocess_scans
     from pipeline.sources import find_scans
 
     settings = _scan_config(args, "scan").settings
-    scans = find_scans(args.scans)  # bad patterns and clashing names stop here
+    scans = name_scans(find_scans(args.scans), settings)  # bad patterns stop here
+    plan(scans, settings, args.retry_failed)  # and results of another configuration
     print(f"{len(scans)} scans: {', '.join(scan.scan_id for scan in scans)}", flush=True)
     try:
         outcome = reprocess_scans(
@@ -298,6 +324,7 @@ def _reprocess_scans(args: argparse.Namespace) -> int:
             DaskCluster(address=args.dask, n_workers=args.dask_workers),
             settle_s=args.settle,
             read_ahead=args.read_ahead,
+            retry_failed=args.retry_failed,
         )
     except RuntimeError as error:  # some scans failed; the others are written
         print(f"beamline-inn reprocess-scans: {error}", file=sys.stderr)
@@ -314,11 +341,14 @@ def _reprocess_scans(args: argparse.Namespace) -> int:
 
 
 def _online(args: argparse.Namespace) -> int:
+    _use_prefect_api(args)
     import time
 
     from flows.online import DectrisStreamSource, WatchedFolder, online_reconstruction
+    from pipeline.preflight import check_setup
 
     config = _scan_config(args, time.strftime("online-%Y%m%d-%H%M%S"))
+    check_setup(config)  # an existing results file of this scan id stops here
     if args.watch is not None:
         source = WatchedFolder(
             directory=args.watch, pattern=args.pattern, idle_timeout_s=args.idle_timeout
@@ -386,11 +416,29 @@ def _add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) ->
     command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
 
 
+def _index_ranges(indices: Iterable[int], most: int = 8) -> str:
+    """Exposure indices as ranges, e.g. ``exposures 0-10, 12, 14-63`` (the first ``most``)."""
+    runs: list[list[int]] = []
+    for index in sorted({int(i) for i in indices}):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    if not runs:
+        return "no exposures"
+    text = ", ".join(f"{low}-{high}" if high > low else f"{low}" for low, high in runs[:most])
+    return f"exposures {text}{', ...' if len(runs) > most else ''}"
+
+
 def _show(args: argparse.Namespace) -> int:
     from pipeline.store import open_results
     from pipeline.store.views import summary_table, write_plots
 
-    results = open_results(args.results)
+    results = open_results(args.results)  # ValueError for a file that is not one
+    if args.exposure is not None and args.exposure not in results.index:
+        raise ValueError(
+            f"exposure {args.exposure} is not in {args.results} ({_index_ranges(results.index)})"
+        )
     ok = results.status == "ok"
     print(
         f"scan {results.scan_id}: {results.index.size} exposures, {int(ok.sum())} with a "
@@ -404,7 +452,20 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _salvage(args: argparse.Namespace) -> int:
+    from pipeline.store.salvage import salvage
+
+    saved = salvage(args.damaged, args.out)
+    print(f"saved {saved.rows:,} of {saved.of:,} rows of {args.damaged} into {args.out}")
+    if saved.rows < saved.of:
+        print(
+            "the others lay in the lost part of the file: --resume with the saved file redoes them"
+        )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _use_prefect_api(args)
     from prefect import serve
     from prefect.settings import PREFECT_API_URL
 
@@ -489,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot be read or integrated are recorded as failed exposures; the scan goes on.",
     )
     reprocess.add_argument("paths", nargs="+", metavar="PATH", help="files or glob patterns")
+    reprocess.add_argument(
+        "--hdf5-dataset",
+        metavar="PATH",
+        help="the frames' dataset in HDF5 files (3-D: one exposure per frame) where it is not "
+        "an Eiger place (/entry/data/data, /entry/data/data_NNNNNN) or a NeXus detector's data",
+    )
     _add_scan_options(reprocess)
     reprocess.add_argument(
         "--read-ahead",
@@ -500,7 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     reprocess.add_argument(
         "--resume",
         action="store_true",
-        help="complete an existing results file of this scan (e.g. of a run that was killed)",
+        help="complete an existing results file of this scan (e.g. of a run that was killed, "
+        "or of a folder that got new files): frames already in it are skipped, by identity",
+    )
+    reprocess.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="resume, and process the frames of failed rows again (e.g. after fixing a file)",
     )
     reprocess.set_defaults(run=_reprocess)
 
@@ -527,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="leave scans alone whose files changed in the last S seconds (retried later)",
+    )
+    batch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="process the frames of failed rows again, also in complete scans",
     )
     batch.add_argument(
         "--read-ahead",
@@ -584,6 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--exposure", type=int, help="only this exposure (and plot it)")
     show.add_argument("--png", type=Path, metavar="DIR", help="write PNG plots into DIR")
     show.set_defaults(run=_show)
+
+    salvage = commands.add_parser(
+        "salvage",
+        help="copy the intact rows of a truncated or damaged results file into a new one",
+    )
+    salvage.add_argument("damaged", type=Path, help="the damaged results file (SCAN_ID.h5)")
+    salvage.add_argument("--out", type=Path, required=True, help="the new results file")
+    salvage.set_defaults(run=_salvage)
 
     serve = commands.add_parser(
         "serve",
@@ -714,19 +800,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_prefect_api(args: argparse.Namespace) -> None:
+    """The first call of each command that runs flows (:func:`flows.api.use_prefect_api`):
+    a ``PREFECT_API_URL`` that does not answer stops the command here (exit code 2, one
+    line); without one, the flows get a local Prefect API server of this process's own, in
+    a session of its own, so that Ctrl-C reaches only the command. ``serve`` needs a server
+    that outlives it, so it gets no local one."""
+    from flows.api import use_prefect_api
+
+    use_prefect_api(start_local=args.command != "serve")
+
+
+#: After "stopped on Ctrl-C ...": how to finish the work, by command.
+_AFTER_CTRL_C = {
+    "reprocess": "; resume with --resume",
+    "reprocess-scans": "; run it again to resume the unfinished scans",
+    "online": "; reprocess the saved frames with --resume to complete it",
+    "train": "; with --checkpoint-dir, the same command resumes from the last checkpoint",
+}
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: child processes are stopped, files closed
 
 
+def _stop_on_ctrl_c(command: str, signum: int, frame: object) -> None:
+    """The first Ctrl-C unwinds the command (``KeyboardInterrupt``): the scan's processes are
+    stopped and its file closed; the next one exits at once."""
+    signal.signal(signal.SIGINT, functools.partial(_exit_at_once, command))
+    raise KeyboardInterrupt
+
+
+def _exit_at_once(command: str, signum: int, frame: object) -> None:
+    """A second Ctrl-C: exit now. The writer and workers, in sessions of their own, see this
+    process gone and stop by themselves (every acknowledged exposure is in the file); the
+    local Prefect API server, if any, is killed."""
+    from flows.api import kill_local_server
+
+    kill_local_server()
+    line = f"beamline-inn {command}: stopped at once on a second Ctrl-C\n"
+    os.write(sys.stderr.fileno(), line.encode())
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from flows.api import command_environment
+
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_ctrl_c = functools.partial(_stop_on_ctrl_c, args.command)
+    if main_thread:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        previous_sigint = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        return args.run(args)
+        with command_environment():
+            return args.run(args)
     except (ValueError, OSError) as error:  # bad input, missing or existing files: say so plainly
         print(f"beamline-inn {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # a ScanInterrupted says what was written
+        # the process ends next: its last garbage collection, over every object (torch's,
+        # Prefect's), takes 1-2 s and is left out (the scan's threads have ended by now)
+        atexit.register(gc.freeze)
+        detail = f" {interrupt}" if str(interrupt) else ""
+        after = _AFTER_CTRL_C.get(args.command, "")
+        print(f"beamline-inn {args.command}: stopped on Ctrl-C{detail}{after}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread and signal.getsignal(signal.SIGINT) is on_ctrl_c:  # no Ctrl-C came:
+            signal.signal(signal.SIGINT, previous_sigint)  # an in-process caller's, back
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ class ScanMonitor:
         #: updates published, by kind (for tests and the benchmark)
         self.published = {"progress": 0, "table": 0, "plot": 0, "events": 0}
         self._stop = threading.Event()
+        self._abandoned = False  # see abandon()
+        self._reading = threading.Lock()  # held while a plot reads the results file
         run_context = get_run_context()  # a flow run's, or a task run's (on a Dask worker)
         self._related = [
             {"prefect.resource.id": f"prefect.{kind}.{run.id}", "prefect.resource.role": kind}
@@ -169,6 +171,21 @@ class ScanMonitor:
             description=f"Scan {self.scan_id}: summary",
         )
 
+    def abandon(self) -> None:
+        """Stop publishing, without a last update or a summary (Ctrl-C: the run ends, and its
+        API client closes): no update starts any more, and one under way that fails is not
+        logged. Returns once no plot reads the results file (a read takes milliseconds), so
+        that the writer can close it; :meth:`join` waits for the rest of that update."""
+        self._abandoned = True
+        self._stop.set()
+        with self._reading:
+            pass
+
+    def join(self, timeout_s: float = 3.0) -> None:
+        """Wait up to ``timeout_s`` for the publishing thread to end once :meth:`abandon`
+        stopped it (a thread still drawing when the process ends can crash it)."""
+        self._thread.join(timeout_s)
+
     # -- the thread's side -------------------------------------------------------------------
     def _publish_loop(self) -> None:
         tick = min(
@@ -179,7 +196,8 @@ class ScanMonitor:
         )
         while not self._stop.wait(tick):
             self._publish(final=False)
-        self._publish(final=True)
+        if not self._abandoned:
+            self._publish(final=True)
 
     def _due(self, kind: str, interval_s: float, final: bool) -> bool:
         now = time.monotonic()
@@ -221,11 +239,14 @@ class ScanMonitor:
             quantiles = np.frombuffer(self._quantiles, dtype=np.float64).reshape(-1, 3, 3).copy()
             flagged = np.frombuffer(self._flagged, dtype=np.int8).astype(bool)
             self._changed["plot"] = False
-        try:
-            latest = latest_posterior(self.results_path)
-        except (OSError, KeyError, ValueError) as error:  # not created yet, or being replaced
-            log.debug("no posterior to plot from %s yet: %s", self.results_path, error)
-            latest = None
+        with self._reading:
+            if self._abandoned:  # the writer may be closing the file
+                return
+            try:
+                latest = latest_posterior(self.results_path)
+            except (OSError, KeyError, ValueError) as error:  # not created yet, or replaced
+                log.debug("no posterior to plot from %s yet: %s", self.results_path, error)
+                latest = None
         png = live_view_png(index, quantiles, flagged, latest, title=f"Scan {self.scan_id}")
         url = "data:image/png;base64," + base64.b64encode(png).decode()
         self._call(
@@ -284,7 +305,7 @@ class ScanMonitor:
             function(*args, **kwargs)
         except Exception as error:  # the API is down or refused: the results file has it all
             self._api_failures += 1
-            if self._api_failures == 1:
+            if self._api_failures == 1 and not self._abandoned:
                 log.warning("Prefect update (%s) failed, the scan goes on: %s", kind, error)
             return
         took_s = time.monotonic() - started

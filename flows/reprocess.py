@@ -1,12 +1,16 @@
 """``reprocess-scans``: archived scans reconstructed in a batch, fanned out over Dask.
 
 Each scan (a folder of frames or an Eiger master file, :func:`pipeline.sources.find_scans`)
-gets one results file, ``output_dir/SCAN_ID.h5``. The flow is idempotent: a scan whose file
-is marked complete (with the same model and samples per exposure) is skipped, one whose
-file a killed run left unfinished is resumed (its exposures are not computed again), and
-the others are reconstructed, one Prefect task per scan, through prefect-dask's
-``DaskTaskRunner`` in a subflow (``reprocess-scans-on-dask``): a local cluster by default,
-an existing Dask scheduler when ``cluster.address`` is set.
+gets one results file, ``output_dir/SCAN_ID.h5``, which records the scan's full path: the
+scan id is the folder's name, or, when that name's file belongs to another scan (say
+``day1/sampleA`` before ``day2/sampleA``), the name and a digest of the path
+(``sampleA-1f3c9a2e``). The flow is idempotent: a scan whose file is complete and holds every
+frame of its files as they are now is skipped; any other with a file is resumed by frame
+identity (new and changed files processed, nothing stored twice, failed rows redone with
+``retry_failed``; :mod:`pipeline.store.resume`); the others are reconstructed, one Prefect
+task per scan, through prefect-dask's ``DaskTaskRunner`` in a subflow
+(``reprocess-scans-on-dask``): a local cluster by default, an existing Dask scheduler when
+``cluster.address`` is set.
 
 A scan whose files changed within ``settle_s`` is still being written (copied, or the
 detector is still on it): its task fails with :class:`ScanNotSettled` and is retried later,
@@ -15,6 +19,8 @@ twice at most. Other errors are not retried: they would fail the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -28,10 +34,12 @@ from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.scan import reprocess_files
-from pipeline.config import ScanSettings
-from pipeline.model import read_card
-from pipeline.sources import ArchivedScan, find_scans
+from pipeline.config import ScanSettings, scan_id_from
+from pipeline.sources import ArchivedScan, FileSource, find_scans
+from pipeline.sources.identity import path_key
 from pipeline.store import read_completion
+from pipeline.store.results import stored_scan_source
+from pipeline.store.resume import plan_output
 
 #: Seconds between the tries of a scan that is still being written.
 RETRY_DELAY_S = 60
@@ -71,18 +79,25 @@ def _retry_if_unsettled(task: Task, task_run: TaskRun, state: State) -> bool:
     retry_condition_fn=_retry_if_unsettled,
 )
 def reprocess_one_scan(
-    scan: ArchivedScan, settings: ScanSettings, settle_s: float, read_ahead: int, batch_size: int
+    scan: ArchivedScan,
+    settings: ScanSettings,
+    settle_s: float,
+    read_ahead: int,
+    batch_size: int,
+    retry_failed: bool = False,
 ) -> dict:
-    """Reconstruct ``scan`` (resuming an unfinished results file); its summary as a dict."""
+    """Reconstruct ``scan`` (resuming its results file); its summary as a dict."""
     age_s = time.time() - scan.last_modified()
     if age_s < settle_s:
         raise ScanNotSettled(
             f"{scan.path} changed {age_s:.0f} s ago (less than settle_s = {settle_s:g} s): it "
             "may still be being written"
         )
-    config = settings.for_scan(scan.scan_id)
+    config = settings.for_scan(scan.scan_id, scan_source=os.path.realpath(scan.path))
     resume = config.output_path.exists()
-    return reprocess_files(config, [str(scan.path)], batch_size, read_ahead, resume=resume)
+    return reprocess_files(
+        config, [str(scan.path)], batch_size, read_ahead, resume=resume, retry_failed=retry_failed
+    )
 
 
 @flow(name="reprocess-scans-on-dask")
@@ -92,6 +107,7 @@ def reprocess_on_dask(
     settle_s: float,
     read_ahead: int,
     batch_size: int,
+    retry_failed: bool = False,
 ) -> dict[str, dict | str]:
     """One task per scan on the flow's Dask task runner; per scan its summary, or the error
     that failed it (the other scans go on)."""
@@ -101,6 +117,7 @@ def reprocess_on_dask(
         settle_s=unmapped(settle_s),
         read_ahead=unmapped(read_ahead),
         batch_size=unmapped(batch_size),
+        retry_failed=unmapped(retry_failed),
     )
     outcome: dict[str, dict | str] = {}
     for scan, future in zip(scans, futures, strict=True):
@@ -111,26 +128,50 @@ def reprocess_on_dask(
     return outcome
 
 
-def plan(scans: list[ArchivedScan], settings: ScanSettings) -> tuple[list[ArchivedScan], dict]:
-    """Split ``scans`` into those to reconstruct and those complete already (by scan id, why
-    skipped). ``ValueError`` when a complete file holds another model's or another number of
-    samples' results: the analyst chooses another output folder rather than lose them."""
-    model_sha256 = read_card(settings.inference.model)["weights_sha256"]
+def name_scans(scans: list[ArchivedScan], settings: ScanSettings) -> list[ArchivedScan]:
+    """``scans`` with scan ids that name their own results files: a scan keeps its folder's
+    name unless that name's file belongs to another scan (the ``scan_source`` it records)
+    or an earlier scan of the list takes the name; then it is the name and a digest of its
+    full path (``sampleA-1f3c9a2e``), the same on every run."""
+    claimed: dict[str, str] = {}  # scan id -> the real path of the scan whose file it names
+    for scan_id in {scan.scan_id for scan in scans}:
+        path = settings.for_scan(scan_id).output_path
+        owner = stored_scan_source(path) if path.exists() else None
+        if owner is not None:
+            claimed[scan_id] = owner
+    named = []
+    for scan in scans:
+        real = os.path.realpath(scan.path)
+        if claimed.setdefault(scan.scan_id, real) != real:
+            scan_id = scan_id_from(f"{scan.scan_id}-{path_key(real)[:8]}")
+            scan = dataclasses.replace(scan, scan_id=scan_id)
+        named.append(scan)
+    return named
+
+
+def plan(
+    scans: list[ArchivedScan], settings: ScanSettings, retry_failed: bool = False
+) -> tuple[list[ArchivedScan], dict]:
+    """Split ``scans`` (named by :func:`name_scans`) into those to reconstruct or resume and
+    those complete already, whose files hold every frame of their files as they are now
+    (by scan id, why skipped). ``ValueError`` when a file was made with another
+    configuration or model: the analyst chooses another output folder rather than lose or
+    mix results."""
     to_run, skipped = [], {}
     for scan in scans:
-        path = settings.for_scan(scan.scan_id).output_path
-        completion = read_completion(path)
-        if completion is None:
+        config = settings.for_scan(scan.scan_id, scan_source=os.path.realpath(scan.path))
+        if not config.output_path.exists():
             to_run.append(scan)
             continue
-        theirs = (completion.model_sha256, completion.n_samples)
-        if theirs != (model_sha256, settings.inference.n_samples):
-            raise ValueError(
-                f"{path} holds complete results of another model or number of samples "
-                f"({completion.model_sha256[:12]}, {completion.n_samples} samples): choose "
-                "another output_dir"
-            )
-        skipped[scan.scan_id] = f"complete: {completion.n_exposures} exposures in {path}"
+        manifest = FileSource([scan.path], scan.scan_id).manifest()
+        resume = plan_output(config, True, manifest, retry_failed)
+        completion = read_completion(config.output_path)
+        if completion is None or resume is None or not resume.up_to_date(manifest):
+            to_run.append(scan)
+            continue
+        skipped[scan.scan_id] = (
+            f"complete: {completion.n_exposures} exposures in {config.output_path}"
+        )
     return to_run, skipped
 
 
@@ -142,10 +183,12 @@ def reprocess_scans(
     settle_s: Annotated[float, Field(ge=0)] = 60.0,
     read_ahead: Annotated[int, Field(ge=0)] = 0,
     batch_size: Annotated[int, Field(ge=1)] = 16,
+    retry_failed: bool = False,
 ) -> dict[str, dict | str]:
     """Reconstruct the archived scans named by ``scans`` (folders, Eiger master files,
     glob patterns) into ``settings.output_dir``, one file per scan, skipping the complete
-    ones; fails, after all scans are done, when one of them failed.
+    ones; fails, after all scans are done, when one of them failed. ``retry_failed``:
+    process the frames of failed rows again.
 
     ``read_ahead``: frames decoded ahead by a reader process per scan (0: read in the task);
     on a remote cluster its workers must allow child processes (``distributed.worker.daemon:
@@ -153,8 +196,8 @@ def reprocess_scans(
     import dask.config
     from prefect_dask import DaskTaskRunner
 
-    found = find_scans(scans)
-    to_run, skipped = plan(found, settings)
+    found = name_scans(find_scans(scans), settings)
+    to_run, skipped = plan(found, settings, retry_failed)
     outcome: dict[str, dict | str] = dict(skipped)
     if to_run:
         if cluster.address is not None:
@@ -166,7 +209,7 @@ def reprocess_scans(
             )
         with dask.config.set({"distributed.worker.daemon": False}):  # a task starts processes
             outcome |= reprocess_on_dask.with_options(task_runner=runner)(
-                to_run, settings, settle_s, read_ahead, batch_size
+                to_run, settings, settle_s, read_ahead, batch_size, retry_failed
             )
     rows = [_row(scan, outcome[scan.scan_id], settings) for scan in found]
     create_table_artifact(

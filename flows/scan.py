@@ -13,10 +13,11 @@ Without ``PREFECT_API_URL`` the flows run on Prefect's ephemeral local server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import chain, islice
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from flows.monitor import ScanMonitor
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
-from pipeline.store import mark_complete, open_results
+from pipeline.sources.identity import FileStamp
+from pipeline.store import open_results
+from pipeline.store.results import written_indices
 from workers.metrics import stage_table
 from workers.scan import ScanRunner, ScanSummary
 
@@ -87,10 +90,35 @@ def summary_markdown(summary: ScanSummary, note: str = "") -> str:
         lines += ["", f"Remote workers: {summary.remote_workers} (on other nodes)."]
     if summary.skipped:
         lines += ["", f"Resumed: {summary.skipped} exposures were already in the file."]
+    if summary.redone or summary.removed:
+        lines += [
+            "",
+            f"Redone: {summary.redone} rows (failed ones retried, or of files changed since); "
+            f"kept from files no longer in the scan: {summary.removed}.",
+        ]
     if summary.failures:
         lines += ["", "## Failed exposures", ""]
         lines += [f"- {index}: {error}" for index, error in sorted(summary.failures.items())]
     return "\n".join(lines)
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a scan, raised once its processes have stopped and the writer has closed
+    its file (every exposure acknowledged is in it); the message says how many there are."""
+
+
+@contextlib.contextmanager
+def _abandoned_when_interrupted(monitor: ScanMonitor) -> Iterator[None]:
+    """Inside the runner's ``with``: on Ctrl-C or SIGTERM (an exception that is no
+    ``Exception``: the process is ending) the monitor stops (:meth:`ScanMonitor.abandon`)
+    before the runner stops the writer, so that no plot starts reading the file the writer
+    closes."""
+    try:
+        yield
+    except BaseException as error:
+        if not isinstance(error, Exception):
+            monitor.abandon()
+        raise
 
 
 def reconstruct(
@@ -101,19 +129,34 @@ def reconstruct(
     resume: bool = False,
     source_ended: Callable[[], bool] = lambda: True,
     note: Callable[[], str] = lambda: "",
+    manifest: Mapping[str, FileStamp] | None = None,
+    retry_failed: bool = False,
 ) -> dict:
     """Feed ``exposures`` through a :class:`ScanRunner` in tasks of ``batch_size`` frames (or,
     when ``None``, one task for a live stream), watched by a :class:`ScanMonitor`; return the
-    summary as a dict. ``resume`` continues an existing results file.
+    summary as a dict. ``resume`` continues an existing results file, by frame identity
+    (``manifest``: the source's files, :meth:`FileSource.manifest`; ``retry_failed``: failed
+    rows are processed again; see :mod:`pipeline.store.resume`).
 
     When the iteration is over and ``source_ended()`` says the source gave all it had (not,
     say, a run cancelled halfway), the file is marked complete with its number of exposures
     (:func:`pipeline.store.mark_complete`), so that reprocessing skips it. ``note()`` adds a
-    line to the summary artifact.
+    line to the summary artifact. Ctrl-C (``KeyboardInterrupt``) comes out as
+    :class:`ScanInterrupted` once the runner has stopped its processes; on it, or SIGTERM,
+    the monitor stops without a summary.
     """
     monitor = ScanMonitor(config.scan_id, config.output_path, expected_frames)
     try:
-        with ScanRunner(config, resume=resume, on_result=monitor.record) as runner:
+        with (
+            ScanRunner(
+                config,
+                resume=resume,
+                on_result=monitor.record,
+                manifest=manifest,
+                retry_failed=retry_failed,
+            ) as runner,
+            _abandoned_when_interrupted(monitor),
+        ):
             if batch_size is None:
                 submit_stream(runner, exposures, monitor)
             else:
@@ -122,15 +165,21 @@ def reconstruct(
                     del first
                     monitor.update(runner.n_done, runner.n_submitted)
             summary = wait_for_results(runner, monitor)
+            runner.complete = complete = source_ended()
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
             f"Exposures written before: see `{config.output_path}`."
         )
         raise
-    complete = source_ended()
-    if complete:
-        mark_complete(config.output_path, summary.submitted + summary.skipped)
+    except BaseException as error:  # Ctrl-C, SIGTERM: the runner has stopped its processes
+        monitor.abandon()  # (if the runner had not started yet)
+        monitor.join()  # no drawing under way when the process ends
+        if not isinstance(error, KeyboardInterrupt):
+            raise
+        path = config.output_path
+        written = len(written_indices(path)) if path.exists() else 0
+        raise ScanInterrupted(f"after {written} exposures were written to {path}") from error
     monitor.finish(summary_markdown(summary, note()))
     return {**dataclasses.asdict(summary), "complete": complete}
 
@@ -160,10 +209,11 @@ def reconstruct_simulated_scan(
     return reconstruct(config, source, batch_size, expected_frames=n_frames)
 
 
-def archived_frames(paths: list[str], scan_id: str) -> FileSource:
-    """The files named by ``paths`` (files, directories, globs); ``ValueError`` when a pattern
-    matches nothing, so that a typo stops the command instead of giving an empty scan."""
-    source = FileSource(paths, scan_id)
+def archived_frames(paths: list[str], scan_id: str, hdf5_dataset: str | None = None) -> FileSource:
+    """The files named by ``paths`` (files, directories, globs), HDF5 frames read from
+    ``hdf5_dataset`` where given; ``ValueError`` when a pattern matches nothing, so that a
+    typo stops the command instead of giving an empty scan."""
+    source = FileSource(paths, scan_id, hdf5_dataset=hdf5_dataset)
     if source.unmatched_patterns or not source.files:
         raise ValueError(f"no file matches {', '.join(source.unmatched_patterns or paths)}")
     return source
@@ -175,26 +225,32 @@ def reprocess_files(
     batch_size: int = 16,
     read_ahead: int = 4,
     resume: bool = False,
+    retry_failed: bool = False,
+    hdf5_dataset: str | None = None,
 ) -> dict:
-    """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5)
-    into ``config.output_path``; unreadable frames are recorded as failed exposures. With
+    """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5;
+    ``hdf5_dataset``: the frames' dataset in HDF5 files where it is not an Eiger or NeXus
+    place) into ``config.output_path``; unreadable frames are recorded as failed exposures. With
     ``resume``, an existing results file of the scan (say, of a run that was killed) is
-    completed: exposures already in it are not computed again.
+    completed: frames already in it are not computed again, new files and files changed
+    since are (by frame identity, :mod:`pipeline.store.resume`), and with ``retry_failed``
+    failed rows too.
 
     A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
     read in this process), so that decoding and integrating overlap; pyFAI's engine then
     leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
     """
-    source = archived_frames(paths, config.scan_id)
+    source = archived_frames(paths, config.scan_id, hdf5_dataset)
+    resuming = {"resume": resume, "manifest": source.manifest(), "retry_failed": retry_failed}
     if read_ahead == 0:
-        return reconstruct(config, source.exposures(), batch_size, resume=resume)
+        return reconstruct(config, source.exposures(), batch_size, **resuming)
     if config.integration.openmp_threads is None:
         threads = max(1, (os.cpu_count() or 1) - 1)
         integration = config.integration.model_copy(update={"openmp_threads": threads})
         config = config.model_copy(update={"integration": integration})
     with ReadAhead(source, read_ahead) as reader:
         reader.start()  # its start-up (about a second) overlaps the workers'
-        return reconstruct(config, reader.exposures(), batch_size, resume=resume)
+        return reconstruct(config, reader.exposures(), batch_size, **resuming)
 
 
 @flow(name="reprocess-scan")
@@ -204,9 +260,13 @@ def reprocess_scan(
     batch_size: int = 16,
     read_ahead: int = 4,
     resume: bool = False,
+    retry_failed: bool = False,
+    hdf5_dataset: str | None = None,
 ) -> dict:
     """One archived scan (``beamline-inn reprocess``): see :func:`reprocess_files`."""
-    return reprocess_files(config, paths, batch_size, read_ahead, resume)
+    return reprocess_files(
+        config, paths, batch_size, read_ahead, resume, retry_failed, hdf5_dataset
+    )
 
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:

@@ -184,9 +184,10 @@ class ScanSettings(_Strict):
             raise ValueError("n_workers is 0 and no remote_work endpoint is set: no worker")
         return self
 
-    def for_scan(self, scan_id: str) -> PipelineConfig:
-        """The configuration of scan ``scan_id`` with these settings."""
-        return PipelineConfig(scan_id=scan_id, **dict(self))
+    def for_scan(self, scan_id: str, scan_source: str | None = None) -> PipelineConfig:
+        """The configuration of scan ``scan_id`` (read from ``scan_source``, when it is one
+        archived scan) with these settings."""
+        return PipelineConfig(scan_id=scan_id, scan_source=scan_source, **dict(self))
 
 
 #: A scan id names its results file and log folder: no path separators, no leading dot, at
@@ -209,6 +210,9 @@ class PipelineConfig(ScanSettings):
     which names its results file (so it cannot leave ``output_dir``)."""
 
     scan_id: str = Field(pattern=SCAN_ID_PATTERN)
+    #: the archived scan reconstructed (its folder's or Eiger master file's real path), when
+    #: the run is one such scan (``reprocess-scans``): its results file belongs to it
+    scan_source: str | None = None
 
     @property
     def settings(self) -> ScanSettings:

@@ -86,3 +86,63 @@ def test_a_malformed_poni_stops_reprocess_before_it_starts(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     assert "does not define" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.h5"))
+
+
+def _failed_rows(path, indices) -> None:
+    """A small results file whose rows (exposures ``indices``) all failed."""
+    import numpy as np
+
+    from pipeline.store import ExposureResult, ResultsWriter
+
+    names, units, q = ("pitch_nm", "width_nm", "sigma_nm"), ("nm",) * 3, np.linspace(0.1, 1, 512)
+    with ResultsWriter(path, names, units, 4, q, scan_id="s") as writer:
+        for index in indices:
+            writer.append(ExposureResult(index=index, timestamp=0.0, status="failed", error="x"))
+
+
+def test_show_of_an_exposure_not_in_the_file_says_which_are(tmp_path, capsys):
+    path = tmp_path / "scan.h5"
+    _failed_rows(path, [0, 1, 2, 5])
+    assert main(["show", str(path), "--exposure", "999"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"beamline-inn show: error: exposure 999 is not in {path} (exposures 0-2, 5)\n"
+    )
+    assert main(["show", str(path), "--exposure", "5"]) == 0
+
+
+def test_show_of_a_file_from_elsewhere_is_one_line(tmp_path, capsys):
+    """An NXcanSAS file written by another program (SasView's layout) is not a results file."""
+    import h5py
+    import numpy as np
+
+    path = tmp_path / "sasview.h5"
+    with h5py.File(path, "w") as handle:
+        entry = handle.create_group("entry")
+        entry.attrs.update(NX_class="NXentry", canSAS_class="SASentry")
+        data = entry.create_group("sasdata")
+        data.attrs.update(NX_class="NXdata", canSAS_class="SASdata", signal="I", I_axes="Q")
+        data["Q"], data["I"] = np.linspace(0.01, 0.3, 50), np.ones(50)
+    assert main(["show", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"beamline-inn show: error: {path} is not a beamline-inn results file "
+        "(no entry/posterior): its top level holds entry\n"
+    )
+
+
+def test_an_all_nan_dark_stops_reprocess_before_it_starts(tmp_path, capsys):
+    import numpy as np
+
+    from pipeline.integration import DEFAULT_PONI
+
+    np.save(tmp_path / "dark.npy", np.full((4, 4), np.nan, np.float32))
+    (tmp_path / "frame_1.cbf").write_bytes(b"")
+    args = ["reprocess", str(tmp_path / "frame_1.cbf"), "--poni", str(DEFAULT_PONI)]
+    args += ["--dark", str(tmp_path / "dark.npy"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the dark image {tmp_path / 'dark.npy'} holds no finite value" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -89,6 +89,27 @@ Wavelength: 1.55e-10
 """
 
 
+def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
+    prefect_harness, tmp_path, capsys
+):
+    """``--hdf5-dataset``: a 3-D dataset outside the Eiger and NeXus places gives one exposure
+    per frame, read ahead by the reader process."""
+    poni = tmp_path / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    frames = np.random.default_rng(3).poisson(50, (3, 48, 64)).astype(np.int32)
+    with h5py.File(tmp_path / "run.h5", "w") as handle:
+        handle["measurement/pilatus"] = frames
+    out = tmp_path / "out"
+    options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "stack"]
+    stack = [str(tmp_path / "run.h5"), "--hdf5-dataset", "/measurement/pilatus"]
+    status = main(["reprocess", *stack, *options, "--workers", "1", "--samples", "50"])
+    printed = capsys.readouterr().out
+    assert status == 0 and "exposures:  3 (3 written, 0 failed)" in printed, printed
+    results = open_results(out / "stack.h5")
+    assert results.index.tolist() == [0, 1, 2] and (results.status == "ok").all()
+    assert results.source[2].endswith("run.h5:/measurement/pilatus frame 2")
+
+
 def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     prefect_harness, eiger_simulator, tmp_path, capsys
 ):

@@ -135,6 +135,89 @@ def test_frames_that_cannot_be_integrated_say_why(poni, frame, message):
         make(poni).integrate(frame)
 
 
+def test_negative_gap_markers_are_named_as_gaps_not_saturation(poni):
+    """A signed frame whose region is mostly -1/-2 (Pilatus module gaps) says so."""
+    frame = np.full(SHAPE, 7, np.int32)
+    frame[:, ::4] = 9
+    frame[:, 1::4] = frame[:, 2::4] = -1
+    frame[:, 3::4] = -2
+    with pytest.raises(FrameError, match="are detector gaps or bad pixels") as refused:
+        make(poni, azimuth_range_deg=None).integrate(frame)
+    assert "negative values" in str(refused.value) and "saturated" not in str(refused.value)
+    frame[:, 1::4] = frame[:, 2::4] = 9  # a quarter are gaps: masked, the rest counted
+    line_out = make(poni, azimuth_range_deg=None).integrate(frame)
+    assert (line_out.counts % 9 == 0).all()
+
+
+def test_a_dark_or_flat_without_a_usable_value_is_a_setup_error(poni, tmp_path):
+    """Found when the integrator is made (before any frame, whether or not the PONI names a
+    detector), not as every frame "saturated"."""
+    v1 = tmp_path / "v1.poni"
+    v1.write_text(SMALL_PONI_V1)
+    np.save(tmp_path / "nan.npy", np.full(SHAPE, np.nan, np.float32))
+    np.save(tmp_path / "zero.npy", np.zeros(SHAPE, np.float32))
+    refused = [
+        ("dark", "nan.npy", "the dark image .*nan.npy holds no finite value"),
+        ("flat", "nan.npy", "the flat image .*nan.npy holds no finite positive value"),
+        ("flat", "zero.npy", "the flat image .*zero.npy holds no finite positive value"),
+    ]
+    for what, name, message in refused:
+        for geometry in (poni, v1):
+            with pytest.raises(GeometryError, match=message):
+                make(geometry, **{what: tmp_path / name})
+
+
+def test_dark_pixels_that_are_not_finite_are_masked(poni, tmp_path):
+    dark = np.full(SHAPE, 1.0, np.float32)
+    dark[:, : SHAPE[1] // 2] = np.nan
+    np.save(tmp_path / "dark.npy", dark)
+    mask = np.isnan(dark).astype(np.uint8)
+    np.save(tmp_path / "mask.npy", mask)
+    corrected = make(poni, azimuth_range_deg=None, dark=tmp_path / "dark.npy")
+    masked = make(poni, azimuth_range_deg=None, mask=tmp_path / "mask.npy")
+    frame = np.full(SHAPE, 4, np.uint32)
+    np.testing.assert_allclose(
+        corrected.integrate(frame).counts, masked.integrate(frame - 1).counts
+    )
+
+
+#: The small geometry as a v1 PONI: pixel sizes, no detector (and so no shape).
+SMALL_PONI_V1 = """PixelSize1: 0.000172
+PixelSize2: 0.000172
+Distance: 1.0
+Poni1: 0.0168
+Poni2: 0.0419
+Rot1: 0
+Rot2: 0
+Rot3: 0
+Wavelength: 1.55e-10
+"""
+
+
+def test_a_poni_without_a_detector_says_where_the_shape_came_from(poni, tmp_path):
+    v1 = tmp_path / "v1.poni"
+    v1.write_text(SMALL_PONI_V1)
+    np.save(tmp_path / "mask.npy", np.zeros(SHAPE, np.uint8))
+    other = np.ones((SHAPE[0] + 1, SHAPE[1]), np.uint32)
+
+    from_mask = make(v1, mask=tmp_path / "mask.npy")
+    assert from_mask.shape == SHAPE  # before any frame: a first frame of another shape fails
+    with pytest.raises(FrameError) as refused:
+        from_mask.integrate(other)
+    message = str(refused.value)
+    assert f"does not match the detector shape {SHAPE}, taken from the mask file" in message
+    assert f"the PONI {v1} names no detector (add Detector: NAME" in message
+    assert '"max_shape": [195, 487]' in message
+
+    from_frame = make(v1)
+    assert from_frame.shape is None
+    from_frame.integrate(np.ones(SHAPE, np.uint32), source="scan_00001.cbf")
+    with pytest.raises(FrameError, match=r"taken from the first frame, scan_00001.cbf: the PONI"):
+        from_frame.integrate(other, source="scan_00002.cbf")
+    with pytest.raises(FrameError, match=r"shape \(195, 487\), taken from the detector Pilatus"):
+        make(poni).integrate(other)
+
+
 def test_normalization_travels_with_the_line_out(poni):
     integrator = make(poni)
     assert integrator.integrate(np.ones(SHAPE, np.uint32), normalization=2.5).normalization == 2.5

@@ -190,11 +190,14 @@ def test_missing_or_foreign_card_is_refused(tmp_path, reliability):
 
 
 def test_short_training_lowers_the_validation_loss():
+    # 5e-4: at the default 1e-3 this tiny model's validation loss spikes around step 125
+    # (13.1, 12.3, then 17.1 at step 150 with numpy 2.4), which says nothing of training
     config = TrainingConfig(
         steps=150,
         batch_size=128,
         n_validation=512,
         validation_every=50,
+        learning_rate=5e-4,
         architecture=TINY,
     )
     _, history = train(config, progress=False)

@@ -34,6 +34,7 @@ from flows.reprocess import (
     DaskCluster,
     ScanNotSettled,
     _retry_if_unsettled,
+    name_scans,
     reprocess_one_scan,
     reprocess_scans,
 )
@@ -238,7 +239,7 @@ def test_scan_still_being_written_is_retried_other_errors_are_not(tmp_path):
     assert reprocess_one_scan.retries == 2
 
 
-def test_find_scans_takes_folders_and_eiger_masters_and_refuses_clashes(tmp_path):
+def test_find_scans_takes_folders_and_eiger_masters_and_names_clashes_apart(tmp_path):
     import h5py
 
     (tmp_path / "a").mkdir()
@@ -253,8 +254,10 @@ def test_find_scans_takes_folders_and_eiger_masters_and_refuses_clashes(tmp_path
     with pytest.raises(ValueError, match="no scan matches"):
         find_scans([tmp_path / "missing*"])
     (tmp_path / "a.cbf").write_bytes(b"")
-    with pytest.raises(ValueError, match="would both be scan a"):
-        find_scans([tmp_path / "a*"])
+    clashing = find_scans([tmp_path / "a*"])
+    assert [s.scan_id for s in clashing] == ["a", "a"]
+    named = name_scans(clashing, ScanSettings(output_dir=tmp_path / "out"))
+    assert named[0].scan_id == "a" and named[1].scan_id.startswith("a-")
 
 
 def test_online_flow_stops_cleanly_on_sigterm_with_every_frame_taken_written(

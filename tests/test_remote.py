@@ -132,6 +132,59 @@ def test_workers_with_a_wrong_key_are_refused(tmp_path, keys, reliability):
         assert " as worker " not in log.read_text()
 
 
+def test_a_refused_key_is_named_on_both_sides(tmp_path, keys, caplog):
+    """The worker whose key is not authorized exits 2 saying which key to authorize; the
+    feeder logs the refusal with the worker's address; a worker that trusts another feeder
+    key says once that the handshake fails, and retries."""
+    import zmq
+
+    from pipeline.transport.security import serve_curve, start_authenticator
+
+    context = zmq.Context()
+    authenticator = start_authenticator(context, keys / "authorized")
+    feeder = context.socket(zmq.ROUTER)
+    serve_curve(feeder, keys / "feeder.key_secret")
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    feeder.bind(url)
+    logs = {name: tmp_path / f"{name}.log" for name in ("intruder", "misled")}
+    intruder = _start_worker(
+        url, keys / "intruder.key_secret", keys / "feeder.key", logs["intruder"]
+    )
+    misled = _start_worker(
+        url, keys / "gpu-node.key_secret", keys / "impostor-feeder.key", logs["misled"]
+    )
+    try:
+        assert intruder.wait(timeout=60) == 2
+        _wait_for(lambda: "(retrying)" in logs["misled"].read_text(), 60, "the misled worker")
+        time.sleep(2.0)  # several more handshakes fail meanwhile
+        assert misled.poll() is None
+    finally:
+        misled.terminate()
+        misled.wait(timeout=10)
+        authenticator.stop()
+        feeder.close(linger=0)
+        context.term()
+    assert (
+        f"beamline-inn worker: error: the feeder at {url} refused this worker's key (CURVE): is "
+        "intruder.key in the feeder's --authorized-keys folder?" in logs["intruder"].read_text()
+    )
+    assert (
+        logs["misled"]
+        .read_text()
+        .count(
+            f"the handshake with the feeder at {url} failed: is --server-key "
+            f"{keys / 'impostor-feeder.key'} the feeder's public key? (retrying)"
+        )
+        == 1
+    )
+    assert (
+        f"refused a worker's key from 127.0.0.1 (CURVE: not in --authorized-keys "
+        f"{keys / 'authorized'}" in caplog.text
+    )
+    assert authenticator.refused == 1
+    assert authenticator.take_refusal() and not authenticator.take_refusal()
+
+
 def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys, reliability):
     url = f"tcp://127.0.0.1:{_free_port()}"
     log = tmp_path / "worker.log"

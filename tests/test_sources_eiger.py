@@ -228,6 +228,61 @@ def test_other_layouts_need_the_dataset_path(tmp_path):
     np.testing.assert_array_equal(exposures[1].frame, frames_for(9, 2)[1])
 
 
+def write_nexus(path: Path, detectors: dict[str, np.ndarray]) -> None:
+    """A NeXus file: NXentry/NXinstrument/NXdetector groups, each holding ``data``."""
+    with h5py.File(path, "w") as handle:
+        handle.create_group("scan").attrs["NX_class"] = "NXentry"
+        handle["scan"].create_group("beamline").attrs["NX_class"] = b"NXinstrument"
+        for name, frames in detectors.items():
+            group = handle["scan/beamline"].create_group(name)
+            group.attrs["NX_class"] = "NXdetector"
+            group["data"] = frames
+        handle["scan/beamline/monitor"] = np.arange(len(frames))
+
+
+def test_a_nexus_detectors_data_is_read_by_default_one_exposure_per_frame(tmp_path):
+    write_nexus(tmp_path / "run.nxs", {"saxs": frames_for(4, 3)})
+
+    exposures = list(FileSource([tmp_path / "run.nxs"], "s").exposures())
+
+    assert [e.error for e in exposures] == [None, None, None]
+    for number, exposure in enumerate(exposures):
+        np.testing.assert_array_equal(exposure.frame, frames_for(4, 3)[number])
+        assert exposure.metadata["source"].endswith(
+            f"run.nxs:/scan/beamline/saxs/data frame {number}"
+        )
+
+
+def test_frames_elsewhere_need_hdf5_dataset_and_the_error_lists_the_candidates(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as handle:
+        handle["measurement/images"] = frames_for(5, 4)
+        handle["measurement/monitor"] = np.ones(4)
+    write_nexus(tmp_path / "two.nxs", {"saxs": frames_for(6, 2), "waxs": frames_for(7, 2)})
+
+    (missing,) = FileSource([tmp_path / "other.h5"], "s").exposures()
+    (absent,) = FileSource([tmp_path / "other.h5"], "s", hdf5_dataset="/images").exposures()
+    (several,) = FileSource([tmp_path / "two.nxs"], "s").exposures()
+    stack = FileSource([tmp_path / "other.h5"], "s", hdf5_dataset="/measurement/images")
+    chosen = list(stack.exposures())
+
+    assert missing.frame is None and missing.error.startswith("no detector frames: neither")
+    assert "name the frames' dataset with --hdf5-dataset PATH" in missing.error
+    assert "its 3-D datasets: /measurement/images (4, 6, 10) uint16)" in missing.error
+    assert absent.error.startswith("no detector frames: no dataset /images in other.h5")
+    assert "several (/scan/beamline/saxs/data, /scan/beamline/waxs/data)" in several.error
+    assert "--hdf5-dataset" in several.error
+    assert len(chosen) == 4 and [e.error for e in chosen] == [None] * 4
+    np.testing.assert_array_equal(chosen[3].frame, frames_for(5, 4)[3])
+
+
+def test_a_real_nxcansas_curve_is_no_detector_frame(shared_data):
+    """A reduced 1-D curve from Diamond I22 (NXcanSAS): NXdetector, but no frames."""
+    (exposure,) = FileSource([shared_data / "gc14-dls-i22.h5"], "s").exposures()
+
+    assert exposure.frame is None and exposure.error.startswith("no detector frames")
+    assert "--hdf5-dataset" in exposure.error and "the file holds no 3-D dataset" in exposure.error
+
+
 def test_real_eiger2_bitshuffle_lz4_data_files(eiger_files):
     source = EigerSource([eiger_files[1], eiger_files[0]], "real")
     exposures = list(source.exposures())

@@ -261,3 +261,54 @@ def test_real_pilatus_tiff_reads_with_its_header(shared_data):
     assert exposure.metadata["exposure_time_s"] == "3.0"
     assert exposure.metadata["frame_time_s"] == "3.0"
     assert exposure.metadata["format"] == "PILATUS"
+
+
+def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, reliability):
+    folder = tmp_path / "dir"
+    (folder / "sub").mkdir(parents=True)
+    for number in range(3):
+        write_edf(folder / "sub" / f"f_{number}.edf", [image(number)])
+    os.symlink(folder, folder / "sub" / "loop")  # dir/sub/loop/sub/loop/... back to dir
+    os.symlink(folder / "sub" / "f_0.edf", folder / "alias_of_f_0.edf")
+    _, exposures = read_all([str(folder / "**" / "*.edf")])
+    names = sorted(Path(e.metadata["source"]).name for e in exposures)
+    reliability.record(
+        "bad input",
+        "a ** glob through a symbolic link loop, and a link to a file of the scan",
+        tried=1,
+        accepted=len(exposures),
+        lost=len(exposures) - 3,
+        detail=f"{len(exposures)} exposures from 3 files (each once, by real path)",
+    )
+    assert len(exposures) == 3, names
+    assert len({e.metadata["frame_id"] for e in exposures}) == 3
+
+
+def test_a_broken_symlink_in_a_folder_is_a_failed_row_naming_the_link(tmp_path, reliability):
+    for number in (0, 2):
+        write_edf(tmp_path / f"f_{number}.edf", [image(number)])
+    os.symlink(tmp_path / "gone.edf", tmp_path / "f_1.edf")
+    _, exposures = read_all([tmp_path])
+    reliability.record(
+        "bad input",
+        "a dangling symbolic link among the files of a folder",
+        tried=1,
+        accepted=len(exposures),
+        lost=3 - len(exposures),
+        detail=f"exposure 1: {exposures[1].error}",
+    )
+    assert [e.index for e in exposures] == [0, 1, 2]
+    assert exposures[1].frame is None
+    assert "broken symbolic link" in exposures[1].error and "gone.edf" in exposures[1].error
+    assert exposures[2].frame is not None
+
+
+def test_each_frame_carries_its_identity_which_changes_with_its_file(tmp_path):
+    path = write_edf(tmp_path / "f.edf", [image(0), image(1)])
+    first = [e.metadata["frame_id"] for e in read_all([path])[1]]
+    assert len(set(first)) == 2 and all(text.count(":") == 3 for text in first)
+    assert [e.metadata["frame_id"] for e in read_all([tmp_path / "." / "f.edf"])[1]] == first
+    write_edf(path, [image(0), image(1), image(2)])
+    second = [e.metadata["frame_id"] for e in read_all([path])[1]]
+    assert [t.rsplit(":", 2)[0] for t in second[:2]] == [t.rsplit(":", 2)[0] for t in first]
+    assert second[:2] != first  # same place, another version of the file

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,8 +18,12 @@ import hdf5plugin
 import numpy as np
 import pytest
 from fabio.edfimage import EdfImage
+from fabio.tifimage import TifImage
 
+from pipeline.config import IntegrationConfig
 from pipeline.exposure import Exposure
+from pipeline.integration import LineOutIntegrator
+from pipeline.physics import QGrid
 from pipeline.sources import FileSource
 from pipeline.sources.readahead import ReadAhead, ReaderError, _shared_memory_folder
 
@@ -100,12 +108,14 @@ def test_eiger_frames_through_the_reader(tmp_path):
     np.testing.assert_array_equal(np.stack([e.frame for e in exposures]), stack)
 
 
-def slot_folders() -> set[str]:
-    return set(
-        glob.glob(
-            os.path.join(_shared_memory_folder() or tempfile.gettempdir(), "beamline-inn-frames-*")
-        )
-    )
+SLOT_FOLDER = _shared_memory_folder() or tempfile.gettempdir()
+
+
+def slot_folders(pid: int | None = None) -> set[str]:
+    """The slot folders of process ``pid`` (this one by default), where other runs' do not
+    come and go."""
+    pid = os.getpid() if pid is None else pid
+    return set(glob.glob(os.path.join(SLOT_FOLDER, f"beamline-inn-frames-{pid}-*")))
 
 
 def test_stopping_early_stops_the_reader_and_removes_the_slots(tmp_path):
@@ -159,3 +169,82 @@ def test_a_failing_reader_is_reported_after_the_frames_it_delivered(
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth"):
         ReadAhead(FileSource([], "scan"), depth=0)
+
+
+#: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: the
+#: integrator takes the shape from the first frame).
+SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
+PixelSize2: 7.5e-05
+Distance: 0.2
+Poni1: 0.0018
+Poni2: 0.0024
+Rot1: 0
+Rot2: 0
+Rot3: 0
+Wavelength: 1.55e-10
+"""
+#: The numeric dtypes fabio writes and reads back as they are in EDF and TIFF files (TIFF
+#: turns float64 into float32).
+DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
+DTYPES += ("float32", "float64")
+
+
+def test_frames_of_every_dtype_integrate_alike_read_ahead_or_not(tmp_path):
+    # frames read ahead are read-only views of shared memory, which pyFAI's engine refused
+    # for float32 (the one dtype it takes without converting it)
+    poni = tmp_path / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    counts = np.random.default_rng(2).poisson(20.0, (48, 64))
+    paths = []
+    for number, (dtype, (image, suffix)) in enumerate(
+        itertools.product(DTYPES, ((EdfImage, "edf"), (TifImage, "tif")))
+    ):
+        paths.append(tmp_path / f"f_{number}.{suffix}")
+        image(data=counts.astype(dtype)).write(str(paths[-1]))
+    integrator = LineOutIntegrator(IntegrationConfig(poni=poni, azimuth_range_deg=None), QGrid())
+    expected = integrator.integrate(counts.astype(np.float64)).counts
+    read = {"direct": FileSource(paths, "scan"), "ahead": ReadAhead(FileSource(paths, "scan"), 3)}
+    for how, source in read.items():
+        dtypes = []
+        for exposure in source.exposures():
+            assert exposure.error is None, exposure.error
+            assert exposure.frame.flags.writeable == (how == "direct")
+            dtypes.append(str(exposure.frame.dtype))
+            line_out = integrator.integrate(exposure.frame)
+            np.testing.assert_array_equal(line_out.counts, expected, err_msg=f"{how} {dtypes[-1]}")
+        assert set(dtypes) == set(DTYPES) and len(dtypes) == len(paths)
+
+
+def test_slot_folders_left_by_a_sigkill_are_removed_at_the_next_start(tmp_path):
+    write_frames(tmp_path, [(30, 40)] * 3)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", READ_AND_WAIT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, the reader included
+    )
+    assert killed.stdout is not None and killed.stdout.readline().strip() == "reading"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    left = slot_folders(killed.pid)
+    assert len(left) == 1  # nothing could remove it
+    live = tempfile.mkdtemp(prefix=f"beamline-inn-frames-{os.getpid()}-", dir=SLOT_FOLDER)
+    try:
+        with ReadAhead(FileSource(tmp_path, "scan")) as source:
+            source.start()
+            assert not slot_folders(killed.pid)  # its owner is gone
+            assert os.path.isdir(live)  # its owner, this process, runs
+    finally:
+        os.rmdir(live)
+
+
+#: A consumer that has started reading ahead and holds a frame when it is killed.
+READ_AND_WAIT = """
+import sys, time
+from pipeline.sources import FileSource, ReadAhead
+if __name__ == "__main__":
+    exposures = ReadAhead(FileSource(sys.argv[1], "scan"), depth=2).exposures()
+    first = next(exposures)
+    print("reading", flush=True)
+    time.sleep(60)
+"""

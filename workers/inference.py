@@ -93,6 +93,7 @@ def run_batch(
         **{name: column.astype(np.float32) for name, column in posterior.items()},
     }
     sources = [str(m.header.get("source") or "") for m in good]
+    frame_ids = [str(m.header.get("frame_id") or "") for m in good]
     row_bytes = sum(column[0].nbytes for column in columns.values()) + 256
     per_message = max(1, max_message_bytes // (2 * row_bytes))
     for first in range(0, len(good), per_message):
@@ -100,7 +101,7 @@ def run_batch(
         out.append(
             encode(
                 "results",
-                {"source": sources[rows]},
+                {"source": sources[rows], "frame_id": frame_ids[rows]},
                 **{name: column[rows] for name, column in columns.items()},
             )
         )

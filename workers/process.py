@@ -8,6 +8,7 @@ ZeroMQ endpoints follow from it (:meth:`~pipeline.transport.Endpoints.resolve`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from pipeline.config import PipelineConfig
 from pipeline.transport import Endpoints, encode
 
 CONFIG_FILE = "config.json"
+#: A resumed scan's rows that the writer does not carry over (they are written again), as
+#: JSON ``{"drop": [index, ...]}``.
+RESUME_FILE = "resume.json"
 
 
 class Parent:
@@ -34,6 +38,19 @@ def read_run(run_dir: Path) -> tuple[PipelineConfig, Endpoints]:
     """The configuration and endpoints of the run in ``run_dir``."""
     config = PipelineConfig.model_validate_json((run_dir / CONFIG_FILE).read_text())
     return config, Endpoints.resolve(config.transport, run_dir)
+
+
+def write_dropped_rows(run_dir: Path, indices: list[int]) -> None:
+    """Tell the writer of a resumed scan which rows not to carry over (:data:`RESUME_FILE`)."""
+    (run_dir / RESUME_FILE).write_text(json.dumps({"drop": sorted(indices)}))
+
+
+def read_dropped_rows(run_dir: Path) -> list[int]:
+    """The rows a resumed scan's writer does not carry over (none without the file)."""
+    path = run_dir / RESUME_FILE
+    if not path.is_file():
+        return []
+    return [int(index) for index in json.loads(path.read_text())["drop"]]
 
 
 def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:

@@ -12,6 +12,12 @@ At the end of a scan (``stop``), or when the feeder no longer knows it (``reset`
 connection dropped and came back, or the feeder gave up waiting for it), it says hello again
 and waits for the next scan; with ``once`` it returns after one scan.
 
+A feeder that refuses the worker's key (CURVE: its public key is not in the feeder's
+authorized-keys folder) is told by ZeroMQ's socket monitor (the handshake failed,
+authentication): :meth:`RemoteWorker.serve` raises :class:`FeederRefusedError`, which names
+the key to authorize, instead of waiting for a feeder for ever. A handshake that fails
+otherwise (the worker was given another feeder's public key) is said once, and retried.
+
 Liveness both ways: ZeroMQ's own heartbeats (ZMTP PING/PONG every
 ``transport.heartbeat_interval_s``, answered by ZeroMQ's I/O thread even while the feeder is
 waiting for a detector) drop a connection whose peer is gone, and the worker's own heartbeats
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.config import PipelineConfig
 from pipeline.model import load
@@ -42,6 +49,17 @@ from workers.inference import InferenceSession, compile_if_asked
 HELLO_INTERVAL_S = 1.0
 #: A connection silent for this long is dropped (and ZeroMQ reconnects).
 CONNECTION_TIMEOUT_S = 10.0
+#: The socket monitor's events that tell how a handshake with the feeder went (ZeroMQ 4.3).
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+class FeederRefusedError(ConnectionRefusedError):
+    """The feeder refused this worker's key (CURVE): it is not among its authorized keys."""
 
 
 class RemoteWorker:
@@ -74,6 +92,8 @@ class RemoteWorker:
                 "feeder's public key (beamline-inn keys)"
             )
         self.connect = connect
+        self.secret_key = secret_key
+        self.server_key = server_key
         self.device = device
         self.log = log
         torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -94,23 +114,37 @@ class RemoteWorker:
             self.socket.setsockopt(option, value)
         if secret_key is not None and server_key is not None:
             connect_curve(self.socket, secret_key, server_key)
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._handshake_failing = False  # said once until a handshake succeeds
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
         self.socket.connect(connect)
         self._models: dict[str, torch.nn.Module] = {}  # by weights SHA-256: the last one
         self._heartbeat_ms = int(1000 * HELLO_INTERVAL_S)  # the scan's, once it has one
         self.scans = 0
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close()
         self.context.term()
 
     def serve(self, once: bool = False, stop: threading.Event | None = None) -> None:
-        """Serve scans until ``stop`` is set (or, with ``once``, until one scan ended)."""
+        """Serve scans until ``stop`` is set (or, with ``once``, until one scan ended).
+
+        Raises:
+            FeederRefusedError: when the feeder refuses this worker's key (CURVE).
+        """
         session: InferenceSession | None = None
         scan_id = ""
         hello_ms = int(1000 * HELLO_INTERVAL_S)
         self.log(f"worker: waiting for a feeder at {self.connect}")
         while not (stop is not None and stop.is_set()):
-            if not self.socket.poll(hello_ms if session is None else self._heartbeat_ms):
+            events = dict(self._poller.poll(hello_ms if session is None else self._heartbeat_ms))
+            if self.monitor in events:
+                self._check_handshake(recv_monitor_message(self.monitor))
+            if self.socket not in events:
                 self._send_now("hello" if session is None else "heartbeat", session)
                 continue
             if session is None:
@@ -133,6 +167,34 @@ class RemoteWorker:
                 self.scans += 1
                 if once:
                     return
+
+    def _check_handshake(self, event: dict) -> None:
+        """Raise :class:`FeederRefusedError` when the feeder refused this worker's key; say
+        once (until a handshake succeeds) that a handshake failed otherwise."""
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshake_failing = False
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = (
+                "this worker's public key"
+                if self.secret_key is None
+                else f"{Path(self.secret_key).name.removesuffix('.key_secret')}.key"
+            )
+            raise FeederRefusedError(
+                f"the feeder at {self.connect} refused this worker's key (CURVE): is {key} in "
+                "the feeder's --authorized-keys folder?"
+            )
+        elif not self._handshake_failing:
+            self._handshake_failing = True
+            question = (
+                "does the feeder expect CURVE keys (--key, --server-key)?"
+                if self.server_key is None
+                else f"is --server-key {self.server_key} the feeder's public key?"
+            )
+            self.log(
+                f"worker: the handshake with the feeder at {self.connect} failed: {question} "
+                "(retrying)"
+            )
 
     def _send_now(self, kind: str, session: InferenceSession | None) -> None:
         """Send a hello or a heartbeat if a feeder is connected; drop it otherwise."""

@@ -49,10 +49,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +66,15 @@ from pipeline.model import DEFAULT_MODEL, read_card
 from pipeline.model.checkpoint import card_path
 from pipeline.physics import PARAMETER_NAMES
 from pipeline.physics.quality import Z_THRESHOLD
-from pipeline.store.results import written_indices
+from pipeline.scratch import make_scratch_dir
+from pipeline.sources.identity import FileStamp
+from pipeline.store import mark_complete
+from pipeline.store.lock import ResultsLock
+from pipeline.store.resume import ResumePlan, plan_output
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from pipeline.transport.security import serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
-from workers.process import CONFIG_FILE
+from workers.process import CONFIG_FILE, write_dropped_rows
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,10 @@ class ScanSummary:
     stages: dict[str, dict] = field(default_factory=dict)
     #: CPU time of the feeder's process (all its threads) over ``wall_s``
     feeder_cpu_s: float = 0.0
+    #: rows of a resumed file processed again: failed ones retried, or of files changed since
+    redone: int = 0
+    #: rows of a resumed file whose frame's file is no longer among the scan's files (kept)
+    removed: int = 0
 
 
 #: Below this much free space on the output file system, a scan error says the disk is full.
@@ -204,7 +211,16 @@ class ScanRunner:
     """Feeds one scan through the pipeline's processes (a context manager).
 
     With ``resume``, an existing results file of the same scan is continued: the writer keeps
-    its complete rows, and exposures already in it are skipped when submitted again.
+    its complete rows, and exposures already in it are skipped when submitted again, by frame
+    identity (:mod:`pipeline.store.resume`; ``manifest``, the source's files now, lets it redo
+    the rows of changed files and report those of removed ones; ``retry_failed`` redoes failed
+    rows). A results file made with another configuration or model is refused (``ValueError``).
+
+    The results file is locked (:class:`pipeline.store.lock.ResultsLock`) from :meth:`start`
+    until the writer has exited: a second run on it is refused with
+    :class:`~pipeline.store.lock.ResultsBusy`. When :attr:`complete` is set by the end of the
+    scan (the source gave everything it had), the file is marked complete once the writer
+    has closed it.
     ``on_result`` is called with each exposure as the writer acknowledges it (in this
     thread, so it must be quick: a live view's bookkeeping, not its drawing).
 
@@ -219,12 +235,19 @@ class ScanRunner:
         config: PipelineConfig,
         resume: bool = False,
         on_result: Callable[[RecentResult], None] | None = None,
+        manifest: Mapping[str, FileStamp] | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self.config = config
         self.resume = resume
         self.on_result = on_result
-        self._written_before: set[int] = set()
-        self._skipped: set[int] = set()
+        self.manifest = manifest
+        self.retry_failed = retry_failed
+        self.plan: ResumePlan | None = None
+        #: set by the caller when the source gave all it had: the file is marked complete
+        self.complete = False
+        self._lock = ResultsLock(config.output_path)
+        self._n_skipped = 0
         self.integrator = LineOutIntegrator(config.integration, config.grid.grid())
         self._children: list[_Child] = []
         self._workers: dict[bytes, _Worker] = {}
@@ -248,6 +271,9 @@ class ScanRunner:
         self._next_remote_number = config.n_workers  # remote workers are numbered after local ones
         self.remote_endpoint: str | None = None
         self._authenticator = None
+        self.run_dir: Path | None = None
+        self.context: zmq.Context | None = None
+        self._monitors: dict[zmq.Socket, str] = {}
         self.metrics = ScanMetrics()
         self.recent: deque[RecentResult] = deque(maxlen=RECENT_RESULTS)
         self._started = time.perf_counter()
@@ -255,15 +281,31 @@ class ScanRunner:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> ScanRunner:
+        """Lock the results file, check it (:func:`~pipeline.store.resume.plan_output`), bind
+        the sockets and start the writer and workers; a start that fails leaves no process,
+        run directory, lock or new results file behind."""
+        self._lock.acquire()
+        new_file = False
+        try:
+            self.plan = plan_output(self.config, self.resume, self.manifest, self.retry_failed)
+            new_file = self.plan is None
+            self._start_processes()
+        except BaseException:
+            self.stop(timeout_s=5.0)
+            if new_file:  # a file this start made holds no row: not left to block a rerun
+                self.config.output_path.unlink(missing_ok=True)
+            self._lock.release()
+            raise
+        self._started = time.perf_counter()
+        self._cpu_started = _process_cpu_s()
+        return self
+
+    def _start_processes(self) -> None:
         config = self.config
-        if config.output_path.exists():
-            if not self.resume:
-                raise FileExistsError(
-                    f"results file already exists: {config.output_path} (resume to continue it)"
-                )
-            self._written_before = written_indices(config.output_path)
-        self.run_dir = Path(tempfile.mkdtemp(prefix="binn-"))  # short: ipc paths are limited
+        self.run_dir = make_scratch_dir("binn-")  # short: ipc paths are limited
         (self.run_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+        if self.plan is not None:
+            write_dropped_rows(self.run_dir, self.plan.dropped)
         self.endpoints = Endpoints.resolve(config.transport, self.run_dir)
         self.log_dir = config.output_dir / "logs" / config.scan_id
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -295,19 +337,18 @@ class ScanRunner:
         for monitor in self._monitors:
             self._poller.register(monitor, zmq.POLLIN)
 
-        try:
-            if config.transport.remote_work is not None:
-                self._bind_remote_work()
-            self._spawn("writer", "workers.writer", 0, *(["--resume"] if self.resume else []))
-            for number in range(config.n_workers):
-                self._spawn(f"worker-{number}", "workers.inference", number)
-            self._wait_ready()
-        except BaseException:  # no child outlives a start that failed
-            self.stop(timeout_s=5.0)
-            raise
-        self._started = time.perf_counter()
-        self._cpu_started = _process_cpu_s()
-        return self
+        if config.transport.remote_work is not None:
+            self._bind_remote_work()
+        self._spawn(
+            "writer",
+            "workers.writer",
+            0,
+            *(["--resume"] if self.plan is not None else []),
+            pass_fds=(self._lock.fd,),  # the writer holds the file's lock while it lives
+        )
+        for number in range(config.n_workers):
+            self._spawn(f"worker-{number}", "workers.inference", number)
+        self._wait_ready()
 
     def _bind_remote_work(self) -> None:
         """Bind the work socket a second time for remote workers: with CURVE when keys are
@@ -328,7 +369,9 @@ class ScanRunner:
             "card": np.frombuffer(card_path(Path(weights)).read_bytes(), np.uint8),
         }
 
-    def _spawn(self, name: str, module: str, number: int, *options: str) -> None:
+    def _spawn(
+        self, name: str, module: str, number: int, *options: str, pass_fds: tuple[int, ...] = ()
+    ) -> None:
         log = self.log_dir / f"{name}.log"
         command = [
             sys.executable,
@@ -346,6 +389,7 @@ class ScanRunner:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         self._children.append(_Child(name, number, process, log))
 
@@ -437,11 +481,18 @@ class ScanRunner:
             self._service(200)
             self._check_children()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0, finish_batches: bool = True) -> None:
         """Broadcast stop until every child has exited (then terminate stragglers). The writer
         gets 5 ms more per exposure written: it adds the NXcanSAS groups when it closes the file
-        (about 2 ms each)."""
+        (about 2 ms each). Without ``finish_batches`` (Ctrl-C: leaving the ``with`` block on
+        ``KeyboardInterrupt``), the local inference workers are killed at once instead of
+        finishing the batch they hold (seconds on a CPU): those exposures were not
+        acknowledged, and a resumed scan computes them again."""
         deadline = time.monotonic() + timeout_s + 0.005 * len(self._status)
+        if not finish_batches:
+            for child in self._children:
+                if child.name.startswith("worker"):
+                    child.process.kill()
         for identity in self._greeted:  # remote workers go back to waiting for a scan
             self._send_to(identity, "stop")
         while any(c.process.poll() is None for c in self._children) and time.monotonic() < deadline:
@@ -453,37 +504,58 @@ class ScanRunner:
             child.process.wait()
         if self._authenticator is not None:
             self._authenticator.stop()
-        for socket in (self.work, self.acks):
-            socket.disable_monitor()
-        for monitor in self._monitors:
-            monitor.close(linger=0)
-        self.work.close(linger=1000)  # the stops to remote workers go out
-        for socket in (self.acks, self.control, self.to_writer):
-            socket.close(linger=0)
-        self.context.term()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._monitors:  # every socket was made
+            for socket in (self.work, self.acks):
+                socket.disable_monitor()
+            for monitor in self._monitors:
+                monitor.close(linger=0)
+            self.work.close(linger=1000)  # the stops to remote workers go out
+            for socket in (self.acks, self.control, self.to_writer):
+                socket.close(linger=0)
+            self.context.term()
+        elif self.context is not None:  # a start that failed while binding
+            self.context.destroy(linger=0)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> ScanRunner:
         return self.start()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        try:
+            self.stop(finish_batches=not interrupted)
+            if exc_type is None and self.complete:
+                mark_complete(self.config.output_path, self.rows_expected)
+        finally:
+            self._lock.release()
+
+    @property
+    def rows_expected(self) -> int:
+        """Rows the results file holds once every submitted exposure is written: those a
+        resumed file kept, and the submitted ones."""
+        kept = self.plan.n_kept_rows if self.plan is not None else 0
+        return kept + self.n_submitted
 
     # -- feeding and acknowledgements -----------------------------------------------------
-    def _skip(self, exposure: Exposure) -> bool:
-        """Whether ``exposure`` is done already (in the file of a resumed scan); ValueError if
-        it was submitted before."""
-        if exposure.index in self._sent_at or exposure.index in self._skipped:
-            raise ValueError(f"exposure {exposure.index} was already submitted")
-        if exposure.index in self._written_before:
-            self._skipped.add(exposure.index)
-            return True
-        return False
+    def _place(self, exposure: Exposure) -> Exposure | None:
+        """``exposure`` with its index in the results file (a resumed scan's plan numbers
+        new frames after the file's rows); ``None`` when its row is in the file already.
+        ValueError if it was submitted before."""
+        placed = self.plan.place(exposure) if self.plan is not None else exposure
+        if placed is None:
+            self._n_skipped += 1
+            return None
+        if placed.index in self._sent_at:
+            raise ValueError(f"exposure {placed.index} was already submitted")
+        return placed
 
     def submit(self, exposure: Exposure) -> None:
         """Integrate one exposure and send it on (blocks while too many are in flight)."""
-        if self._skip(exposure):
+        placed = self._place(exposure)
+        if placed is None:
             return
+        exposure = placed
         header = self._header(exposure)
         self.metrics.record("received")
         if exposure.error is not None or exposure.frame is None:
@@ -492,7 +564,9 @@ class ScanRunner:
         start = time.perf_counter()
         try:
             normalization = exposure_normalization(exposure, self.config.integration)
-            line_out = self.integrator.integrate(exposure.frame, normalization)
+            line_out = self.integrator.integrate(
+                exposure.frame, normalization, source=exposure.metadata.get("source")
+            )
         except FrameError as error:
             self._fail(header, "integration", str(error))
             return
@@ -501,8 +575,10 @@ class ScanRunner:
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
-        if self._skip(exposure):
+        placed = self._place(exposure)
+        if placed is None:
             return
+        exposure = placed
         self.metrics.record("received")
         self._send(exposure, line_out)
 
@@ -549,6 +625,7 @@ class ScanRunner:
             "timestamp": exposure.timestamp,
             "truth": exposure.truth,
             "source": exposure.metadata.get("source", ""),
+            "frame_id": exposure.metadata.get("frame_id", ""),
         }
 
     def _fail(self, header: dict, stage: str, error: str) -> None:
@@ -600,6 +677,11 @@ class ScanRunner:
         return acknowledged
 
     def _log_disconnect(self, socket: str, event: dict) -> None:
+        """Log a peer that disconnected, unless it is a remote worker whose CURVE key was just
+        refused: the authenticator has logged that, with the worker's address."""
+        authenticator = self._authenticator if socket == "work" else None
+        if authenticator is not None and authenticator.take_refusal():
+            return
         log.warning(
             "scan %s: a peer of the %s socket disconnected (%s): a process that exited, or a "
             "message larger than max_message_bytes (%d B)",
@@ -800,7 +882,7 @@ class ScanRunner:
             duplicates=self.duplicates,
             resent=self.resent,
             worker_restarts=self.worker_restarts,
-            skipped=len(self._skipped),
+            skipped=self._n_skipped,
             remote_workers=self.remote_workers,
             wall_s=wall,
             exposures_per_s=self.n_done / wall if wall > 0 else 0.0,
@@ -809,4 +891,6 @@ class ScanRunner:
             failures=dict(self.failures),
             stages=self.metrics.summary(),
             feeder_cpu_s=_process_cpu_s() - self._cpu_started,
+            redone=self.plan.n_changed if self.plan is not None else 0,
+            removed=len(self.plan.removed) if self.plan is not None else 0,
         )

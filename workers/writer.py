@@ -29,10 +29,18 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
+from pipeline.provenance import processing_record
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
 from pipeline.store.results import concatenate_rows, result_columns
 from pipeline.transport import Message, ProtocolError, decode, encode, header_float
-from workers.process import Parent, announce_ready, control_socket, parse_args, read_run
+from workers.process import (
+    Parent,
+    announce_ready,
+    control_socket,
+    parse_args,
+    read_dropped_rows,
+    read_run,
+)
 
 #: Most exposures appended as one block (one resize and write per dataset, one flush). The
 #: writer's work per exposure (decode, append, acknowledge; ``python -m benchmarks.writer``)
@@ -56,6 +64,7 @@ def to_result(message: Message) -> ExposureResult:
         status="failed",
         error=str(header.get("error", "")),
         source=str(header.get("source") or ""),
+        frame_id=str(header.get("frame_id") or ""),
         normalization=header_float(header, "normalization"),
         counts=arrays.get("counts"),
         counts_sd=arrays.get("counts_sd"),
@@ -76,6 +85,7 @@ def columns_of(message: Message) -> dict:
         "status": ["ok"] * n,
         "error": [""] * n,
         "source": message.header.get("source", [""] * n),
+        "frame_id": message.header.get("frame_id", [""] * n),
     }
 
 
@@ -124,6 +134,7 @@ def serve(argv: list[str] | None = None) -> int:
     parent = Parent()
     config, endpoints = read_run(args.run_dir)
     poni = config.integration.poni or DEFAULT_PONI
+    card = read_card(config.inference.model)
     writer = ResultsWriter(
         config.output_path,
         PARAMETER_NAMES,
@@ -132,9 +143,11 @@ def serve(argv: list[str] | None = None) -> int:
         config.grid.grid().q_nm,
         scan_id=config.scan_id,
         config_json=config.model_dump_json(),
-        model_card=read_card(config.inference.model),
+        model_card=card,
         poni_text=poni.read_text(),
+        processing=processing_record(config, card["weights_sha256"]),
         resume=args.resume,
+        drop_indices=read_dropped_rows(args.run_dir),
     )
     context = zmq.Context()
     results = context.socket(zmq.PULL)

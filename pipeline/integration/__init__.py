@@ -2,10 +2,11 @@
 
 One :class:`LineOutIntegrator` per process: pyFAI's CSR engine keeps scratch buffers and
 gives wrong results when one integrator is shared between threads (DESIGN.md section 7), so
-the integrator refuses calls from a second thread. The engine is built once, when the
-integrator is made (or on the first frame, where the PONI file names no detector shape), by
-integrating an empty frame; per-frame bad pixels are handled with pyFAI's dummy values so the
-engine is never rebuilt.
+the integrator refuses calls from a second thread. The engine is built once, by integrating an
+empty frame of the detector's shape: the PONI's detector, or where the PONI names none (v1
+files), the mask, dark or flat file's shape, else the first frame's (a frame of another shape
+fails, saying which shape was expected and where it came from). Per-frame bad pixels are
+handled with pyFAI's dummy values, so the engine is never rebuilt.
 
 The line-out is the observable the model was trained on: the *sum* of counts of the pixels
 whose centres fall in each q bin of the model's grid, inside an azimuthal sector or the full
@@ -26,7 +27,10 @@ Bad-pixel markers: unsigned frames mark bad or overflowing pixels with the large
 their type (Eiger), signed integer frames with -1 and -2 (Pilatus); both are ignored as dummy
 values. A frame is refused (:class:`FrameError`) for a wrong shape or dtype, NaN or inf,
 negative values that are not markers, no counts at all in the integration region, or more
-than ``max_bad_pixel_fraction`` of the region's pixels marked (a saturated frame).
+than ``max_bad_pixel_fraction`` of the region's pixels marked: saturated (an unsigned frame)
+or detector gaps (negative markers of a signed frame), each said as such. A dark or flat that
+holds no usable value is a :class:`GeometryError` when it is read, before any frame; pixels
+where the dark is NaN or infinite are masked.
 
 Example:
     >>> import numpy as np
@@ -92,9 +96,15 @@ def load_geometry(poni: Path | None) -> AzimuthalIntegrator:
     if missing:
         raise GeometryError(f"PONI file {path} does not define {', '.join(missing)}")
     try:
-        return pyFAI.load(str(path))
+        geometry = pyFAI.load(str(path))
     except Exception as error:  # pyFAI raises several types for bad content
         raise GeometryError(f"PONI file {path} cannot be read: {error}") from error
+    if not geometry.dist > 0 or not geometry.wavelength > 0:
+        raise GeometryError(
+            f"PONI file {path} gives a distance of {geometry.dist} m and a wavelength of "
+            f"{geometry.wavelength} m: both must be positive"
+        )
+    return geometry
 
 
 def exposure_normalization(exposure: Exposure, config: IntegrationConfig) -> float:
@@ -136,14 +146,28 @@ def read_image(path: Path, what: str) -> np.ndarray:
     return np.asarray(data)
 
 
-def check_files(config: IntegrationConfig) -> None:
-    """Read the PONI, mask, dark and flat files of ``config`` and raise
-    :class:`GeometryError` for the first that is missing or malformed (their shapes are
-    checked against the frames later, by :class:`LineOutIntegrator`)."""
-    load_geometry(config.poni)
-    for path, what in ((config.mask, "mask"), (config.dark, "dark"), (config.flat, "flat")):
-        if path is not None:
-            read_image(path, what)
+def read_correction(path: Path, what: str) -> np.ndarray:
+    """A mask, dark or flat image (:func:`read_image`) whose values can serve: a dark needs a
+    finite value (its NaN or infinite pixels are masked, see :class:`LineOutIntegrator`), a
+    flat must be finite and positive everywhere. :class:`GeometryError` otherwise, naming
+    the file, so that a bad correction is a setup error, not a failure of every frame."""
+    image = read_image(path, what)
+    finite = np.isfinite(image)
+    if what == "dark" and not finite.any():
+        raise GeometryError(f"the dark image {path} holds no finite value (all NaN or infinite)")
+    if what == "flat":
+        usable = finite & (image > 0)
+        if not usable.any():
+            raise GeometryError(
+                f"the flat image {path} holds no finite positive value (all NaN, infinite, zero "
+                "or negative)"
+            )
+        if not usable.all():
+            raise GeometryError(
+                f"flat field {path} must be finite and positive: {image.size - usable.sum()} of "
+                f"its {image.size} pixels are not"
+            )
+    return image
 
 
 def sector_pixel_bins(
@@ -186,29 +210,66 @@ class LineOutIntegrator:
         self.geometry = load_geometry(config.poni)
         self._owner: int | None = None
         self.shape: tuple[int, int] | None = None
+        #: Where :attr:`shape` came from (the PONI's detector, a mask/dark/flat file, or the
+        #: first frame), for the message of a frame of another shape.
+        self.shape_from = ""
         self.pixels_per_bin = np.zeros(grid.n_points, np.int64)
-        if self.geometry.detector.shape is not None:
-            self._build(tuple(self.geometry.detector.shape))
+        # read (and checked) once; where the PONI names no detector, they fix the shape
+        self._images = {
+            what: read_correction(path, what)
+            for path, what in ((config.mask, "mask"), (config.dark, "dark"), (config.flat, "flat"))
+            if path is not None
+        }
+        detector = self.geometry.detector
+        if detector.shape is not None:
+            self._build(
+                tuple(detector.shape),
+                f"the detector {detector.name} of the PONI {config.poni or DEFAULT_PONI}",
+            )
+        elif self._images:
+            what, image = next(iter(self._images.items()))
+            self._build(
+                image.shape,
+                f"the {what} file {getattr(config, what)}: {self._no_detector(image.shape)}",
+            )
 
-    def _build(self, shape: tuple[int, int]) -> None:
-        """Masks, dark, flat and the pyFAI engine for frames of ``shape`` (once)."""
+    def _no_detector(self, shape: tuple[int, ...]) -> str:
+        """What to write into a PONI file that names no detector, so that it fixes ``shape``."""
+        detector = self.geometry.detector
+        rows, columns = shape
+        return (
+            f"the PONI {self.config.poni} names no detector (add Detector: NAME, e.g. Pilatus1M, "
+            f'or Detector: Detector with Detector_config: {{"pixel1": {detector.pixel1:g}, '
+            f'"pixel2": {detector.pixel2:g}, "max_shape": [{rows}, {columns}]}})'
+        )
+
+    def _build(self, shape: tuple[int, int], origin: str) -> None:
+        """Masks, dark, flat and the pyFAI engine for frames of ``shape``, taken from
+        ``origin`` (once). Pixels where the dark is NaN or infinite are masked."""
         config = self.config
+        shape = (int(shape[0]), int(shape[1]))
+        for what, image in self._images.items():
+            if image.shape != shape:
+                raise GeometryError(
+                    f"{what} file {getattr(config, what)} is {image.shape}, the detector is "
+                    f"{shape} ({origin})"
+                )
         mask = np.zeros(shape, bool)
         if self.geometry.detector.mask is not None:  # the detector's own gaps
-            if self.geometry.detector.mask.shape != shape:
-                raise GeometryError(
-                    f"the detector of {config.poni} is {self.geometry.detector.mask.shape}, "
-                    f"frames are {shape}"
-                )
             mask |= self.geometry.detector.mask.astype(bool)
-        if config.mask is not None:
-            mask |= self._image(config.mask, "mask", shape) != 0
+        if "mask" in self._images:
+            mask |= self._images["mask"] != 0
+        dark = self._images.get("dark")
+        if dark is not None:
+            unusable = ~np.isfinite(dark)
+            mask |= unusable
+            dark = np.where(unusable, 0.0, dark)
         self.mask = mask.astype(np.int8)
-        self.dark = None if config.dark is None else self._image(config.dark, "dark", shape)
-        self.flat = None if config.flat is None else self._image(config.flat, "flat", shape)
-        if self.flat is not None and not (np.isfinite(self.flat).all() and self.flat.min() > 0):
-            raise GeometryError(f"flat field {config.flat} must be finite and positive")
-        self.shape = shape
+        self.dark = None if dark is None else dark.astype(np.float32)
+        flat = self._images.get("flat")
+        self.flat = None if flat is None else flat.astype(np.float32)
+        self._images = {}
+        self.shape, self.shape_from = shape, origin
         empty = self._integrate(np.zeros(shape, np.float32), dummy=None, dark=False)
         self.pixels_per_bin = np.asarray(empty.count, dtype=np.int64)
         self.dark_counts = (
@@ -221,13 +282,6 @@ class LineOutIntegrator:
                 f"no pixel of the geometry in {config.poni or DEFAULT_PONI} falls in the q range "
                 f"{self.grid.radial_range_nm} 1/nm inside the sector {config.azimuth_range_deg}"
             )
-
-    @staticmethod
-    def _image(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
-        image = read_image(path, what)
-        if image.shape != shape:
-            raise GeometryError(f"{what} file {path} is {image.shape}, frames are {shape}")
-        return image.astype(np.float32)
 
     def _integrate(self, frame: np.ndarray, dummy: tuple[float, float] | None, dark: bool = True):
         low, high = self.config.azimuth_range_deg or (None, None)
@@ -249,8 +303,13 @@ class LineOutIntegrator:
 
     def validate(self, frame: np.ndarray) -> None:
         """Raise :class:`FrameError` for a frame this geometry cannot integrate."""
-        if frame.ndim != 2 or (self.shape is not None and tuple(frame.shape) != self.shape):
-            raise FrameError(f"frame shape {frame.shape} does not match the detector {self.shape}")
+        if frame.ndim != 2:
+            raise FrameError(f"frame shape {frame.shape} is not a 2-D image")
+        if self.shape is not None and tuple(frame.shape) != self.shape:
+            raise FrameError(
+                f"frame shape {frame.shape} does not match the detector shape {self.shape}, "
+                f"taken from {self.shape_from}"
+            )
         kind = frame.dtype.kind
         if kind not in "uif":
             raise FrameError(f"frame dtype {frame.dtype} is not numeric")
@@ -275,9 +334,13 @@ class LineOutIntegrator:
             return SIGNED_DUMMY, SIGNED_DELTA_DUMMY
         return None
 
-    def integrate(self, frame: np.ndarray, normalization: float = 1.0) -> LineOut:
+    def integrate(
+        self, frame: np.ndarray, normalization: float = 1.0, source: str | None = None
+    ) -> LineOut:
         """The line-out of one frame (see the module doc); ``normalization`` is the exposure's
-        monitor times transmission, kept with the line-out."""
+        monitor times transmission, kept with the line-out; ``source`` (the exposure's
+        ``metadata["source"]``) names the frame where its shape becomes the detector's (a PONI
+        without a detector, no mask, dark or flat)."""
         thread = threading.get_ident()
         if self._owner is None:
             self._owner = thread
@@ -292,15 +355,29 @@ class LineOutIntegrator:
             raise FrameError(f"normalization {normalization} must be finite and positive")
         self.validate(frame)
         if self.shape is None:
-            self._build(tuple(frame.shape))
+            first = "the first frame" if source is None else f"the first frame, {source}"
+            self._build(frame.shape, f"{first}: {self._no_detector(frame.shape)}")
+        if frame.dtype == np.float32 and not frame.flags.writeable:
+            # pyFAI's engine takes float32 frames as they are, through a typed memoryview that
+            # refuses read-only buffers (a read-ahead slot, np.frombuffer); it converts every
+            # other dtype into a new array, so only this one needs a copy
+            frame = frame.copy()
         result = self._integrate(frame, self._dummy(frame))
         count = np.asarray(result.count, dtype=np.float64)
         marked = int(self.pixels_per_bin.sum() - count.sum())
         region = int(self.pixels_per_bin.sum())
         if marked > self.config.max_bad_pixel_fraction * region:
+            share = f"more than the {self.config.max_bad_pixel_fraction:.0%} allowed"
+            if frame.dtype.kind == "i":  # signed frames mark only -1 and -2
+                raise FrameError(
+                    f"{marked} of the {region} pixels of the integration region are detector "
+                    f"gaps or bad pixels (negative values -1, -2), {share}: does the sector lie "
+                    "on the module gaps, or is the frame from another detector?"
+                )
             raise FrameError(
-                f"{marked} of the {region} pixels in the integration region are marked bad or "
-                "saturated: the frame is saturated"
+                f"{marked} of the {region} pixels of the integration region hold the largest "
+                f"value of {frame.dtype} (saturated or bad pixels), {share}: the frame is "
+                "saturated"
             )
         signal = np.asarray(result.sum_signal, dtype=np.float64)
         if not (signal > 0).any():

@@ -4,7 +4,14 @@ The public entry point is :func:`load`, which returns a :class:`PosteriorModel` 
 ``parameter_names`` and ``sample(counts, n_samples)``.
 """
 
-from pipeline.model.checkpoint import DEFAULT_MODEL, ModelFileError, load, read_card, save
+from pipeline.model.checkpoint import (
+    DEFAULT_MODEL,
+    ModelFileError,
+    check_model_file,
+    load,
+    read_card,
+    save,
+)
 from pipeline.model.posterior import Architecture, PosteriorModel
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "Architecture",
     "ModelFileError",
     "PosteriorModel",
+    "check_model_file",
     "load",
     "read_card",
     "save",

@@ -92,6 +92,25 @@ def read_card(path: Path | None = None) -> dict[str, Any]:
     return card
 
 
+def check_model_file(path: Path | None = None) -> dict[str, Any]:
+    """The card of the model file ``path`` (the shipped one when ``None``) once its card and
+    weights are found and the weights match the card's SHA-256; :class:`ModelFileError`
+    saying which is not so. Nothing is loaded.
+
+    >>> check_model_file()["weights_file"]
+    'grating-cinn.safetensors'
+    """
+    weights = Path(path) if path is not None else DEFAULT_MODEL
+    card = read_card(weights)
+    if not weights.is_file():
+        raise ModelFileError(f"model weights not found: {weights}")
+    if sha256(weights) != card["weights_sha256"]:
+        raise ModelFileError(
+            f"{weights} does not match the SHA-256 in its model card: refusing to load"
+        )
+    return card
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if device == "auto":
@@ -110,13 +129,7 @@ def load(path: Path | None = None, device: str = "auto") -> PosteriorModel | Bid
         ('pitch_nm', 'width_nm', 'sigma_nm')
     """
     weights = Path(path) if path is not None else DEFAULT_MODEL
-    card = read_card(weights)
-    if not weights.is_file():
-        raise ModelFileError(f"model weights not found: {weights}")
-    if sha256(weights) != card["weights_sha256"]:
-        raise ModelFileError(
-            f"{weights} does not match the SHA-256 in its model card: refusing to load"
-        )
+    card = check_model_file(weights)
     model = build_model(
         Architecture(**{**LEGACY_ARCHITECTURE, **card["architecture"]}),
         GratingPrior(

@@ -9,7 +9,12 @@ Layouts read (DECTRIS file writer, NeXus):
   ``image_nr_low``/``image_nr_high`` attributes (1-based image numbers in the series); the
   detector description comes from the sibling master (``<prefix>_master.h5`` next to
   ``<prefix>_data_NNNNNN.h5``) when there is one;
-- any other file: pass ``dataset="/path/to/frames"``.
+- a **NeXus** file without those: the ``data`` of its one ``NXentry/NXinstrument/NXdetector``
+  (found by the groups' ``NX_class``);
+- any other file (or several NeXus detectors): pass ``dataset="/path/to/frames"``
+  (``--hdf5-dataset`` of ``beamline-inn reprocess``), a 3-D stack (one exposure per frame of
+  its first axis) or a 2-D image. A file where none is found gives one failed frame whose
+  error names the option and lists the file's 3-D datasets.
 
 Compressed data (bitshuffle-LZ4, LZ4, ... through ``hdf5plugin``, imported here before any file
 is opened) is read one frame at a time, so memory stays at one frame (Eiger chunks are one
@@ -256,6 +261,62 @@ def frame_datasets(handle: h5py.File, dataset: str | None = None) -> list[str]:
     ]
 
 
+def _nx_class(node: h5py.Group) -> str:
+    """The NeXus class (``NX_class`` attribute) of a group, ``""`` when it has none."""
+    value = node.attrs.get("NX_class", "")
+    return (
+        bytes(value).decode("utf-8", "replace")
+        if isinstance(value, bytes | np.bytes_)
+        else str(value)
+    )
+
+
+def _members(group: h5py.Group, nx_class: str) -> list[h5py.Group]:
+    """The subgroups of ``group`` of NeXus class ``nx_class``, in natural order of names."""
+    members = []
+    for name in sorted(group, key=natural_sort_key):
+        node = group.get(name)  # None for a dangling link
+        if isinstance(node, h5py.Group) and _nx_class(node) == nx_class:
+            members.append(node)
+    return members
+
+
+def nexus_detector_data(handle: h5py.File) -> list[str]:
+    """The paths of the ``data`` datasets (2-D or 3-D) of the NeXus detectors of an open file:
+    ``NXentry/NXinstrument/NXdetector/data`` by the groups' ``NX_class``, in natural order;
+    ``[]`` where there is none or the file's groups cannot be read."""
+    found: list[str] = []
+    try:
+        for entry in _members(handle, "NXentry"):
+            for instrument in _members(entry, "NXinstrument"):
+                for detector in _members(instrument, "NXdetector"):
+                    node = detector.get("data")
+                    if isinstance(node, h5py.Dataset) and node.ndim in (2, 3):
+                        found.append(f"{detector.name}/data")
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return []
+    return found
+
+
+def stacked_datasets(handle: h5py.File, limit: int = 10) -> str:
+    """The 3-D datasets of an open file (external links not followed) as text for a message:
+    ``/path (frames, rows, columns) dtype``, at most ``limit`` of them."""
+    found: list[str] = []
+
+    def visit(name: str, node: object) -> None:
+        if isinstance(node, h5py.Dataset) and node.ndim == 3:
+            found.append(f"/{name} {node.shape} {node.dtype}")
+
+    try:
+        handle.visititems(visit)
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        return f"its datasets cannot be listed: {error}"
+    if not found:
+        return "the file holds no 3-D dataset"
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return f"its 3-D datasets: {', '.join(found[:limit])}{more}"
+
+
 def frame_count(dataset: h5py.Dataset) -> int:
     """Frames in a dataset: the first axis of a 3-D stack, 1 for a 2-D image.
 
@@ -401,11 +462,28 @@ def read_hdf5_file(path: PathLike, dataset: str | None = None) -> Iterator[Detec
 
     with handle:
         refs = frame_datasets(handle, dataset)
-        if not refs:
+        detectors = nexus_detector_data(handle) if not refs and dataset is None else []
+        if len(detectors) == 1:
+            refs = detectors
+        if dataset is not None and handle.get(dataset, getlink=True) is None:
+            problem = f"no detector frames: no dataset {dataset} in {path.name}"
+        elif len(detectors) > 1:
+            problem = (
+                f"which detector frames? the NeXus detectors of {path.name} hold several "
+                f"({', '.join(detectors)})"
+            )
+        elif not refs:
+            problem = (
+                f"no detector frames: neither {DATA_DATASET} nor {DATA_GROUP}/data_NNNNNN "
+                f"(Eiger) nor an NXdetector's data (NeXus) in {path.name}"
+            )
+        else:
+            problem = None
+        if problem is not None:
             yield failed_frame(
                 source,
-                f"no detector frames: neither {DATA_DATASET} nor {DATA_GROUP}/data_NNNNNN in "
-                f"{path.name} (give the dataset's path)",
+                f"{problem}; name the frames' dataset with --hdf5-dataset PATH "
+                f"({stacked_datasets(handle)})",
                 mtime,
             )
             return
@@ -591,7 +669,7 @@ class EigerSource(NumberedFrames):
         scan_id: the scan the exposures belong to.
         first_index: the index of the first exposure.
         dataset: the frames' dataset when it is not an Eiger place (``/entry/data/data`` or
-            ``/entry/data/data_NNNNNN``).
+            ``/entry/data/data_NNNNNN``) or a NeXus detector's ``data``.
 
     Attributes:
         files: the files to read, in reading order (data files read through a master left out).

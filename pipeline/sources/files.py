@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.exposure import Exposure
+from pipeline.sources.identity import FileStamp, file_stamp
 
 PathLike = str | os.PathLike[str]
 """A file name as text or path object."""
@@ -114,7 +115,9 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
 
     Each item is a file (kept even when it does not exist, so that reading it reports the
     missing file), a directory (its files, not recursive, hidden ones left out) or a glob
-    pattern (``*``, ``?``, ``[...]``; ``**`` recurses).
+    pattern (``*``, ``?``, ``[...]``; ``**`` recurses). A file reached under several names
+    (symbolic links, a ``**`` through a link loop) is read once, under the first name found;
+    a symbolic link whose target is missing is kept, so that reading it reports the link.
 
     Example:
         >>> import tempfile
@@ -135,20 +138,25 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
     for item in items:
         text = os.fspath(item)
         if _GLOB_MAGIC.search(text):
-            matches = [Path(m) for m in glob.glob(text, recursive=True) if os.path.isfile(m)]
+            matches = [Path(m) for m in glob.glob(text, recursive=True) if _is_frame_file(m)]
             if not matches:
                 unmatched.append(text)
         elif os.path.isdir(text):
             matches = [
                 entry
                 for entry in Path(text).iterdir()
-                if entry.is_file() and not entry.name.startswith(".")
+                if _is_frame_file(entry) and not entry.name.startswith(".")
             ]
         else:
             matches = [Path(text)]
-        for match in matches:
-            found.setdefault(os.path.normpath(os.path.abspath(match)), match)
+        for match in natural_sorted(matches):
+            found.setdefault(os.path.realpath(match), match)
     return natural_sorted(list(found.values())), unmatched
+
+
+def _is_frame_file(path: PathLike) -> bool:
+    """A file, or a symbolic link whose target is missing (reading it says so)."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 @dataclass
@@ -177,6 +185,11 @@ class DetectorFrame:
             metadata=dict(self.metadata),
             error=self.error,
         )
+
+
+def broken_link_error(path: PathLike) -> str:
+    """The error of a symbolic link whose target does not exist."""
+    return f"broken symbolic link: {path} points to {os.readlink(path)}, which does not exist"
 
 
 def failed_frame(source: str, error: str, timestamp: float | None = None) -> DetectorFrame:
@@ -371,7 +384,8 @@ def read_fabio_file(path: PathLike) -> Iterator[DetectorFrame]:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        yield failed_frame(source, f"file not found: {path}")
+        why = broken_link_error(path) if path.is_symlink() else f"file not found: {path}"
+        yield failed_frame(source, why)
         return
     except OSError as error:
         yield failed_frame(source, f"cannot access {path}: {error}")
@@ -530,7 +544,8 @@ class FileSource(NumberedFrames):
         scan_id: the scan the exposures belong to.
         first_index: the index of the first exposure.
         hdf5_dataset: for HDF5 files, the dataset of frames when it is not one of the Eiger
-            places (``/entry/data/data`` or ``/entry/data/data_NNNNNN``).
+            places (``/entry/data/data`` or ``/entry/data/data_NNNNNN``) or a NeXus
+            detector's ``data``: a 3-D stack gives one exposure per frame of its first axis.
 
     Attributes:
         files: the files to read, in reading order.
@@ -552,22 +567,38 @@ class FileSource(NumberedFrames):
         self.files, self.unmatched_patterns = expand_paths(paths)
         self.skipped_files: list[Path] = []
 
+    def _files_to_read(self) -> list[tuple[Path, list[Path]]]:
+        """The files read directly, each with the HDF5 data files it links to; sets
+        :attr:`skipped_files` (data files read through their master)."""
+        links = {path: linked_data_files(path) if is_hdf5_file(path) else [] for path in self.files}
+        linked = {os.path.realpath(target) for targets in links.values() for target in targets}
+        self.skipped_files = [path for path in self.files if os.path.realpath(path) in linked]
+        return [(path, links[path]) for path in self.files if path not in self.skipped_files]
+
+    def manifest(self) -> dict[str, FileStamp]:
+        """The version of each file to be read (:func:`~pipeline.sources.identity.file_stamp`,
+        an Eiger master with its data files), by its key: what a resumed scan compares with
+        the frames its results file holds."""
+        stamps = (file_stamp(path, linked) for path, linked in self._files_to_read())
+        return {stamp.key: stamp for stamp in stamps}
+
     def _frames(self) -> Iterator[DetectorFrame]:
+        """Each file's frames, each with its identity in ``metadata["frame_id"]``."""
         from pipeline.sources.eiger import read_hdf5_file
 
-        hdf5 = {path: is_hdf5_file(path) for path in self.files}
-        linked: set[str] = set()
-        for path, is_hdf5 in hdf5.items():
-            if is_hdf5:
-                linked.update(os.path.abspath(target) for target in linked_data_files(path))
-        self.skipped_files = [p for p in self.files if hdf5[p] and os.path.abspath(p) in linked]
-        for path in self.files:
-            if path in self.skipped_files:
-                continue
-            if hdf5[path]:
-                yield from read_hdf5_file(path, dataset=self.hdf5_dataset)
+        for path, linked in self._files_to_read():
+            stamp = file_stamp(path, linked)
+            if os.path.islink(path) and not os.path.exists(path):
+                frames: Iterator[DetectorFrame] = iter(
+                    [failed_frame(str(path), broken_link_error(path))]
+                )
+            elif is_hdf5_file(path):
+                frames = read_hdf5_file(path, dataset=self.hdf5_dataset)
             else:
-                yield from read_fabio_file(path)
+                frames = read_fabio_file(path)
+            for number, frame in enumerate(frames):
+                frame.metadata["frame_id"] = stamp.frame_id(number)
+                yield frame
 
 
 @dataclass(frozen=True)
@@ -592,11 +623,13 @@ class ArchivedScan:
 def find_scans(patterns: Sequence[PathLike]) -> list[ArchivedScan]:
     """The archived scans named by ``patterns`` (paths or glob patterns): each folder matched
     is one scan, each file another, except HDF5 data files whose master file is among the
-    matches (an Eiger scan is its master file). The scan id is the folder's name or the
-    file's name without its suffix and a trailing ``_master``, letters, digits, ``.``, ``_``
-    and ``-`` kept (so results stay in their folder).
+    matches (an Eiger scan is its master file), each once (by real path). The scan id is the
+    folder's name or the file's name without its suffix and a trailing ``_master``, letters,
+    digits, ``.``, ``_`` and ``-`` kept (so results stay in their folder); scans in folders of
+    the same name (``day1/sampleA``, ``day2/sampleA``) share it here, and
+    ``flows.reprocess.name_scans`` tells them apart by their full paths.
 
-    ``ValueError`` when a pattern matches nothing or two scans would get the same id.
+    ``ValueError`` when a pattern matches nothing.
 
     Example:
         >>> import tempfile
@@ -620,26 +653,20 @@ def find_scans(patterns: Sequence[PathLike]) -> list[ArchivedScan]:
         if not found:
             raise ValueError(f"no scan matches {text}")
         for path in found:
-            matches.setdefault(os.path.normpath(os.path.abspath(path)), path)
+            matches.setdefault(os.path.realpath(path), path)
     linked = {
-        os.path.abspath(target)
+        os.path.realpath(target)
         for path in matches.values()
         if path.is_file() and is_hdf5_file(path)
         for target in linked_data_files(path)
     }
-    scans: dict[str, ArchivedScan] = {}
+    scans = []
     for key, path in sorted(matches.items(), key=lambda item: natural_sort_key(item[1])):
         if key in linked or path.name.startswith("."):
             continue
         name = path.name if path.is_dir() else path.name.split(".")[0].removesuffix("_master")
-        scan = ArchivedScan(scan_id_from(name), path)
-        if scan.scan_id in scans:
-            raise ValueError(
-                f"{scans[scan.scan_id].path} and {path} would both be scan {scan.scan_id}: "
-                "reprocess them separately, into different output folders"
-            )
-        scans[scan.scan_id] = scan
-    return list(scans.values())
+        scans.append(ArchivedScan(scan_id_from(name), path))
+    return scans
 
 
 def open_source(paths: Sequence[str | Path], scan_id: str) -> Iterator[Exposure]:

@@ -1,6 +1,7 @@
 """The per-scan HDF5 results file (:mod:`pipeline.store.results`)."""
 
 from pipeline.store.inputs import read_line_outs
+from pipeline.store.integrity import DamagedResultsError, open_for_reading
 from pipeline.store.nxcansas import SasCurve, read_nxcansas
 from pipeline.store.results import (
     Completion,
@@ -16,6 +17,7 @@ from pipeline.store.results import (
 
 __all__ = [
     "Completion",
+    "DamagedResultsError",
     "ExposureResult",
     "Results",
     "ResultsWriteError",
@@ -23,6 +25,7 @@ __all__ = [
     "SasCurve",
     "latest_posterior",
     "mark_complete",
+    "open_for_reading",
     "open_results",
     "read_completion",
     "read_line_outs",

@@ -9,10 +9,17 @@ Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)
       definition, title, run     "NXcanSAS", the scan id (twice)
       config                     the run's PipelineConfig as JSON
       model_card                 the model's card as JSON (architecture, training, hash)
+      processing                 the digest of each part the rows depend on, as JSON
+                                 (:mod:`pipeline.provenance`; files of earlier versions lack it)
       instrument/geometry/poni   the PONI file text
       exposures/                 NXcollection, one row per exposure in arrival order
         index, timestamp, status ("ok" | "failed"), error (text, empty when ok), written_time
         source                   where the frame came from (file and frame, stream and series)
+        frame_id                 the frame's identity, KEY:FRAME:SIZE:MTIME_NS (its file's real
+                                 path digest, frame within it, the file's size and mtime;
+                                 :mod:`pipeline.sources.identity`), empty for frames of no file
+        processing_key           digest of the configuration and model the row was made with
+                                 (:mod:`pipeline.provenance`)
         truth                    (exposures, parameters) true values of simulated frames, else NaN
       line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512),
                                  normalization (exposures,): monitor x transmission, and
@@ -47,7 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,8 @@ import hdf5plugin  # registers the bitshuffle filter for writing and reading sam
 import numpy as np
 
 from pipeline.physics.quality import Z_THRESHOLD
+from pipeline.provenance import ProcessingRecord
+from pipeline.store.integrity import open_for_reading
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,7 @@ SAMPLES_COMPRESSION = dict(hdf5plugin.Bitshuffle(cname="lz4"))
 #: Per-exposure text fields, as fixed-length UTF-8 (bytes): HDF5's SWMR does not support
 #: variable-length data (a reader following the file meets "bad heap index" errors). Longer
 #: text is cut, ending in "...".
-TEXT_BYTES = {"status": 8, "error": 512, "source": 256}
+TEXT_BYTES = {"status": 8, "error": 512, "source": 256, "frame_id": 96, "processing_key": 32}
 #: Bytes (before compression) per HDF5 chunk of the per-exposure arrays: 3 exposures' draws
 #: of 1,000 samples, 32 line-outs, up to 1,024 summaries per chunk instead of one.
 CHUNK_BYTES = 64 * 1024
@@ -93,6 +102,8 @@ class ExposureResult:
     status: str = "ok"
     error: str = ""
     source: str = ""
+    #: the frame's identity (:mod:`pipeline.sources.identity`), empty for frames of no file
+    frame_id: str = ""
     normalization: float = np.nan
     counts: np.ndarray | None = None
     counts_sd: np.ndarray | None = None
@@ -153,7 +164,9 @@ class ResultsWriter:
         config_json: str = "{}",
         model_card: dict | None = None,
         poni_text: str = "",
+        processing: ProcessingRecord | None = None,
         resume: bool = False,
+        drop_indices: Collection[int] = (),
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.path = Path(path)
@@ -161,7 +174,9 @@ class ResultsWriter:
         if self.path.exists():
             if not resume:
                 raise FileExistsError(f"results file already exists: {self.path}")
-            _check_resumable(self.path, scan_id, model_card, n_samples, q_nm, parameter_names)
+            _check_resumable(
+                self.path, scan_id, model_card, n_samples, q_nm, parameter_names, processing
+            )
             target = self.path.with_name(self.path.name + ".resuming")
             target.unlink(missing_ok=True)  # left by a resume that was itself interrupted
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,11 +196,14 @@ class ResultsWriter:
             default="line_out",
         )
         entry.attrs["software"] = json.dumps(_software_versions())
+        self.processing_key = processing.key if processing is not None else ""
         for name in ("definition", "title", "run"):
             value = "NXcanSAS" if name == "definition" else scan_id
             entry.create_dataset(name, data=_fixed_text(value))
         entry.create_dataset("config", data=_fixed_text(config_json))
         entry.create_dataset("model_card", data=_fixed_text(json.dumps(model_card or {})))
+        if processing is not None:
+            entry.create_dataset("processing", data=_fixed_text(processing.to_json()))
         geometry = entry.create_group("instrument/geometry")
         geometry.create_dataset("poni", data=_fixed_text(poni_text))
 
@@ -262,23 +280,32 @@ class ResultsWriter:
         )
         self.n_rows = 0
         if target != self.path:
-            self._copy_complete_rows(self.path)
+            self._copy_complete_rows(self.path, set(drop_indices))
             self.file.flush()
             target.replace(self.path)  # the open file moves with its name
         self.file.swmr_mode = True
 
-    def _copy_complete_rows(self, path: Path) -> None:
-        """Copy the complete rows of an earlier file of this scan, in blocks of rows."""
-        with h5py.File(path, "r", libver="latest", swmr=True) as old:
+    def _copy_complete_rows(self, path: Path, drop: set[int]) -> None:
+        """Copy the complete rows of an earlier file of this scan, in blocks of rows, except
+        those of the exposure indices in ``drop`` (to be written again)."""
+        with open_for_reading(path) as old:
             entry = old["entry"]
             n = _complete_rows(entry)
+            index = entry["exposures/index"][:n]
+            keep = np.flatnonzero(~np.isin(index, list(drop)))
             for name, dataset in self._datasets.items():
+                dataset.resize(keep.size, axis=0)
+                if _ROW_DATASETS[name] not in entry:  # a file of an earlier version
+                    continue
                 source = entry[_ROW_DATASETS[name]]
-                dataset.resize(n, axis=0)
-                for start in range(0, n, 1024):
-                    dataset[start : start + 1024] = source[start : min(n, start + 1024)]
-            self._seen = {int(i) for i in entry["exposures/index"][:n]}
-        self.n_rows = n
+                for start in range(0, keep.size, 1024):
+                    rows = keep[start : start + 1024]
+                    if rows.size == rows[-1] - rows[0] + 1:  # contiguous: one slice
+                        dataset[start : start + rows.size] = source[rows[0] : rows[-1] + 1]
+                    else:
+                        dataset[start : start + rows.size] = source[rows]
+            self._seen = {int(i) for i in index[keep]}
+        self.n_rows = int(keep.size)
 
     def append(self, result: ExposureResult) -> bool:
         """Write one exposure and flush; False if this exposure index was written before."""
@@ -341,6 +368,7 @@ class ResultsWriter:
         if n < len(index):
             rows = {name: column[written] for name, column in rows.items()}
         rows |= _derived_columns(rows, time.time())
+        rows["processing_key"] = np.full(n, self.processing_key.encode(), dtype="S32")
         first = self.n_rows
         try:
             for name, dataset in self._datasets.items():
@@ -391,14 +419,15 @@ def _chunk_rows(shape: tuple, dtype, chunk_bytes: int) -> int:
 
 
 #: The columns a block of exposures is given in (:meth:`ResultsWriter.rows`); the writer
-#: adds ``written_time``, ``flagged`` (predictive_z > Z_THRESHOLD), and ``I``, ``Idev``
-#: (counts and counts_sd / normalization).
+#: adds ``written_time``, ``flagged`` (predictive_z > Z_THRESHOLD), ``I``, ``Idev``
+#: (counts and counts_sd / normalization) and ``processing_key`` (its file's).
 ROW_COLUMNS = (
     "index",
     "timestamp",
     "status",
     "error",
     "source",
+    "frame_id",
     "normalization",
     "truth",
     "counts",
@@ -474,7 +503,17 @@ def _derived_columns(rows: dict[str, np.ndarray], now: float) -> dict[str, np.nd
 _ROW_DATASETS = {
     **{
         name: f"exposures/{name}"
-        for name in ("index", "timestamp", "written_time", "status", "error", "source", "truth")
+        for name in (
+            "index",
+            "timestamp",
+            "written_time",
+            "status",
+            "error",
+            "source",
+            "frame_id",
+            "processing_key",
+            "truth",
+        )
     },
     **{name: f"line_out/{name}" for name in ("counts", "counts_sd", "normalization", "I", "Idev")},
     **{
@@ -492,18 +531,43 @@ _ROW_DATASETS = {
 }
 
 
+#: Per-exposure datasets that files of earlier versions lack (read as empty there).
+_ADDED_LATER = frozenset({"exposures/frame_id", "exposures/processing_key"})
+
+
 def _complete_rows(entry: h5py.Group) -> int:
     """Rows written to every per-exposure dataset (a killed writer may have grown some)."""
     missing = [path for path in _ROW_DATASETS.values() if path not in entry]
-    if missing:
+    if set(missing) - _ADDED_LATER:
         raise ValueError(f"not a results file of this version: no {', '.join(missing)}")
-    return min(entry[path].shape[0] for path in _ROW_DATASETS.values())
+    return min(entry[path].shape[0] for path in _ROW_DATASETS.values() if path in entry)
+
+
+def stored_identities(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The exposure index, whether it failed, and the frame identity (empty where none) of
+    each complete row of a results file (also of one whose writer was killed)."""
+    with open_for_reading(path) as handle:
+        entry = handle["entry"]
+        n = _complete_rows(entry)
+        index = entry["exposures/index"][:n]
+        failed = entry["exposures/status"][:n] != b"ok"
+        frame_ids = (
+            [text.decode(errors="replace") for text in entry["exposures/frame_id"][:n]]
+            if "exposures/frame_id" in entry
+            else [""] * n
+        )
+    written = index >= 0
+    return (
+        index[written],
+        failed[written],
+        [t for t, w in zip(frame_ids, written, strict=True) if w],
+    )
 
 
 def written_indices(path: Path) -> set[int]:
     """Exposure indices of the complete rows of a results file, also of one whose writer was
     killed (read in SWMR mode)."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+    with open_for_reading(path) as handle:
         entry = handle["entry"]
         return {int(i) for i in entry["exposures/index"][: _complete_rows(entry)]}
 
@@ -515,10 +579,12 @@ def _check_resumable(
     n_samples: int,
     q_nm: np.ndarray,
     parameter_names: tuple[str, ...],
+    processing: ProcessingRecord | None = None,
 ) -> None:
-    """ValueError unless ``path`` is a results file of this scan, model, samples and grid."""
+    """ValueError unless ``path`` is a results file of this scan, model, samples and grid,
+    and (where both have a processing record) the same configuration."""
     try:
-        handle = h5py.File(path, "r", libver="latest", swmr=True)
+        handle = open_for_reading(path)
     except OSError as error:
         raise ValueError(f"cannot resume {path}: unreadable ({error}); move it away") from error
     with handle:
@@ -535,11 +601,50 @@ def _check_resumable(
             ),
         }
         their_q = entry["line_out/q_nm"][()]
+        their_processing = _processing_of(entry)
+    if processing is not None and their_processing is not None:
+        check_same_processing(path, their_processing, processing)
     for what, (theirs, ours) in differences.items():
         if theirs != ours:
             raise ValueError(f"cannot resume {path}: its {what} is {theirs!r}, this run's {ours!r}")
     if their_q.shape != np.shape(q_nm) or not np.allclose(their_q, q_nm):
         raise ValueError(f"cannot resume {path}: its q grid differs from this run's")
+
+
+def stored_processing(path: Path) -> ProcessingRecord | None:
+    """The processing record of a results file (:mod:`pipeline.provenance`); ``None`` for a
+    file written before records were stored."""
+    with open_for_reading(path) as handle:
+        return _processing_of(handle["entry"])
+
+
+def _processing_of(entry: h5py.Group) -> ProcessingRecord | None:
+    if "processing" not in entry:
+        return None
+    return ProcessingRecord.from_json(entry["processing"][()].decode())
+
+
+def stored_scan_source(path: Path) -> str | None:
+    """The archived scan a results file belongs to (its configuration's ``scan_source``);
+    ``None`` when it names none or cannot be read."""
+    try:
+        with open_for_reading(path) as handle:
+            config = json.loads(handle["entry/config"][()].decode())
+    except (OSError, KeyError, ValueError):
+        return None
+    source = config.get("scan_source")
+    return None if source is None else str(source)
+
+
+def check_same_processing(path: Path, theirs: ProcessingRecord, ours: ProcessingRecord) -> None:
+    """``ValueError`` in one line, naming what differs, when the rows of ``path`` were made
+    with another configuration or model than this run's: they must not mix."""
+    differences = theirs.differences(ours)
+    if differences:
+        raise ValueError(
+            f"cannot resume {path}: it was made with another {', '.join(differences)} than "
+            "this run's; write a new results file (another --scan-id or --out) instead"
+        )
 
 
 def add_cansas_curves(path: Path) -> int:
@@ -633,7 +738,7 @@ def read_completion(path: Path) -> Completion | None:
     if not Path(path).is_file():
         return None
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+        with open_for_reading(path) as handle:
             entry = handle["entry"]
             if not entry.attrs.get("complete", False):
                 return None
@@ -651,7 +756,7 @@ def latest_posterior(path: Path, look_back: int = 64) -> tuple[int, np.ndarray] 
     """The exposure index and posterior samples (samples, parameters) of the newest
     successful row among the last ``look_back`` of a results file, also of one being written
     (SWMR); ``None`` when there is none yet."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
+    with open_for_reading(path) as handle:
         entry = handle["entry"]
         n = _complete_rows(entry)
         first = max(0, n - look_back)
@@ -691,9 +796,15 @@ class Results:
 
 
 def open_results(path: Path) -> Results:
-    """Read a results file (also one still being written, through SWMR)."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as handle:
-        entry = handle["entry"]
+    """Read a results file (also one still being written, through SWMR); ``ValueError`` for
+    an HDF5 file that is not one (say, an NXcanSAS file from elsewhere)."""
+    with open_for_reading(path) as handle:
+        entry = handle.get("entry")
+        if not (isinstance(entry, h5py.Group) and isinstance(entry.get("posterior"), h5py.Group)):
+            raise ValueError(
+                f"{path} is not a beamline-inn results file (no entry/posterior): its top "
+                f"level holds {', '.join(sorted(handle)) or 'nothing'}"
+            )
         # A file being written can show its datasets grown to different lengths, and rows
         # grown but not yet written (index = -1): only rows complete in every dataset count.
         n = _complete_rows(entry)

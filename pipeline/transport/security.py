@@ -22,13 +22,18 @@ References:
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+log = logging.getLogger(__name__)
 
 #: ZAP domain of the feeder's remote endpoint.
 ZAP_DOMAIN = "beamline-inn"
@@ -105,15 +110,62 @@ def serve_curve(socket: zmq.Socket, secret_key_file: Path) -> None:
     socket.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
 
 
-def start_authenticator(context: zmq.Context, authorized_keys: Path) -> ThreadAuthenticator:
+class CurveAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP authenticator (a thread) that admits the public keys of one folder and logs
+    each key it refuses, with the address it came from: "refused a worker's key from
+    10.0.0.7 (CURVE: not in --authorized-keys keys/authorized)". :meth:`take_refusal` tells
+    the socket's owner that the disconnection that follows is that refusal.
+
+    Args:
+        context: the context whose CURVE endpoints it guards.
+        authorized_keys: the folder of the admitted public keys (``*.key``).
+    """
+
+    def __init__(self, context: zmq.Context, authorized_keys: Path) -> None:
+        super().__init__(context)
+        self.authorized_keys = Path(authorized_keys)
+        self.refused = 0
+        self._unclaimed = 0
+        self._lock = threading.Lock()
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        """Answer one ZAP request (pyzmq's rules), after logging a CURVE key not admitted."""
+        if len(msg) == 7 and msg[5] == b"CURVE" and len(msg[6]) == 32:
+            domain = msg[2].decode(self.encoding, "replace") or "*"
+            key = z85.encode(msg[6])
+            if not self.certs.get(domain, {}).get(key):
+                with self._lock:
+                    self.refused += 1
+                    self._unclaimed += 1
+                log.warning(
+                    "refused a worker's key from %s (CURVE: not in --authorized-keys %s; its "
+                    "public key is %s)",
+                    msg[3].decode(self.encoding, "replace"),
+                    self.authorized_keys,
+                    key.decode("ascii"),
+                )
+        await super().handle_zap_message(msg)
+
+    def take_refusal(self) -> bool:
+        """Whether a refusal is not yet matched with the disconnection it causes (and match
+        it): a peer that disconnects just after its key was refused."""
+        with self._lock:
+            if self._unclaimed == 0:
+                return False
+            self._unclaimed -= 1
+            return True
+
+
+def start_authenticator(context: zmq.Context, authorized_keys: Path) -> CurveAuthenticator:
     """Admit, on the CURVE endpoints of ``context``, only the public keys (``*.key`` files) in
-    the folder ``authorized_keys``; return the running authenticator (``stop()`` it)."""
+    the folder ``authorized_keys``, logging each key refused; return the running
+    authenticator (``stop()`` it)."""
     folder = Path(authorized_keys)
     if not folder.is_dir():
         raise CurveKeyError(f"authorized keys folder not found: {folder}")
     if not any(folder.glob("*.key")):
         raise CurveKeyError(f"no public key (*.key) in {folder}: no worker could connect")
-    authenticator = ThreadAuthenticator(context)
+    authenticator = CurveAuthenticator(context, folder)
     authenticator.start()
     authenticator.configure_curve(domain=ZAP_DOMAIN, location=str(folder))
     return authenticator
