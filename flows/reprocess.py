@@ -19,9 +19,15 @@ twice at most. Other errors are not retried: they would fail the same way.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -95,9 +101,53 @@ def reprocess_one_scan(
         )
     config = settings.for_scan(scan.scan_id, scan_source=os.path.realpath(scan.path))
     resume = config.output_path.exists()
-    return reprocess_files(
-        config, [str(scan.path)], batch_size, read_ahead, resume=resume, retry_failed=retry_failed
-    )
+    with _ctrl_c_stops_this_scan():
+        return reprocess_files(
+            config,
+            [str(scan.path)],
+            batch_size,
+            read_ahead,
+            resume=resume,
+            retry_failed=retry_failed,
+        )
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_this_scan() -> Iterator[None]:
+    """Ctrl-C stops the scan of this task as it stops ``reprocess``, in a local cluster's
+    worker process too.
+
+    The terminal's SIGINT reaches the whole process group, the local Dask cluster's worker
+    processes included. There it would raise ``KeyboardInterrupt`` in the process's main
+    thread (the worker's event loop), while the scan goes on in this task's thread until the
+    cluster, closing, kills the process 4 s later. While the task runs, SIGINT raises
+    ``KeyboardInterrupt`` in this thread instead: the scan stops its processes, its file keeps
+    every acknowledged exposure and the task ends. Outside a Dask worker, or where the
+    worker's loop is not the main thread (signal handlers can only be set there), nothing
+    changes."""
+    from distributed import get_worker
+
+    try:
+        loop = get_worker().loop
+    except ValueError:  # not in a Dask worker
+        yield
+        return
+    scan_thread = ctypes.c_ulong(threading.get_ident())
+
+    def interrupt_scan(signum: int, frame: object) -> None:
+        # the exception is raised in the scan's thread at its next Python instruction (its
+        # waits on sockets are short polls), as a signal raises it in a main thread
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(scan_thread, ctypes.py_object(KeyboardInterrupt))
+
+    def on_sigint(handler: signal.Handlers | object) -> None:
+        with contextlib.suppress(ValueError):  # the loop is not in the main thread
+            signal.signal(signal.SIGINT, handler)  # type: ignore[arg-type]
+
+    loop.add_callback(on_sigint, interrupt_scan)
+    try:
+        yield
+    finally:
+        loop.add_callback(on_sigint, signal.default_int_handler)
 
 
 @flow(name="reprocess-scans-on-dask")
@@ -207,7 +257,10 @@ def reprocess_scans(
             runner = DaskTaskRunner(
                 cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
             )
-        with dask.config.set({"distributed.worker.daemon": False}):  # a task starts processes
+        with (
+            dask.config.set({"distributed.worker.daemon": False}),  # a task starts processes
+            _dask_says_only_warnings(),
+        ):
             outcome |= reprocess_on_dask.with_options(task_runner=runner)(
                 to_run, settings, settle_s, read_ahead, batch_size, retry_failed
             )
@@ -226,6 +279,20 @@ def reprocess_scans(
             + "; ".join(f"{scan_id}: {why}" for scan_id, why in failed.items())
         )
     return outcome
+
+
+@contextlib.contextmanager
+def _dask_says_only_warnings() -> Iterator[None]:
+    """Dask's scheduler and nannies (in this process) log at INFO level by default, about 20
+    lines of addresses and comms per run; only their warnings and errors reach the terminal
+    and the run's log while the scans run."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _row(scan: ArchivedScan, outcome: dict | str, settings: ScanSettings) -> dict[str, object]:
