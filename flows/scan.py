@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.monitor import ScanMonitor
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import Exposure
+from pipeline.integration import frame_shape_is_open
 from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.identity import FileStamp
 from pipeline.store import open_results
@@ -219,6 +220,19 @@ def archived_frames(paths: list[str], scan_id: str, hdf5_dataset: str | None = N
     return source
 
 
+def with_detector_shape(config: PipelineConfig, source: FileSource) -> PipelineConfig:
+    """``config`` with the detector shape of ``source``'s frame headers where nothing else
+    fixes it (a PONI without a detector, no mask, dark or flat): a first frame of another
+    shape then fails alone instead of every frame after it."""
+    if not frame_shape_is_open(config.integration):
+        return config
+    shape = source.frame_shape()
+    if shape is None:
+        return config
+    integration = config.integration.model_copy(update={"detector_shape": shape})
+    return config.model_copy(update={"integration": integration})
+
+
 def reprocess_files(
     config: PipelineConfig,
     paths: list[str],
@@ -241,6 +255,7 @@ def reprocess_files(
     leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
     """
     source = archived_frames(paths, config.scan_id, hdf5_dataset)
+    config = with_detector_shape(config, source)
     resuming = {"resume": resume, "manifest": source.manifest(), "retry_failed": retry_failed}
     if read_ahead == 0:
         return reconstruct(config, source.exposures(), batch_size, **resuming)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from pipeline.physics import QGrid
 from pipeline.transport.security import is_loopback
@@ -54,6 +54,9 @@ class IntegrationConfig(_Strict):
             ``None`` leaves its default (one per core). Fewer leave cores to a reader process:
             an OpenMP team that shares its cores with a busy process waits for its slowest
             thread (measured: 9.1 instead of 6.4 ms per Pilatus 1M frame on 2 cores).
+        detector_shape: (rows, columns) of the frames where the PONI names no detector (v1
+            files); ``beamline-inn reprocess`` takes it from the frame files' headers.
+            ``None``: the mask, dark or flat file's shape, else the first frame's.
     """
 
     poni: Path | None = None
@@ -65,6 +68,7 @@ class IntegrationConfig(_Strict):
     max_bad_pixel_fraction: float = Field(0.5, gt=0, le=1)
     normalization_keys: tuple[str, ...] = ()
     openmp_threads: int | None = Field(None, ge=1)
+    detector_shape: tuple[PositiveInt, PositiveInt] | None = None
 
     @field_validator("azimuth_range_deg")
     @classmethod

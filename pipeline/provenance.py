@@ -3,7 +3,9 @@
 Two runs may write rows into one results file only when they would compute the same row
 from the same frame: the same q grid, geometry (the PONI file's text), mask, dark and flat
 (their bytes), integration settings, model (its weights' SHA-256), samples per exposure and
-seed. :func:`processing_record` gives a digest for each, and one key for them all, which the
+seed (not the detector shape that a PONI without a detector takes from the frames: a
+property of the data, the same for every frame that is integrated).
+:func:`processing_record` gives a digest for each, and one key for them all, which the
 results file stores (as an attribute, and with every row); a resume whose record differs is
 refused, naming what differs.
 
@@ -80,7 +82,7 @@ def processing_record(config: PipelineConfig, model_sha256: str) -> ProcessingRe
 
     integration = config.integration
     settings = integration.model_dump(
-        mode="json", exclude={"poni", "mask", "dark", "flat", "openmp_threads"}
+        mode="json", exclude={"poni", "mask", "dark", "flat", "openmp_threads", "detector_shape"}
     )
     parts = {
         "q grid": _digest(config.grid.model_dump_json().encode()),

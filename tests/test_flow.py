@@ -76,7 +76,7 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
 
 
 #: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: no
-#: detector name, so the integrator takes the shape from the first frame).
+#: detector name, so the shape comes from the frames).
 SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
 PixelSize2: 7.5e-05
 Distance: 0.2
@@ -93,21 +93,34 @@ def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
     prefect_harness, tmp_path, capsys
 ):
     """``--hdf5-dataset``: a 3-D dataset outside the Eiger and NeXus places gives one exposure
-    per frame, read ahead by the reader process."""
+    per frame, read ahead by the reader process. The PONI names no detector: its shape is the
+    most common one in the files' headers, so an odd first frame fails alone."""
+    import fabio
+
     poni = tmp_path / "small.poni"
     poni.write_text(SMALL_DETECTOR_PONI)
-    frames = np.random.default_rng(3).poisson(50, (3, 48, 64)).astype(np.int32)
-    with h5py.File(tmp_path / "run.h5", "w") as handle:
-        handle["measurement/pilatus"] = frames
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    frames = np.random.default_rng(3).poisson(50, (5, 48, 64)).astype(np.int32)
+    with h5py.File(scan / "run.h5", "w") as handle:
+        handle["measurement/pilatus"] = frames[:3]
+    for number in (4, 5):
+        fabio.cbfimage.CbfImage(data=frames[number - 1]).write(str(scan / f"run_{number}.cbf"))
+    odd = scan / "a_cropped.cbf"  # read first, in natural order
+    fabio.cbfimage.CbfImage(data=frames[0, :47]).write(str(odd))
     out = tmp_path / "out"
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "stack"]
-    stack = [str(tmp_path / "run.h5"), "--hdf5-dataset", "/measurement/pilatus"]
+    stack = [str(scan), "--hdf5-dataset", "/measurement/pilatus"]
     status = main(["reprocess", *stack, *options, "--workers", "1", "--samples", "50"])
     printed = capsys.readouterr().out
-    assert status == 0 and "exposures:  3 (3 written, 0 failed)" in printed, printed
+    assert status == 1 and "exposures:  6 (5 written, 1 failed)" in printed, printed
     results = open_results(out / "stack.h5")
-    assert results.index.tolist() == [0, 1, 2] and (results.status == "ok").all()
-    assert results.source[2].endswith("run.h5:/measurement/pilatus frame 2")
+    assert results.index.tolist() == list(range(6))
+    assert results.status.tolist() == ["failed", "ok", "ok", "ok", "ok", "ok"]
+    expected = "does not match the detector shape (48, 64), taken from the frame files' headers"
+    assert "frame shape (47, 64) " + expected in results.error[0]
+    assert results.source[3].endswith("run.h5:/measurement/pilatus frame 2")
+    assert json.loads(results.config_json)["integration"]["detector_shape"] == [48, 64]
 
 
 def test_online_reconstructs_a_live_series_from_a_third_party_detector(

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import IntegrationConfig
-from pipeline.integration import FrameError, GeometryError, LineOutIntegrator
+from pipeline.integration import (
+    FrameError,
+    GeometryError,
+    LineOutIntegrator,
+    frame_shape_is_open,
+)
 from pipeline.physics import QGrid
 
 #: A small detector (Pilatus 100k, 195 x 487) 1 m from the sample, beam in its middle: every
@@ -216,6 +221,15 @@ def test_a_poni_without_a_detector_says_where_the_shape_came_from(poni, tmp_path
         from_frame.integrate(other, source="scan_00002.cbf")
     with pytest.raises(FrameError, match=r"shape \(195, 487\), taken from the detector Pilatus"):
         make(poni).integrate(other)
+
+    from_headers = make(v1, detector_shape=SHAPE)  # as reprocess takes it from the headers
+    assert from_headers.shape == SHAPE and from_headers.pixels_per_bin.any()
+    with pytest.raises(FrameError, match=r"taken from the frame files' headers .*: the PONI"):
+        from_headers.integrate(other)
+    assert not frame_shape_is_open(from_headers.config)
+    assert frame_shape_is_open(from_frame.config) and not frame_shape_is_open(make(poni).config)
+    with pytest.raises(GeometryError, match=r"names the detector Pilatus.* of shape \(195, 487\)"):
+        make(poni, detector_shape=(196, 487))
 
 
 def test_normalization_travels_with_the_line_out(poni):

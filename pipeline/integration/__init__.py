@@ -4,8 +4,9 @@ One :class:`LineOutIntegrator` per process: pyFAI's CSR engine keeps scratch buf
 gives wrong results when one integrator is shared between threads (DESIGN.md section 7), so
 the integrator refuses calls from a second thread. The engine is built once, by integrating an
 empty frame of the detector's shape: the PONI's detector, or where the PONI names none (v1
-files), the mask, dark or flat file's shape, else the first frame's (a frame of another shape
-fails, saying which shape was expected and where it came from). Per-frame bad pixels are
+files), ``IntegrationConfig.detector_shape`` (which ``reprocess`` takes from the frame files'
+headers), the mask, dark or flat file's shape, else the first frame's (a frame of another
+shape fails, saying which shape was expected and where it came from). Per-frame bad pixels are
 handled with pyFAI's dummy values, so the engine is never rebuilt.
 
 The line-out is the observable the model was trained on: the *sum* of counts of the pixels
@@ -105,6 +106,22 @@ def load_geometry(poni: Path | None) -> AzimuthalIntegrator:
             f"{geometry.wavelength} m: both must be positive"
         )
     return geometry
+
+
+def frame_shape_is_open(config: IntegrationConfig) -> bool:
+    """Whether nothing in ``config`` fixes the frames' shape before the first frame: its PONI
+    names no detector (a v1 file), and it has no ``detector_shape``, mask, dark or flat.
+
+    Example:
+        >>> from pipeline.config import IntegrationConfig
+        >>> frame_shape_is_open(IntegrationConfig())  # the bundled PONI names an Eiger 4M
+        False
+    """
+    if config.detector_shape is not None:
+        return False
+    if any(path is not None for path in (config.mask, config.dark, config.flat)):
+        return False
+    return load_geometry(config.poni).detector.shape is None
 
 
 def exposure_normalization(exposure: Exposure, config: IntegrationConfig) -> float:
@@ -222,9 +239,21 @@ class LineOutIntegrator:
         }
         detector = self.geometry.detector
         if detector.shape is not None:
+            if config.detector_shape not in (None, tuple(detector.shape)):
+                raise GeometryError(
+                    f"detector shape {config.detector_shape} given, but the PONI "
+                    f"{config.poni or DEFAULT_PONI} names the detector {detector.name} of "
+                    f"shape {tuple(detector.shape)}"
+                )
             self._build(
                 tuple(detector.shape),
                 f"the detector {detector.name} of the PONI {config.poni or DEFAULT_PONI}",
+            )
+        elif config.detector_shape is not None:
+            self._build(
+                config.detector_shape,
+                "the frame files' headers (the most common shape): "
+                + self._no_detector(config.detector_shape),
             )
         elif self._images:
             what, image = next(iter(self._images.items()))

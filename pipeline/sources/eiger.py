@@ -332,6 +332,21 @@ def frame_count(dataset: h5py.Dataset) -> int:
     )
 
 
+def hdf5_frame_shape(path: PathLike, dataset: str | None = None) -> tuple[int, int] | None:
+    """The (rows, columns) of the frames of one HDF5 file (master, data or NeXus file, or
+    ``dataset``), from the dataset's shape: no frame is read. ``None`` where the file or its
+    frames cannot be found (reading it says why)."""
+    try:
+        with open_hdf5(path) as handle:
+            refs = frame_datasets(handle, dataset) or nexus_detector_data(handle)[:1]
+            if not refs:
+                return None
+            shape = _open_dataset(handle, refs[0]).shape
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return None
+    return int(shape[-2]), int(shape[-1])
+
+
 def read_frame(dataset: h5py.Dataset, number: int) -> np.ndarray:
     """Frame ``number`` (from 0) of a dataset as an array in the dataset's dtype; reads (and
     decompresses) only the chunks of that frame."""
