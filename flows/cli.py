@@ -347,11 +347,16 @@ def _online(args: argparse.Namespace) -> int:
     from flows.online import DectrisStreamSource, WatchedFolder, online_reconstruction
     from pipeline.preflight import check_setup
 
+    if args.stream is not None and args.hdf5_dataset is not None:
+        raise ValueError("--hdf5-dataset is for the HDF5 files of --watch, not a --stream")
     config = _scan_config(args, time.strftime("online-%Y%m%d-%H%M%S"))
     check_setup(config)  # an existing results file of this scan id stops here
     if args.watch is not None:
         source = WatchedFolder(
-            directory=args.watch, pattern=args.pattern, idle_timeout_s=args.idle_timeout
+            directory=args.watch,
+            pattern=args.pattern,
+            hdf5_dataset=args.hdf5_dataset,
+            idle_timeout_s=args.idle_timeout,
         )
     else:
         source = DectrisStreamSource(
@@ -361,6 +366,16 @@ def _online(args: argparse.Namespace) -> int:
     if "stream" in summary:
         print(f"stream:     {summary['stream']}")
     return _print_summary(summary)
+
+
+def _add_hdf5_dataset_option(command: argparse.ArgumentParser, when: str = "") -> None:
+    command.add_argument(
+        "--hdf5-dataset",
+        metavar="PATH",
+        help=f"{when}the frames' dataset in HDF5 files (3-D: one exposure per frame) where it "
+        "is not an Eiger place (/entry/data/data, /entry/data/data_NNNNNN) or a NeXus "
+        "detector's data",
+    )
 
 
 def _add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> None:
@@ -550,12 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot be read or integrated are recorded as failed exposures; the scan goes on.",
     )
     reprocess.add_argument("paths", nargs="+", metavar="PATH", help="files or glob patterns")
-    reprocess.add_argument(
-        "--hdf5-dataset",
-        metavar="PATH",
-        help="the frames' dataset in HDF5 files (3-D: one exposure per frame) where it is not "
-        "an Eiger place (/entry/data/data, /entry/data/data_NNNNNN) or a NeXus detector's data",
-    )
+    _add_hdf5_dataset_option(reprocess)
     _add_scan_options(reprocess)
     reprocess.add_argument(
         "--read-ahead",
@@ -629,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument(
         "--pattern", default="*", help="with --watch: the files to take (glob, default *)"
     )
+    _add_hdf5_dataset_option(online, "with --watch: ")
     online.add_argument(
         "--idle-timeout",
         type=float,

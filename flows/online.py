@@ -61,6 +61,9 @@ class WatchedFolder(BaseModel):
     kind: Literal["folder"] = "folder"
     directory: Path
     pattern: str = "*"
+    #: the frames' dataset in HDF5 files where it is neither an Eiger data file's nor a NeXus
+    #: detector's ``data`` (a 3-D stack: one exposure per frame)
+    hdf5_dataset: str | None = None
     #: stop after this long without a new frame; ``None``: until cancelled
     idle_timeout_s: float | None = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
@@ -146,6 +149,7 @@ def online_reconstruction(
         poll_interval_s=source.poll_interval_s,
         idle_timeout_s=source.idle_timeout_s,
         stop=stop,
+        hdf5_dataset=source.hdf5_dataset,
     )
     with stop_on_sigterm(stop.set) as cancelled:
         return reconstruct(

@@ -79,6 +79,14 @@ def test_reprocess_of_nothing_says_which_pattern_matched_nothing(tmp_path, capsy
     assert f"no file matches {pattern}" in capsys.readouterr().err
 
 
+def test_hdf5_dataset_with_a_stream_is_refused(tmp_path, capsys):
+    from pipeline.integration import DEFAULT_PONI
+
+    args = ["online", "--stream", "tcp://localhost:9999", "--hdf5-dataset", "/data"]
+    assert main([*args, "--poni", str(DEFAULT_PONI), "--out", str(tmp_path)]) == 2
+    assert "--hdf5-dataset is for the HDF5 files of --watch" in capsys.readouterr().err
+
+
 def test_a_malformed_poni_stops_reprocess_before_it_starts(tmp_path, capsys):
     (tmp_path / "frame_1.cbf").write_bytes(b"")
     (tmp_path / "bad.poni").write_text("Distance: 0.2\n")

@@ -187,15 +187,22 @@ def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tm
         for number in (3, 4, 10):
             time.sleep(0.5)
             write(number)
+        stack = rng.poisson(20.0, (2, 48, 64)).astype(np.int32)
+        with h5py.File(incoming / "frame_11.h5.part", "w") as handle:
+            handle["measurement/pilatus"] = stack  # at --hdf5-dataset
+        os.rename(incoming / "frame_11.h5.part", incoming / "frame_11.h5")
 
     thread = threading.Thread(target=detector, daemon=True)
     thread.start()
-    watch = ["--watch", str(incoming), "--pattern", "frame_*.edf", "--idle-timeout", "4"]
+    watch = ["--watch", str(incoming), "--pattern", "frame_*[0-9].[eh][d5]*", "--idle-timeout", "4"]
+    watch += ["--hdf5-dataset", "/measurement/pilatus"]
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "watched"]
     status = main(["online", *watch, *options, "--workers", "1", "--samples", "100"])
     thread.join(10)
     assert status == 0, capsys.readouterr().out
     results = open_results(out / "watched.h5")
-    assert results.index.tolist() == list(range(5)) and (results.status == "ok").all()
+    assert results.index.tolist() == list(range(7)) and (results.status == "ok").all()
     names = [source.rsplit("/", 1)[-1] for source in results.source]
-    assert names == ["frame_1.edf", "frame_2.edf", "frame_3.edf", "frame_4.edf", "frame_10.edf"]
+    assert names[:5] == ["frame_1.edf", "frame_2.edf", "frame_3.edf", "frame_4.edf", "frame_10.edf"]
+    stack = [source.rsplit("/", 3)[-3:] for source in results.source[5:]]
+    assert stack == [["frame_11.h5:", "measurement", f"pilatus frame {n}"] for n in (0, 1)]

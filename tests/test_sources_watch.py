@@ -182,6 +182,34 @@ def test_a_file_that_stays_broken_becomes_an_error_and_later_files_still_come(
     )
 
 
+def test_hdf5_frames_of_a_nexus_detector_or_another_dataset_are_found(tmp_path):
+    """Without ``hdf5_dataset`` the data of a file's one NeXus detector; with it, frames at
+    any path, one exposure per frame; a file with neither says which option to give."""
+    import h5py
+
+    stack = np.arange(2 * 4 * 6, dtype=np.uint16).reshape(2, 4, 6)
+    with h5py.File(tmp_path / "a_nexus.nxs", "w") as handle:
+        for group, nx_class in (("entry", "NXentry"), ("entry/instrument", "NXinstrument")):
+            handle.require_group(group).attrs["NX_class"] = nx_class
+        handle.require_group("entry/instrument/pilatus").attrs["NX_class"] = "NXdetector"
+        handle["entry/instrument/pilatus/data"] = stack
+    with h5py.File(tmp_path / "b_other.h5", "w") as handle:
+        handle["measurement/pilatus"] = stack + 1
+
+    def watch(dataset: str | None) -> list:
+        watcher = DirectoryWatcher(
+            tmp_path, "s", poll_interval_s=POLL_S, idle_timeout_s=0.3, hdf5_dataset=dataset
+        )
+        return list(watcher.exposures())
+
+    found = watch(None)
+    assert [e.error is None for e in found] == [True, True, False]
+    assert (found[1].frame == stack[1]).all()
+    assert "give --hdf5-dataset" in found[2].error and "b_other.h5" in found[2].error
+    named = [e for e in watch("/measurement/pilatus") if e.error is None]
+    assert len(named) == 2 and (named[1].frame == stack[1] + 1).all()
+
+
 def test_an_incomplete_file_at_the_end_is_reported_when_watching_stops(tmp_path):
     whole = cbf_bytes(tmp_path, 5)
     (tmp_path / "g_1.cbf").write_bytes(whole)

@@ -69,6 +69,7 @@ from pipeline.sources.eiger import (
     frame_datasets,
     hdf5_frame,
     master_file_for,
+    nexus_detector_data,
     open_hdf5,
     read_detector_metadata,
 )
@@ -111,7 +112,8 @@ class DirectoryWatcher:
         settle_timeout_s: how long a file may stay unchanged yet unreadable before it is
             reported as failed.
         first_index: the index of the first exposure.
-        hdf5_dataset: the frames' dataset in HDF5 files, when not ``/entry/data/data``.
+        hdf5_dataset: the frames' dataset in HDF5 files, when neither ``/entry/data/data``
+            (Eiger data files) nor the ``data`` of the file's one NeXus NXdetector.
 
     Attributes:
         frames_read: frames read so far.
@@ -310,8 +312,21 @@ class DirectoryWatcher:
                 watched.done = True  # a master file: its data files are read instead
                 self.skipped_files.append(path)
                 return True
-            if not refs:
-                problem: str | None = f"no detector frames: no {DATA_DATASET} in {path.name}"
+            detectors = nexus_detector_data(handle) if not refs else []
+            if len(detectors) == 1:
+                refs = detectors
+            problem: str | None = None
+            if len(detectors) > 1:
+                problem = (
+                    f"which detector frames? the NeXus detectors of {path.name} hold several "
+                    f"({', '.join(detectors)}): give --hdf5-dataset"
+                )
+            elif not refs:
+                problem = (
+                    f"no detector frames: neither {DATA_DATASET} (Eiger) nor an NXdetector's "
+                    f"data (NeXus) in {path.name}; give --hdf5-dataset for another place"
+                )
+            if problem is not None:
                 caught_up, frames = False, []
             else:
                 caught_up, frames, problem = self._new_hdf5_frames(watched, handle, refs, final)
