@@ -216,7 +216,10 @@ AREAS = ("fault", "bad input", "hostile message", "fuzzing", "load", "security")
 @dataclass
 class ReliabilityRecord:
     """What one test tried: ``tried`` injections or inputs, ``accepted`` exposures acknowledged
-    before (or around) the fault, ``lost`` of those missing or duplicated afterwards."""
+    before (or around) the fault, ``lost`` of those missing or duplicated afterwards; where
+    the test counts them apart (:meth:`Reliability.tally`), ``lost`` is the missing ones,
+    ``doubled`` the exposures or frames stored twice and ``mixed`` the rows made with another
+    configuration or model than their file's."""
 
     test: str
     area: str
@@ -225,6 +228,8 @@ class ReliabilityRecord:
     accepted: int | None = None
     lost: int | None = None
     detail: str = ""
+    doubled: int | None = None
+    mixed: int | None = None
 
 
 class Reliability:
@@ -243,6 +248,26 @@ class Reliability:
         """The number of exposures lost or duplicated: acknowledged ones missing from the
         file plus indices stored more than once."""
         return len(acknowledged - set(stored)) + len(stored) - len(set(stored))
+
+    def tally(self, path: Path, acknowledged: set[int]) -> dict[str, int]:
+        """``lost``, ``doubled`` and ``mixed`` of the results file at ``path`` (read with plain
+        h5py): exposures of ``acknowledged`` missing; exposure indices, and frames (by
+        source), stored more than once; rows whose processing key is not the file's."""
+        from pipeline.provenance import ProcessingRecord
+
+        with h5py.File(path, "r", locking=False) as handle:
+            entry = handle["entry"]
+            index = entry["exposures/index"][()]
+            written = index >= 0
+            sources = [s for s in entry["exposures/source"][()][written] if s]
+            keys = entry["exposures/processing_key"][()][written]
+            theirs = ProcessingRecord.from_json(entry["processing"][()].decode()).key
+        stored = index[written].tolist()
+        return {
+            "lost": len(acknowledged - set(stored)),
+            "doubled": len(stored) - len(set(stored)) + len(sources) - len(set(sources)),
+            "mixed": int(np.count_nonzero(keys != theirs.encode())),
+        }
 
 
 _RELIABILITY_RECORDS: list[ReliabilityRecord] = []

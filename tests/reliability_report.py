@@ -50,6 +50,9 @@ def write_report(
     }
     ran = [r for r in records if outcomes.get(r.test, ("",))[0] == "passed"]
     lost = sum(r.lost or 0 for r in ran)
+    doubled = sum(r.doubled or 0 for r in ran)
+    mixed = sum(r.mixed or 0 for r in ran)
+    counted = sum(r.doubled is not None for r in ran)
     command = " ".join(["pytest", *sys.argv[1:]])
     settings = ", ".join(
         f"`{name}={os.environ[name]}`"
@@ -67,14 +70,17 @@ def write_report(
         "",
         f"**{len(outcomes)} tests: {counts['passed']} passed, {counts['failed']} failed, "
         f"{counts['skipped']} skipped. Exposures lost or duplicated in the tests that passed: "
-        f"{lost}** (target: 0). Faults injected: "
+        f"{lost}; of the {counted} rows that count them apart, doubled: {doubled}, mixed: "
+        f"{mixed}** (target: 0 each). Faults injected: "
         f"{sum(r.tried for r in ran if r.area == 'fault'):,}; fuzzed inputs: "
         f"{sum(r.tried for r in ran if r.area == 'fuzzing'):,}.",
         "",
         "*tried*: how often the fault was injected or how many inputs were given; "
         "*acknowledged*: exposures the writer had acknowledged (in the file) when the fault "
         "struck, or in the whole run; *lost*: acknowledged exposures missing afterwards plus "
-        "any stored twice.",
+        "any stored twice, or where *doubled* is given, the missing ones alone; *doubled*: "
+        "exposures or frames stored more than once; *mixed*: rows made with another "
+        "configuration or model than their file's (— where the test does not count them).",
         "",
         "Run it: `pytest -m reliability --reliability-report=docs/reliability.md` (the fast "
         "tests are also in the default suite, the slow ones in `pytest -m slow`); "
@@ -98,8 +104,8 @@ def write_report(
             "",
             f"## {TITLES[area]}",
             "",
-            "| what | tried | acknowledged | lost | outcome | test | detail |",
-            "|---|---:|---:|---:|---|---|---|",
+            "| what | tried | acknowledged | lost | doubled | mixed | outcome | test | detail |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|",
         ]
         for r in rows:
             outcome, reason, seconds = outcomes[r.test]
@@ -107,7 +113,8 @@ def write_report(
             file, _, name = r.test.partition("::")
             lines.append(
                 f"| {_cell(r.what)} | {_number(r.tried)} | {_number(r.accepted)} | "
-                f"{_number(r.lost)} | {_cell(told)} ({seconds:.1f} s) | "
+                f"{_number(r.lost)} | {_number(r.doubled)} | {_number(r.mixed)} | "
+                f"{_cell(told)} ({seconds:.1f} s) | "
                 f"`{Path(file).name}::{_cell(name)}` | {_cell(r.detail)} |"
             )
     path.write_text("\n".join(lines) + "\n")

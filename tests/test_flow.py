@@ -90,7 +90,7 @@ Wavelength: 1.55e-10
 
 
 def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
-    prefect_harness, tmp_path, capsys
+    prefect_harness, tmp_path, capsys, reliability
 ):
     """``--hdf5-dataset``: a 3-D dataset outside the Eiger and NeXus places gives one exposure
     per frame, read ahead by the reader process. The PONI names no detector: its shape is the
@@ -121,6 +121,14 @@ def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
     assert "frame shape (47, 64) " + expected in results.error[0]
     assert results.source[3].endswith("run.h5:/measurement/pilatus frame 2")
     assert json.loads(results.config_json)["integration"]["detector_shape"] == [48, 64]
+    reliability.record(
+        "bad input",
+        "a PONI without a detector and a first frame of another shape (HDF5 at another path)",
+        tried=1,
+        accepted=6,
+        **reliability.tally(out / "stack.h5", set(range(6))),
+        detail=f"the first frame failed alone: {results.error[0][:120]}...",
+    )
 
 
 def test_online_reconstructs_a_live_series_from_a_third_party_detector(

@@ -184,7 +184,7 @@ def test_ctrl_c_stops_a_scan_within_seconds_with_every_acknowledged_exposure_kep
         f"SIGINT (Ctrl-C) to the process group of `{command}` mid-scan, Prefect on a local server",
         tried=1,
         accepted=len(written),
-        lost=reliability.check_every_acknowledged_once(written, stored),
+        **reliability.tally(path, written),
         detail=f"exit code {process.returncode} after {took_s:.1f} s, {len(after_signal)} "
         f"lines on stderr after the signal, {len(stored)} rows in the closed file; "
         f"{len(left)} processes left",

@@ -89,7 +89,7 @@ def test_a_file_added_mid_folder_is_processed_on_resume_and_nothing_is_stored_tw
         "a file added in the middle of a folder, then --resume",
         tried=1,
         accepted=5,
-        lost=5 - len(rows),
+        **reliability.tally(config.output_path, set(range(5))),
         detail=f"resumed: {summary.skipped} kept, {summary.written_ok} computed; rows "
         f"{sorted(rows.values())}, each file once",
     )
@@ -122,7 +122,7 @@ def test_a_changed_file_is_redone_under_its_index_and_a_removed_one_is_reported(
         "a file rewritten and another deleted, then --resume",
         tried=1,
         accepted=3,
-        lost=3 - after.index.size,
+        **reliability.tally(config.output_path, {0, 1, 2}),
         detail=f"rewritten file redone under its index ({summary.redone}), deleted file's row "
         f"kept and reported ({summary.removed}); rows {after.index.tolist()}",
     )
@@ -154,7 +154,7 @@ def test_failed_rows_are_redone_only_when_asked(tmp_path, reliability):
         "a failed row resumed without and with --retry-failed",
         tried=2,
         accepted=2,
-        lost=2 - results.index.size,
+        **reliability.tally(config.output_path, {0, 1}),
         detail=f"without: {again.skipped} kept as they were; with: {retried.redone} redone, "
         f"status now {results.status.tolist()}",
     )
@@ -184,7 +184,7 @@ def test_a_resume_with_another_geometry_or_model_is_refused_in_one_line(tmp_path
         "--resume with another geometry, or another number of samples",
         tried=2,
         accepted=1,
-        lost=0,
+        **reliability.tally(config.output_path, {0}),
         detail=f"refused before anything starts: {refused.value}",
     )
 
@@ -211,7 +211,7 @@ def test_a_second_run_on_a_results_file_is_refused_while_the_first_writes(tmp_pa
         "--resume started while the first run still writes its file",
         tried=1,
         accepted=3,
-        lost=reliability.check_every_acknowledged_once({0, 1, 2}, rows),
+        **reliability.tally(config.output_path, {0, 1, 2}),
         detail="the second run refused (the file's lock, held by the first run and its "
         f"writer); the first wrote {len(rows)} of 3",
     )

@@ -457,12 +457,12 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
         "SIGKILL of the writer mid-scan, then the scan resumed",
         tried=1,
         accepted=len(acknowledged_before_kill),
-        lost=len(acknowledged_before_kill - set(partial.index.tolist()))  # before resuming
-        + reliability.check_every_acknowledged_once(acknowledged, results.index.tolist()),
+        **reliability.tally(config.output_path, acknowledged),
         detail=f"killed after {len(acknowledged_before_kill)} acknowledged; its file readable with "
         f"{partial.index.size} rows; the resumed scan skipped {summary.skipped} and wrote "
         f"{summary.written_ok}: {results.index.size} rows for {len(line_outs)} exposures",
     )
+    assert acknowledged_before_kill <= set(partial.index.tolist())  # nothing lost by the kill
     assert results.index.tolist() == list(range(150))  # no duplicate, no gap
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
     np.testing.assert_array_equal(results.samples[partial.index], partial.samples)
