@@ -251,21 +251,23 @@ class Reliability:
 
     def tally(self, path: Path, acknowledged: set[int]) -> dict[str, int]:
         """``lost``, ``doubled`` and ``mixed`` of the results file at ``path`` (read with plain
-        h5py): exposures of ``acknowledged`` missing; exposure indices, and frames (by
-        source), stored more than once; rows whose processing key is not the file's."""
+        h5py): exposures of ``acknowledged`` missing; exposure indices, and frames of files
+        (by identity), stored more than once; rows whose processing key is not the file's."""
         from pipeline.provenance import ProcessingRecord
+        from pipeline.sources.identity import FrameId
 
         with h5py.File(path, "r", locking=False) as handle:
             entry = handle["entry"]
             index = entry["exposures/index"][()]
             written = index >= 0
-            sources = [s for s in entry["exposures/source"][()][written] if s]
+            identities = [FrameId.parse(f.decode()) for f in entry["exposures/frame_id"][written]]
+            frames = [frame.location for frame in identities if frame is not None]
             keys = entry["exposures/processing_key"][()][written]
             theirs = ProcessingRecord.from_json(entry["processing"][()].decode()).key
         stored = index[written].tolist()
         return {
             "lost": len(acknowledged - set(stored)),
-            "doubled": len(stored) - len(set(stored)) + len(sources) - len(set(sources)),
+            "doubled": len(stored) - len(set(stored)) + len(frames) - len(set(frames)),
             "mixed": int(np.count_nonzero(keys != theirs.encode())),
         }
 

@@ -326,8 +326,9 @@ class DirectoryWatcher:
                     f"no detector frames: neither {DATA_DATASET} (Eiger) nor an NXdetector's "
                     f"data (NeXus) in {path.name}; give --hdf5-dataset for another place"
                 )
+            frames: list[DetectorFrame] = []
             if problem is not None:
-                caught_up, frames = False, []
+                caught_up = False
             else:
                 caught_up, frames, problem = self._new_hdf5_frames(watched, handle, refs, final)
         # The file is closed before the frames go out, so that a writer in this process can
