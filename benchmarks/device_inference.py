@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from benchmarks.writer import line_out_messages
 from pipeline.config import TransportConfig
 from pipeline.model import load
@@ -149,7 +150,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         report["engine_stages"] = worker_and_writer(gpu, Path(folder))
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save(args.out, report)
     print(json.dumps(report, indent=2))
 
 

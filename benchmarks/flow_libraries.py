@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.report import save
 from pipeline.model.cinn import ConditionalINN, ConditioningNet
 from pipeline.model.posterior import ParameterTransform
 from pipeline.model.train import simulate_batch
@@ -192,7 +193,7 @@ def main(steps: int = 1500) -> dict:
             results[name] = {"skipped": f"not installed: {error}"}
         print(name, json.dumps(results[name]), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    save(RESULTS, results)
     return results
 
 

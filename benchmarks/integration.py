@@ -39,6 +39,7 @@ import hdf5plugin
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from benchmarks.report import save
 from pipeline.config import IntegrationConfig
 from pipeline.integration import DEFAULT_PONI, LineOutIntegrator
 from pipeline.physics import QGrid
@@ -291,7 +292,7 @@ def main() -> None:
         "default_geometry": str(DEFAULT_PONI.name),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save(args.out, report)
     print(json.dumps(report, indent=2))
 
 

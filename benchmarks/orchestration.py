@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import save
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.sources import SimulatedDetector
 from workers.scan import ScanRunner
@@ -143,7 +144,7 @@ def main() -> None:
         "api_objects_of_one_flow_run": api,
     }
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics import simulate
@@ -119,7 +120,7 @@ def main() -> None:
             if name in stored
         }
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps({k: v for k, v in report.items() if k != "stored_posterior_models"}, indent=2))
 
 

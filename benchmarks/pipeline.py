@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.integration import bare_pyfai_loop
+from benchmarks.report import save
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
@@ -216,7 +217,7 @@ def main() -> None:
                 )
             report["detectors"][detector] = entry
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    save(args.out, report)
     if args.out == RESULTS:
         plot(latencies, PLOT)
     print(json.dumps(report, indent=2, default=str))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.report import save as save_report
 from pipeline.model import Architecture, load, save
 from pipeline.model.checkpoint import sha256
 from pipeline.model.cinn import ConditioningNet
@@ -198,7 +199,7 @@ def score_command(args: argparse.Namespace) -> None:
             "reference": reference,
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        save_report(RESULTS, results)
         summary = results["models"][Path(path).stem]
         print(
             f"  calibration {simulation['calibration_error']}\n"

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.model import load
 from pipeline.physics import simulate
 from pipeline.physics.quality import (
@@ -89,7 +90,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

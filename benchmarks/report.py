@@ -8,6 +8,7 @@ Run: ``python -m benchmarks.report`` (``python -m benchmarks run`` calls it).
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
 from pathlib import Path
@@ -40,6 +41,24 @@ def _spread(stats: dict, scale: float = 1.0, digits: int = 2) -> str:
     )
 
 
+def save(path: Path, report: dict) -> None:
+    """Write a benchmark's ``report`` to ``path`` as JSON, stamped with ``measured_utc`` (now),
+    which the summary reads to tell results measured after the last full run."""
+    stamped = {"measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **report}
+    path.write_text(json.dumps(stamped, indent=2, default=str) + "\n")
+
+
+def _measured(path: Path) -> float | None:
+    """When the results in ``path`` were measured (seconds since the epoch), from its
+    ``measured_utc`` (a run's: ``finished``); ``None`` where it does not say (a git checkout
+    resets the files' modification times, so those cannot tell)."""
+    data = json.loads(path.read_text())
+    stamp = data.get("measured_utc") or data.get("finished")
+    if not isinstance(stamp, str):
+        return None
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M UTC"))
+
+
 def render() -> str:
     run = _load("run") or {}
     lines = [
@@ -50,11 +69,12 @@ def render() -> str:
         f"({run.get('wall_s', 0):.0f} s); figures from other runs name their source. Medians, "
         "with (min-max) over the repeats.",
     ]
-    finished = (RESULTS / "run.json").stat().st_mtime if (RESULTS / "run.json").is_file() else 0
+    finished = (_measured(RESULTS / "run.json") if (RESULTS / "run.json").is_file() else 0) or 0
+    measured = {path.stem: _measured(path) for path in RESULTS.glob("*.json")}
     later = sorted(
-        f"`{path.stem}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(path.stat().st_mtime))})"
-        for path in RESULTS.glob("*.json")
-        if path.stat().st_mtime > finished + 60 and path.stem != "run"
+        f"`{name}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stamp))})"
+        for name, stamp in measured.items()
+        if stamp is not None and stamp > finished + 60 and name != "run"
     )
     if later:
         lines += ["", "Measured again by themselves after that run: " + ", ".join(later) + "."]
@@ -183,8 +203,10 @@ def render() -> str:
             f"of GPU batches; it bounds the engine whatever the workers' speed) | {ceiling:,}/s "
             f"({writer['layout_speed_up_full_blocks']:.2f}× the layout with a chunk per "
             f"exposure; of CPU workers' batches of 8: "
-            f"{writer['full_blocks_of_cpu_batches_per_s']:,}/s) | ≥ 20,000 (the GPU target "
-            f"through the engine) | {_met(ceiling >= 20_000)} |"
+            f"{writer['full_blocks_of_cpu_batches_per_s']:,}/s; the file grows "
+            f"{writer['file_bytes_per_exposure'] / 1e3:.1f} kB per exposure, "
+            f"{writer['disk_mb_per_s_at_gpu_target']:,} MB/s of disk at the target) | ≥ 20,000 "
+            f"(the GPU target through the engine) | {_met(ceiling >= 20_000)} |"
         )
     orchestration = _load("orchestration")
     if orchestration:

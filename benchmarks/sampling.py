@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.model.checkpoint import DEFAULT_MODEL
@@ -111,7 +112,7 @@ def main() -> None:
         "models": models,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

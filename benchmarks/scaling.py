@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.config import IntegrationConfig, PipelineConfig
 from pipeline.integration import LineOutIntegrator
 from pipeline.model import load
@@ -157,7 +158,7 @@ def main() -> None:
             "memory": memory_per_process(folder),
         }
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps(report["memory"], indent=2))
 
 

@@ -26,6 +26,7 @@ import hdf5plugin
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.model import load
 from pipeline.physics import simulate
 
@@ -106,7 +107,7 @@ def main() -> None:
         },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import save
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut, PosteriorSamples
 from pipeline.model import load
@@ -259,7 +260,7 @@ def main() -> None:
         "targets": {"overhead_max": 0.10, "two_workers_speed_up_min": 1.6},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 
