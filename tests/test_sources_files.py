@@ -15,7 +15,7 @@ from fabio.tifimage import TifImage
 from pipeline.sources.files import (
     FileSource,
     expand_paths,
-    header_frame_shape,
+    header_frames_shape,
     header_metadata,
     natural_sort_key,
     open_source,
@@ -262,36 +262,35 @@ def test_real_pilatus_tiff_reads_with_its_header(shared_data):
     assert exposure.metadata["exposure_time_s"] == "3.0"
     assert exposure.metadata["frame_time_s"] == "3.0"
     assert exposure.metadata["format"] == "PILATUS"
-    assert header_frame_shape(shared_data / "CeO2_Pilatus1M.tif") == (1043, 981)
+    assert header_frames_shape(shared_data / "CeO2_Pilatus1M.tif") == (1, 1043, 981)
     eiger = shared_data / "eiger2_simread7_2datafiles_4images_bslz4_data_000001.h5"
     frames = [e.frame.shape for e in open_source([eiger], "eiger") if e.frame is not None]
-    assert frames and header_frame_shape(eiger) == frames[0]
+    assert frames and header_frames_shape(eiger) == (len(frames), *frames[0])
 
 
-def test_the_frame_shape_is_the_most_common_in_the_headers(tmp_path):
+def test_the_frame_shape_is_that_of_most_frames_in_the_headers(tmp_path):
     """What a PONI without a detector takes as its shape: every format's header tells it
     without decoding a pixel; a file that cannot tell is left out."""
     import h5py
 
-    TifImage(data=image(1, shape=(31, 40))).write(str(tmp_path / "a_cropped.tif"))
-    CbfImage(data=image(2)).write(str(tmp_path / "b.cbf"))
-    write_edf(tmp_path / "c.edf", [image(3, np.uint16), image(4, np.uint16)])
+    for number in range(3):
+        TifImage(data=image(number, shape=(31, 40))).write(str(tmp_path / f"a_{number}.tif"))
+    CbfImage(data=image(3)).write(str(tmp_path / "b.cbf"))
+    write_edf(tmp_path / "c.edf", [image(4, np.uint16), image(5, np.uint16)])
     with h5py.File(tmp_path / "d.h5", "w") as handle:
-        handle["entry/data/data"] = np.stack([image(5), image(6)])
+        handle["entry/data/data"] = np.stack([image(6), image(7)])
     (tmp_path / "e.cbf").write_bytes(b"not a frame")
-    shapes = {path.name: header_frame_shape(path) for path in sorted(tmp_path.iterdir())}
+    shapes = {path.name: header_frames_shape(path) for path in sorted(tmp_path.iterdir())}
     assert shapes == {
-        "a_cropped.tif": (31, 40),
-        "b.cbf": (32, 40),
-        "c.edf": (32, 40),
-        "d.h5": (32, 40),
+        **{f"a_{number}.tif": (1, 31, 40) for number in range(3)},
+        "b.cbf": (1, 32, 40),
+        "c.edf": (2, 32, 40),
+        "d.h5": (2, 32, 40),
         "e.cbf": None,
     }
-    assert FileSource([tmp_path], "scan").frame_shape() == (32, 40)
-    assert FileSource([tmp_path / "a_cropped.tif", tmp_path / "e.cbf"], "s").frame_shape() == (
-        31,
-        40,
-    )
+    assert FileSource([tmp_path], "scan").frame_shape() == (32, 40)  # 5 frames against 3
+    tiffs = FileSource([tmp_path / "a_*.tif", tmp_path / "b.cbf", tmp_path / "e.cbf"], "s")
+    assert tiffs.frame_shape() == (31, 40)
     assert FileSource([tmp_path / "e.cbf"], "scan").frame_shape() is None
 
 

@@ -252,7 +252,7 @@ class LineOutIntegrator:
         elif config.detector_shape is not None:
             self._build(
                 config.detector_shape,
-                "the frame files' headers (the most common shape): "
+                "the frame files' headers (the shape of most frames): "
                 + self._no_detector(config.detector_shape),
             )
         elif self._images:

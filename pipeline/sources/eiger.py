@@ -332,19 +332,23 @@ def frame_count(dataset: h5py.Dataset) -> int:
     )
 
 
-def hdf5_frame_shape(path: PathLike, dataset: str | None = None) -> tuple[int, int] | None:
-    """The (rows, columns) of the frames of one HDF5 file (master, data or NeXus file, or
-    ``dataset``), from the dataset's shape: no frame is read. ``None`` where the file or its
-    frames cannot be found (reading it says why)."""
+def hdf5_frames_shape(path: PathLike, dataset: str | None = None) -> tuple[int, int, int] | None:
+    """(frames, rows, columns) of one HDF5 file's frames (a master's data files together, a
+    data or NeXus file, or ``dataset``), from the datasets' shapes: no frame is read. ``None``
+    where the file or its frames cannot be found (reading it says why)."""
     try:
         with open_hdf5(path) as handle:
-            refs = frame_datasets(handle, dataset) or nexus_detector_data(handle)[:1]
+            refs = frame_datasets(handle, dataset)
+            detectors = [] if refs else nexus_detector_data(handle)
+            if len(detectors) == 1:
+                refs = detectors
             if not refs:
                 return None
-            shape = _open_dataset(handle, refs[0]).shape
+            shapes = [_open_dataset(handle, ref).shape for ref in refs]
     except (OSError, RuntimeError, KeyError, ValueError):
         return None
-    return int(shape[-2]), int(shape[-1])
+    frames = sum(shape[0] if len(shape) == 3 else 1 for shape in shapes)
+    return frames, int(shapes[0][-2]), int(shapes[0][-1])
 
 
 def read_frame(dataset: h5py.Dataset, number: int) -> np.ndarray:

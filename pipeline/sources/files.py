@@ -369,23 +369,25 @@ def _format_name(path: Path, magic: bytes) -> str:
     return path.suffix.lstrip(".").upper() or "image"
 
 
-def header_frame_shape(path: PathLike, hdf5_dataset: str | None = None) -> tuple[int, int] | None:
-    """The (rows, columns) of the (first) frame of one file, from its header or HDF5 metadata:
-    no pixel is decoded. ``None`` where the file cannot tell (reading it says why).
+def header_frames_shape(
+    path: PathLike, hdf5_dataset: str | None = None
+) -> tuple[int, int, int] | None:
+    """(frames, rows, columns) of one file's frames, from its header or HDF5 metadata: no
+    pixel is decoded. ``None`` where the file cannot tell (reading it says why).
 
     Example:
         >>> import tempfile
         >>> from fabio.cbfimage import CbfImage
         >>> path = Path(tempfile.mkdtemp()) / "frame.cbf"
         >>> CbfImage(data=np.zeros((195, 487), np.int32)).write(str(path))
-        >>> header_frame_shape(path)
-        (195, 487)
+        >>> header_frames_shape(path)
+        (1, 195, 487)
     """
-    from pipeline.sources.eiger import hdf5_frame_shape
+    from pipeline.sources.eiger import hdf5_frames_shape
 
     path = Path(path)
     if is_hdf5_file(path):
-        return hdf5_frame_shape(path, hdf5_dataset)
+        return hdf5_frames_shape(path, hdf5_dataset)
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -395,15 +397,17 @@ def header_frame_shape(path: PathLike, hdf5_dataset: str | None = None) -> tuple
             with Image.open(path) as image:
                 columns, rows = image.size
                 shape: tuple[int, ...] = (rows, columns)
+                frames = int(getattr(image, "n_frames", 1))
         else:
             import fabio
 
-            shape = tuple(fabio.openheader(str(path)).shape)
+            header = fabio.openheader(str(path))
+            shape, frames = tuple(header.shape), int(header.nframes)
     except Exception:  # fabio and Pillow raise many types for a bad file: reading it says why
         return None
     if len(shape) != 2 or min(shape) < 1:
         return None
-    return int(shape[0]), int(shape[1])
+    return max(frames, 1), int(shape[0]), int(shape[1])
 
 
 def read_fabio_file(path: PathLike) -> Iterator[DetectorFrame]:
@@ -621,14 +625,18 @@ class FileSource(NumberedFrames):
         return {stamp.key: stamp for stamp in stamps}
 
     def frame_shape(self, max_files: int = 100) -> tuple[int, int] | None:
-        """The most common frame shape, (rows, columns), in the headers of up to
-        ``max_files`` of the files (spread over the scan; HDF5: the frames' dataset shape);
-        ``None`` when no header tells. What a PONI without a detector takes as the detector's
-        shape, so that an odd first frame fails alone rather than every frame after it."""
+        """The shape, (rows, columns), of most frames in the headers of up to ``max_files``
+        of the files (spread over the scan; HDF5: the datasets' shapes); ``None`` when no
+        header tells. What a PONI without a detector takes as the detector's shape, so that
+        an odd first frame fails alone rather than every frame after it."""
         files = [path for path, _ in self._files_to_read()]
         step = max(1, math.ceil(len(files) / max_files))
-        shapes = Counter(header_frame_shape(path, self.hdf5_dataset) for path in files[::step])
-        shapes.pop(None, None)
+        shapes: Counter[tuple[int, int]] = Counter()
+        for path in files[::step]:
+            found = header_frames_shape(path, self.hdf5_dataset)
+            if found is not None:
+                frames, rows, columns = found
+                shapes[rows, columns] += frames
         if not shapes:
             return None
         return shapes.most_common(1)[0][0]
