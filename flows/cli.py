@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -342,8 +343,6 @@ def _reprocess_scans(args: argparse.Namespace) -> int:
 
 def _online(args: argparse.Namespace) -> int:
     _use_prefect_api(args)
-    import time
-
     from flows.online import DectrisStreamSource, WatchedFolder, online_reconstruction
     from pipeline.preflight import check_setup
 
@@ -474,7 +473,9 @@ def _salvage(args: argparse.Namespace) -> int:
     print(f"saved {saved.rows:,} of {saved.of:,} rows of {args.damaged} into {args.out}")
     if saved.rows < saved.of:
         print(
-            "the others lay in the lost part of the file: --resume with the saved file redoes them"
+            f"the others lay in the lost part of the file: to redo them, put the saved file in "
+            f"the damaged one's place (mv {args.out} {args.damaged}) and run its scan again "
+            "with --resume"
         )
     return 0
 
@@ -835,18 +836,28 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: child processes are stopped, files closed
 
 
+#: A SIGINT this soon after the first is the same Ctrl-C, delivered twice: to the process
+#: group and again by a wrapper that forwards it (``timeout``, a shell script's trap).
+SAME_CTRL_C_S = 0.5
+
+
 def _stop_on_ctrl_c(command: str, signum: int, frame: object) -> None:
     """The first Ctrl-C unwinds the command (``KeyboardInterrupt``): the scan's processes are
     stopped and its file closed; the next one exits at once."""
-    signal.signal(signal.SIGINT, functools.partial(_exit_at_once, command))
+    first = time.monotonic()
+    signal.signal(signal.SIGINT, functools.partial(_exit_at_once, command, first))
     raise KeyboardInterrupt
 
 
-def _exit_at_once(command: str, signum: int, frame: object) -> None:
-    """A second Ctrl-C: exit now. The writer and workers, in sessions of their own, see this
-    process gone and stop by themselves (every acknowledged exposure is in the file); the
-    local Prefect API server, if any, is killed."""
+def _exit_at_once(command: str, first: float, signum: int, frame: object) -> None:
+    """A second Ctrl-C (not within :data:`SAME_CTRL_C_S` of the first): exit now. The writer
+    and workers, in sessions of their own, see this process gone and stop by themselves
+    (every acknowledged exposure is in the file); the local Prefect API server, if any, is
+    killed."""
     from flows.api import kill_local_server
+
+    if time.monotonic() - first < SAME_CTRL_C_S:
+        return
 
     kill_local_server()
     line = f"beamline-inn {command}: stopped at once on a second Ctrl-C\n"

@@ -13,13 +13,14 @@ Example:
     ...     update={"model": Path("/nowhere/model.safetensors")})}))
     Traceback (most recent call last):
     ...
-    pipeline.preflight.SetupError: model card not found: /nowhere/model.json
+    pipeline.preflight.SetupError: model file not found: /nowhere/model.safetensors
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,14 +34,21 @@ class SetupError(ValueError):
 
 def check_output_folder(folder: Path) -> None:
     """:class:`SetupError` unless results can be written into ``folder`` (which may not
-    exist yet: then its nearest existing parent must be writable)."""
+    exist yet: then a folder must be possible in its nearest existing parent). Tried by
+    making and removing an empty folder there: permission bits do not tell for root, an
+    immutable folder, a read-only mount or ``/proc``."""
     existing = Path(folder).absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise SetupError(f"the output folder {folder} cannot be made: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SetupError(f"the output folder {folder} is not writable ({existing})")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".beamline-inn-probe-", dir=existing))
+    except OSError as error:
+        what = "is not writable" if existing == Path(folder).absolute() else "cannot be made"
+        raise SetupError(
+            f"the output folder {folder} {what} ({existing}: {error.strerror})"
+        ) from error
 
 
 def check_settings(settings: ScanSettings) -> None:

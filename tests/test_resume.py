@@ -22,10 +22,11 @@ from pipeline.exposure import Exposure
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import DEFAULT_MODEL
 from pipeline.model.checkpoint import card_path
+from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.preflight import SetupError, check_setup
 from pipeline.sources import FileSource, SimulatedDetector, find_scans
 from pipeline.sources.identity import FileStamp, FrameId
-from pipeline.store import open_results, read_completion
+from pipeline.store import ResultsWriter, open_results, read_completion
 from pipeline.store.lock import ResultsBusy, ResultsLock
 from pipeline.store.results import stored_identities
 from pipeline.store.resume import ResumePlan
@@ -170,13 +171,15 @@ def test_a_resume_with_another_geometry_or_model_is_refused_in_one_line(tmp_path
     moved.write_text(DEFAULT_PONI.read_text().replace("Distance: 5.0", "Distance: 4.9"))
     assert "Distance: 4.9" in moved.read_text()
     other = config.model_copy(update={"integration": IntegrationConfig(poni=moved)})
-    with pytest.raises(SetupError, match=r"another geometry \(PONI\)") as refused:
+    with pytest.raises(
+        SetupError, match=r"its geometry \(PONI\) differs from this run's"
+    ) as refused:
         check_setup(other, resume=True)
     assert "\n" not in str(refused.value)
-    with pytest.raises(ValueError, match="another geometry"):
+    with pytest.raises(ValueError, match="geometry"):
         ScanRunner(other, resume=True).start()
     samples = config.model_copy(update={"inference": InferenceConfig(n_samples=30)})
-    with pytest.raises(SetupError, match="another samples per exposure"):
+    with pytest.raises(SetupError, match="its samples per exposure differs"):
         check_setup(samples, resume=True)
     assert open_results(config.output_path).index.tolist() == [0]  # untouched
     reliability.record(
@@ -282,7 +285,9 @@ def test_scans_of_the_same_name_in_other_folders_get_their_own_files(tmp_path, r
         "missing model",
         "tampered model",
         "output under a file",
+        "output that cannot be made",
         "existing results file",
+        "resume of another scan's file",
     ],
 )
 def test_setup_errors_are_one_line_and_exit_2_before_anything_starts(
@@ -310,9 +315,18 @@ def test_setup_errors_are_one_line_and_exit_2_before_anything_starts(
     elif problem == "output under a file":
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "out"
+    elif problem == "output that cannot be made":
+        out = Path("/proc/beamline-inn-out")  # root too cannot make a folder there
     elif problem == "existing results file":
         out.mkdir()
         (out / "frames.h5").write_bytes(b"an earlier run's file")
+    elif problem == "resume of another scan's file":  # say, a salvaged file, renamed
+        q_nm = np.linspace(0.01, 0.4, 512)
+        with ResultsWriter(
+            out / "other.h5", PARAMETER_NAMES, PARAMETER_UNITS, 4, q_nm, scan_id="elsewhere"
+        ):
+            pass
+        extra = ["--scan-id", "other", "--resume"]
     started = time.monotonic()
     status = main(["reprocess", str(folder), "--poni", str(poni), "--out", str(out), *extra])
     error = capsys.readouterr().err
@@ -325,7 +339,10 @@ def test_setup_errors_are_one_line_and_exit_2_before_anything_starts(
     assert status == 2, error
     assert error.count("\n") == 1 and error.startswith("beamline-inn reprocess: error:"), error
     made = sorted(p.name for p in out.glob("*.h5")) if out.is_dir() else []
-    assert made == (["frames.h5"] if problem == "existing results file" else [])
+    kept = {"existing results file": ["frames.h5"], "resume of another scan's file": ["other.h5"]}
+    assert made == kept.get(problem, [])
+    if problem == "resume of another scan's file":
+        assert f"move it to {out / 'elsewhere.h5'} and resume with --scan-id elsewhere" in error
 
 
 def test_a_file_of_an_earlier_version_is_resumed_by_exposure_index():

@@ -314,6 +314,8 @@ def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, reliabilit
     )
     assert len(exposures) == 3, names
     assert len({e.metadata["frame_id"] for e in exposures}) == 3
+    sources = [Path(e.metadata["source"]) for e in exposures]
+    assert sources == [folder / "sub" / f"f_{number}.edf" for number in range(3)]
 
 
 def test_a_broken_symlink_in_a_folder_is_a_failed_row_naming_the_link(tmp_path, reliability):

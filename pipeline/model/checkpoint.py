@@ -85,7 +85,10 @@ def read_card(path: Path | None = None) -> dict[str, Any]:
     weights = Path(path) if path is not None else DEFAULT_MODEL
     card_file = card_path(weights)
     if not card_file.is_file():
-        raise ModelFileError(f"model card not found: {card_file}")
+        raise ModelFileError(
+            f"model card not found: {card_file} (a model is a .safetensors file with its card, "
+            "a .json of the same name, beside it)"
+        )
     card = json.loads(card_file.read_text())
     if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{card_file} is not a {FORMAT} v{FORMAT_VERSION} model card")
@@ -101,9 +104,11 @@ def check_model_file(path: Path | None = None) -> dict[str, Any]:
     'grating-cinn.safetensors'
     """
     weights = Path(path) if path is not None else DEFAULT_MODEL
-    card = read_card(weights)
+    if not weights.exists():
+        raise ModelFileError(f"model file not found: {weights}")
     if not weights.is_file():
-        raise ModelFileError(f"model weights not found: {weights}")
+        raise ModelFileError(f"model file {weights} is not a file")
+    card = read_card(weights)
     if sha256(weights) != card["weights_sha256"]:
         raise ModelFileError(
             f"{weights} does not match the SHA-256 in its model card: refusing to load"

@@ -117,8 +117,9 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
     Each item is a file (kept even when it does not exist, so that reading it reports the
     missing file), a directory (its files, not recursive, hidden ones left out) or a glob
     pattern (``*``, ``?``, ``[...]``; ``**`` recurses). A file reached under several names
-    (symbolic links, a ``**`` through a link loop) is read once, under the first name found;
-    a symbolic link whose target is missing is kept, so that reading it reports the link.
+    (symbolic links, a ``**`` through a link loop) is read once, under the first item's name
+    for it: its own, where that item finds it without a link, else the shortest; a symbolic
+    link whose target is missing is kept, so that reading it reports the link.
 
     Example:
         >>> import tempfile
@@ -150,9 +151,16 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
             ]
         else:
             matches = [Path(text)]
-        for match in natural_sorted(matches):
+        for match in sorted(matches, key=_plainest_first):
             found.setdefault(os.path.realpath(match), match)
     return natural_sorted(list(found.values())), unmatched
+
+
+def _plainest_first(path: Path) -> tuple[bool, int, tuple[tuple[int | str, ...], str]]:
+    """Sort key of the names of one file: its own name (no link on the way) first, then the
+    shortest, so that a file is stored under a name a user recognises."""
+    through_links = os.path.realpath(path) != os.path.abspath(path)
+    return through_links, len(path.parts), natural_sort_key(path)
 
 
 def _is_frame_file(path: PathLike) -> bool:

@@ -174,7 +174,7 @@ class ResultsWriter:
         if self.path.exists():
             if not resume:
                 raise FileExistsError(f"results file already exists: {self.path}")
-            _check_resumable(
+            check_resumable(
                 self.path, scan_id, model_card, n_samples, q_nm, parameter_names, processing
             )
             target = self.path.with_name(self.path.name + ".resuming")
@@ -572,7 +572,7 @@ def written_indices(path: Path) -> set[int]:
         return {int(i) for i in entry["exposures/index"][: _complete_rows(entry)]}
 
 
-def _check_resumable(
+def check_resumable(
     path: Path,
     scan_id: str,
     model_card: dict | None,
@@ -604,6 +604,13 @@ def _check_resumable(
         their_processing = _processing_of(entry)
     if processing is not None and their_processing is not None:
         check_same_processing(path, their_processing, processing)
+    theirs, ours = differences.pop("scan id")
+    if theirs != ours:
+        raise ValueError(
+            f"cannot resume {path}: it holds scan {theirs!r}, not {ours!r} (a results file is "
+            f"OUT/SCAN_ID.h5: to complete it, move it to {path.with_name(theirs + '.h5')} and "
+            f"resume with --scan-id {theirs})"
+        )
     for what, (theirs, ours) in differences.items():
         if theirs != ours:
             raise ValueError(f"cannot resume {path}: its {what} is {theirs!r}, this run's {ours!r}")
@@ -641,9 +648,10 @@ def check_same_processing(path: Path, theirs: ProcessingRecord, ours: Processing
     with another configuration or model than this run's: they must not mix."""
     differences = theirs.differences(ours)
     if differences:
+        verb = "differs" if len(differences) == 1 else "differ"
         raise ValueError(
-            f"cannot resume {path}: it was made with another {', '.join(differences)} than "
-            "this run's; write a new results file (another --scan-id or --out) instead"
+            f"cannot resume {path}: its {' and '.join(differences)} {verb} from this run's; "
+            "write a new results file (another --scan-id or --out) instead"
         )
 
 

@@ -169,7 +169,9 @@ def plan_output(
     results file of this scan.
     """
     from pipeline.model import read_card
+    from pipeline.physics import PARAMETER_NAMES
     from pipeline.store.results import (
+        check_resumable,
         check_same_processing,
         stored_identities,
         stored_processing,
@@ -183,9 +185,19 @@ def plan_output(
             f"results file already exists: {path}: resume to complete it (--resume), or "
             "write a new one (another --scan-id or --out)"
         )
-    ours = processing_record(config, read_card(config.inference.model)["weights_sha256"])
+    card = read_card(config.inference.model)
+    ours = processing_record(config, card["weights_sha256"])
     theirs = stored_processing(path)
     if theirs is not None:
         check_same_processing(path, theirs, ours)
+    check_resumable(  # what the writer checks too: the scan, model, samples and q grid
+        path,
+        config.scan_id,
+        card,
+        config.inference.n_samples,
+        config.grid.grid().q_nm,
+        PARAMETER_NAMES,
+        ours,
+    )
     index, failed, frame_ids = stored_identities(path)
     return ResumePlan(index, failed, frame_ids, manifest, retry_failed)
