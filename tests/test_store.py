@@ -154,11 +154,11 @@ def test_resuming_continues_only_a_file_of_the_same_scan(tmp_path):
     with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", model_card=card) as writer:
         writer.append(_ok(0))
     others = {
-        "scan id": dict(scan_id="s2", model_card=card),
-        "model": dict(scan_id="s1", model_card={"weights_sha256": "def"}),
+        "it holds scan 's1', not 's2'": dict(scan_id="s2", model_card=card),
+        "its model is": dict(scan_id="s1", model_card={"weights_sha256": "def"}),
     }
     for what, changed in others.items():
-        with pytest.raises(ValueError, match=f"its {what} is"):
+        with pytest.raises(ValueError, match=what):
             ResultsWriter(path, NAMES, UNITS, 10, Q, resume=True, **changed)
     with pytest.raises(ValueError, match="samples per exposure"):
         ResultsWriter(path, NAMES, UNITS, 20, Q, scan_id="s1", model_card=card, resume=True)
