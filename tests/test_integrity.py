@@ -124,8 +124,8 @@ def test_a_truncated_file_fails_at_once_for_every_reader(tmp_path):
     """Cut at 1-99% of its size, a results file made ``show``, ``reprocess --resume`` and
     ``reprocess-scans`` wait forever in HDF5's SWMR retries: now each reader fails at once,
     naming the sizes and the salvage command (``read_completion`` says None, as for any
-    unreadable file; a resume refuses the file). So does a file whose superblock is
-    damaged."""
+    unreadable file; a resume refuses the file, naming the salvage command too). So does a
+    file whose superblock is damaged."""
     scan = _finished_scan(tmp_path / "scan.h5")
     cuts = [_cut(scan, fraction) for fraction in (0.01, 0.3, 0.6, 0.99)]
     flipped = tmp_path / "flipped.h5"
@@ -143,7 +143,7 @@ def test_a_truncated_file_fails_at_once_for_every_reader(tmp_path):
             assert seconds < 1
         assert report[f"{cut} read_completion"][0] == "None"
         outcome, seconds = report[f"{cut} resume"]
-        assert outcome.startswith(f"ValueError: cannot resume {cut}: unreadable ({shown}")
+        assert outcome.startswith(f"DamagedResultsError: {shown}") and hint in outcome
         assert seconds < 1
     assert report[f"{flipped} open_results"][0] == (
         f"DamagedResultsError: {flipped} is damaged: its superblock fails its checksum: "

@@ -65,7 +65,7 @@ import numpy as np
 
 from pipeline.physics.quality import Z_THRESHOLD
 from pipeline.provenance import ProcessingRecord
-from pipeline.store.integrity import open_for_reading
+from pipeline.store.integrity import DamagedResultsError, open_for_reading
 
 log = logging.getLogger(__name__)
 
@@ -585,6 +585,8 @@ def check_resumable(
     and (where both have a processing record) the same configuration."""
     try:
         handle = open_for_reading(path)
+    except DamagedResultsError:
+        raise  # it says how to salvage the file
     except OSError as error:
         raise ValueError(f"cannot resume {path}: unreadable ({error}); move it away") from error
     with handle:
@@ -616,13 +618,6 @@ def check_resumable(
             raise ValueError(f"cannot resume {path}: its {what} is {theirs!r}, this run's {ours!r}")
     if their_q.shape != np.shape(q_nm) or not np.allclose(their_q, q_nm):
         raise ValueError(f"cannot resume {path}: its q grid differs from this run's")
-
-
-def stored_processing(path: Path) -> ProcessingRecord | None:
-    """The processing record of a results file (:mod:`pipeline.provenance`); ``None`` for a
-    file written before records were stored."""
-    with open_for_reading(path) as handle:
-        return _processing_of(handle["entry"])
 
 
 def _processing_of(entry: h5py.Group) -> ProcessingRecord | None:

@@ -170,12 +170,7 @@ def plan_output(
     """
     from pipeline.model import read_card
     from pipeline.physics import PARAMETER_NAMES
-    from pipeline.store.results import (
-        check_resumable,
-        check_same_processing,
-        stored_identities,
-        stored_processing,
-    )
+    from pipeline.store.results import check_resumable, stored_identities
 
     path = config.output_path
     if not path.exists():
@@ -186,18 +181,14 @@ def plan_output(
             "write a new one (another --scan-id or --out)"
         )
     card = read_card(config.inference.model)
-    ours = processing_record(config, card["weights_sha256"])
-    theirs = stored_processing(path)
-    if theirs is not None:
-        check_same_processing(path, theirs, ours)
-    check_resumable(  # what the writer checks too: the scan, model, samples and q grid
+    check_resumable(  # as the writer checks it: scan, configuration, model, samples, q grid
         path,
         config.scan_id,
         card,
         config.inference.n_samples,
         config.grid.grid().q_nm,
         PARAMETER_NAMES,
-        ours,
+        processing_record(config, card["weights_sha256"]),
     )
     index, failed, frame_ids = stored_identities(path)
     return ResumePlan(index, failed, frame_ids, manifest, retry_failed)
