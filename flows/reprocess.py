@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -146,6 +147,15 @@ def _ctrl_c_stops_this_scan() -> Iterator[None]:
     loop.add_callback(on_sigint, interrupt_scan)
     try:
         yield
+    except KeyboardInterrupt:
+        # The scan stopped on Ctrl-C with its file closed, which the command says in one
+        # line. The exception ends this worker process: asyncio lets it out of the worker's
+        # loop, and on its way Dask logs it and multiprocessing prints it, four tracebacks of
+        # one Ctrl-C. What the dying process writes from here on goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+        raise
     finally:
         loop.add_callback(on_sigint, signal.default_int_handler)
 
