@@ -69,8 +69,8 @@ def render() -> str:
         f"({run.get('wall_s', 0):.0f} s); figures from other runs name their source. Medians, "
         "with (min-max) over the repeats.",
     ]
-    finished = (_measured(RESULTS / "run.json") if (RESULTS / "run.json").is_file() else 0) or 0
     measured = {path.stem: _measured(path) for path in RESULTS.glob("*.json")}
+    finished = measured.get("run") or 0
     later = sorted(
         f"`{name}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stamp))})"
         for name, stamp in measured.items()

@@ -261,6 +261,26 @@ def frame_datasets(handle: h5py.File, dataset: str | None = None) -> list[str]:
     ]
 
 
+def with_nexus_detector(handle: h5py.File, refs: list[str]) -> tuple[list[str], str | None]:
+    """``refs`` (of :func:`frame_datasets`), or where there are none the ``data`` of the
+    file's one NeXus detector; and why the file has no frames (``None`` when it has)."""
+    if refs:
+        return refs, None
+    detectors = nexus_detector_data(handle)
+    name = Path(handle.filename).name
+    if len(detectors) == 1:
+        return detectors, None
+    if detectors:
+        return [], (
+            f"which detector frames? the NeXus detectors of {name} hold several "
+            f"({', '.join(detectors)})"
+        )
+    return [], (
+        f"no detector frames: neither {DATA_DATASET} nor {DATA_GROUP}/data_NNNNNN (Eiger) nor "
+        f"an NXdetector's data (NeXus) in {name}"
+    )
+
+
 def _nx_class(node: h5py.Group) -> str:
     """The NeXus class (``NX_class`` attribute) of a group, ``""`` when it has none."""
     value = node.attrs.get("NX_class", "")
@@ -338,10 +358,7 @@ def hdf5_frames_shape(path: PathLike, dataset: str | None = None) -> tuple[int, 
     where the file or its frames cannot be found (reading it says why)."""
     try:
         with open_hdf5(path) as handle:
-            refs = frame_datasets(handle, dataset)
-            detectors = [] if refs else nexus_detector_data(handle)
-            if len(detectors) == 1:
-                refs = detectors
+            refs, _ = with_nexus_detector(handle, frame_datasets(handle, dataset))
             if not refs:
                 return None
             shapes = [_open_dataset(handle, ref).shape for ref in refs]
@@ -480,24 +497,9 @@ def read_hdf5_file(path: PathLike, dataset: str | None = None) -> Iterator[Detec
         return
 
     with handle:
-        refs = frame_datasets(handle, dataset)
-        detectors = nexus_detector_data(handle) if not refs and dataset is None else []
-        if len(detectors) == 1:
-            refs = detectors
+        refs, problem = with_nexus_detector(handle, frame_datasets(handle, dataset))
         if dataset is not None and handle.get(dataset, getlink=True) is None:
             problem = f"no detector frames: no dataset {dataset} in {path.name}"
-        elif len(detectors) > 1:
-            problem = (
-                f"which detector frames? the NeXus detectors of {path.name} hold several "
-                f"({', '.join(detectors)})"
-            )
-        elif not refs:
-            problem = (
-                f"no detector frames: neither {DATA_DATASET} nor {DATA_GROUP}/data_NNNNNN "
-                f"(Eiger) nor an NXdetector's data (NeXus) in {path.name}"
-            )
-        else:
-            problem = None
         if problem is not None:
             yield failed_frame(
                 source,

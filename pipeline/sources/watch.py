@@ -69,9 +69,9 @@ from pipeline.sources.eiger import (
     frame_datasets,
     hdf5_frame,
     master_file_for,
-    nexus_detector_data,
     open_hdf5,
     read_detector_metadata,
+    with_nexus_detector,
 )
 from pipeline.sources.files import (
     DetectorFrame,
@@ -312,22 +312,10 @@ class DirectoryWatcher:
                 watched.done = True  # a master file: its data files are read instead
                 self.skipped_files.append(path)
                 return True
-            detectors = nexus_detector_data(handle) if not refs else []
-            if len(detectors) == 1:
-                refs = detectors
-            problem: str | None = None
-            if len(detectors) > 1:
-                problem = (
-                    f"which detector frames? the NeXus detectors of {path.name} hold several "
-                    f"({', '.join(detectors)}): give --hdf5-dataset"
-                )
-            elif not refs:
-                problem = (
-                    f"no detector frames: neither {DATA_DATASET} (Eiger) nor an NXdetector's "
-                    f"data (NeXus) in {path.name}; give --hdf5-dataset for another place"
-                )
+            refs, problem = with_nexus_detector(handle, refs)
             frames: list[DetectorFrame] = []
             if problem is not None:
+                problem += "; give --hdf5-dataset for the frames' dataset"
                 caught_up = False
             else:
                 caught_up, frames, problem = self._new_hdf5_frames(watched, handle, refs, final)
