@@ -30,6 +30,22 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _compressions(writer: dict) -> str:
+    """The writer's rate and file size with the draws compressed, as the summary says them
+    (none when the run did not measure them)."""
+    measured = writer.get("samples_compression_full_blocks") or {}
+    others = [
+        f"{name}: {m['exposures_per_s']:,}/s, {m['file_bytes_per_exposure'] / 1e3:.1f} kB"
+        for name, m in measured.items()
+        if name != "none"
+    ]
+    if not others:
+        return ""
+    return "; the draws uncompressed, readable with no plugin (compressed with " + (
+        "; ".join(others) + ")"
+    )
+
+
 def _met(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**yes**" if ok else "**no**")
 
@@ -205,7 +221,8 @@ def render() -> str:
             f"exposure; of CPU workers' batches of 8: "
             f"{writer['full_blocks_of_cpu_batches_per_s']:,}/s; the file grows "
             f"{writer['file_bytes_per_exposure'] / 1e3:.1f} kB per exposure, "
-            f"{writer['disk_mb_per_s_at_gpu_target']:,} MB/s of disk at the target) | ≥ 20,000 "
+            f"{writer['disk_mb_per_s_at_gpu_target']:,} MB/s of disk at the target"
+            f"{_compressions(writer)}) | ≥ 20,000 "
             f"(the GPU target through the engine) | {_met(ceiling >= 20_000)} |"
         )
     orchestration = _load("orchestration")

@@ -19,7 +19,10 @@ one exposure per HDF5 chunk, and :data:`CHUNK_BYTES` per chunk (the writer's). M
 ``--repeats``; the ceiling is 1 / (time per exposure) in full blocks of the writer's layout,
 set against the engine's GPU target of 20,000 exposures/s. Each file is deleted once
 measured; the bytes per exposure give the disk bandwidth that target needs (the page
-cache's write-back is not timed).
+cache's write-back is not timed). Side by side, full blocks with each compression of the
+posterior draws (:data:`pipeline.store.results.SAMPLES_FILTERS`: none, the default; gzip;
+bitshuffle-LZ4), and the time per exposure to finish the file when the scan ends (the
+NXcanSAS groups).
 
 Run: ``python -m benchmarks.writer [--exposures 4096] [--repeats 3]``
 (results in ``benchmarks/results/writer.json``).
@@ -32,7 +35,9 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -42,7 +47,7 @@ from pipeline.config import PipelineConfig, TransportConfig
 from pipeline.model import load
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.store import ResultsWriter
-from pipeline.store.results import CHUNK_BYTES
+from pipeline.store.results import CHUNK_BYTES, SAMPLES_FILTERS
 from pipeline.transport import Message, decode, encode
 from workers.inference import run_batch
 from workers.writer import MAX_BLOCK, rows_of, store
@@ -103,21 +108,38 @@ def result_messages(columns: dict[str, np.ndarray], n: int, batch: int) -> list[
     return messages
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One file written: the writer's seconds per exposure while appending, seconds per
+    exposure to finish it (the NXcanSAS groups, :meth:`ResultsWriter.close`), and its bytes
+    per exposure."""
+
+    append_s: float
+    finish_s: float
+    bytes: float
+
+
 def seconds_per_exposure(
-    messages: list[list[bytes]], block: int, chunk_bytes: int, folder: Path
-) -> tuple[float, float]:
-    """Seconds per exposure for the writer's work on ``messages``, in blocks of ``block``,
-    and the file's bytes per exposure. The file is deleted after: the gigabytes of a whole
-    run, left for the kernel to write back, would slow the later cases (measured: 0.107
-    instead of 0.039 ms per exposure in full blocks)."""
+    messages: list[list[bytes]],
+    block: int,
+    chunk_bytes: int,
+    folder: Path,
+    samples_compression: str = "none",
+) -> Measured:
+    """The writer's work on ``messages``, in blocks of ``block``. The file is deleted after:
+    the gigabytes of a whole run, left for the kernel to write back, would slow the later
+    cases (measured: 0.107 instead of 0.039 ms per exposure in full blocks)."""
     path = folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5"
+    grid = PipelineConfig(scan_id="writer-benchmark").grid
     writer = ResultsWriter(
         path,
         PARAMETER_NAMES,
         PARAMETER_UNITS,
         N_SAMPLES,
-        PipelineConfig(scan_id="writer-benchmark").grid.grid().q_nm,
+        grid.grid().q_nm,
         chunk_bytes=chunk_bytes,
+        samples_compression=samples_compression,
+        q_resolution_nm=grid.resolution_nm,
     )
     exposures = 0
     start = time.perf_counter()
@@ -136,11 +158,14 @@ def seconds_per_exposure(
     if blocks:
         store(writer, blocks)
         exposures += waiting
-    seconds = (time.perf_counter() - start) / exposures
-    writer.close()
-    size = path.stat().st_size / exposures
+    appended = time.perf_counter()
+    writer.close(n_exposures=exposures)
+    finished = time.perf_counter()
+    size = path.stat().st_size
     path.unlink()
-    return seconds, size
+    return Measured(
+        (appended - start) / exposures, (finished - appended) / exposures, size / exposures
+    )
 
 
 def main() -> None:
@@ -164,21 +189,35 @@ def main() -> None:
     }
     times: dict[str, dict[str, list[float]]] = {layout: {r: [] for r in runs} for layout in LAYOUTS}
     sizes: dict[str, float] = {}
+    full = f"gpu_batches_block_{MAX_BLOCK}"
+    by_compression: dict[str, list[Measured]] = {name: [] for name in SAMPLES_FILTERS}
     with tempfile.TemporaryDirectory() as name:
         for _ in range(args.repeats):
             for layout, chunk_bytes in LAYOUTS.items():
                 for run, (messages, block) in runs.items():
-                    seconds, sizes[layout] = seconds_per_exposure(
-                        messages, block, chunk_bytes, Path(name)
-                    )
-                    times[layout][run].append(seconds)
+                    measured = seconds_per_exposure(messages, block, chunk_bytes, Path(name))
+                    times[layout][run].append(measured.append_s)
+                    sizes[layout] = measured.bytes
+            for compression, measures in by_compression.items():
+                messages, block = runs[full]
+                measures.append(
+                    seconds_per_exposure(messages, block, CHUNK_BYTES, Path(name), compression)
+                )
     per_exposure_ms = {
         layout: {run: round(1e3 * float(np.median(v)), 4) for run, v in by_run.items()}
         for layout, by_run in times.items()
     }
     now = f"{CHUNK_BYTES // 1024}_KiB_chunks"
-    full = f"gpu_batches_block_{MAX_BLOCK}"
     ceiling = 1e3 / per_exposure_ms[now][full]
+    compressions = {
+        compression: {
+            "append_ms_per_exposure": round(1e3 * median(m.append_s for m in measures), 4),
+            "exposures_per_s": round(1 / median(m.append_s for m in measures)),
+            "finish_ms_per_exposure": round(1e3 * median(m.finish_s for m in measures), 4),
+            "file_bytes_per_exposure": round(median(m.bytes for m in measures)),
+        }
+        for compression, measures in by_compression.items()
+    }
     report = {
         "machine": {"platform": platform.platform()},
         "exposures": args.exposures,
@@ -199,6 +238,7 @@ def main() -> None:
         "ceiling_against_gpu_target": round(ceiling / GPU_TARGET_PER_S, 3),
         "file_bytes_per_exposure": round(sizes[now]),
         "disk_mb_per_s_at_gpu_target": round(sizes[now] * GPU_TARGET_PER_S / 1e6),
+        "samples_compression_full_blocks": compressions,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     save(RESULTS, report)

@@ -226,6 +226,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
         InferenceConfig,
         IntegrationConfig,
         PipelineConfig,
+        StoreConfig,
         TransportConfig,
     )
     from pipeline.preflight import check_settings
@@ -243,6 +244,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
             normalization_keys=tuple(args.normalize_by),
         ),
         inference=InferenceConfig(n_samples=args.samples, model=args.model),
+        store=StoreConfig(samples_compression=args.samples_compression),
         transport=TransportConfig(
             remote_work=args.remote_work,
             curve_secret_key=args.curve_key,
@@ -254,6 +256,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
 
 
 def _print_summary(summary: dict) -> int:
+    from flows.scan import recovery_lines
     from workers.metrics import stage_table
 
     print(f"results:    {summary['output_path']}")
@@ -265,11 +268,8 @@ def _print_summary(summary: dict) -> int:
         print(f"    {index}: {error}")
     print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
     print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
-    if summary["worker_restarts"] or summary["resent"]:
-        print(
-            f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
-            f"re-sent ({summary['duplicates']} computed twice, written once)"
-        )
+    for line in recovery_lines(summary):
+        print(line)
     if summary["skipped"]:
         print(f"resumed:    {summary['skipped']} exposures were already in the file")
     if summary["redone"]:
@@ -428,6 +428,14 @@ def _add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) ->
         "--samples", type=_positive_int, default=1000, help="posterior samples per exposure"
     )
     command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
+    command.add_argument(
+        "--samples-compression",
+        choices=("none", "gzip", "bitshuffle-lz4"),
+        default="none",
+        help="compression of the posterior samples in the results file: none (default; any "
+        "HDF5 reader), gzip (smaller, the writer slower) or bitshuffle-lz4 (readers need the "
+        "bitshuffle plugin, e.g. `import hdf5plugin`)",
+    )
 
 
 def _index_ranges(indices: Iterable[int], most: int = 8) -> str:
@@ -817,13 +825,54 @@ def _use_prefect_api(args: argparse.Namespace) -> None:
     a ``PREFECT_API_URL`` that does not answer stops the command here (exit code 2, one
     line); without one, the flows get a local Prefect API server of this process's own, in
     a session of its own, so that Ctrl-C reaches only the command. ``serve`` needs a server
-    that outlives it, so it gets no local one."""
+    that outlives it, so it gets no local one. A scan that stops (:class:`ScanError`) is
+    said once, by :func:`main`: Prefect's console reports of it are left out
+    (:class:`_ScanErrorsOffTheConsole`)."""
+    import logging
+
     from flows.api import use_prefect_api
 
     use_prefect_api(start_local=args.command != "serve")
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's console handler, which its first flow would make
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ScanErrorsOffTheConsole) for f in handler.filters):
+            handler.addFilter(_ScanErrorsOffTheConsole())
 
 
-#: After "stopped on Ctrl-C ...": how to finish the work, by command.
+class _ScanErrorsOffTheConsole:
+    """A filter for the console's log handler: Prefect's reports of a task or flow run that
+    failed with a :class:`~workers.scan.ScanError` (two with a traceback, and the error
+    repeated in each run's final state) are dropped; the command prints the error once, with
+    how to resume, and Prefect's API (the UI) still gets the reports."""
+
+    def filter(self, record: object) -> bool:
+        import logging
+
+        from workers.scan import ScanError
+
+        if not isinstance(record, logging.LogRecord):
+            return True
+        if not record.name.startswith(("prefect.task_runs", "prefect.flow_runs")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, ScanError) or "ScanError" in record.getMessage())
+
+
+#: The exit code of a command whose scan could not go on (:class:`~workers.scan.ScanError`).
+SCAN_STOPPED = 3
+
+
+def _scan_error() -> type[Exception]:
+    """:class:`~workers.scan.ScanError`, imported only when an error is matched against it
+    (the command line starts without the pipeline's modules)."""
+    from workers.scan import ScanError
+
+    return ScanError
+
+
+#: After "stopped on Ctrl-C ..." or "the scan stopped": how to finish the work, by command.
 _AFTER_CTRL_C = {
     "reprocess": "; resume with --resume",
     "reprocess-scans": "; run it again to resume the unfinished scans",
@@ -888,6 +937,15 @@ def main(argv: list[str] | None = None) -> int:
         after = _AFTER_CTRL_C.get(args.command, "")
         print(f"beamline-inn {args.command}: stopped on Ctrl-C{detail}{after}", file=sys.stderr)
         return 128 + signal.SIGINT
+    except _scan_error() as error:  # the scan could not go on: what was acknowledged is written
+        after = _AFTER_CTRL_C.get(args.command, "")
+        print(f"beamline-inn {args.command}: the scan stopped: {error}", file=sys.stderr)
+        print(
+            f"beamline-inn {args.command}: every exposure acknowledged is in the results "
+            f"file{after}",
+            file=sys.stderr,
+        )
+        return SCAN_STOPPED
     finally:
         if main_thread and signal.getsignal(signal.SIGINT) is on_ctrl_c:  # no Ctrl-C came:
             signal.signal(signal.SIGINT, previous_sigint)  # an in-process caller's, back

@@ -14,8 +14,10 @@ for the API, and a scan of any length makes a bounded number of API calls:
   and the newest exposure's posterior marginals, read from the results file as it is written
   (every ``plot_s``, 15 s);
 - events ``beamline-inn.exposures.flagged`` and ``beamline-inn.exposures.failed`` (at most one
-  of each per ``events_s``, 5 s, with the count and the exposures), on the resource
-  ``beamline-inn.scan.<scan id>`` and related to the flow run, for automations to alert on;
+  of each per ``events_s``, 5 s, with the count and the exposures), and
+  ``beamline-inn.writer.restarted`` (one per restart of the results writer, with its exit
+  code and the exposures sent again), on the resource ``beamline-inn.scan.<scan id>`` and
+  related to the flow run, for automations to alert on;
 - ``scan-summary``: a markdown artifact when the scan ends (:meth:`ScanMonitor.finish`).
 
 A Prefect API that cannot be reached does not stop the scan: the failed update is logged,
@@ -49,7 +51,7 @@ from prefect.events import emit_event
 from pipeline.physics import PARAMETER_NAMES
 from pipeline.store import latest_posterior
 from pipeline.store.views import SHOWN, live_view_png
-from workers.scan import RecentResult
+from workers.scan import RecentResult, WriterRestarted
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ SLOW_UPDATE_S = 10.0
 
 EVENT_FLAGGED = "beamline-inn.exposures.flagged"
 EVENT_FAILED = "beamline-inn.exposures.failed"
+EVENT_WRITER_RESTARTED = "beamline-inn.writer.restarted"
 #: Rows of the recent-exposures table.
 TABLE_ROWS = 20
 #: Exposures listed by name in one event (the count covers them all).
@@ -105,6 +108,7 @@ class ScanMonitor:
         self._flagged = array("b")
         self._new_flagged: list[tuple[int, float]] = []
         self._new_failed: list[tuple[int, str]] = []
+        self._writer_restarts: list[WriterRestarted] = []
         self._done = self._total = 0
         self._changed = {"table": False, "plot": False}
         self._last = {"progress": 0.0, "table": 0.0, "plot": 0.0, "events": 0.0}
@@ -153,6 +157,12 @@ class ScanMonitor:
             self._changed["plot"] = True
             if result.flagged:
                 self._new_flagged.append((result.index, result.predictive_z))
+
+    def writer_restarted(self, restarted: WriterRestarted) -> None:
+        """Take a restart of the results writer (called by the feeder): an event soon."""
+        with self._lock:
+            self._writer_restarts.append(restarted)
+        self._last["events"] = 0.0  # published with the next round, not after events_s
 
     def update(self, done: int, total: int) -> None:
         """The exposures written (ok or failed) and submitted so far."""
@@ -261,6 +271,7 @@ class ScanMonitor:
         with self._lock:
             flagged, self._new_flagged = self._new_flagged, []
             failed, self._new_failed = self._new_failed, []
+            restarts, self._writer_restarts = self._writer_restarts, []
         resource = {
             "prefect.resource.id": f"beamline-inn.scan.{self.scan_id}",
             "prefect.resource.name": self.scan_id,
@@ -279,6 +290,22 @@ class ScanMonitor:
                 resource=resource,
                 related=self._related,
                 payload=payload,
+            )
+        for restarted in restarts:
+            self._call(
+                "events",
+                emit_event,
+                event=EVENT_WRITER_RESTARTED,
+                resource=resource,
+                related=self._related,
+                payload={
+                    "exit_code": restarted.code,
+                    "restarts": restarted.restarts,
+                    "max_restarts": restarted.max_restarts,
+                    "resent": restarted.resent,
+                    "results": str(self.results_path),
+                    "message": restarted.describe(),
+                },
             )
         if failed:
             payload = {

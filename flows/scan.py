@@ -81,10 +81,11 @@ def summary_markdown(summary: ScanSummary, note: str = "") -> str:
     if note:
         lines += ["", note]
     lines += ["", "## Stages", "", "```", stage_table(summary.stages), "```"]
-    if summary.worker_restarts or summary.resent:
+    if summary.worker_restarts or summary.writer_restarts or summary.resent:
         lines += [
             "",
-            f"Workers replaced: {summary.worker_restarts}; exposures re-sent: {summary.resent} "
+            f"Workers replaced: {summary.worker_restarts}; results writer started again: "
+            f"{summary.writer_restarts}; exposures re-sent: {summary.resent} "
             f"({summary.duplicates} computed twice, written once).",
         ]
     if summary.remote_workers:
@@ -141,7 +142,8 @@ def reconstruct(
 
     When the iteration is over and ``source_ended()`` says the source gave all it had (not,
     say, a run cancelled halfway), the file is marked complete with its number of exposures
-    (:func:`pipeline.store.mark_complete`), so that reprocessing skips it. ``note()`` adds a
+    (by the writer as it closes it: :meth:`pipeline.store.ResultsWriter.close`), so that
+    reprocessing skips it. ``note()`` adds a
     line to the summary artifact. Ctrl-C (``KeyboardInterrupt``) comes out as
     :class:`ScanInterrupted` once the runner has stopped its processes; on it, or SIGTERM,
     the monitor stops without a summary.
@@ -153,6 +155,7 @@ def reconstruct(
                 config,
                 resume=resume,
                 on_result=monitor.record,
+                on_writer_restart=monitor.writer_restarted,
                 manifest=manifest,
                 retry_failed=retry_failed,
             ) as runner,
@@ -303,6 +306,23 @@ def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:
     return "\n".join(lines)
 
 
+def recovery_lines(summary: dict) -> list[str]:
+    """A summary's lines on what was recovered from: workers replaced, the results writer
+    started again, exposures re-sent (none when nothing was lost)."""
+    lines = []
+    if summary["worker_restarts"] or summary["writer_restarts"] or summary["resent"]:
+        lines.append(
+            f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
+            f"re-sent ({summary['duplicates']} computed twice, written once)"
+        )
+    if summary["writer_restarts"]:
+        lines.append(
+            f"writer:     started again {summary['writer_restarts']} times on the file "
+            "(it exited during the scan; every exposure is in the file once)"
+        )
+    return lines
+
+
 def run_demo(n_frames: int, n_workers: int, output_dir: Path, seed: int, model: Path | None) -> int:
     """``beamline-inn demo``: run the flow, then print where the results are and a summary."""
     summary = reconstruct_simulated_scan(
@@ -321,6 +341,8 @@ def run_demo(n_frames: int, n_workers: int, output_dir: Path, seed: int, model: 
         f"latency:    p50 {summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms"
     )
     print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
+    for line in recovery_lines(summary):
+        print(line)
     print("posterior median [5%, 95%] against the truth (width: w|p-w, both are solutions):")
     print(posterior_vs_truth(Path(summary["output_path"])))
     return 0 if summary["failed"] == 0 else 1

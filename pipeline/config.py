@@ -144,6 +144,9 @@ class TransportConfig(_Strict):
     worker_timeout_s: float = Field(10.0, gt=0)
     #: Workers replaced in one scan before the scan gives up.
     max_worker_restarts: int = Field(10, ge=0)
+    #: Times the results writer is started again on the file in one scan (it exited, say
+    #: killed) before the scan gives up.
+    max_writer_restarts: int = Field(3, ge=0)
     #: Largest message part a pipeline socket accepts; ZeroMQ disconnects a peer that sends
     #: a larger one (a 1,000-sample result is 20 kB).
     max_message_bytes: int = Field(64 * 2**20, ge=2**16)
@@ -170,6 +173,16 @@ class TransportConfig(_Strict):
         return self
 
 
+class StoreConfig(_Strict):
+    """How the results file stores what it holds (docs/results-format.md)."""
+
+    #: compression of ``posterior/samples``: ``"none"`` (every HDF5 reader opens the file),
+    #: ``"gzip"`` (deflate, in every HDF5 build: smaller, the writer slower) or
+    #: ``"bitshuffle-lz4"`` (smaller still; readers need the filter plugin, e.g.
+    #: ``import hdf5plugin``); measured by ``python -m benchmarks.writer``
+    samples_compression: Literal["none", "gzip", "bitshuffle-lz4"] = "none"
+
+
 class ScanSettings(_Strict):
     """Everything a scan's processing needs but its name: what a deployment or a batch of
     archived scans shares; :meth:`for_scan` makes the :class:`PipelineConfig` of one scan."""
@@ -181,6 +194,7 @@ class ScanSettings(_Strict):
     integration: IntegrationConfig = IntegrationConfig()
     inference: InferenceConfig = InferenceConfig()
     transport: TransportConfig = TransportConfig()
+    store: StoreConfig = StoreConfig()
 
     @model_validator(mode="after")
     def _some_worker(self) -> ScanSettings:

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -214,3 +217,48 @@ def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tm
     assert names[:5] == ["frame_1.edf", "frame_2.edf", "frame_3.edf", "frame_4.edf", "frame_10.edf"]
     stack = [source.rsplit("/", 3)[-3:] for source in results.source[5:]]
     assert stack == [["frame_11.h5:", "measurement", f"pilatus frame {n}"] for n in (0, 1)]
+
+
+def _writer_of(command: subprocess.Popen, timeout_s: float = 120.0) -> int:
+    """The process id of the results writer a command started (its child)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(
+            ["pgrep", "-P", str(command.pid), "-f", "workers.writer"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if found:
+            return int(found[0])
+        time.sleep(0.1)
+    raise AssertionError("no writer started")
+
+
+def test_a_demo_whose_writer_cannot_start_again_stops_in_one_paragraph(tmp_path):
+    """The writer killed, and its file damaged meanwhile: the writer started again cannot
+    continue it, and the command says so in a few lines (exit code 3), with the writer's
+    own reason and no traceback (Prefect's reports stay in its API)."""
+    out = tmp_path / "out"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "demo", "--frames", "1500", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        writer = _writer_of(demo)
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.h5")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)  # exposures written
+        os.kill(writer, signal.SIGKILL)
+        (path,) = out.glob("*.h5")
+        path.write_bytes(b"damaged")
+        _, errors = demo.communicate(timeout=300)
+    finally:
+        demo.kill()
+    assert demo.returncode == 3, errors
+    assert "Traceback" not in errors
+    said = [line for line in errors.splitlines() if "beamline-inn demo:" in line]
+    assert said[0].startswith("beamline-inn demo: the scan stopped: the results writer exited")
+    assert "writer: cannot resume" in errors  # the new writer's reason, from its log

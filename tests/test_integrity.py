@@ -18,7 +18,6 @@ import pytest
 
 from flows.cli import main
 from pipeline.store import ExposureResult, ResultsWriter, open_results, read_completion
-from pipeline.store.results import mark_complete
 
 NAMES, UNITS = ("pitch_nm", "width_nm"), ("nm", "nm")
 Q = np.linspace(0.01, 0.4, 512)
@@ -63,9 +62,9 @@ def _append(writer: ResultsWriter, indices: range) -> None:
 def _finished_scan(path: Path, n: int = 96) -> Path:
     """A closed results file of ``n`` exposures, marked complete (its NXcanSAS groups and
     the completion were added last, at its end)."""
-    with _writer(path) as writer:
-        _append(writer, range(n))
-    mark_complete(path, n)
+    writer = _writer(path)
+    _append(writer, range(n))
+    writer.close(n_exposures=n)
     return path
 
 

@@ -423,6 +423,7 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
         n_workers=1,
         output_dir=tmp_path,
         inference=InferenceConfig(n_samples=50),
+        transport=TransportConfig(max_writer_restarts=0),  # the scan ends when it is killed
     )
     line_outs = _line_outs(150, seed=12)
     acknowledged: set[int] = set()  # by the writer before it was killed, and after resuming
@@ -468,6 +469,94 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
     np.testing.assert_array_equal(results.samples[partial.index], partial.samples)
     with h5py.File(config.output_path) as handle:  # a normal file again, with NXcanSAS groups
         assert sum(name.startswith("sasdata_") for name in handle["entry"]) == 150
+
+
+def _writer_pid(runner: ScanRunner) -> int:
+    (writer,) = (c.process for c in runner._children if c.name == "writer")
+    return writer.pid
+
+
+def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, reliability):
+    """SIGKILL of the results writer, twice during a scan of 1,000 exposures (some of them
+    failure records, which go straight to the writer): a new writer continues the file each
+    time and gets every exposure not acknowledged again; every exposure is in the file once,
+    and the file ends complete, with its NXcanSAS groups."""
+    import h5py
+
+    from pipeline.store import read_completion
+
+    config = PipelineConfig(
+        scan_id="writer-killed",
+        n_workers=2,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+    )
+    kills = (300, 650)
+    unreadable = set(range(0, 1000, 97))  # failure records
+    restarts = []
+    acknowledged: set[int] = set()
+    with ScanRunner(
+        config,
+        on_result=lambda result: acknowledged.add(result.index),
+        on_writer_restart=restarts.append,
+    ) as runner:
+        for exposure, line_out in _line_outs(1000, seed=21):
+            if exposure.index in kills:
+                runner.collect()
+                os.kill(_writer_pid(runner), signal.SIGKILL)
+            if exposure.index in unreadable:
+                exposure.error = "unreadable frame"
+                runner.submit(exposure)
+            else:
+                runner.submit_line_out(exposure, line_out)
+        summary = runner.wait()
+        runner.complete = True
+    assert summary.writer_restarts == 2 and [r.restarts for r in restarts] == [1, 2]
+    assert all(r.code == -signal.SIGKILL for r in restarts)
+    assert summary.written_ok == 1000 - len(unreadable) and summary.failed == len(unreadable)
+    results = open_results(config.output_path)
+    reliability.record(
+        "fault",
+        f"SIGKILL of the results writer, {len(kills)} times during {summary.submitted} exposures",
+        tried=len(kills),
+        accepted=runner.n_done,
+        **reliability.tally(config.output_path, acknowledged),
+        detail=f"{summary.writer_restarts} writers started again on the file, "
+        f"{summary.resent} exposures re-sent, {summary.duplicates} duplicate acknowledgements",
+    )
+    assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
+    assert set(np.flatnonzero(results.status == "failed")) == unreadable
+    completion = read_completion(config.output_path)
+    assert completion is not None and completion.n_exposures == 1000
+    with h5py.File(config.output_path) as handle:
+        groups = sum(name.startswith("sasdata_") for name in handle["entry"])
+    assert groups == 1000 - len(unreadable)
+    log = (tmp_path / "logs" / "writer-killed" / "writer.log").read_text()
+    assert log.count("started again by the feeder on the file") == 2
+
+
+def test_a_writer_that_cannot_start_again_ends_the_scan(tmp_path):
+    """The writer killed, and the file made unreadable meanwhile: the writer started again
+    cannot continue it, and the scan ends with the reason from its log."""
+    config = PipelineConfig(
+        scan_id="no-restart",
+        n_workers=1,
+        output_dir=tmp_path,
+        inference=InferenceConfig(n_samples=50),
+    )
+    with (
+        pytest.raises(ScanError, match="writer started again exited with code") as error,
+        ScanRunner(config) as runner,
+    ):
+        for exposure, line_out in _line_outs(100, seed=22):
+            if exposure.index == 40:
+                runner.collect()
+                os.kill(_writer_pid(runner), signal.SIGKILL)
+                time.sleep(0.5)
+                config.output_path.write_bytes(b"damaged")  # what the new writer finds
+            runner.submit_line_out(exposure, line_out)
+        runner.wait()
+    assert "cannot resume" in str(error.value)  # the new writer's own words, from its log
 
 
 def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):

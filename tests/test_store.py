@@ -1,10 +1,21 @@
+import os
+import subprocess
+import sys
+import time
+
 import h5py
 import hdf5plugin
 import numpy as np
 import pytest
 
-from pipeline.store import ExposureResult, ResultsWriter, open_results
-from pipeline.store.results import CHUNK_BYTES
+from pipeline.store import (
+    ExposureResult,
+    ResultsWriter,
+    open_results,
+    read_completion,
+    read_nxcansas,
+)
+from pipeline.store.results import CHUNK_BYTES, making
 
 NAMES, UNITS = ("pitch_nm", "width_nm"), ("nm", "nm")
 Q = np.linspace(0.01, 0.4, 512)
@@ -61,11 +72,55 @@ def test_units_and_names_are_stored(tmp_path):
         assert handle["entry/line_out/q_nm"].attrs["units"] == "1/nm"
         assert list(handle["entry/posterior/samples"].attrs["parameter_names"]) == list(NAMES)
         assert handle["entry/posterior/samples"].shape == (1, 10, 2)
-        assert str(hdf5plugin.BSHUF_ID) in handle["entry/posterior/samples"]._filters
         for group in ("exposures", "line_out", "posterior"):  # units on every quantity
             for name, dataset in handle["entry"][group].items():
-                if dataset.dtype.kind in "fu" and name != "index":
+                if isinstance(dataset, h5py.Dataset) and dataset.dtype.kind in "fiu":
                     assert "units" in dataset.attrs, f"{group}/{name}"
+
+
+PLAIN_H5PY_READS = """
+import sys, h5py
+with h5py.File(sys.argv[1]) as handle:
+    entry = handle["entry"]
+    paths = []
+    entry.visit(lambda name: paths.append(name) if isinstance(entry[name], h5py.Dataset) else None)
+    for name in paths:
+        entry[name][()]
+    print(len(paths), float(entry["posterior/samples"][0].sum()))
+assert "hdf5plugin" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_plain_h5py_without_plugins_reads_every_dataset(tmp_path, compression):
+    """No filter plugin needed (as for h5dump or MATLAB): every dataset, the draws too,
+    opens in h5py with no plugin imported or on HDF5's plugin path."""
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, samples_compression=compression) as writer:
+        writer.append_many([_ok(0), _ok(1)])
+    environment = {**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path / "no-plugins")}
+    read = subprocess.run(
+        [sys.executable, "-c", PLAIN_H5PY_READS, str(path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+    )
+    assert read.returncode == 0, read.stderr
+    n_datasets, first_draws = read.stdout.split()
+    assert int(n_datasets) > 30
+    assert float(first_draws) == pytest.approx(float(_ok(0).samples.sum()), rel=1e-5)
+
+
+def test_bitshuffle_compression_is_an_option_read_with_hdf5plugin(tmp_path):
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, samples_compression="bitshuffle-lz4") as writer:
+        writer.append(_ok(0))
+    with h5py.File(path) as handle:
+        assert str(hdf5plugin.BSHUF_ID) in handle["entry/posterior/samples"]._filters
+    np.testing.assert_array_equal(open_results(path).samples[0], _ok(0).samples)
+    with pytest.raises(ValueError, match="unknown samples compression 'zip': one of none"):
+        ResultsWriter(tmp_path / "other.h5", NAMES, UNITS, 10, Q, samples_compression="zip")
 
 
 def test_per_exposure_arrays_are_chunked_many_exposures_per_chunk(tmp_path):
@@ -185,10 +240,6 @@ print(" ".join(map(str, seen)))
 
 
 def test_a_reader_in_another_process_follows_the_file_while_it_is_written(tmp_path):
-    import subprocess
-    import sys
-    import time
-
     path = tmp_path / "scan.h5"
     with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1") as writer:
         follower = subprocess.Popen(
@@ -204,18 +255,63 @@ def test_a_reader_in_another_process_follows_the_file_while_it_is_written(tmp_pa
     assert seen == sorted(seen)
 
 
-def test_a_file_whose_nxcansas_groups_cannot_be_added_keeps_its_rows(tmp_path, caplog, monkeypatch):
-    import pipeline.store.results as results_module
+HOLDER = """
+import sys, time, h5py
+path = sys.argv[1]
+print("waiting", flush=True)
+while True:  # open the file the moment it appears, and hold it open
+    try:
+        handle = h5py.File(path, "r", swmr=True)
+        break
+    except FileNotFoundError:
+        time.sleep(0.001)
+print("open", flush=True)
+sys.stdin.read()  # until the test is done
+print(len(handle["entry/exposures/index"]), flush=True)
+"""
 
-    def locked(path):
-        raise OSError("unable to lock file")  # another program opened it without SWMR
 
-    monkeypatch.setattr(results_module, "add_cansas_curves", locked)
+def test_readers_may_hold_the_file_from_its_creation_to_its_end(tmp_path):
+    """A viewer that opens the file as soon as it appears (SWMR) gets it, every time, and
+    holding it open does not stop the writer from finishing it: NXcanSAS groups and the
+    completion are written with the writer's own handle, nothing reopens the file."""
+    for attempt in range(4):
+        path = tmp_path / f"scan{attempt}.h5"
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout.readline().strip() == "waiting"
+        time.sleep(0.01 * attempt)
+        writer = ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1")
+        assert holder.stdout.readline().strip() == "open", holder.stderr.read()
+        writer.append_many([_ok(i) for i in range(3)])
+        writer.append(ExposureResult(index=3, timestamp=0.0, status="failed", error="bad"))
+        writer.close(n_exposures=4)
+        out, err = holder.communicate("", timeout=60)
+        assert holder.returncode == 0, err
+        assert out.split() == ["4"]  # the rows it was holding the file for
+        completion = read_completion(path)
+        assert completion is not None and completion.n_exposures == 4
+        with h5py.File(path, "r") as handle:
+            groups = sorted(k for k in handle["entry"] if k.startswith("sasdata_"))
+        assert groups == ["sasdata_000000", "sasdata_000001", "sasdata_000002"]
+        assert not making(path).exists()
+
+
+def test_a_scan_that_holds_other_rows_than_it_ended_with_is_not_marked_complete(tmp_path):
     path = tmp_path / "scan.h5"
-    with caplog.at_level("WARNING"), ResultsWriter(path, NAMES, UNITS, 10, Q) as writer:
-        writer.append(_ok(0))
-    assert "could not be added" in caplog.text
-    assert open_results(path).index.tolist() == [0]
+    writer = ResultsWriter(path, NAMES, UNITS, 10, Q)
+    writer.append(_ok(0))
+    with pytest.raises(
+        ValueError, match="holds 1 exposures, not the scan's 2: not marked complete"
+    ):
+        writer.close(n_exposures=2)
+    assert read_completion(path) is None
+    assert [c.name for c in read_nxcansas(path)] == ["entry/sasdata_000000"]
 
 
 def test_show_prints_a_table_and_writes_plots(tmp_path, capsys):

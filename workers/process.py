@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from pipeline.config import PipelineConfig
-from pipeline.transport import Endpoints, encode
+from pipeline.transport import Endpoints, ProtocolError, decode, encode
 
 CONFIG_FILE = "config.json"
 #: A resumed scan's rows that the writer does not carry over (they are written again), as
@@ -80,3 +81,30 @@ def announce_ready(
     acks.connect(endpoints.acks)
     acks.send_multipart(encode("ready", {"role": role, "id": number, "pid": os.getpid(), **info}))
     return acks
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The feeder's stop broadcast on the control endpoint: finish what was sent and exit.
+
+    ``n_exposures``: the scan ended (its source gave all it had) with this many exposures,
+    so the writer marks its file complete once the file holds them all; ``None``: stopped
+    before its end (Ctrl-C, an error).
+
+    >>> Stop.decode(Stop(n_exposures=12).encode())
+    Stop(n_exposures=12)
+    """
+
+    n_exposures: int | None = None
+
+    def encode(self) -> list:
+        return encode("stop", {"n_exposures": self.n_exposures})
+
+    @classmethod
+    def decode(cls, frames: list) -> Stop:
+        """``ProtocolError`` for a message that is not a stop."""
+        message = decode(frames)
+        if message.kind != "stop":
+            raise ProtocolError(f"a {message.kind!r} message on the control endpoint")
+        n = message.header.get("n_exposures")
+        return cls(n_exposures=None if n is None else int(n))

@@ -68,13 +68,15 @@ from pipeline.physics import PARAMETER_NAMES
 from pipeline.physics.quality import Z_THRESHOLD
 from pipeline.scratch import make_scratch_dir
 from pipeline.sources.identity import FileStamp
-from pipeline.store import mark_complete
+from pipeline.store import read_completion
 from pipeline.store.lock import ResultsLock
+from pipeline.store.results import making
 from pipeline.store.resume import ResumePlan, plan_output
 from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
 from pipeline.transport.security import serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
-from workers.process import CONFIG_FILE, write_dropped_rows
+from workers.process import CONFIG_FILE, Stop, write_dropped_rows
+from workers.writer import WRITE_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,28 @@ class ScanSummary:
     redone: int = 0
     #: rows of a resumed file whose frame's file is no longer among the scan's files (kept)
     removed: int = 0
+    #: times the results writer exited during the scan and was started again on the file
+    writer_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class WriterRestarted:
+    """The results writer exited during a scan (``code``: its exit code, negative for a
+    signal) and was started again on the file; ``resent`` exposures not acknowledged were
+    sent again. ``restarts`` of at most ``max_restarts`` so far."""
+
+    code: int | None
+    restarts: int
+    resent: int
+    max_restarts: int
+
+    def describe(self) -> str:
+        """One line for a log or an event."""
+        return (
+            f"the results writer exited with code {self.code} and was started again on the "
+            f"file ({self.restarts} of at most {self.max_restarts}); {self.resent} exposures "
+            "not acknowledged were sent again"
+        )
 
 
 #: Below this much free space on the output file system, a scan error says the disk is full.
@@ -134,6 +158,12 @@ def _disk_space_note(folder: Path) -> str:
         f"the output file system is full ({free / 2**20:.1f} MiB free at {folder}): free space "
         "and resume the scan; every acknowledged exposure is in the file; "
     )
+
+
+def _note(log: Path, line: str) -> None:
+    """Add ``line`` to a child's log, which may be on a full disk: then it is lost."""
+    with contextlib.suppress(OSError), open(log, "a") as handle:
+        handle.write(line + "\n")
 
 
 def _process_cpu_s() -> float:
@@ -235,12 +265,14 @@ class ScanRunner:
         config: PipelineConfig,
         resume: bool = False,
         on_result: Callable[[RecentResult], None] | None = None,
+        on_writer_restart: Callable[[WriterRestarted], None] | None = None,
         manifest: Mapping[str, FileStamp] | None = None,
         retry_failed: bool = False,
     ) -> None:
         self.config = config
         self.resume = resume
         self.on_result = on_result
+        self.on_writer_restart = on_writer_restart
         self.manifest = manifest
         self.retry_failed = retry_failed
         self.plan: ResumePlan | None = None
@@ -252,6 +284,7 @@ class ScanRunner:
         self._children: list[_Child] = []
         self._workers: dict[bytes, _Worker] = {}
         self._unacknowledged: dict[int, list] = {}  # index -> its line-out message
+        self._unwritten_failures: dict[int, list] = {}  # index -> its failure record
         limits = (config.inference.batch_limit(device) for device in ("cpu", "cuda"))
         self._largest_capacity = 2 * max(limits)  # the most a worker may keep in flight
         self._queue: deque[int] = deque()  # exposures waiting for a worker's credit
@@ -264,6 +297,7 @@ class ScanRunner:
         self.duplicates = 0
         self.resent = 0
         self.worker_restarts = 0
+        self.writer_restarts = 0
         self.malformed = 0
         self._greeted: dict[bytes, int] = {}  # remote workers sent the config: their numbers
         self._model_files: dict = {}  # what remote workers are sent: weights, card, SHA-256
@@ -294,6 +328,7 @@ class ScanRunner:
             self.stop(timeout_s=5.0)
             if new_file:  # a file this start made holds no row: not left to block a rerun
                 self.config.output_path.unlink(missing_ok=True)
+                making(self.config.output_path).unlink(missing_ok=True)
             self._lock.release()
             raise
         self._started = time.perf_counter()
@@ -411,16 +446,26 @@ class ScanRunner:
             code = child.process.poll()
             if code is None and child.process.pid not in silent:
                 continue
-            gave_up = code is not None and code > 0 and child.process.pid not in self._ready_pids
-            if not child.name.startswith("worker") or gave_up:
-                # the writer, or a worker that gave up before it was ready (a model file that
-                # does not load): another would fail the same way. A signal is not its doing.
+            ready = child.process.pid in self._ready_pids
+            writer = child.name == "writer"
+            if (writer and (not ready or code == WRITE_FAILED)) or (
+                code is not None and code > 0 and not ready
+            ):
+                # a process that gave up before it was ready (a results file that cannot be
+                # written, a model file that does not load), or a writer that could not write
+                # (a full disk): another would fail the same way. A worker's signal is not
+                # its doing.
                 raise ScanError(
                     f"{child.name} exited with code {code} during the scan; "
                     f"{_disk_space_note(self.config.output_dir)}"
                     f"last lines of {child.log}:\n{child.tail()}"
                 )
-            self._replace(child, f"exited with code {code}" if code is not None else "went silent")
+            if writer:
+                self._restart_writer(child, code)
+            else:
+                self._replace(
+                    child, f"exited with code {code}" if code is not None else "went silent"
+                )
 
     def _replace(self, child: _Child, why: str) -> None:
         """Hand a lost worker's exposures to the others and start a new worker in its place."""
@@ -435,10 +480,58 @@ class ScanRunner:
         for worker in list(self._workers.values()):
             if worker.pid == child.process.pid and not worker.remote:
                 self._lose(worker, why)
-        with open(child.log, "a") as handle:
-            handle.write(f"--- {child.name} {why}; replaced by the feeder ---\n")
+        _note(child.log, f"--- {child.name} {why}; replaced by the feeder ---")
         self.worker_restarts += 1
         self._spawn(child.name, "workers.inference", child.number)
+
+    def _restart_writer(self, writer: _Child, code: int | None) -> None:
+        """Start a new writer on the results file in place of one that exited during the
+        scan (it keeps the file's complete rows: ``ResultsWriter(resume=True)``), then send
+        again every exposure not acknowledged, so the scan goes on. :class:`ScanError` when
+        the writer was started again ``transport.max_writer_restarts`` times already, or the
+        new one exits before it is ready (a full disk, a file it cannot read)."""
+        why = f"the results writer exited with code {code} during the scan"
+        if self.writer_restarts >= self.config.transport.max_writer_restarts:
+            raise ScanError(
+                f"{why}, and was started again {self.writer_restarts} times already; "
+                f"{_disk_space_note(self.config.output_dir)}"
+                f"last lines of {writer.log}:\n{writer.tail()}"
+            )
+        self._children.remove(writer)
+        _note(writer.log, f"--- {why}; started again by the feeder on the file ---")
+        self.writer_restarts += 1
+        write_dropped_rows(self.run_dir, [])  # rows to redo were left out by the first writer
+        self._ready.discard("writer-0")
+        self._spawn("writer", "workers.writer", 0, "--resume", pass_fds=(self._lock.fd,))
+        deadline = time.monotonic() + self.config.transport.startup_timeout_s
+        while "writer-0" not in self._ready:
+            (new,) = (child for child in self._children if child.name == "writer")
+            if new.process.poll() is not None or time.monotonic() > deadline:
+                state = (
+                    f"exited with code {new.process.returncode}"
+                    if new.process.poll() is not None
+                    else f"was not ready after {self.config.transport.startup_timeout_s} s"
+                )
+                raise ScanError(
+                    f"{why}, and the writer started again {state}; "
+                    f"{_disk_space_note(self.config.output_dir)}"
+                    f"last lines of {new.log}:\n{new.tail()}"
+                )
+            self._service(200)
+        waiting = set(self._queue)
+        lost = sorted(set(self._unacknowledged) - waiting - set(self._status))
+        self._queue.extendleft(reversed(lost))
+        for frames in self._unwritten_failures.values():
+            self.to_writer.send_multipart(frames)
+        resent = len(lost) + len(self._unwritten_failures)
+        self.resent += resent
+        self.metrics.record("resent", n=resent)
+        restarted = WriterRestarted(
+            code, self.writer_restarts, resent, self.config.transport.max_writer_restarts
+        )
+        log.warning("scan %s: %s", self.config.scan_id, restarted.describe())
+        if self.on_writer_restart is not None:
+            self.on_writer_restart(restarted)
 
     def _lose(self, worker: _Worker, why: str) -> None:
         """Forget a worker and queue the exposures it held to be sent to the others first."""
@@ -481,13 +574,17 @@ class ScanRunner:
             self._service(200)
             self._check_children()
 
-    def stop(self, timeout_s: float = 30.0, finish_batches: bool = True) -> None:
-        """Broadcast stop until every child has exited (then terminate stragglers). The writer
-        gets 5 ms more per exposure written: it adds the NXcanSAS groups when it closes the file
-        (about 2 ms each). Without ``finish_batches`` (Ctrl-C: leaving the ``with`` block on
-        ``KeyboardInterrupt``), the local inference workers are killed at once instead of
-        finishing the batch they hold (seconds on a CPU): those exposures were not
-        acknowledged, and a resumed scan computes them again."""
+    def stop(
+        self, timeout_s: float = 30.0, finish_batches: bool = True, n_exposures: int | None = None
+    ) -> None:
+        """Broadcast stop until every child has exited (then terminate stragglers); with
+        ``n_exposures`` (the scan ended with that many), the writer marks the file complete
+        when it holds them all. The writer gets 5 ms more per exposure written: it adds the
+        NXcanSAS groups before it closes the file (about 0.3 ms each). Without
+        ``finish_batches`` (Ctrl-C: leaving the ``with`` block on ``KeyboardInterrupt``), the
+        local inference workers are killed at once instead of finishing the batch they hold
+        (seconds on a CPU): those exposures were not acknowledged, and a resumed scan
+        computes them again."""
         deadline = time.monotonic() + timeout_s + 0.005 * len(self._status)
         if not finish_batches:
             for child in self._children:
@@ -496,7 +593,7 @@ class ScanRunner:
         for identity in self._greeted:  # remote workers go back to waiting for a scan
             self._send_to(identity, "stop")
         while any(c.process.poll() is None for c in self._children) and time.monotonic() < deadline:
-            self.control.send_multipart(encode("stop"))
+            self.control.send_multipart(Stop(n_exposures).encode())
             time.sleep(0.1)
         for child in self._children:
             if child.process.poll() is None:
@@ -523,12 +620,28 @@ class ScanRunner:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        ended = exc_type is None and self.complete
         try:
-            self.stop(finish_batches=not interrupted)
-            if exc_type is None and self.complete:
-                mark_complete(self.config.output_path, self.rows_expected)
+            self.stop(
+                finish_batches=not interrupted, n_exposures=self.rows_expected if ended else None
+            )
+            if ended:
+                self._check_complete()
         finally:
             self._lock.release()
+
+    def _check_complete(self) -> None:
+        """:class:`ScanError` unless the writer marked the results file complete, with the
+        scan's number of rows."""
+        completion = read_completion(self.config.output_path)
+        if completion is not None and completion.n_exposures == self.rows_expected:
+            return
+        (writer,) = (child for child in self._children if child.name == "writer")
+        raise ScanError(
+            f"{self.config.output_path} holds every exposure acknowledged, but was not marked "
+            f"complete: the writer exited with code {writer.process.returncode}; last lines of "
+            f"{writer.log}:\n{writer.tail()}"
+        )
 
     @property
     def rows_expected(self) -> int:
@@ -629,9 +742,12 @@ class ScanRunner:
         }
 
     def _fail(self, header: dict, stage: str, error: str) -> None:
-        """A failure record for an exposure that never reached a worker, straight to the writer."""
+        """A failure record for an exposure that never reached a worker, straight to the
+        writer (kept until it is acknowledged: a writer started again gets it again)."""
         self._sent_at[header["index"]] = time.perf_counter()
-        self.to_writer.send_multipart(encode("failed", {**header, "stage": stage, "error": error}))
+        frames = encode("failed", {**header, "stage": stage, "error": error})
+        self._unwritten_failures[header["index"]] = frames
+        self.to_writer.send_multipart(frames)
 
     def _dispatch(self) -> None:
         """Send waiting exposures to the workers that have credits, most credits first."""
@@ -770,6 +886,7 @@ class ScanRunner:
     def _from_writer(self, message: Message) -> int:
         if message.kind == "ready":
             self._ready.add(f"{message.header['role']}-{message.header['id']}")
+            self._ready_pids.add(int(message.header["pid"]))
             return 0
         if message.kind != "acks":
             return 0
@@ -800,9 +917,11 @@ class ScanRunner:
         z: float,
     ) -> int:
         """Record that the writer stored exposure ``index``; 1 if that is news, else 0."""
-        if duplicate or index in self._status:
+        if index in self._status:
             self.duplicates += 1
             return 0
+        if duplicate:  # stored by a writer that exited before it acknowledged the row
+            self.duplicates += 1
         self._status[index] = str(status)
         self._latency_s[index] = time.perf_counter() - self._sent_at.get(index, np.nan)
         ok = status == "ok"
@@ -825,6 +944,7 @@ class ScanRunner:
         else:
             self.metrics.record("written", self._latency_s[index])
         self._unacknowledged.pop(index, None)
+        self._unwritten_failures.pop(index, None)
         for worker in self._workers.values():
             worker.holding.discard(index)
         return 1
@@ -882,6 +1002,7 @@ class ScanRunner:
             duplicates=self.duplicates,
             resent=self.resent,
             worker_restarts=self.worker_restarts,
+            writer_restarts=self.writer_restarts,
             skipped=self._n_skipped,
             remote_workers=self.remote_workers,
             wall_s=wall,

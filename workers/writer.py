@@ -21,11 +21,13 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pipeline.config import PipelineConfig
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
@@ -35,6 +37,7 @@ from pipeline.store.results import concatenate_rows, result_columns
 from pipeline.transport import Message, ProtocolError, decode, encode, header_float
 from workers.process import (
     Parent,
+    Stop,
     announce_ready,
     control_socket,
     parse_args,
@@ -129,13 +132,11 @@ def store(writer: ResultsWriter, blocks: list[dict[str, np.ndarray]]) -> list:
     return acknowledgements(rows, writer.append_rows(rows))
 
 
-def serve(argv: list[str] | None = None) -> int:
-    args = parse_args("beamline-inn results writer", argv)
-    parent = Parent()
-    config, endpoints = read_run(args.run_dir)
-    poni = config.integration.poni or DEFAULT_PONI
-    card = read_card(config.inference.model)
-    writer = ResultsWriter(
+def open_writer(
+    run_dir: Path, resume: bool, config: PipelineConfig, card: dict, poni_text: str
+) -> ResultsWriter:
+    """The run's results file, new or continued (``resume``; rows to redo left out)."""
+    return ResultsWriter(
         config.output_path,
         PARAMETER_NAMES,
         PARAMETER_UNITS,
@@ -144,11 +145,26 @@ def serve(argv: list[str] | None = None) -> int:
         scan_id=config.scan_id,
         config_json=config.model_dump_json(),
         model_card=card,
-        poni_text=poni.read_text(),
+        poni_text=poni_text,
         processing=processing_record(config, card["weights_sha256"]),
-        resume=args.resume,
-        drop_indices=read_dropped_rows(args.run_dir),
+        resume=resume,
+        drop_indices=read_dropped_rows(run_dir),
+        samples_compression=config.store.samples_compression,
+        q_resolution_nm=config.grid.resolution_nm,
     )
+
+
+def serve(argv: list[str] | None = None) -> int:
+    args = parse_args("beamline-inn results writer", argv)
+    parent = Parent()
+    config, endpoints = read_run(args.run_dir)
+    poni = config.integration.poni or DEFAULT_PONI
+    card = read_card(config.inference.model)
+    try:
+        writer = open_writer(args.run_dir, args.resume, config, card, poni.read_text())
+    except (ValueError, OSError) as error:  # a file it cannot continue, a full disk
+        _log(f"writer: {error}")
+        return 2
     context = zmq.Context()
     results = context.socket(zmq.PULL)
     results.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
@@ -185,6 +201,7 @@ def serve(argv: list[str] | None = None) -> int:
             acks.send_multipart(store(writer, blocks))
         return taken
 
+    code = 0
     try:
         while True:
             events = dict(poller.poll(1000))
@@ -198,8 +215,10 @@ def serve(argv: list[str] | None = None) -> int:
             if results in events:
                 write_waiting()
             elif control in events or not parent.alive():  # write what has arrived, then close
+                stop = _read_stop(control) if control in events else Stop()
                 while write_waiting():
                     pass
+                code = finish(writer, stop)
                 break
     except ResultsWriteError as error:  # a full disk, a lost mount: treated as a crash
         _log(
@@ -209,13 +228,43 @@ def serve(argv: list[str] | None = None) -> int:
         # Closing would fail as well and leave the file flagged as open, unreadable even with
         # SWMR; left as it is, it reads (SWMR) as the last flush left it and resumes, as
         # after SIGKILL. Freeing its objects in the interpreter's teardown crashes HDF5.
-        os._exit(3)
+        os._exit(WRITE_FAILED)
     finally:
-        writer.close()
+        writer.close()  # (closed already, unless the loop ended otherwise)
         results.disable_monitor()
         for socket in (monitor, results, control, acks):
             socket.close()
         context.term()
+    return code
+
+
+#: The writer's exit code when it could not write the file (a full disk, a lost mount): it
+#: leaves the file as its last flush left it, and is not started again.
+WRITE_FAILED = 3
+#: The writer's exit code when the scan ended but its file holds another number of rows
+#: (not marked complete).
+INCOMPLETE = 4
+
+
+def _read_stop(control: zmq.Socket) -> Stop:
+    """The stop broadcast waiting on ``control`` (a malformed one: a plain stop, logged)."""
+    frames = control.recv_multipart()
+    try:
+        return Stop.decode(frames)
+    except ProtocolError as error:
+        _log(f"writer: a malformed stop message ({error}): stopping without completing the file")
+        return Stop()
+
+
+def finish(writer: ResultsWriter, stop: Stop) -> int:
+    """Finish and close the file as ``stop`` says (:meth:`ResultsWriter.close`); the exit
+    code: 0, or :data:`INCOMPLETE` (logged) when the scan ended but the file holds another
+    number of rows."""
+    try:
+        writer.close(stop.n_exposures)
+    except ValueError as error:
+        _log(f"writer: {error}")
+        return INCOMPLETE
     return 0
 
 

@@ -10,7 +10,6 @@ from pipeline.store.results import (
     ResultsWriteError,
     ResultsWriter,
     latest_posterior,
-    mark_complete,
     open_results,
     read_completion,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "ResultsWriter",
     "SasCurve",
     "latest_posterior",
-    "mark_complete",
     "open_for_reading",
     "open_results",
     "read_completion",

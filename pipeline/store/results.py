@@ -1,18 +1,21 @@
 """One HDF5 file per scan, one row per exposure, written by a single writer in SWMR mode.
 
-Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)::
+Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes; valid
+NXcanSAS by pynxtools' validator)::
 
     /                            attrs default = "entry"
     /entry                       NXentry, canSAS_class SASentry (NXcanSAS 1.1); attrs scan_id,
-                                 software versions, default = "line_out"; complete and
-                                 n_exposures once its scan ended (:func:`mark_complete`)
+                                 software versions, default ("line_out" while written, then
+                                 the first SASdata group); complete (False until the scan
+                                 ended with all its n_exposures in the file: :meth:`close`)
       definition, title, run     "NXcanSAS", the scan id (twice)
       config                     the run's PipelineConfig as JSON
       model_card                 the model's card as JSON (architecture, training, hash)
       processing                 the digest of each part the rows depend on, as JSON
                                  (:mod:`pipeline.provenance`; files of earlier versions lack it)
-      instrument/geometry/poni   the PONI file text
-      exposures/                 NXcollection, one row per exposure in arrival order
+      instrument/                NXinstrument, canSAS_class SASinstrument
+        geometry/poni            NXcollection: the PONI file text
+      exposures/                 (no NeXus class) one row per exposure in arrival order
         index, timestamp, status ("ok" | "failed"), error (text, empty when ok), written_time
         source                   where the frame came from (file and frame, stream and series)
         frame_id                 the frame's identity, KEY:FRAME:SIZE:MTIME_NS (its file's real
@@ -21,18 +24,22 @@ Layout (NeXus classes in ``NX_class`` attributes; units in ``units`` attributes)
         processing_key           digest of the configuration and model the row was made with
                                  (:mod:`pipeline.provenance`)
         truth                    (exposures, parameters) true values of simulated frames, else NaN
-      line_out/                  NXdata: q_nm (512,), counts and counts_sd (exposures, 512),
-                                 normalization (exposures,): monitor x transmission, and
-                                 I, Idev = counts / normalization and its sd (arbitrary units)
-      sasdata_NNNNNN/            written when the file is closed: one NXcanSAS SASdata group
-                                 per exposure (index NNNNNN): Q (1/nm, a link to q_nm), I and
-                                 Idev (virtual datasets: that exposure's row of line_out), so
-                                 that SasView's reader (sasdata) loads each line-out
-      posterior/                 NXcollection
-        samples                  (exposures, samples, parameters) float32, bitshuffle-LZ4 (read
-                                 with hdf5plugin imported); attrs parameter_names, units
+      line_out/                  (no NeXus class) q_nm (512,), counts and counts_sd (exposures,
+                                 512), normalization (exposures,): monitor x transmission, and
+                                 I, Idev = counts / normalization and its sd (arbitrary units);
+                                 Qdev (512,): the q resolution (sd, 1/nm); I_mask (512,): none
+        plot/                    NXdata of links to those (attr default of line_out), for viewers
+      sasdata_NNNNNN/            written when the scan ends, with the writer's handle: one
+                                 NXcanSAS SASdata group per exposure with a line-out (index
+                                 NNNNNN): Q, Qdev, I_mask (links), I and Idev (that exposure's
+                                 row, copied), I_errors (a link to Idev)
+      posterior/                 (no NeXus class)
+        samples                  (exposures, samples, parameters) float32, not compressed
+                                 unless asked for (:data:`SAMPLES_FILTERS`); attrs
+                                 parameter_names, units
         mean, sd                 (exposures, parameters)
         quantiles                (exposures, 3, parameters); attr levels = 0.05, 0.5, 0.95
+        width_mode_fractions     (exposures, 2); predictive_z, flagged (exposures,)
 
 Failed exposures keep their row: status "failed", the error text, NaN where no value exists.
 Each append is flushed, so a reader following the file (SWMR) sees every written exposure.
@@ -52,7 +59,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -60,19 +66,25 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin  # registers the bitshuffle filter for writing and reading samples
+import hdf5plugin  # registers the bitshuffle filter: samples of files that chose it
 import numpy as np
 
 from pipeline.physics.quality import Z_THRESHOLD
 from pipeline.provenance import ProcessingRecord
 from pipeline.store.integrity import DamagedResultsError, open_for_reading
-
-log = logging.getLogger(__name__)
+from pipeline.store.nxcansas import add_sasdata_groups
 
 QUANTILE_LEVELS = (0.05, 0.5, 0.95)
-#: Posterior samples are stored bitshuffle + LZ4 compressed (as Eiger detectors write
-#: frames): 1.27x smaller for 0.016 ms more per exposure (``benchmarks/store.py``).
-SAMPLES_COMPRESSION = dict(hdf5plugin.Bitshuffle(cname="lz4"))
+#: HDF5 filters of ``posterior/samples`` by :attr:`pipeline.config.StoreConfig.samples_compression`:
+#: none (the default: every HDF5 reader opens it), gzip (deflate level 1 with byte shuffle:
+#: in every HDF5 build) or bitshuffle + LZ4 (as Eiger detectors write frames: readers need
+#: the filter plugin, e.g. ``import hdf5plugin``). Sizes and the writer's speed with each:
+#: ``python -m benchmarks.writer``.
+SAMPLES_FILTERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "gzip": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
+    "bitshuffle-lz4": dict(hdf5plugin.Bitshuffle(cname="lz4")),
+}
 #: Per-exposure text fields, as fixed-length UTF-8 (bytes): HDF5's SWMR does not support
 #: variable-length data (a reader following the file meets "bad heap index" errors). Longer
 #: text is cut, ending in "...".
@@ -91,6 +103,11 @@ def _fixed_text(value: str) -> np.ndarray:
 def _cut(value: str, length: int) -> bytes:
     data = value.encode()
     return data if len(data) <= length else data[: length - 3] + b"..."
+
+
+def making(path: Path) -> Path:
+    """Where a new results file for ``path`` is made, until it is ready for readers."""
+    return Path(path).with_name(Path(path).name + ".creating")
 
 
 @dataclass
@@ -168,17 +185,26 @@ class ResultsWriter:
         resume: bool = False,
         drop_indices: Collection[int] = (),
         chunk_bytes: int = CHUNK_BYTES,
+        samples_compression: str = "none",
+        q_resolution_nm: float | None = None,
     ) -> None:
         self.path = Path(path)
-        target = self.path
-        if self.path.exists():
+        if samples_compression not in SAMPLES_FILTERS:
+            raise ValueError(
+                f"unknown samples compression {samples_compression!r}: "
+                f"one of {', '.join(SAMPLES_FILTERS)}"
+            )
+        resuming = self.path.exists()
+        if resuming:
             if not resume:
                 raise FileExistsError(f"results file already exists: {self.path}")
             check_resumable(
                 self.path, scan_id, model_card, n_samples, q_nm, parameter_names, processing
             )
-            target = self.path.with_name(self.path.name + ".resuming")
-            target.unlink(missing_ok=True)  # left by a resume that was itself interrupted
+        # Made beside its place and moved there once in SWMR mode: a reader never meets the
+        # file while the writer holds it exclusively (HDF5's lock: BlockingIOError).
+        target = self.path.with_name(self.path.name + ".resuming") if resuming else making(path)
+        target.unlink(missing_ok=True)  # left by a writer killed while it made the file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seen: set[int] = set()
         n_par, n_q = len(parameter_names), len(q_nm)
@@ -196,6 +222,11 @@ class ResultsWriter:
             default="line_out",
         )
         entry.attrs["software"] = json.dumps(_software_versions())
+        # Made now, written in place when the scan ends (:meth:`close`): attributes added to
+        # a finished file's entry, in SWMR mode, leave its header unreadable once the file's
+        # end is lost (salvage).
+        entry.attrs["complete"] = False
+        entry.attrs["n_exposures"] = np.int64(0)
         self.processing_key = processing.key if processing is not None else ""
         for name in ("definition", "title", "run"):
             value = "NXcanSAS" if name == "definition" else scan_id
@@ -204,7 +235,10 @@ class ResultsWriter:
         entry.create_dataset("model_card", data=_fixed_text(json.dumps(model_card or {})))
         if processing is not None:
             entry.create_dataset("processing", data=_fixed_text(processing.to_json()))
-        geometry = entry.create_group("instrument/geometry")
+        instrument = entry.create_group("instrument")
+        instrument.attrs.update(NX_class="NXinstrument", canSAS_class="SASinstrument")
+        geometry = instrument.create_group("geometry")
+        geometry.attrs["NX_class"] = "NXcollection"
         geometry.create_dataset("poni", data=_fixed_text(poni_text))
 
         def growing(
@@ -220,12 +254,13 @@ class ResultsWriter:
                 **filters,
             )
 
+        # exposures, line_out and posterior have no NeXus class: in an NXcanSAS entry an
+        # NXdata group must be a full SASdata, and an NXcollection a SASnote, which the
+        # validator (pynxtools) cannot accept; groups without a class are not validated.
         exposures = entry.create_group("exposures")
-        exposures.attrs["NX_class"] = "NXcollection"
         line_out = entry.create_group("line_out")
-        line_out.attrs.update(NX_class="NXdata", signal="counts", axes=[".", "q_nm"])
+        line_out.attrs["default"] = "plot"
         posterior = entry.create_group("posterior")
-        posterior.attrs["NX_class"] = "NXcollection"
         self._datasets = {
             "index": growing(exposures, "index", (), np.int64, -1),
             "timestamp": growing(exposures, "timestamp", (), np.float64),
@@ -239,13 +274,17 @@ class ResultsWriter:
             "counts_sd": growing(line_out, "counts_sd", (n_q,), np.float32),
             "normalization": growing(line_out, "normalization", (), np.float64),
             "samples": growing(
-                posterior, "samples", (n_samples, n_par), np.float32, **SAMPLES_COMPRESSION
+                posterior,
+                "samples",
+                (n_samples, n_par),
+                np.float32,
+                **SAMPLES_FILTERS[samples_compression],
             ),
             "mean": growing(posterior, "mean", (n_par,), np.float32),
             "sd": growing(posterior, "sd", (n_par,), np.float32),
             "quantiles": growing(posterior, "quantiles", (len(QUANTILE_LEVELS), n_par), np.float32),
             "predictive_z": growing(posterior, "predictive_z", (), np.float32),
-            "width_mode_weights": growing(posterior, "width_mode_weights", (2,), np.float32),
+            "width_mode_weights": growing(posterior, "width_mode_fractions", (2,), np.float32),
             "flagged": growing(posterior, "flagged", (), np.uint8, 0),
             "I": growing(line_out, "I", (n_q,), np.float32),
             "Idev": growing(line_out, "Idev", (n_q,), np.float32),
@@ -259,6 +298,9 @@ class ResultsWriter:
         self._datasets["Idev"].attrs["units"] = "arbitrary"
         q = line_out.create_dataset("q_nm", data=np.asarray(q_nm, dtype=np.float64))
         q.attrs["units"] = "1/nm"
+        # no bin of a line-out is left out: the SASdata groups' mask (True: masked)
+        line_out.create_dataset("I_mask", data=np.zeros(n_q, dtype=bool))
+        self._datasets["index"].attrs["units"] = "dimensionless"
         self._datasets["counts"].attrs["units"] = "counts"
         self._datasets["counts_sd"].attrs["units"] = "counts"
         self._datasets["timestamp"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
@@ -278,12 +320,21 @@ class ResultsWriter:
         self._datasets["flagged"].attrs["meaning"] = (
             "1: the grating model cannot explain the line-out (predictive_z > z_threshold)"
         )
+        if q_resolution_nm is not None:
+            q_dev = line_out.create_dataset("Qdev", data=np.full(n_q, q_resolution_nm))
+            q_dev.attrs["units"] = "1/nm"
+            q.attrs["resolutions"] = "Qdev"
+        plot = line_out.create_group("plot")  # every line-out, for NeXus viewers (silx, h5web)
+        plot.attrs.update(NX_class="NXdata", signal="counts", axes=[".", "q_nm"])
+        for name in ("q_nm", "counts", "normalization", "I", "Idev"):
+            plot[name] = line_out[name]
+        plot["counts_errors"] = line_out["counts_sd"]
+        plot["I_errors"] = line_out["Idev"]
         self.n_rows = 0
-        if target != self.path:
+        if resuming:
             self._copy_complete_rows(self.path, set(drop_indices))
-            self.file.flush()
-            target.replace(self.path)  # the open file moves with its name
-        self.file.swmr_mode = True
+        self.file.swmr_mode = True  # flushes
+        target.replace(self.path)  # the open file moves with its name
 
     def _copy_complete_rows(self, path: Path, drop: set[int]) -> None:
         """Copy the complete rows of an earlier file of this scan, in blocks of rows, except
@@ -295,9 +346,9 @@ class ResultsWriter:
             keep = np.flatnonzero(~np.isin(index, list(drop)))
             for name, dataset in self._datasets.items():
                 dataset.resize(keep.size, axis=0)
-                if _ROW_DATASETS[name] not in entry:  # a file of an earlier version
+                source = _row_dataset(entry, name)
+                if source is None:  # a file of an earlier version
                     continue
-                source = entry[_ROW_DATASETS[name]]
                 for start in range(0, keep.size, 1024):
                     rows = keep[start : start + 1024]
                     if rows.size == rows[-1] - rows[0] + 1:  # contiguous: one slice
@@ -381,23 +432,38 @@ class ResultsWriter:
         self.n_rows += n
         return written
 
-    def close(self) -> None:
-        """Close the file, then add the per-exposure NXcanSAS groups (a file in SWMR mode
-        cannot get new groups while it is written)."""
+    def close(self, n_exposures: int | None = None) -> None:
+        """Finish the file with this handle, then close it: add one NXcanSAS ``SASdata``
+        group per exposure with a line-out (:func:`pipeline.store.nxcansas.add_sasdata_groups`)
+        and, given the scan's ``n_exposures`` when it ended, mark the scan complete
+        (:func:`read_completion`; ``ValueError``, after the groups are written and the file
+        closed, when the file holds another number of rows). Nothing reopens the file, so
+        readers (SWMR) may hold it open throughout; :class:`ResultsWriteError` when it
+        cannot be written (a full disk: the file is left as the last flush left it)."""
         if not self.file.id.valid:
             return
-        # Datasets first: after a failed write (a full disk) the file's close fails, and
-        # HDF5 then crashes when it frees a dataset of that file.
-        self._datasets.clear()
-        self.file.close()
+        entry = self.file["entry"]
         try:
-            add_cansas_curves(self.path)
-        except OSError as error:  # e.g. another program opened the file without SWMR meanwhile
-            log.warning(
-                "%s: every exposure is written, but the NXcanSAS groups could not be added (%s); "
-                "add them later with pipeline.store.results.add_cansas_curves",
-                self.path,
-                error,
+            add_sasdata_groups(entry, self.n_rows)
+            curves = sorted(name for name in entry if name.startswith("sasdata_"))
+            if curves:  # a SASentry's default plot is one of its SASdata groups
+                entry.attrs.modify("default", curves[0])
+            if n_exposures is not None and n_exposures == self.n_rows:
+                entry.attrs.modify("complete", True)
+                entry.attrs.modify("n_exposures", n_exposures)
+            self.file.flush()
+        except (OSError, RuntimeError) as error:
+            raise ResultsWriteError(f"cannot finish {self.path}: {error}") from error
+        finally:
+            del entry
+            # Datasets first: after a failed write (a full disk) the file's close fails, and
+            # HDF5 then crashes when it frees a dataset of that file.
+            self._datasets.clear()
+        self.file.close()
+        if n_exposures is not None and n_exposures != self.n_rows:
+            raise ValueError(
+                f"{self.path} holds {self.n_rows} exposures, not the scan's {n_exposures}: "
+                "not marked complete"
             )
 
     def __enter__(self) -> ResultsWriter:
@@ -524,23 +590,43 @@ _ROW_DATASETS = {
             "sd",
             "quantiles",
             "predictive_z",
-            "width_mode_weights",
             "flagged",
         )
     },
+    # a name ending in "_weights" is reserved in NeXus (the weights of a field "width_mode")
+    "width_mode_weights": "posterior/width_mode_fractions",
 }
 
 
 #: Per-exposure datasets that files of earlier versions lack (read as empty there).
 _ADDED_LATER = frozenset({"exposures/frame_id", "exposures/processing_key"})
+#: Per-exposure datasets renamed since: their path in files of earlier versions.
+_FORMER_PATHS = {"posterior/width_mode_fractions": "posterior/width_mode_weights"}
+
+
+def row_paths(name: str) -> tuple[str, ...]:
+    """Where the per-exposure dataset of column ``name`` may be in a results file's entry:
+    its path, then its path in files of earlier versions."""
+    path = _ROW_DATASETS[name]
+    return (path, _FORMER_PATHS[path]) if path in _FORMER_PATHS else (path,)
+
+
+def _row_dataset(entry: h5py.Group, name: str) -> h5py.Dataset | None:
+    """The per-exposure dataset of column ``name`` (:func:`row_paths`); ``None`` in a file
+    of an earlier version that has none."""
+    for path in row_paths(name):
+        if path in entry:
+            return entry[path]
+    return None
 
 
 def _complete_rows(entry: h5py.Group) -> int:
     """Rows written to every per-exposure dataset (a killed writer may have grown some)."""
-    missing = [path for path in _ROW_DATASETS.values() if path not in entry]
+    datasets = {name: _row_dataset(entry, name) for name in _ROW_DATASETS}
+    missing = [_ROW_DATASETS[name] for name, dataset in datasets.items() if dataset is None]
     if set(missing) - _ADDED_LATER:
         raise ValueError(f"not a results file of this version: no {', '.join(missing)}")
-    return min(entry[path].shape[0] for path in _ROW_DATASETS.values() if path in entry)
+    return min(dataset.shape[0] for dataset in datasets.values() if dataset is not None)
 
 
 def stored_identities(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -650,89 +736,13 @@ def check_same_processing(path: Path, theirs: ProcessingRecord, ours: Processing
         )
 
 
-def add_cansas_curves(path: Path) -> int:
-    """Add to a closed results file one NXcanSAS ``SASdata`` group per written exposure that
-    has none yet; return how many were added.
-
-    SasView's reader (``sasdata`` 0.11) does not separate the frames of a multi-frame
-    ``SASdata`` group (every frame it returns holds the last one), so each exposure gets its
-    own group: ``Q`` is a link to ``line_out/q_nm``, ``I`` and ``Idev`` are virtual datasets
-    over the exposure's row of ``line_out/I`` and ``line_out/Idev`` (no copy). Failed
-    exposures (no line-out) get none. Written with h5py's low-level calls: 0.5 instead of
-    1.7 ms per exposure with its high-level ones (``VirtualLayout``, ``attrs``).
-    """
-    added = 0
-    with h5py.File(path, "a", libver="latest") as handle:
-        entry = handle["entry"]
-        line_out = entry["line_out"]
-        n = _complete_rows(entry)
-        indices = entry["exposures/index"][:n]
-        status = entry["exposures/status"][:n]
-        n_q = line_out["q_nm"].shape[0]
-        text = _TextAttributes()
-        curve = h5py.h5s.create_simple((n_q,))
-        sources = {field: line_out[field].id.get_space() for field in ("I", "Idev")}
-        nan = np.array(np.nan, dtype=np.float32)
-        for row in np.argsort(indices, kind="stable"):
-            name = f"sasdata_{indices[row]:06d}"
-            if indices[row] < 0 or name in entry or status[row] != b"ok":
-                continue
-            group = entry.create_group(name)
-            for key, value in _SASDATA_ATTRS.items():
-                text.write(group.id, key, value)
-            group["Q"] = line_out["q_nm"]
-            for field, source in sources.items():
-                source.select_hyperslab((int(row), 0), (1, n_q))
-                layout = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                layout.set_fill_value(nan)
-                layout.set_virtual(curve, b".", f"/entry/line_out/{field}".encode(), source)
-                dataset = h5py.h5d.create(
-                    group.id, field.encode(), h5py.h5t.IEEE_F32LE, curve, dcpl=layout
-                )
-                text.write(dataset, "units", "arbitrary")
-                if field == "I":
-                    text.write(dataset, "uncertainties", "Idev")
-            added += 1
-    return added
-
-
-_SASDATA_ATTRS = {"NX_class": "NXdata", "canSAS_class": "SASdata", "signal": "I", "I_axes": "Q"}
-
-
-class _TextAttributes:
-    """Writes scalar text attributes as h5py's ``attrs`` does (variable-length UTF-8), with
-    one type and dataspace for all."""
-
-    def __init__(self) -> None:
-        self.dtype = h5py.string_dtype()
-        self.type = h5py.h5t.py_create(self.dtype, logical=True)
-        self.space = h5py.h5s.create(h5py.h5s.SCALAR)
-
-    def write(self, owner, name: str, value: str) -> None:
-        attribute = h5py.h5a.create(owner, name.encode(), self.type, self.space)
-        attribute.write(np.array(value, dtype=self.dtype))
-
-
 @dataclass(frozen=True)
 class Completion:
-    """What a finished scan's results file says of itself (:func:`mark_complete`)."""
+    """What a finished scan's results file says of itself (:meth:`ResultsWriter.close`)."""
 
     n_exposures: int
     model_sha256: str
     n_samples: int
-
-
-def mark_complete(path: Path, n_exposures: int) -> None:
-    """Record in a closed results file that its scan ended and all ``n_exposures`` of it are
-    in the file (those that failed as failed rows): a later reprocessing skips it.
-    ``ValueError`` when the file holds another number of exposures."""
-    with h5py.File(path, "a", libver="latest") as handle:
-        entry = handle["entry"]
-        rows = _complete_rows(entry)
-        if rows != n_exposures:
-            raise ValueError(f"{path} holds {rows} exposures, not the scan's {n_exposures}")
-        entry.attrs["complete"] = True
-        entry.attrs["n_exposures"] = n_exposures
 
 
 def read_completion(path: Path) -> Completion | None:
@@ -838,7 +848,7 @@ def open_results(path: Path) -> Results:
             quantiles=rows("posterior/quantiles"),
             predictive_z=rows("posterior/predictive_z"),
             flagged=rows("posterior/flagged").astype(bool),
-            width_mode_weights=rows("posterior/width_mode_weights"),
+            width_mode_weights=_row_dataset(entry, "width_mode_weights")[:n][order],
             config_json=entry["config"][()].decode(),
             model_card=json.loads(entry["model_card"][()].decode()),
         )

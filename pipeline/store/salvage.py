@@ -53,7 +53,7 @@ from pipeline.store.integrity import (
     hdf5_function,
     read_superblock,
 )
-from pipeline.store.results import _ROW_DATASETS, ROW_COLUMNS, ResultsWriter
+from pipeline.store.results import _ROW_DATASETS, ROW_COLUMNS, ResultsWriter, row_paths
 
 #: Rows read and written at a time.
 BLOCK_ROWS = 1024
@@ -263,11 +263,12 @@ def _addresses(image: _Image) -> dict[str, int]:
     with contextlib.suppress(KeyError):  # files of earlier versions have no record
         addresses["processing"] = image.locate("entry/processing")
     for name in (*ROW_COLUMNS, *_KEPT):
-        try:
-            addresses[name] = image.locate(f"entry/{_ROW_DATASETS[name]}")
-        except KeyError:
-            if name == "index":
-                raise
+        for path in row_paths(name):
+            with contextlib.suppress(KeyError):
+                addresses[name] = image.locate(f"entry/{path}")
+                break
+        if name == "index" and name not in addresses:
+            raise KeyError("no entry/exposures/index in the file, or its link is lost")
     return addresses
 
 
