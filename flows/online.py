@@ -5,6 +5,14 @@ starts the writer and the local inference workers (remote workers on other nodes
 ``transport.remote_work``), and runs until the series ends (its end message, or the idle
 timeout) or the run is cancelled.
 
+The stream is connected before the processes start (a detector, or ALBA's simulator, may
+drop what it cannot send), so the first images can wait in the socket for the seconds the
+workers take to start. That wait is reported, not hidden: a stream's exposures are timed
+by the detector's own acquisition times (:class:`~pipeline.sources.DectrisStream`), the
+scan's latencies and rate count from them, and the ``received`` stage says how long frames
+waited before the hand-over; the results file keeps when each was taken from the socket
+(``exposures/received_time``).
+
 Cancelling (from the UI: Prefect's runner sends SIGTERM to the flow's process) is a clean
 stop: the source stops taking frames, every frame already taken is integrated, inferred and
 written, the results file is closed, the summary artifact is made, and only then does the

@@ -26,6 +26,9 @@ class Exposure:
         error: why the frame could not be read (corrupt file, malformed message, ...), or
             ``None``. An exposure with an error still takes its place in the scan, so the
             results file records it.
+        received_at: when the pipeline took the frame from a live source (a detector's
+            stream), seconds since the epoch; ``None`` for archived frames. The scan's
+            latencies count from the earlier of this and ``timestamp``.
     """
 
     scan_id: str
@@ -35,6 +38,7 @@ class Exposure:
     truth: dict[str, float] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    received_at: float | None = None
 
 
 @dataclass

@@ -491,6 +491,26 @@ def receive_series(push, messages, **options) -> tuple[list[Exposure], DectrisSt
     return exposures, stream
 
 
+def test_v1_images_are_timed_from_the_series_date_of_their_header(push, rng):
+    """v1 ``start_time`` counts from the series start: the header's ``data_collection_date``
+    gives the image's acquisition time; without it, the time it was taken from the socket."""
+    frame = counts(rng, (6, 8), "uint16")
+    date = "2026-12-05T10:00:00.000+00:00"
+    messages = [v1_header(4, "basic", nimages=2, data_collection_date=date)]
+    messages += [v1_image(4, n, frame, "lz4<") for n in range(2)]  # start_time 0 and 1000 ns
+    messages.append(v1_end(4))
+    before = time.time()
+    exposures, _ = receive_series(push, messages)
+    series_start = datetime.fromisoformat(date).timestamp()
+    assert [e.timestamp for e in exposures] == [series_start, series_start + 1e-6]
+    assert all(e.received_at is not None and e.received_at >= before for e in exposures)
+    messages[0] = v1_header(5, "basic", nimages=2)  # no date: taken from the socket
+    messages[1:3] = [v1_image(5, n, frame, "lz4<") for n in range(2)]
+    messages[3] = v1_end(5)
+    exposures, _ = receive_series(push, messages)
+    assert all(e.timestamp == e.received_at and e.timestamp >= before for e in exposures)
+
+
 def test_v1_series_is_received_whole(push, rng):
     frames = [counts(rng, (6, 8), dtype) for dtype in ["uint32", "uint16", "uint8"] * 7]
     encodings = {"uint32": "bs32-lz4<", "uint16": "lz4<", "uint8": "<"}
@@ -900,6 +920,11 @@ def test_eiger_simulator_series_of_100_images(eiger_simulator, compression, enco
     # the simulator sends placeholder text instead of the flatfield, mask and count-rate blobs
     problems = [e for e in stats.errors if "header" in e]
     assert len(problems) == 3 and all("raw data is" in e for e in problems)
+    # the detector's own times: the simulator sends start times since the epoch, one count
+    # time apart; the time each image was taken from the socket is kept beside them
+    starts = [e.timestamp for e in exposures]
+    np.testing.assert_allclose(np.diff(starts), 0.001, atol=1e-6)
+    assert all(e.received_at is not None and e.received_at >= e.timestamp for e in exposures)
 
 
 def test_eiger_simulator_long_fast_series(eiger_simulator):

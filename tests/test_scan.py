@@ -471,6 +471,27 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
         assert sum(name.startswith("sasdata_") for name in handle["entry"]) == 150
 
 
+def test_frames_that_waited_before_the_hand_over_count_their_wait(tmp_path):
+    """A live source's frames that waited 3 s in the socket (the detector acquired them 0.1 s
+    before they were taken): latencies, the received stage and the scan's time count from
+    the acquisition, and the file keeps when each was taken beside its acquisition time."""
+    config = PipelineConfig(
+        scan_id="waited", n_workers=1, output_dir=tmp_path, inference=InferenceConfig(n_samples=20)
+    )
+    with ScanRunner(config) as runner:
+        taken = time.time() - 3.0
+        for exposure, line_out in _line_outs(8, seed=4):
+            exposure.received_at = taken + 0.01 * exposure.index
+            exposure.timestamp = exposure.received_at - 0.1
+            runner.submit_line_out(exposure, line_out)
+        summary = runner.wait()
+    assert summary.latency_p50_ms >= 3100 and summary.wall_s >= 3.1
+    assert summary.stages["received"]["p50_ms"] >= 3100
+    results = open_results(config.output_path)
+    np.testing.assert_allclose(results.received_time, taken + 0.01 * np.arange(8))
+    np.testing.assert_allclose(results.timestamp, results.received_time - 0.1)
+
+
 def _writer_pid(runner: ScanRunner) -> int:
     (writer,) = (c.process for c in runner._children if c.name == "writer")
     return writer.pid

@@ -85,6 +85,9 @@ def run_batch(
     columns = {
         "index": np.array([m.header["index"] for m in good], dtype=np.int64),
         "timestamp": np.array([header_float(m.header, "timestamp") for m in good], np.float64),
+        "received_time": np.array(
+            [header_float(m.header, "received_time") for m in good], np.float64
+        ),
         "normalization": np.array(
             [header_float(m.header, "normalization") for m in good], np.float64
         ),

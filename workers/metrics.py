@@ -1,9 +1,12 @@
 """Per-stage counters and latency histograms of a scan: what the feeder sees happen.
 
-Stages, in the order an exposure passes them: ``received`` (handed to the runner),
+Stages, in the order an exposure passes them: ``received`` (handed to the runner; for a live
+source's frame, with the wait since the detector acquired it, by the detector's own time,
+or since the pipeline took it from the socket where that is earlier),
 ``integrated`` (frame to line-out, with the integration time), ``inferred`` (posterior drawn
 by a worker, with its batch's inference time), ``written`` (acknowledged by the writer, with
-the time since it was received), and the two ways off the path, ``resent`` (taken from a lost
+the time since it was received, or acquired for a live source's frame), and the two ways
+off the path, ``resent`` (taken from a lost
 worker and sent again) and ``failed`` (written as a failed exposure). Latencies go into a
 fixed log-spaced histogram (4 bins per decade, 0.1 ms to 100 s), so memory does not grow with
 the scan and histograms from several runs add up.

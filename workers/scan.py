@@ -670,7 +670,7 @@ class ScanRunner:
             return
         exposure = placed
         header = self._header(exposure)
-        self.metrics.record("received")
+        self._taken(exposure)
         if exposure.error is not None or exposure.frame is None:
             self._fail(header, "read", exposure.error or "the source delivered no frame")
             return
@@ -692,13 +692,28 @@ class ScanRunner:
         if placed is None:
             return
         exposure = placed
-        self.metrics.record("received")
+        self._taken(exposure)
         self._send(exposure, line_out)
+
+    def _taken(self, exposure: Exposure) -> None:
+        """Count an exposure handed over, and note the time its latency counts from: for a
+        frame of a live source, when the detector acquired it (``timestamp``, the detector's
+        own time where its messages say), or when the pipeline took it from the socket
+        (``received_at``) where that is earlier, so that frames waiting in the socket (while
+        the workers start, or behind a slow integration) show it; the wait until hand-over
+        is the ``received`` stage's latency. Archived frames count from now."""
+        now = time.perf_counter()
+        if exposure.received_at is None:
+            self._sent_at[exposure.index] = now
+            self.metrics.record("received")
+            return
+        waited_s = max(0.0, time.time() - min(exposure.timestamp, exposure.received_at))
+        self._sent_at[exposure.index] = now - waited_s
+        self.metrics.record("received", waited_s)
 
     def _send(self, exposure: Exposure, line_out: LineOut) -> None:
         """Keep the line-out until it is acknowledged, and send it when a worker has credit
         (waits while :meth:`_in_flight_limit` line-outs are in flight)."""
-        self._sent_at[exposure.index] = time.perf_counter()
         self._unacknowledged[exposure.index] = encode(
             "line_out",
             {**self._header(exposure), "normalization": line_out.normalization},
@@ -736,6 +751,7 @@ class ScanRunner:
             "index": exposure.index,
             "scan_id": exposure.scan_id,
             "timestamp": exposure.timestamp,
+            "received_time": exposure.received_at,
             "truth": exposure.truth,
             "source": exposure.metadata.get("source", ""),
             "frame_id": exposure.metadata.get("frame_id", ""),
@@ -744,7 +760,6 @@ class ScanRunner:
     def _fail(self, header: dict, stage: str, error: str) -> None:
         """A failure record for an exposure that never reached a worker, straight to the
         writer (kept until it is acknowledged: a writer started again gets it again)."""
-        self._sent_at[header["index"]] = time.perf_counter()
         frames = encode("failed", {**header, "stage": stage, "error": error})
         self._unwritten_failures[header["index"]] = frames
         self.to_writer.send_multipart(frames)
@@ -991,7 +1006,8 @@ class ScanRunner:
         return self.summary()
 
     def summary(self) -> ScanSummary:
-        wall = time.perf_counter() - self._started
+        # from the start, or from the first frame of a live source acquired before it
+        wall = time.perf_counter() - min([self._started, *self._sent_at.values()])
         latencies = np.array(list(self._latency_s.values())) * 1e3
         return ScanSummary(
             scan_id=self.config.scan_id,

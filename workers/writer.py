@@ -64,6 +64,7 @@ def to_result(message: Message) -> ExposureResult:
     return ExposureResult(
         index=int(header["index"]),
         timestamp=header_float(header, "timestamp"),
+        received_time=header_float(header, "received_time"),
         status="failed",
         error=str(header.get("error", "")),
         source=str(header.get("source") or ""),

@@ -39,10 +39,12 @@ HDF5 LZ4 filter format (HDFGroup hdf5_plugins ``LZ4/LZ4_HDF5_format.md``), bitsh
 filter (kiyo-masui/bitshuffle ``src/bshuf_h5filter.c``), LiberTEM-dectris and eiger-simulator.
 
 **What the scan gets.** Every image of the series becomes one exposure, ``index`` = the image
-number (0-based), in arrival order; ``timestamp`` is the v2 ``series_date`` + ``start_time``, or
-for v1 (whose ``start_time`` counts from the series start) the time of receipt; ``metadata``
-holds ``source`` (``"tcp://host:port series 3 image 17"``), the protocol, series and image
-numbers, encoding, pixel type, exposure times and the receipt time, as text. An image that
+number (0-based), in arrival order; ``timestamp`` is when the detector says the exposure began:
+the v2 ``series_date`` + ``start_time``, or the v1 header's ``data_collection_date`` + the
+image's ``start_time`` (which counts from the series start; :func:`v1_acquired_at`), else the
+time the image was taken from the socket, which ``received_at`` holds in any case;
+``metadata`` holds ``source`` (``"tcp://host:port series 3 image 17"``), the protocol, series
+and image numbers, encoding, pixel type and exposure times, as text. An image that
 cannot be decoded (malformed part, unknown pixel type or encoding, wrong number of parts, size
 mismatch, no series header yet) still becomes an exposure with ``frame=None`` and ``error``
 saying why. Messages that name no image
@@ -467,7 +469,8 @@ class SeriesHeader:
         pixel_mask: the detector's pixel mask (rows, columns) when sent (v1 ``all``, v2).
         flatfield: the flatfield (rows, columns) when sent.
         countrate_table: the count-rate correction table when sent.
-        series_date: v2 ``arm_date`` as seconds since the epoch, else ``None``.
+        series_date: when the series began, seconds since the epoch: v2 ``arm_date``, v1 the
+            configuration's ``data_collection_date``; else ``None``.
         problems: what was wrong with the header (the series is still taken).
     """
 
@@ -497,7 +500,8 @@ class StreamMessage:
         frame: the decoded image (rows, columns), or ``None`` when it could not be decoded.
         error: why an image could not be decoded, else ``None``.
         metadata: per-image facts as text (encoding, pixel type, exposure times, ...).
-        acquired_at: acquisition start, seconds since the epoch, where the message says (v2).
+        acquired_at: acquisition start, seconds since the epoch, where the message says (v2;
+            v1 images need their series header: :func:`v1_acquired_at`).
         header: the series header, for headers.
         problems: defects of a header or end message that did not stop it from counting.
     """
@@ -571,6 +575,7 @@ def _v1_header(parts: Sequence[Any], first: dict[str, Any]) -> StreamMessage:
         try:
             header.config = _json_part(_bytes_of(parts[1]), "detector configuration part")
             header.n_images = _v1_expected_images(header.config)
+            header.series_date = _epoch_seconds(header.config.get("data_collection_date"))
         except FormatError as error:
             header.problems.append(str(error))
     if detail == "all":
@@ -738,6 +743,39 @@ def _decode_v2_array(value: Any, what: str = "array") -> np.ndarray:
     order = "F" if value.tag == MULTI_DIM_COLUMN_MAJOR_TAG else "C"
     array = np.frombuffer(raw, dtype).reshape(tuple(dims), order=order)
     return _writable(np.ascontiguousarray(array, dtype.newbyteorder("=")))
+
+
+#: A v1 ``start_time`` past this many seconds is since the epoch, not since the series start
+#: (ALBA's eiger-simulator sends those): 1e9 s is 2001-09-09, 31 years into a series.
+_EPOCH_LIKE_S = 1e9
+
+
+def v1_acquired_at(start_time_ns: str | None, header: SeriesHeader | None) -> float | None:
+    """When a v1 image's exposure began, seconds since the epoch: its ``dconfig-1.0``
+    ``start_time`` (ns, as the image's metadata holds it) from the series start, the header's
+    ``data_collection_date``; a start time past 2001 (:data:`_EPOCH_LIKE_S`) is taken as
+    since the epoch. ``None`` when neither applies (then the time the image was taken from
+    the socket stands in).
+
+    >>> header = SeriesHeader(series_id=1, protocol="v1", series_date=1_700_000_000.0)
+    >>> v1_acquired_at("2500000000", header)
+    1700000002.5
+    >>> v1_acquired_at("1700000000500000000", None)
+    1700000000.5
+    >>> v1_acquired_at("2500000000", None) is None
+    True
+    """
+    try:
+        start_s = int(start_time_ns) / 1e9 if start_time_ns is not None else None
+    except ValueError:
+        return None
+    if start_s is None:
+        return None
+    if start_s > _EPOCH_LIKE_S:
+        return start_s
+    if header is not None and header.series_date is not None:
+        return header.series_date + start_s
+    return None
 
 
 def _epoch_seconds(value: Any) -> float | None:
@@ -1342,9 +1380,11 @@ class DectrisStream:
             "protocol": f"SIMPLON stream {message.protocol}",
             "series_id": str(series),
             "image_number": str(number),
-            "received_at": f"{received_at:.6f}",
             **message.metadata,
         }
+        acquired_at = message.acquired_at
+        if acquired_at is None and message.protocol == "v1":
+            acquired_at = v1_acquired_at(message.metadata.get("start_time_ns"), self.header)
         frame, error = message.frame, message.error
         if self.header is None:
             metadata["header_missing"] = "true"
@@ -1358,7 +1398,8 @@ class DectrisStream:
         return Exposure(
             scan_id=self._scan_id(series),
             index=number,
-            timestamp=message.acquired_at if message.acquired_at is not None else received_at,
+            timestamp=acquired_at if acquired_at is not None else received_at,
+            received_at=received_at,
             frame=frame,
             metadata=metadata,
             error=error,

@@ -16,7 +16,9 @@ NXcanSAS by pynxtools' validator)::
       instrument/                NXinstrument, canSAS_class SASinstrument
         geometry/poni            NXcollection: the PONI file text
       exposures/                 (no NeXus class) one row per exposure in arrival order
-        index, timestamp, status ("ok" | "failed"), error (text, empty when ok), written_time
+        index, timestamp (acquisition: the detector's time where it says), received_time
+        (taken from a live source; NaN for archived frames), status ("ok" | "failed"), error
+        (text, empty when ok), written_time
         source                   where the frame came from (file and frame, stream and series)
         frame_id                 the frame's identity, KEY:FRAME:SIZE:MTIME_NS (its file's real
                                  path digest, frame within it, the file's size and mtime;
@@ -117,6 +119,8 @@ class ExposureResult:
     index: int
     timestamp: float
     status: str = "ok"
+    #: when the pipeline took the frame from a live source, s since the epoch (NaN: archived)
+    received_time: float = np.nan
     error: str = ""
     source: str = ""
     #: the frame's identity (:mod:`pipeline.sources.identity`), empty for frames of no file
@@ -264,6 +268,7 @@ class ResultsWriter:
         self._datasets = {
             "index": growing(exposures, "index", (), np.int64, -1),
             "timestamp": growing(exposures, "timestamp", (), np.float64),
+            "received_time": growing(exposures, "received_time", (), np.float64),
             "written_time": growing(exposures, "written_time", (), np.float64),
             **{
                 name: growing(exposures, name, (), f"S{length}", b"")
@@ -304,6 +309,7 @@ class ResultsWriter:
         self._datasets["counts"].attrs["units"] = "counts"
         self._datasets["counts_sd"].attrs["units"] = "counts"
         self._datasets["timestamp"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
+        self._datasets["received_time"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
         self._datasets["written_time"].attrs["units"] = "s since 1970-01-01T00:00:00Z"
         for name in ("samples", "mean", "sd", "quantiles", "truth"):
             self._datasets[name].attrs["parameter_names"] = list(parameter_names)
@@ -490,6 +496,7 @@ def _chunk_rows(shape: tuple, dtype, chunk_bytes: int) -> int:
 ROW_COLUMNS = (
     "index",
     "timestamp",
+    "received_time",
     "status",
     "error",
     "source",
@@ -572,6 +579,7 @@ _ROW_DATASETS = {
         for name in (
             "index",
             "timestamp",
+            "received_time",
             "written_time",
             "status",
             "error",
@@ -599,7 +607,9 @@ _ROW_DATASETS = {
 
 
 #: Per-exposure datasets that files of earlier versions lack (read as empty there).
-_ADDED_LATER = frozenset({"exposures/frame_id", "exposures/processing_key"})
+_ADDED_LATER = frozenset(
+    {"exposures/frame_id", "exposures/processing_key", "exposures/received_time"}
+)
 #: Per-exposure datasets renamed since: their path in files of earlier versions.
 _FORMER_PATHS = {"posterior/width_mode_fractions": "posterior/width_mode_weights"}
 
@@ -791,6 +801,9 @@ class Results:
     q_nm: np.ndarray
     index: np.ndarray
     timestamp: np.ndarray
+    #: when the pipeline took each frame from a live source (NaN: archived, or a file of an
+    #: earlier version)
+    received_time: np.ndarray
     status: np.ndarray
     error: np.ndarray
     source: np.ndarray
@@ -836,6 +849,11 @@ def open_results(path: Path) -> Results:
             q_nm=entry["line_out/q_nm"][()],
             index=rows("exposures/index"),
             timestamp=rows("exposures/timestamp"),
+            received_time=(
+                rows("exposures/received_time")
+                if "exposures/received_time" in entry
+                else np.full(order.size, np.nan)
+            ),
             status=np.array([s.decode(errors="replace") for s in rows("exposures/status")]),
             error=np.array([s.decode(errors="replace") for s in rows("exposures/error")]),
             source=np.array([s.decode(errors="replace") for s in rows("exposures/source")]),
