@@ -320,3 +320,19 @@ def pytest_sessionfinish(session) -> None:
         from reliability_report import write_report
 
         write_report(Path(path), _RELIABILITY_RECORDS, _RELIABILITY_OUTCOMES)
+
+
+def nexus_validation_problems(path: Path) -> list[str]:
+    """What pynxtools' validator (``pynx validate``, as a user runs it) reports against a
+    NeXus file: its warning and error lines, and its verdict when that is not "valid"."""
+    validator = Path(sys.executable).with_name("pynx")
+    report = subprocess.run(
+        [str(validator), "validate", str(path)], capture_output=True, text=True, timeout=600
+    )
+    lines = (report.stdout + report.stderr).splitlines()
+    problems = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    if not lines or not lines[-1].endswith(
+        "is valid according to the `NXcanSAS` application definition."
+    ):
+        problems.append(lines[-1] if lines else f"no verdict (exit code {report.returncode})")
+    return problems

@@ -29,7 +29,13 @@ from prefect.events.filters import EventFilter, EventNameFilter
 
 from flows.cli import main
 from flows.deployments import load_deployments
-from flows.monitor import EVENT_FAILED, EVENT_FLAGGED, MonitorIntervals, ScanMonitor
+from flows.monitor import (
+    EVENT_FAILED,
+    EVENT_FLAGGED,
+    EVENT_WRITER_RESTARTED,
+    MonitorIntervals,
+    ScanMonitor,
+)
 from flows.reprocess import (
     DaskCluster,
     ScanNotSettled,
@@ -43,7 +49,7 @@ from pipeline.integration import DEFAULT_PONI
 from pipeline.physics import PARAMETER_NAMES
 from pipeline.sources import ArchivedScan, SimulatedDetector, find_scans
 from pipeline.store import ExposureResult, ResultsWriter, open_results, read_completion
-from workers.scan import RecentResult
+from workers.scan import RecentResult, WriterRestarted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +105,8 @@ def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harne
                     result = RecentResult(index, "ok", 0.02, quantiles=quantiles, predictive_z=z)
                 monitor.record(result)
                 monitor.update(index + 1, 40)
+                if index == 20:
+                    monitor.writer_restarted(WriterRestarted(-9, 1, 12, 3))
                 time.sleep(0.01)
             monitor.finish("# done")
         from prefect.runtime import flow_run
@@ -121,12 +129,16 @@ def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harne
     deadline = time.monotonic() + 30  # events reach the API asynchronously
     while time.monotonic() < deadline:
         flagged, failed = _events(EVENT_FLAGGED, "mon"), _events(EVENT_FAILED, "mon")
-        if sum(e.payload["count"] for e in failed) == 4 and flagged:
+        restarts = _events(EVENT_WRITER_RESTARTED, "mon")
+        if sum(e.payload["count"] for e in failed) == 4 and flagged and restarts:
             break
         time.sleep(0.5)
     assert sorted(i for e in flagged for i in e.payload["exposures"]) == [3, 4]
     assert sorted(i for e in failed for i in e.payload["exposures"]) == [9, 19, 29, 39]
     assert any(r.id == f"prefect.flow-run.{run_id}" for r in failed[0].related)
+    (restarted,) = restarts
+    assert restarted.payload["exit_code"] == -9 and restarted.payload["resent"] == 12
+    assert "started again on the file (1 of at most 3)" in restarted.payload["message"]
 
 
 def test_monitor_goes_on_when_the_prefect_api_fails(

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import nexus_validation_problems
 
 from pipeline.config import CPU_MAX_BATCH, InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure, LineOut
@@ -552,6 +553,7 @@ def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, r
     with h5py.File(config.output_path) as handle:
         groups = sum(name.startswith("sasdata_") for name in handle["entry"])
     assert groups == 1000 - len(unreadable)
+    assert nexus_validation_problems(config.output_path) == []
     log = (tmp_path / "logs" / "writer-killed" / "writer.log").read_text()
     assert log.count("started again by the feeder on the file") == 2
 

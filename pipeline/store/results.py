@@ -838,6 +838,8 @@ def open_results(path: Path) -> Results:
         written = np.flatnonzero(index >= 0)
         order = written[np.argsort(index[written], kind="stable")]
         samples = entry["posterior/samples"]
+        fractions = _row_dataset(entry, "width_mode_weights")
+        assert fractions is not None  # _complete_rows found every per-exposure dataset
 
         def rows(name: str) -> np.ndarray:
             return entry[name][:n][order]
@@ -866,7 +868,7 @@ def open_results(path: Path) -> Results:
             quantiles=rows("posterior/quantiles"),
             predictive_z=rows("posterior/predictive_z"),
             flagged=rows("posterior/flagged").astype(bool),
-            width_mode_weights=_row_dataset(entry, "width_mode_weights")[:n][order],
+            width_mode_weights=fractions[:n][order],
             config_json=entry["config"][()].decode(),
             model_card=json.loads(entry["model_card"][()].decode()),
         )
