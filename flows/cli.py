@@ -874,6 +874,7 @@ def _scan_error() -> type[Exception]:
 
 #: After "stopped on Ctrl-C ..." or "the scan stopped": how to finish the work, by command.
 _AFTER_CTRL_C = {
+    "demo": "; a demo is not resumed: run it again",
     "reprocess": "; resume with --resume",
     "reprocess-scans": "; run it again to resume the unfinished scans",
     "online": "; reprocess the saved frames with --resume to complete it",
@@ -941,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         after = _AFTER_CTRL_C.get(args.command, "")
         print(f"beamline-inn {args.command}: the scan stopped: {error}", file=sys.stderr)
         print(
-            f"beamline-inn {args.command}: every exposure acknowledged is in the results "
-            f"file{after}",
+            f"beamline-inn {args.command}: the exposures acknowledged before it stopped were "
+            f"written to the results file (unless the reason above is the file itself){after}",
             file=sys.stderr,
         )
         return SCAN_STOPPED
