@@ -121,10 +121,11 @@ SASDATA_ATTRIBUTES = {
 _BLOCK_ROWS = 1024
 
 
-def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> int:
+def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
     """Add to a results file's ``entry`` (open for writing: the writer's own handle, in SWMR
-    mode or not) one NXcanSAS ``SASdata`` group per exposure among its first ``n_rows``
-    rows that has a line-out and no group yet; return how many were added.
+    mode or not; a new or resumed file, which holds none yet) one NXcanSAS ``SASdata`` group
+    per exposure among its first ``n_rows`` rows that has a line-out, and make the first
+    (lowest index) the entry's ``default``: a SASentry's default plot is one of its SASdata.
 
     ``sasdata_NNNNNN`` (NNNNNN: the exposure index) holds ``I`` and ``Idev``, plain copies of
     the exposure's row of ``line_out/I`` and ``line_out/Idev`` (every reader opens them;
@@ -146,16 +147,12 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> int:
     links = {"Q": line_out["q_nm"], "I_mask": line_out["I_mask"]}
     if "Qdev" in line_out:
         links["Qdev"] = line_out["Qdev"]
-    added = 0
     for start in range(0, len(rows), _BLOCK_ROWS):
         block = rows[start : start + _BLOCK_ROWS]
         first, end = int(block.min()), int(block.max()) + 1
         curves = {field: line_out[field][first:end] for field in ("I", "Idev")}
         for row in block:
-            name = f"sasdata_{index[row]:06d}"
-            if name in entry:
-                continue
-            group = entry.create_group(name)
+            group = entry.create_group(f"sasdata_{index[row]:06d}")
             for key, value in SASDATA_ATTRIBUTES.items():
                 text.write(group.id, key, value)
             q_indices = h5py.h5a.create(group.id, b"Q_indices", h5py.h5t.STD_I64LE, scalar)
@@ -169,8 +166,8 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> int:
                 if field == "I":
                     text.write(dataset, "uncertainties", "Idev")
             group["I_errors"] = group["Idev"]
-            added += 1
-    return added
+    if rows.size:
+        entry.attrs.modify("default", f"sasdata_{index[rows[0]]:06d}")
 
 
 class _TextAttributes:

@@ -451,9 +451,6 @@ class ResultsWriter:
         entry = self.file["entry"]
         try:
             add_sasdata_groups(entry, self.n_rows)
-            curves = sorted(name for name in entry if name.startswith("sasdata_"))
-            if curves:  # a SASentry's default plot is one of its SASdata groups
-                entry.attrs.modify("default", curves[0])
             if n_exposures is not None and n_exposures == self.n_rows:
                 entry.attrs.modify("complete", True)
                 entry.attrs.modify("n_exposures", n_exposures)
