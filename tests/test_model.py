@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,10 @@ from pipeline.model import Architecture, ModelFileError, PosteriorModel, load, r
 from pipeline.model.cinn import ConditionalINN
 from pipeline.model.train import TrainingConfig, train
 from pipeline.model.validation import simulation_diagnostics
+from pipeline.instrument import PriorRanges, default_instrument, load_instrument
 from pipeline.physics import PARAMETER_NAMES, GratingPrior, simulate
+
+PILATUS = Path(__file__).parents[1] / "pipeline" / "data" / "pilatus1m-5m-sector.instrument.json"
 
 TINY = Architecture(n_blocks=2, hidden=16, condition_dim=8, condition_hidden=32)
 
@@ -145,8 +149,42 @@ def test_both_width_solutions_get_half_of_the_draws(shipped):
 
 
 def test_a_duty_prior_that_is_not_symmetric_is_refused():
+    lopsided = default_instrument().model_copy(update={"prior": PriorRanges(duty=(0.1, 0.8))})
     with pytest.raises(ValueError, match="symmetric"):
-        PosteriorModel(TINY, GratingPrior(duty=(0.1, 0.8)))
+        PosteriorModel(TINY, lopsided)
+
+
+def test_masked_bins_are_ignored_whatever_they_hold(tmp_path):
+    """A model of an instrument with a module gap: NaN, zeros or huge counts in the masked
+    bins give the same draws; the card records the instrument and its hash, and a load
+    gives the model back with it."""
+    instrument = load_instrument(PILATUS)
+    model = PosteriorModel(TINY, instrument).eval()
+    _, counts = instrument.simulate(3, np.random.default_rng(0))
+    assert np.isnan(counts[:, list(instrument.masked_bins)]).all()
+    draws = model.sample(counts, 20, seed=1)
+    for fill in (0.0, 1e6):
+        filled = counts.copy()
+        filled[:, list(instrument.masked_bins)] = fill
+        np.testing.assert_array_equal(model.sample(filled, 20, seed=1), draws)
+    with pytest.raises(ValueError, match="observed bins"):
+        bad = counts.copy()
+        bad[0, 0] = np.nan
+        model.sample(bad, 20)
+    with pytest.raises(ValueError, match="384"):
+        model.sample(np.ones((1, 512)), 20)
+    path = save(model, tmp_path / "pilatus")
+    card = read_card(path)
+    assert card["instrument_sha256"] == instrument.sha256()
+    loaded = load(path, device="cpu")
+    assert loaded.instrument == instrument
+    np.testing.assert_array_equal(loaded.sample(counts, 20, seed=1), draws)
+
+
+def test_bundled_models_are_found_by_name():
+    assert load().instrument.name == "default"
+    with pytest.raises(ModelFileError, match="bundled models: default, pilatus1m-5m-sector"):
+        load("no-such-model")
 
 
 def test_an_unknown_flow_is_refused():

@@ -2,11 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.orders import MAX_PITCH_ERROR_NM, N_FEATURES, read_orders
+from pipeline.instrument import default_instrument
+from pipeline.model.orders import ReadoutGeometry, read_orders
 from pipeline.model.posterior import ParameterTransform
 from pipeline.physics import GratingPrior, QGrid, expected_counts, simulate
 
 GRID = QGrid()
+INSTRUMENT = default_instrument()
+READOUT = ReadoutGeometry.of(INSTRUMENT)
 
 
 @pytest.mark.parametrize("pitch", [104.0, 171.3, 233.0, 296.5])
@@ -14,16 +17,16 @@ GRID = QGrid()
 def test_pitch_is_recovered_from_a_start_a_few_nm_off(pitch, start_offset):
     theta = np.array([[pitch, 0.37 * pitch, 4.0, 1e5, 1.0]])
     counts = torch.tensor(expected_counts(theta, GRID)).float()
-    read = read_orders(counts, torch.tensor([pitch + start_offset]), GRID)
+    read = read_orders(counts, torch.tensor([pitch + start_offset]), INSTRUMENT)
     assert read.pitch_nm[0].item() == pytest.approx(pitch, abs=0.01)
     assert 0 < read.pitch_error_nm[0].item() < 0.05
-    assert read.features.shape == (1, N_FEATURES)
+    assert read.features.shape == (1, READOUT.n_features)
 
 
 def test_refined_pitch_errors_match_the_noise():
     theta, counts = simulate(400, np.random.default_rng(11))
     start = theta[:, 0] + np.random.default_rng(12).normal(0.0, 1.5, len(theta))
-    read = read_orders(torch.tensor(counts).float(), torch.tensor(start).float(), GRID)
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(start).float(), INSTRUMENT)
     error = np.abs(read.pitch_nm.numpy() - theta[:, 0])
     bright = theta[:, 3] > 1e5
     assert np.median(error) < 0.05 and np.median(error[bright]) < 0.015
@@ -32,9 +35,9 @@ def test_refined_pitch_errors_match_the_noise():
 
 def test_a_line_out_without_peaks_keeps_the_guess_with_a_wide_error():
     counts = torch.full((1, GRID.n_points), 3.0)
-    read = read_orders(counts, torch.tensor([180.0]), GRID)
+    read = read_orders(counts, torch.tensor([180.0]), INSTRUMENT)
     assert read.pitch_nm.item() == 180.0
-    assert read.pitch_error_nm.item() == MAX_PITCH_ERROR_NM
+    assert read.pitch_error_nm.item() == READOUT.max_pitch_error_nm
     assert torch.isfinite(read.features).all()
 
 
@@ -43,7 +46,7 @@ def test_centred_coordinates_round_trip_on_both_width_solutions(centred_nuisance
     transform = ParameterTransform(GratingPrior(), centred_nuisances)
     theta, counts = simulate(64, np.random.default_rng(0))
     theta = torch.tensor(theta).float()
-    read = read_orders(torch.tensor(counts).float(), theta[:, 0] + 1.0, GRID)
+    read = read_orders(torch.tensor(counts).float(), theta[:, 0] + 1.0, INSTRUMENT)
     mirrored = theta.clone()
     mirrored[:, 1] = theta[:, 0] - theta[:, 1]  # the other solution of the phase problem
     u = transform.to_network(theta, read)
@@ -59,7 +62,7 @@ def test_centred_coordinates_round_trip_on_both_width_solutions(centred_nuisance
 
 def test_nuisances_are_read_off_the_background_between_orders():
     theta, counts = simulate(2000, np.random.default_rng(5))
-    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), GRID)
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), INSTRUMENT)
     for truth, estimate, error in (
         (np.log10(theta[:, 3]), read.log10_n_photons, read.log10_n_photons_error),
         (theta[:, 4], read.background, read.background_error),
@@ -77,7 +80,7 @@ def test_nuisances_are_read_off_the_background_between_orders():
 
 def test_duty_and_roughness_are_read_off_the_order_intensities():
     theta, counts = simulate(400, np.random.default_rng(21))
-    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), GRID)
+    read = read_orders(torch.tensor(counts).float(), torch.tensor(theta[:, 0]).float(), INSTRUMENT)
     duty = theta[:, 1] / theta[:, 0]
     narrow = np.minimum(duty, 1.0 - duty)
     assert np.median(np.abs(read.duty.numpy() - narrow)) < 0.005

@@ -43,8 +43,9 @@ import dataclasses
 import torch
 
 from pipeline.model.cinn import ConditionalINN
+from pipeline.instrument import Instrument, default_instrument
 from pipeline.model.posterior import Architecture, CountsSampler, ParameterTransform
-from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGrid
+from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 
 #: Neighbouring bins averaged into one line-out feature.
 POOL_BINS = 8
@@ -90,16 +91,17 @@ class BidirectionalINN(CountsSampler):
     def __init__(
         self,
         architecture: Architecture = Architecture(objective="bidirectional"),
-        prior: GratingPrior = GratingPrior(),
-        grid: QGrid = QGrid(),
+        instrument: Instrument | None = None,
     ) -> None:
         super().__init__()
+        instrument = instrument or default_instrument()
+        grid = instrument.grid
         if grid.n_points % POOL_BINS:
             raise ValueError(f"the grid's {grid.n_points} bins do not pool by {POOL_BINS}")
         self.architecture = architecture
-        self.prior = prior
-        self.grid = grid
-        self.transform = ParameterTransform(prior)
+        self.instrument = instrument
+        self.register_buffer("observed", torch.from_numpy(instrument.observed), persistent=False)
+        self.transform = ParameterTransform(instrument.grating_prior)
         self.dim_x = len(PARAMETER_NAMES)
         self.dim_y = grid.n_points // POOL_BINS + 1
         self.dim_z = self.dim_x
@@ -135,7 +137,7 @@ class BidirectionalINN(CountsSampler):
         """The weighted terms ``y``, ``z``, ``x``, ``padding`` of the objective on a batch."""
         w_y, w_z, w_x, w_pad = LOSS_WEIGHTS
         x = self.transform.to_logits(theta)
-        y = line_out_features(counts)
+        y = line_out_features(torch.where(self.observed, counts, 0.0))
         out = self(x)
         y_hat, z = out[:, : self.dim_y], out[:, self.dim_y :]
         loss_y = (y_hat - y).square().sum(-1).mean()
@@ -167,7 +169,8 @@ class BidirectionalINN(CountsSampler):
         self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
-        y = line_out_features(counts).repeat_interleave(n_samples, dim=0)
+        y = line_out_features(torch.where(self.observed, counts, 0.0))
+        y = y.repeat_interleave(n_samples, dim=0)
         z = torch.randn(y.shape[0], self.dim_z, generator=generator, device=counts.device)
         x = self.inverse(y, z)[:, : self.dim_x]
         return self.transform.from_logits(x).reshape(counts.shape[0], n_samples, -1)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pipeline.model.bidirectional import BidirectionalINN
 from pipeline.model.posterior import Architecture, PosteriorModel
-from pipeline.physics import GratingPrior, QGrid
+from pipeline.instrument import Instrument
 
 #: Objectives :func:`build_model` knows, as in ``Architecture.objective``.
 OBJECTIVES = ("maximum-likelihood", "bidirectional")
 
 
 def build_model(
-    architecture: Architecture, prior: GratingPrior = GratingPrior(), grid: QGrid = QGrid()
+    architecture: Architecture, instrument: Instrument | None = None
 ) -> PosteriorModel | BidirectionalINN:
-    """A freshly initialised model of ``architecture.objective``."""
+    """A freshly initialised model of ``architecture.objective`` for ``instrument`` (the
+    default one when ``None``)."""
     if architecture.objective == "maximum-likelihood":
-        return PosteriorModel(architecture, prior, grid)
+        return PosteriorModel(architecture, instrument)
     if architecture.objective == "bidirectional":
-        return BidirectionalINN(architecture, prior, grid)
+        return BidirectionalINN(architecture, instrument)
     raise ValueError(f"unknown objective {architecture.objective!r}: one of {OBJECTIVES}")

@@ -1,8 +1,13 @@
 """Model files: weights as safetensors (plain tensors, no pickle) beside a JSON model card.
 
-``NAME.safetensors`` holds the weights; ``NAME.json`` the card: architecture, physics model,
-prior, q grid, training budget, measured diagnostics and the SHA-256 of the weights file.
-:func:`load` refuses a weights file whose hash differs from its card.
+``NAME.safetensors`` holds the weights; ``NAME.json`` the card: the instrument (and its
+SHA-256), architecture, physics model, prior, q grid, training budget, measured diagnostics
+and the SHA-256 of the weights file. :func:`load` refuses a weights file whose hash differs
+from its card.
+
+Models are named by a file or by the name of a bundled model (:data:`BUNDLED_MODELS`):
+``default`` (DESIGN.md's instrument) and ``pilatus1m-5m-sector``. The instrument of each
+bundled model is also written beside it as ``NAME.instrument.json``.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.instrument import Instrument, PriorRanges, default_instrument
 from pipeline.model.bidirectional import BidirectionalINN
 from pipeline.model.build import build_model
 from pipeline.model.posterior import Architecture, PosteriorModel
-from pipeline.physics import GratingPrior, QGrid
 
 FORMAT = "beamline-inn-cinn"
 FORMAT_VERSION = 1
-#: The model shipped in the package, trained by ``beamline-inn train``.
-DEFAULT_MODEL = Path(str(files("pipeline") / "data" / "grating-cinn.safetensors"))
+_DATA = Path(str(files("pipeline") / "data"))
+#: The model shipped in the package for the default instrument, trained by ``beamline-inn train``.
+DEFAULT_MODEL = _DATA / "grating-cinn.safetensors"
+#: Models shipped in the package, by name.
+BUNDLED_MODELS: dict[str, Path] = {
+    "default": DEFAULT_MODEL,
+    "pilatus1m-5m-sector": _DATA / "pilatus1m-5m-sector.safetensors",
+}
 
 
 #: Architecture fields added after the first model files, at the values those files were
@@ -55,6 +66,79 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def resolve_model(model: Path | str | None = None) -> Path:
+    """The weights file of ``model``: a file, the name of a bundled model, or ``None`` for
+    the default; :class:`ModelFileError` for a name that is neither.
+
+    >>> resolve_model("pilatus1m-5m-sector").name
+    'pilatus1m-5m-sector.safetensors'
+    """
+    if model is None:
+        return DEFAULT_MODEL
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return BUNDLED_MODELS[str(model)]
+    return Path(model)
+
+
+def model_for_instrument(instrument: Instrument, model: Path | str | None = None) -> Path:
+    """The weights file of ``model`` (default: the bundled model for ``instrument``, else
+    ``NAME.safetensors`` in the working folder, as ``beamline-inn train --instrument``
+    writes it), once its card says it was trained for ``instrument``; :class:`ModelFileError`
+    otherwise.
+
+    >>> from pipeline.instrument import default_instrument
+    >>> model_for_instrument(default_instrument()).name
+    'grating-cinn.safetensors'
+    """
+    if model is None:
+        bundled = [
+            path
+            for path in BUNDLED_MODELS.values()
+            if card_path(path).is_file()
+            and card_instrument(json.loads(card_path(path).read_text())) == instrument
+        ]
+        path = bundled[0] if bundled else Path(f"{instrument.name}.safetensors")
+    else:
+        path = resolve_model(model)
+    trained_for = card_instrument(read_card(path))
+    if trained_for.sha256() != instrument.sha256():
+        raise ModelFileError(
+            f"the model {path} was trained for the instrument {trained_for.name!r} "
+            f"(SHA-256 {trained_for.sha256()[:12]}), not for {instrument.name!r} "
+            f"({instrument.sha256()[:12]})"
+        )
+    return path
+
+
+def model_name(card: dict[str, Any]) -> str:
+    """The name a model goes by in messages: its card's ``name``, else its instrument's."""
+    return str(card.get("name") or card_instrument(card).name)
+
+
+def card_instrument(card: dict[str, Any]) -> Instrument:
+    """The instrument a model card describes (cards from before instruments: the default
+    instrument where grid and prior are the default's, else one with uniform background
+    weights and unknown pixel counts)."""
+    if "instrument" in card:
+        return Instrument.model_validate(card["instrument"])
+    default = default_instrument()
+    grid = card["physics"]["grid"]
+    prior = {k: tuple(v) for k, v in card["prior"].items() if isinstance(v, list)}
+    if default.prior == PriorRanges(**prior) and all(
+        getattr(default, key) == value for key, value in grid.items()
+    ):
+        return default
+    return Instrument(
+        name="legacy",
+        description="a model card from before instruments",
+        **grid,
+        azimuth_range_deg=None,
+        pixels_per_bin=(0,) * grid["n_points"],
+        background_weights=(1.0,) * grid["n_points"],
+        prior=PriorRanges(**prior),
+    )
+
+
 def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> Path:
     """Write ``path`` (.safetensors) and its card; extra keyword arguments go into the card."""
     path = Path(path).with_suffix(".safetensors")
@@ -67,6 +151,8 @@ def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> P
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": model.architecture_dict(),
+        "instrument": model.instrument.model_dump(mode="json"),
+        "instrument_sha256": model.instrument.sha256(),
         "physics": {"model": "grating-peaks", "grid": dataclasses.asdict(model.grid)},
         "prior": dataclasses.asdict(model.prior),
         "parameter_names": list(model.parameter_names),
@@ -81,8 +167,9 @@ def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> P
 
 
 def read_card(path: Path | None = None) -> dict[str, Any]:
-    """The model card of ``path`` (the shipped model when ``None``), without loading weights."""
-    weights = Path(path) if path is not None else DEFAULT_MODEL
+    """The model card of ``path`` (a file or a bundled model's name; the default model when
+    ``None``), without loading weights."""
+    weights = resolve_model(path)
     card_file = card_path(weights)
     if not card_file.is_file():
         raise ModelFileError(
@@ -96,16 +183,18 @@ def read_card(path: Path | None = None) -> dict[str, Any]:
 
 
 def check_model_file(path: Path | None = None) -> dict[str, Any]:
-    """The card of the model file ``path`` (the shipped one when ``None``) once its card and
-    weights are found and the weights match the card's SHA-256; :class:`ModelFileError`
-    saying which is not so. Nothing is loaded.
+    """The card of the model file ``path`` (a file or a bundled model's name; the default
+    model when ``None``) once its card and weights are found and the weights match the
+    card's SHA-256; :class:`ModelFileError` saying which is not so. Nothing is loaded.
 
     >>> check_model_file()["weights_file"]
     'grating-cinn.safetensors'
     """
-    weights = Path(path) if path is not None else DEFAULT_MODEL
+    weights = resolve_model(path)
     if not weights.exists():
-        raise ModelFileError(f"model file not found: {weights}")
+        raise ModelFileError(
+            f"model file not found: {weights} (bundled models: {', '.join(BUNDLED_MODELS)})"
+        )
     if not weights.is_file():
         raise ModelFileError(f"model file {weights} is not a file")
     card = read_card(weights)
@@ -123,24 +212,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load(path: Path | None = None, device: str = "auto") -> PosteriorModel | BidirectionalINN:
-    """Load a model file (the shipped one when ``None``) for inference.
+def load(
+    path: Path | str | None = None, device: str = "auto"
+) -> PosteriorModel | BidirectionalINN:
+    """Load a model for inference: a file, a bundled model's name (:data:`BUNDLED_MODELS`),
+    or the default model when ``None``.
 
     The weights' SHA-256 must match the card; no pickled code is ever executed.
 
     Example:
         >>> model = load()
-        >>> model.parameter_names[:3]
-        ('pitch_nm', 'width_nm', 'sigma_nm')
+        >>> model.parameter_names[:3], model.instrument.name
+        (('pitch_nm', 'width_nm', 'sigma_nm'), 'default')
     """
-    weights = Path(path) if path is not None else DEFAULT_MODEL
+    weights = resolve_model(path)
     card = check_model_file(weights)
     model = build_model(
-        Architecture(**{**LEGACY_ARCHITECTURE, **card["architecture"]}),
-        GratingPrior(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in card["prior"].items()}
-        ),
-        QGrid(**card["physics"]["grid"]),
+        Architecture(**{**LEGACY_ARCHITECTURE, **card["architecture"]}), card_instrument(card)
     )
     try:
         state = load_file(str(weights))

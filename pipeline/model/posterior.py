@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP, mlp
-from pipeline.model.orders import N_FEATURES, OrderReadout, read_orders
+from pipeline.instrument import Instrument, default_instrument
+from pipeline.model.orders import OrderReadout, ReadoutGeometry, read_orders
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGrid
 
 
@@ -246,35 +247,53 @@ class Encoding(NamedTuple):
 
 
 class LineOutEncoder(nn.Module):
-    """Counts (exposures, n_points) -> :class:`Encoding`; see the module docstring."""
+    """Counts (exposures, n_points) of an instrument -> :class:`Encoding`; see the module
+    docstring. The values of the instrument's masked bins are never used (they are zeroed)."""
 
-    def __init__(self, grid: QGrid, prior: GratingPrior, hidden: int, condition_dim: int) -> None:
+    def __init__(self, instrument: Instrument, hidden: int, condition_dim: int) -> None:
         super().__init__()
-        self.grid = grid
-        self.raw = ConditioningNet(grid.n_points, hidden, condition_dim)
+        self.geometry = ReadoutGeometry.of(instrument)
+        prior = instrument.prior
+        self.raw = ConditioningNet(instrument.n_points, hidden, condition_dim)
         self.pitch_head = nn.Linear(condition_dim, 1)
         nn.init.zeros_(self.pitch_head.weight)
         nn.init.zeros_(self.pitch_head.bias)
         self.pitch_centre = 0.5 * (prior.pitch_nm[0] + prior.pitch_nm[1])
         self.pitch_half_span = 0.5 * (prior.pitch_nm[1] - prior.pitch_nm[0])
-        self.merge = mlp(condition_dim + N_FEATURES, hidden, condition_dim, n_layers=2)
+        self.merge = mlp(
+            condition_dim + self.geometry.n_features, hidden, condition_dim, n_layers=2
+        )
 
     def forward(self, counts: torch.Tensor) -> Encoding:
+        observed, _ = self.geometry.tensors(counts.device)
+        counts = torch.where(observed, counts, 0.0)
         raw = self.raw(counts)
         guess = self.pitch_centre + self.pitch_half_span * self.pitch_head(raw)[:, 0]
         low, high = (
             self.pitch_centre - self.pitch_half_span,
             self.pitch_centre + self.pitch_half_span,
         )
-        orders = read_orders(counts, guess.detach().clamp(low, high), self.grid)
+        orders = read_orders(counts, guess.detach().clamp(low, high), self.geometry)
         condition = self.merge(torch.cat([raw, orders.features], dim=-1))
         return Encoding(condition, guess, orders)
 
 
 class CountsSampler(nn.Module, abc.ABC):
-    """``sample`` on numpy counts for models that implement ``sample_tensor``."""
+    """``sample`` on numpy counts for models that implement ``sample_tensor``, and what
+    every model knows of its instrument."""
 
-    grid: QGrid
+    #: the instrument the model is made for (its grid, prior, mask and background weights)
+    instrument: Instrument
+
+    @property
+    def grid(self) -> QGrid:
+        """The line-outs' q grid (the instrument's)."""
+        return self.instrument.grid
+
+    @property
+    def prior(self) -> GratingPrior:
+        """The prior the model was trained on (the instrument's)."""
+        return self.instrument.grating_prior
 
     @property
     def device(self) -> torch.device:
@@ -299,17 +318,21 @@ class CountsSampler(nn.Module, abc.ABC):
         self._draws = torch.compile(self._draws)  # type: ignore[method-assign]
 
     def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
-        """Posterior draws for a float array of counts (exposures, n_points).
+        """Posterior draws for a float array of counts (exposures, n_points) of the model's
+        instrument; the values of its masked bins are ignored, NaN included.
 
         Returns a float32 array (exposures, n_samples, parameters) in ``parameter_names`` order.
         """
         counts = np.asarray(counts, dtype=np.float32)
-        if counts.ndim != 2 or counts.shape[1] != self.grid.n_points:
+        if counts.ndim != 2 or counts.shape[1] != self.instrument.n_points:
             raise ValueError(
-                f"counts must have shape (exposures, {self.grid.n_points}), got {counts.shape}"
+                f"counts must have shape (exposures, {self.instrument.n_points}) for the "
+                f"instrument {self.instrument.name!r}, got {counts.shape}"
             )
-        if not np.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts must be finite and non-negative")
+        observed = self.instrument.observed
+        if not np.isfinite(counts[:, observed]).all() or (counts[:, observed] < 0).any():
+            raise ValueError("counts must be finite and non-negative in the observed bins")
+        counts = np.where(observed, counts, np.float32(0.0))
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -319,7 +342,8 @@ class CountsSampler(nn.Module, abc.ABC):
 
 
 class PosteriorModel(CountsSampler):
-    """q(parameters | line-out counts) for the grating model on a fixed q grid."""
+    """q(parameters | line-out counts) for the grating model on one instrument (the default
+    when ``instrument`` is ``None``)."""
 
     parameter_names: tuple[str, ...] = PARAMETER_NAMES
     parameter_units: tuple[str, ...] = PARAMETER_UNITS
@@ -327,12 +351,11 @@ class PosteriorModel(CountsSampler):
     PITCH_HEAD_WEIGHT = 0.1
 
     def __init__(
-        self,
-        architecture: Architecture = Architecture(),
-        prior: GratingPrior = GratingPrior(),
-        grid: QGrid = QGrid(),
+        self, architecture: Architecture = Architecture(), instrument: Instrument | None = None
     ) -> None:
         super().__init__()
+        instrument = instrument or default_instrument()
+        prior = instrument.prior
         if architecture.objective != "maximum-likelihood":
             raise ValueError(
                 f"PosteriorModel is trained by maximum likelihood, not {architecture.objective!r}"
@@ -343,11 +366,10 @@ class PosteriorModel(CountsSampler):
                 "draws the two width solutions w and p - w with equal probability"
             )
         self.architecture = architecture
-        self.prior = prior
-        self.grid = grid
-        self.transform = ParameterTransform(prior, architecture.centred_nuisances)
+        self.instrument = instrument
+        self.transform = ParameterTransform(instrument.grating_prior, architecture.centred_nuisances)
         self.encoder = LineOutEncoder(
-            grid, prior, architecture.condition_hidden, architecture.condition_dim
+            instrument, architecture.condition_hidden, architecture.condition_dim
         )
         if architecture.flow == "own":
             self.flow: nn.Module = ConditionalINN(

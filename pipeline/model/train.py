@@ -37,9 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.instrument import Instrument, default_instrument
 from pipeline.model.build import build_model
 from pipeline.model.posterior import Architecture
-from pipeline.physics import GratingPrior, QGrid, expected_counts
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,13 @@ class TrainingConfig:
 
 
 def simulate_batch(
-    n: int, prior: GratingPrior, grid: QGrid, rng: np.random.Generator, generator: torch.Generator
+    n: int, instrument: Instrument, rng: np.random.Generator, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` prior draws and Poisson counts as float32 tensors on ``generator``'s device."""
-    theta = torch.from_numpy(prior.sample(n, rng)).float().to(generator.device)
-    return theta, torch.poisson(expected_counts(theta, grid), generator=generator)
+    """``n`` prior draws and Poisson counts of ``instrument`` as float32 tensors on
+    ``generator``'s device (its masked bins hold counts too, which the models ignore)."""
+    theta = torch.from_numpy(instrument.grating_prior.sample(n, rng)).float()
+    theta = theta.to(generator.device)
+    return theta, torch.poisson(instrument.expected_counts(theta), generator=generator)
 
 
 STATE_TENSORS = "training-state.safetensors"
@@ -84,6 +86,7 @@ def _save_state(
     rng: np.random.Generator,
     generator: torch.Generator,
     history: dict,
+    instrument_sha256: str,
 ) -> None:
     """Write the whole training state; files are replaced atomically."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def _save_state(
         "param_groups": optimiser_state["param_groups"],
         "numpy_rng": rng.bit_generator.state,
         "history": history,
+        "instrument_sha256": instrument_sha256,
     }
     for name, write in (
         (STATE_TENSORS, lambda path: save_file(tensors, str(path))),
@@ -116,11 +120,14 @@ def _load_state(
     optimiser: torch.optim.Optimizer,
     rng: np.random.Generator,
     generator: torch.Generator,
+    instrument_sha256: str,
 ) -> tuple[int, dict]:
     """Restore a saved state into the given objects; return (step, history)."""
     meta = json.loads((directory / STATE_JSON).read_text())
     if meta["config"] != json.loads(json.dumps(dataclasses.asdict(config))):
         raise ValueError(f"{directory} holds the state of a run with another configuration")
+    if meta.get("instrument_sha256", default_instrument().sha256()) != instrument_sha256:
+        raise ValueError(f"{directory} holds the state of a run for another instrument")
     tensors = load_file(str(directory / STATE_TENSORS))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
@@ -142,6 +149,7 @@ def train(
     device: str = "cpu",
     model: torch.nn.Module | None = None,
     on_validation: Callable[[int, float, float], None] | None = None,
+    instrument: Instrument | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a model (resuming from ``checkpoint_dir`` when it holds a state of this
     configuration); return it on the CPU in eval mode with the loss history.
@@ -153,20 +161,21 @@ def train(
     on the same simulations this way); it needs ``training_loss(theta, counts, progress)``
     and ``validation_loss(theta, counts)``. ``on_validation(step, train_loss,
     validation_loss)`` is called at each validation (every ``validation_every`` steps), e.g.
-    to show progress in a flow.
+    to show progress in a flow. ``instrument`` (the default one when ``None``) gives the
+    grid, prior, masked bins and background weights of the simulations.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    prior, grid = GratingPrior(), QGrid()
+    instrument = instrument or default_instrument()
     if model is None:
-        model = build_model(config.architecture, prior, grid)
+        model = build_model(config.architecture, instrument)
     model = model.to(device)
 
     start = time.perf_counter()
-    val_theta, val_counts = simulate_batch(config.n_validation, prior, grid, rng, generator)
+    val_theta, val_counts = simulate_batch(config.n_validation, instrument, rng, generator)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     warmup = max(1, config.steps // 20)
 
@@ -176,7 +185,9 @@ def train(
     history: dict = {"step": [], "train_loss": [], "validation_loss": [], "wall_s": 0.0}
     first = 1
     if checkpoint_dir is not None and (Path(checkpoint_dir) / STATE_JSON).is_file():
-        done, history = _load_state(Path(checkpoint_dir), config, model, optimiser, rng, generator)
+        done, history = _load_state(
+            Path(checkpoint_dir), config, model, optimiser, rng, generator, instrument.sha256()
+        )
         first = done + 1
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor, last_epoch=first - 2)
     last = min(config.steps, stop_at_step or config.steps)
@@ -192,7 +203,7 @@ def train(
     wall_before = history["wall_s"]
     for step in bar:
         model.train()
-        theta, counts = simulate_batch(config.batch_size, prior, grid, rng, generator)
+        theta, counts = simulate_batch(config.batch_size, instrument, rng, generator)
         loss = model.training_loss(theta, counts, progress=step / config.steps)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,7 +225,15 @@ def train(
             history["wall_s"] = wall_before + time.perf_counter() - start
             history["running_train_loss"] = running
             _save_state(
-                Path(checkpoint_dir), config, step, model, optimiser, rng, generator, history
+                Path(checkpoint_dir),
+                config,
+                step,
+                model,
+                optimiser,
+                rng,
+                generator,
+                history,
+                instrument.sha256(),
             )
     model.cpu().eval()
     history["device"] = str(torch.device(device))
@@ -222,4 +241,5 @@ def train(
     history["n_simulations"] = config.n_simulations
     history["config"] = dataclasses.asdict(config)
     history["completed"] = last == config.steps
+    history["instrument_sha256"] = instrument.sha256()
     return model, history

@@ -41,7 +41,6 @@ from scipy import stats
 from scipy.spatial import cKDTree
 
 from pipeline.model.posterior import PosteriorModel
-from pipeline.physics import expected_counts, simulate
 from pipeline.physics.reference import mirror_weight, reference_posterior
 
 CREDIBILITY_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -59,7 +58,7 @@ def simulation_diagnostics(
     Returns the JSON-able report and the arrays behind it (for the figures).
     """
     rng = np.random.default_rng(seed)
-    theta, counts = simulate(n_exposures, rng, model.prior, model.grid)
+    theta, counts = model.instrument.simulate(n_exposures, rng)
     samples = model.sample(counts, n_samples, seed=seed).astype(np.float64)
     names = model.parameter_names
 
@@ -78,10 +77,12 @@ def simulation_diagnostics(
     z = (samples.mean(axis=1) - theta) / samples.std(axis=1)
 
     draws = samples[:, rng.choice(n_samples, size=min(50, n_samples), replace=False)]
-    mu = expected_counts(draws.reshape(-1, draws.shape[-1]), model.grid).reshape(
+    observed = model.instrument.observed
+    mu = model.instrument.expected_counts(draws.reshape(-1, draws.shape[-1])).reshape(
         *draws.shape[:2], -1
-    )
-    chi2 = ((counts[:, None, :] - mu) ** 2 / np.maximum(mu, 1.0)).mean(axis=-1).mean(axis=1)
+    )[..., observed]
+    residual = counts[:, None, observed] - mu
+    chi2 = (residual**2 / np.maximum(mu, 1.0)).mean(axis=-1).mean(axis=1)
 
     report = {
         "n_exposures": n_exposures,
@@ -137,13 +138,23 @@ def _exact_posterior(
         counts.tobytes()
         + theta.tobytes()
         + repr((model.prior, model.grid, n_samples, seed)).encode()
+        + (b"" if model.instrument.is_uniform else model.instrument.sha256().encode())
     ).hexdigest()[:24]
     cached = cache_dir / f"exact-{key}.npz" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         with np.load(cached, allow_pickle=False) as data:
             return data["samples"], int(data["modes"]), float(data["wall_s"])
+    instrument = model.instrument
     exact = reference_posterior(
-        counts, theta[3], theta[4], model.prior, model.grid, n_samples, seed
+        counts,
+        theta[3],
+        theta[4],
+        model.prior,
+        model.grid,
+        n_samples,
+        seed,
+        background_weights=instrument.weights,
+        observed=instrument.observed,
     )
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +177,7 @@ def reference_diagnostics(
     exact draws at the cost of one.
     """
     rng = np.random.default_rng(seed)
-    theta, counts = simulate(n_exposures, rng, model.prior, model.grid)
+    theta, counts = model.instrument.simulate(n_exposures, rng)
     samples = model.sample(counts, n_samples, seed=seed).astype(np.float64)
     rows, examples = [], []
     for i in range(n_exposures):

@@ -5,7 +5,9 @@ scatters into orders n >= 1 at q_n = 2 pi n / p. Each order carries the squared 
 of one line, (p / (pi n))^2 sin^2(pi n d), damped by a Debye-Waller factor
 exp(-q_n^2 sigma^2) and broadened by the instrument resolution (Gaussian, sd ``resolution_nm``).
 The observable is a line-out of photon counts on a fixed q grid:
-``mu_i = n_photons * I(q_i) / sum_j I(q_j) + background`` and ``k_i ~ Poisson(mu_i)``.
+``mu_i = n_photons * I(q_i) / sum_j I(q_j) + background * g_i`` and ``k_i ~ Poisson(mu_i)``,
+where ``g`` is the instrument's relative background per bin (1 everywhere unless given; see
+:mod:`pipeline.instrument`) and the sum runs over every bin of the grid.
 
 The intensity is identical for w and p - w (the phase problem), so every posterior over
 ``width_nm`` has two modes of equal weight.
@@ -112,8 +114,14 @@ def _namespace(x: Any) -> Any:
     return np
 
 
-def expected_counts(theta: Any, grid: QGrid = QGrid()) -> Any:
+def expected_counts(
+    theta: Any, grid: QGrid = QGrid(), background_weights: np.ndarray | None = None
+) -> Any:
     """Expected counts per q bin for parameter vectors ``theta`` (..., 5) -> (..., n_points).
+
+    ``background_weights`` (n_points,), the instrument's ``g``, scales the background of each
+    bin (``None``: 1 in every bin); bins an instrument does not observe get their value all
+    the same, and are left out by whatever uses them.
 
     Works on numpy arrays and on torch tensors (same dtype and device as ``theta``, and
     differentiable), with one implementation so that both agree by construction. Each order's
@@ -165,6 +173,13 @@ def expected_counts(theta: Any, grid: QGrid = QGrid()) -> Any:
         intensity = xp.zeros(rows * grid.n_points, dtype=theta.dtype, device=theta.device)
         intensity = intensity.index_add(0, flat_bins.long().reshape(-1), peaks.reshape(-1))
     intensity = intensity.reshape(rows, grid.n_points)
+    if background_weights is not None:
+        if xp is np:
+            background = background * np.asarray(background_weights, dtype=theta.dtype)
+        else:
+            background = background * xp.as_tensor(
+                background_weights, dtype=theta.dtype, device=theta.device
+            )
     mu = n_photons * intensity / intensity.sum(-1, keepdims=True) + background
     return mu.reshape(*batch_shape, grid.n_points)
 
@@ -174,10 +189,14 @@ def simulate(
     rng: np.random.Generator,
     prior: GratingPrior = GratingPrior(),
     grid: QGrid = QGrid(),
+    background_weights: np.ndarray | None = None,
+    observed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` (parameters, counts) pairs from the prior and the Poisson likelihood.
 
-    Returns ``theta`` (n, 5) and ``counts`` (n, n_points) as float64 arrays.
+    Returns ``theta`` (n, 5) and ``counts`` (n, n_points) as float64 arrays; bins that
+    ``observed`` (n_points,) marks False hold NaN. ``background_weights`` as for
+    :func:`expected_counts`.
 
     Example:
         >>> theta, counts = simulate(8, np.random.default_rng(1))
@@ -185,5 +204,7 @@ def simulate(
         (8, 512)
     """
     theta = prior.sample(n, rng)
-    counts = rng.poisson(expected_counts(theta, grid)).astype(np.float64)
+    counts = rng.poisson(expected_counts(theta, grid, background_weights)).astype(np.float64)
+    if observed is not None:
+        counts[:, ~np.asarray(observed, bool)] = np.nan
     return theta, counts

@@ -64,8 +64,12 @@ def predictive_z(
     grid: QGrid = QGrid(),
     n_draws: int = N_DRAWS,
     seed: int | None = None,
+    background_weights: np.ndarray | None = None,
+    observed: np.ndarray | None = None,
 ) -> Any:
-    """``z`` of each exposure's observed discrepancy among its replicas.
+    """``z`` of each exposure's observed discrepancy among its replicas, over the observed
+    bins (``observed``, (n_points,) bool; all when ``None``: the values of the others are
+    not used, NaN included) with the instrument's ``background_weights``.
 
     Works on numpy arrays and on torch tensors (then on their device, so that a GPU worker
     checks its posteriors where it drew them), in float64 either way; the replicas' random
@@ -81,14 +85,18 @@ def predictive_z(
         seed: for the Poisson replicas.
     """
     xp = _namespace(samples)
+    keep = slice(None) if observed is None else np.flatnonzero(observed)
     if xp is np:
-        counts = np.asarray(counts, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.float64)[:, keep]
         draws = np.asarray(samples[:, :n_draws], dtype=np.float64)
-        mu = expected_counts(draws, grid).clip(1e-12)  # (exposures, draws, bins)
+        mu = expected_counts(draws, grid, background_weights)[..., keep].clip(1e-12)
         replicas = np.random.default_rng(seed).poisson(mu).astype(np.float64)
     else:
-        counts = counts.to(xp.float64)
-        mu = expected_counts(samples[:, :n_draws].to(xp.float64), grid).clamp(min=1e-12)
+        if observed is not None:
+            keep = xp.as_tensor(keep, device=counts.device)
+        counts = counts.to(xp.float64)[:, keep]
+        mu = expected_counts(samples[:, :n_draws].to(xp.float64), grid, background_weights)
+        mu = mu[..., keep].clamp(min=1e-12)
         generator = xp.Generator(device=mu.device)
         if seed is None:
             generator.seed()

@@ -72,13 +72,22 @@ class ReferencePosterior:
 
 
 class _Likelihood:
-    """Poisson log-likelihood of (p, d, sigma) rows for one line-out, counting evaluations."""
+    """Poisson log-likelihood of (p, d, sigma) rows for one line-out over its observed bins,
+    counting evaluations."""
 
     def __init__(
-        self, counts: np.ndarray, n_photons: float, background: float, grid: QGrid
+        self,
+        counts: np.ndarray,
+        n_photons: float,
+        background: float,
+        grid: QGrid,
+        background_weights: np.ndarray | None,
+        observed: np.ndarray,
     ) -> None:
-        self.counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+        self.observed = torch.as_tensor(observed)
+        self.counts = torch.as_tensor(np.asarray(counts, dtype=np.float64)[observed])
         self.n_photons, self.background, self.grid = n_photons, background, grid
+        self.background_weights = background_weights
         self.n_evaluations = 0
 
     def __call__(
@@ -99,7 +108,11 @@ class _Likelihood:
         out = np.empty(pitch.size)
         with torch.no_grad():
             for start in range(0, pitch.size, chunk):
-                mu = expected_counts(torch.as_tensor(rows[start : start + chunk]), self.grid)
+                mu = expected_counts(
+                    torch.as_tensor(rows[start : start + chunk]),
+                    self.grid,
+                    self.background_weights,
+                )[:, self.observed]
                 log_l = (self.counts * torch.log(mu) - mu).sum(-1)
                 out[start : start + chunk] = log_l.numpy()
         self.n_evaluations += pitch.size
@@ -170,11 +183,14 @@ def reference_posterior(
     pitch_step_nm: float = 0.1,
     cells_per_axis: int = 36,
     max_refits: int = 8,
+    background_weights: np.ndarray | None = None,
+    observed: np.ndarray | None = None,
 ) -> ReferencePosterior:
     """The exact posterior of (pitch, width, sigma) for one line-out with known nuisances.
 
     Args:
-        counts: photon counts per q bin, shape (n_points,).
+        counts: photon counts per q bin, shape (n_points,); the bins that ``observed``
+            marks False are left out of the likelihood (their values may be NaN).
         n_photons, background: the nuisance parameters, taken as known.
         threshold: log-likelihood depth below the maximum that a mode's grid covers
             (25 leaves out less than 1e-10 of the mass).
@@ -183,16 +199,19 @@ def reference_posterior(
         cells_per_axis: cells per axis of each mode's final 3D grid.
         max_refits: how often a mode's grid may grow before giving up (noted in
             :attr:`ReferencePosterior.notes`).
+        background_weights: the instrument's relative background per bin (``None``: 1).
+        observed: (n_points,) bool, the bins the line-out observes (``None``: all).
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.shape != (grid.n_points,):
         raise ValueError(f"counts must have shape ({grid.n_points},), got {counts.shape}")
-    if not np.isfinite(counts).all() or (counts < 0).any():
-        raise ValueError("counts must be finite and non-negative")
+    observed = np.ones(grid.n_points, bool) if observed is None else np.asarray(observed, bool)
+    if not np.isfinite(counts[observed]).all() or (counts[observed] < 0).any():
+        raise ValueError("counts must be finite and non-negative in the observed bins")
     if not n_photons > 0 or not background >= 0:
         raise ValueError("n_photons must be positive and background non-negative")
     started = time.perf_counter()
-    log_l = _Likelihood(counts, n_photons, background, grid)
+    log_l = _Likelihood(counts, n_photons, background, grid, background_weights, observed)
     notes: list[str] = []
 
     # 1. pitch profile over the whole prior against a coarse (d, sigma) grid (d <= 0.5 suffices
@@ -324,19 +343,23 @@ def nested_sampling_posterior(
     nlive: int = 500,
     n_samples: int = 10_000,
     seed: int = 0,
+    background_weights: np.ndarray | None = None,
+    observed: np.ndarray | None = None,
 ) -> NestedPosterior:
     """The posterior of pitch, width and sigma by nested sampling (dynesty: multi-ellipsoid
     bounds, random walks), the photon count and background fixed as for
-    :func:`reference_posterior`: an independent cross-check of the staged grids, and a peer
-    in the benchmarks. Needs ``dynesty`` (in the ``dev`` extra); about 15-30 s per line-out.
+    :func:`reference_posterior` (``background_weights`` and ``observed`` too): an independent
+    cross-check of the staged grids, and a peer in the benchmarks. Needs ``dynesty`` (in the
+    ``dev`` extra); about 15-30 s per line-out.
     """
     import dynesty
 
-    counts = np.asarray(counts, dtype=np.float64)
+    observed = np.ones(grid.n_points, bool) if observed is None else np.asarray(observed, bool)
+    counts = np.asarray(counts, dtype=np.float64)[observed]
 
     def log_likelihood(x: np.ndarray) -> float:
         row = np.array([[x[0], x[1] * x[0], x[2], n_photons, background]])
-        mu = expected_counts(row, grid)[0]
+        mu = expected_counts(row, grid, background_weights)[0][observed]
         return float((counts * np.log(mu) - mu).sum())
 
     def from_unit_cube(u: np.ndarray) -> np.ndarray:
