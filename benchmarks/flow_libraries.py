@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks.report import save
+from pipeline.instrument import default_instrument
 from pipeline.model.cinn import ConditionalINN, ConditioningNet
 from pipeline.model.posterior import ParameterTransform
 from pipeline.model.train import simulate_batch
@@ -157,11 +158,11 @@ def measure(kind: type[nn.Module], steps: int) -> dict:
         torch.set_num_threads(2)
 
     rng, generator = np.random.default_rng(1), torch.Generator().manual_seed(1)
-    prior, grid = GratingPrior(), QGrid()
-    val_theta, val_counts = simulate_batch(2048, prior, grid, rng, generator)
+    instrument = default_instrument()
+    val_theta, val_counts = simulate_batch(2048, instrument, rng, generator)
     start = time.perf_counter()
     for _ in range(steps):
-        theta, counts = simulate_batch(512, prior, grid, rng, generator)
+        theta, counts = simulate_batch(512, instrument, rng, generator)
         loss = -flow.log_prob(transform.to_network(theta), conditioning(counts)).mean()
         optimiser.zero_grad()
         loss.backward()

@@ -44,7 +44,7 @@ BATCH = 16
 def plain(n: int, out: Path, scan_id: str) -> dict:
     """The scan through a ScanRunner, no Prefect."""
     config = PipelineConfig(scan_id=scan_id, output_dir=out, n_workers=2)
-    source = SimulatedDetector(config.integration, config.grid.grid(), seed=0).exposures(scan_id, n)
+    source = SimulatedDetector(config.integration, seed=0).exposures(scan_id, n)
     with ScanRunner(config) as runner:
         while batch := list(islice(source, BATCH)):
             for exposure in batch:

@@ -39,13 +39,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.report import save as save_report
+from pipeline.instrument import Instrument, default_instrument
 from pipeline.model import Architecture, load, save
 from pipeline.model.checkpoint import sha256
 from pipeline.model.cinn import ConditioningNet
 from pipeline.model.posterior import CountsSampler, ParameterTransform
 from pipeline.model.train import TrainingConfig, train
 from pipeline.model.validation import reference_diagnostics, simulation_diagnostics
-from pipeline.physics import PARAMETER_NAMES, GratingPrior, QGrid, simulate
+from pipeline.physics import PARAMETER_NAMES, simulate
 
 RESULTS = Path(__file__).parent / "results" / "posterior_models.json"
 NPE_FORMAT = "beamline-inn-sbi-npe"
@@ -58,8 +59,7 @@ class SbiNPE(CountsSampler):
 
     def __init__(
         self,
-        prior: GratingPrior = GratingPrior(),
-        grid: QGrid = QGrid(),
+        instrument: Instrument | None = None,
         hidden: int = 128,
         transforms: int = 5,
         bins: int = 10,
@@ -68,12 +68,13 @@ class SbiNPE(CountsSampler):
         super().__init__()
         from sbi.neural_nets import posterior_nn
 
-        self.prior, self.grid = prior, grid
+        self.instrument = instrument or default_instrument()
+        prior, grid = self.prior, self.grid
         self.settings = {"hidden": hidden, "transforms": transforms, "bins": bins, "seed": seed}
         self.card: dict = {}
         self.transform = ParameterTransform(prior)
         torch.manual_seed(seed)
-        theta, counts = simulate(2048, np.random.default_rng(seed), prior, grid)
+        theta, counts = self.instrument.simulate(2048, np.random.default_rng(seed))
         build = posterior_nn(
             "nsf",
             z_score_x="none",  # the embedding takes log1p(counts) itself

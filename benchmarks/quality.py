@@ -11,8 +11,10 @@ ranges:
 It reports the percentiles of ``z`` on gratings (the flag's threshold is their 99th, so 1%
 false positives) and the fraction flagged of each kind at :data:`Z_THRESHOLD`.
 
-Run: ``python -m benchmarks.quality [--exposures 2000]``
-(results in ``benchmarks/results/quality.json``).
+Run: ``python -m benchmarks.quality [--exposures 2000] [--model NAME]``
+(results in ``benchmarks/results/quality.json``, for another model than the default in
+``quality-NAME.json``). Line-outs are of the model's instrument: gratings with its background
+weights, every kind with its masked bins left out of ``z``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch
 
 from benchmarks.report import save
 from pipeline.model import load
-from pipeline.physics import simulate
 from pipeline.physics.quality import (
     N_DRAWS,
     Z_THRESHOLD,
@@ -45,22 +46,32 @@ def z_scores(model, counts: np.ndarray, seed: int) -> np.ndarray:
     for first in range(0, len(counts), 64):
         rows = counts[first : first + 64]
         samples = model.sample(rows, N_DRAWS, seed=seed + first)
-        out.append(predictive_z(rows, samples, model.grid, seed=seed + first))
+        out.append(
+            predictive_z(
+                rows,
+                samples,
+                model.grid,
+                seed=seed + first,
+                background_weights=model.instrument.weights,
+                observed=model.instrument.observed,
+            )
+        )
     return np.concatenate(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exposures", type=int, default=2000)
+    parser.add_argument("--model", default="default", help="a bundled model's name or a file")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = load(device="cpu")
+    model = load(args.model, device="cpu")
     rng = np.random.default_rng(2026)
     n_other = max(1, args.exposures // 4)
     start = time.perf_counter()
     spheres, sphere_photons = sphere_counts(n_other, rng, model.grid)
     z = {
-        "grating": z_scores(model, simulate(args.exposures, rng)[1], 1),
+        "grating": z_scores(model, model.instrument.simulate(args.exposures, rng)[1], 1),
         "sphere": z_scores(model, spheres, 2),
         "background": z_scores(model, background_counts(n_other, rng, model.grid), 3),
     }
@@ -68,6 +79,7 @@ def main() -> None:
     grating = z["grating"]
     report = {
         "machine": {"platform": platform.platform()},
+        "model": args.model,
         "exposures": {kind: int(values.size) for kind, values in z.items()},
         "draws_per_exposure": N_DRAWS,
         "grating_z_percentiles": {
@@ -89,8 +101,13 @@ def main() -> None:
         "median_z": {kind: round(float(np.median(values)), 1) for kind, values in z.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    save(RESULTS, report)
+    out = (
+        RESULTS
+        if args.model == "default"
+        else RESULTS.with_name(f"quality-{Path(args.model).stem}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save(out, report)
     print(json.dumps(report, indent=2))
 
 

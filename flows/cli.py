@@ -16,6 +16,12 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pipeline.instrument import Instrument
 
 
 def _positive_int(text: str) -> int:
@@ -33,12 +39,16 @@ def _non_negative_int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline.instrument import default_instrument, load_instrument
     from pipeline.model import Architecture, save
+    from pipeline.model.checkpoint import DEFAULT_MODEL
     from pipeline.model.train import TrainingConfig, train
     from pipeline.model.validation import simulation_diagnostics
 
     if args.stop_at and not args.checkpoint_dir:
         raise ValueError("--stop-at needs --checkpoint-dir, or the work would be lost")
+    instrument = load_instrument(args.instrument) if args.instrument else default_instrument()
+    out = args.out or (Path(f"{instrument.name}.safetensors") if args.instrument else DEFAULT_MODEL)
 
     config = TrainingConfig(
         steps=args.steps,
@@ -58,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
         ),
     )
     print(
-        f"training on {config.n_simulations} simulations for {config.steps} steps (seed {config.seed})"
+        f"training for {instrument.describe()}\n"
+        f"on {config.n_simulations} simulations for {config.steps} steps (seed {config.seed})"
     )
     model, history = train(
         config,
@@ -66,6 +77,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         stop_at_step=args.stop_at,
         device=args.device,
+        instrument=instrument,
     )
     if not history["completed"]:
         print(
@@ -80,7 +92,8 @@ def _train(args: argparse.Namespace) -> int:
     report, _ = simulation_diagnostics(model)
     path = save(
         model,
-        args.out,
+        out,
+        name=instrument.name,
         training={
             "command": "beamline-inn " + " ".join(sys.argv[1:]),
             **history,
@@ -98,17 +111,23 @@ def _train(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     import json
 
+    from pipeline.instrument import load_instrument
     from pipeline.model import load
-    from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
+    from pipeline.model.checkpoint import card_path, model_for_instrument, resolve_model
     from pipeline.model.validation import (
         reference_diagnostics,
         simulation_diagnostics,
         write_figures,
     )
 
-    path = args.model or DEFAULT_MODEL
+    if args.instrument is not None:
+        instrument = load_instrument(args.instrument)
+        path = model_for_instrument(instrument, args.model)
+    else:
+        path = resolve_model(args.model)
     model = load(path, device="cpu")
-    print(f"validating {path} on {args.simulations} simulated exposures ...")
+    print(f"validating {path} for {model.instrument.describe()}")
+    print(f"on {args.simulations} simulated exposures ...")
     simulation, simulation_arrays = simulation_diagnostics(model, args.simulations, seed=args.seed)
     print(f"... and against the exact posterior on {args.reference} exposures (about 10 s each)")
 
@@ -149,51 +168,48 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instrument(args: argparse.Namespace) -> int:
+    from pipeline.integration.instrument import derive_instrument, read_prior
+
+    derived = derive_instrument(
+        args.poni,
+        (args.q_range[0], args.q_range[1]),
+        args.bins,
+        None if args.full_ring else (args.sector[0], args.sector[1]),
+        mask=args.mask,
+        resolution_nm=args.resolution,
+        prior=read_prior(args.prior) if args.prior else None,
+        name=args.name or args.out.stem.removesuffix(".instrument"),
+    )
+    print(derived.summary(set_resolution="give --resolution to set it"))
+    path = derived.instrument.save(args.out)
+    print(f"written: {path}")
+    print(f"next: beamline-inn train --instrument {path}")
+    return 0
+
+
 def _reference(args: argparse.Namespace) -> int:
     import json
 
     import numpy as np
 
-    from pipeline.physics.reference import mirror_weight, reference_posterior
-    from pipeline.store.inputs import read_line_outs
+    from pipeline.instrument import default_instrument, load_instrument
+    from pipeline.store import open_results
+    from pipeline.store.inputs import RESULTS_SUFFIXES, read_line_outs
 
-    line_outs = read_line_outs(args.counts, args.exposure, args.n_photons, args.background)
+    given = load_instrument(args.instrument) if args.instrument else None
     report, all_samples = [], {}
-    for name, counts, n_photons, background in line_outs:
-        posterior = reference_posterior(
-            counts, n_photons, background, n_samples=args.samples, seed=args.seed
+    for path in args.counts:
+        stored = open_results(path).instrument if path.suffix in RESULTS_SUFFIXES else None
+        instrument = given or stored or default_instrument()
+        line_outs = read_line_outs(
+            [path], args.exposure, args.n_photons, args.background, instrument.n_points
         )
-        print(
-            f"{name}: N_ph = {n_photons:.4g}, b = {background:.3g}; {len(posterior.modes)} mode(s), "
-            f"{posterior.n_evaluations} likelihood evaluations, {posterior.wall_s:.1f} s"
-        )
-        for mode in posterior.modes:
-            cells = "  ".join(
-                f"{label} {m:9.3f} ± {sd:.3g}"
-                for label, m, sd in zip(
-                    ("pitch_nm", "width_nm", "sigma_nm"), mode.mean, mode.sd, strict=True
-                )
+        for name, counts, n_photons, background in line_outs:
+            report_row, all_samples[name] = _exact_posterior_report(
+                name, counts, n_photons, background, instrument, args
             )
-            print(f"    weight {mode.weight:.3f}   {cells}")
-        report.append(
-            {
-                "name": name,
-                "n_photons": n_photons,
-                "background": background,
-                "wall_s": posterior.wall_s,
-                "n_evaluations": posterior.n_evaluations,
-                "mirror_weight": mirror_weight(posterior.samples),
-                "modes": [
-                    {
-                        "weight": m.weight,
-                        "mean": dict(zip(posterior.parameter_names, m.mean.tolist(), strict=True)),
-                        "sd": dict(zip(posterior.parameter_names, m.sd.tolist(), strict=True)),
-                    }
-                    for m in posterior.modes
-                ],
-            }
-        )
-        all_samples[name] = posterior.samples
+            report.append(report_row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -204,23 +220,92 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exact_posterior_report(
+    name: str,
+    counts: np.ndarray,
+    n_photons: float,
+    background: float,
+    instrument: Instrument,
+    args: argparse.Namespace,
+) -> tuple[dict, np.ndarray]:
+    """The exact posterior of one line-out of ``instrument``, printed; its report row and
+    samples."""
+    from pipeline.physics.reference import mirror_weight, reference_posterior
+
+    posterior = reference_posterior(
+        counts,
+        n_photons,
+        background,
+        instrument.grating_prior,
+        instrument.grid,
+        n_samples=args.samples,
+        seed=args.seed,
+        background_weights=instrument.weights,
+        observed=instrument.observed,
+    )
+    print(
+        f"{name}: N_ph = {n_photons:.4g}, b = {background:.3g}; {len(posterior.modes)} mode(s), "
+        f"{posterior.n_evaluations} likelihood evaluations, {posterior.wall_s:.1f} s"
+    )
+    for mode in posterior.modes:
+        cells = "  ".join(
+            f"{label} {m:9.3f} ± {sd:.3g}"
+            for label, m, sd in zip(
+                ("pitch_nm", "width_nm", "sigma_nm"), mode.mean, mode.sd, strict=True
+            )
+        )
+        print(f"    weight {mode.weight:.3f}   {cells}")
+    row = {
+        "name": name,
+        "instrument": instrument.name,
+        "n_photons": n_photons,
+        "background": background,
+        "wall_s": posterior.wall_s,
+        "n_evaluations": posterior.n_evaluations,
+        "mirror_weight": mirror_weight(posterior.samples),
+        "modes": [
+            {
+                "weight": m.weight,
+                "mean": dict(zip(posterior.parameter_names, m.mean.tolist(), strict=True)),
+                "sd": dict(zip(posterior.parameter_names, m.sd.tolist(), strict=True)),
+            }
+            for m in posterior.modes
+        ],
+    }
+    return row, posterior.samples
+
+
 def _demo(args: argparse.Namespace) -> int:
     _use_prefect_api(args)
-    from flows.scan import run_demo
+    from flows.scan import run_demo, simulated_instrument, simulated_integration
+    from pipeline.config import InferenceConfig, ScanSettings
+    from pipeline.preflight import check_settings, settings_for_model
 
+    # the model (one trained for --instrument), and the simulated detector's geometry (the
+    # instrument's) against its instrument, before the flow
+    model, instrument = simulated_instrument(args.model, args.instrument)
+    demo = ScanSettings(
+        output_dir=args.out,
+        n_workers=args.workers,
+        integration=simulated_integration(instrument, args.out),
+        inference=InferenceConfig(model=model),
+    )
+    check_settings(settings_for_model(demo))
     return run_demo(
         n_frames=args.frames,
         n_workers=args.workers,
         output_dir=args.out,
         seed=args.seed,
         model=args.model,
+        instrument=args.instrument,
     )
 
 
 def _scan_config(args: argparse.Namespace, scan_id: str):
     """The :class:`PipelineConfig` of a ``reprocess``, ``reprocess-scans`` or ``online``
-    command; its settings (geometry, mask, dark, flat, model, output folder, CURVE keys)
-    are checked here, before Prefect and the workers start
+    command, on its model's q grid (:func:`pipeline.preflight.settings_for_model`); its
+    settings (geometry, mask, dark, flat, model, the geometry against the model's instrument,
+    output folder, CURVE keys) are checked here, before Prefect and the workers start
     (:func:`pipeline.preflight.check_settings`)."""
     from pipeline.config import (
         InferenceConfig,
@@ -229,7 +314,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
         StoreConfig,
         TransportConfig,
     )
-    from pipeline.preflight import check_settings
+    from pipeline.preflight import check_settings, settings_for_model
 
     config = PipelineConfig(
         scan_id=getattr(args, "scan_id", None) or scan_id,
@@ -251,6 +336,7 @@ def _scan_config(args: argparse.Namespace, scan_id: str):
             curve_authorized_keys=args.authorized_keys,
         ),
     )
+    config = settings_for_model(config)
     check_settings(config)
     return config
 
@@ -289,13 +375,15 @@ def _print_summary(summary: dict) -> int:
 
 def _reprocess(args: argparse.Namespace) -> int:
     _use_prefect_api(args)
-    from flows.scan import archived_frames, reprocess_scan
+    from flows.scan import archived_frames, reprocess_scan, with_detector_shape
     from pipeline.config import scan_id_from
     from pipeline.preflight import check_setup
 
     config = _scan_config(args, scan_id_from(Path(args.paths[0]).name.split(".")[0]))
     paths = [str(path) for path in args.paths]
     source = archived_frames(paths, config.scan_id, args.hdf5_dataset)  # bad patterns stop here
+    # a PONI without a detector: the headers' shape, so that the geometry is checked here too
+    config = with_detector_shape(config, source)
     resume = args.resume or args.retry_failed
     check_setup(config, resume, source.manifest(), args.retry_failed)
     summary = reprocess_scan(
@@ -427,7 +515,7 @@ def _add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) ->
     command.add_argument(
         "--samples", type=_positive_int, default=1000, help="posterior samples per exposure"
     )
-    command.add_argument("--model", type=Path, help="model file (default: the shipped one)")
+    command.add_argument("--model", type=Path, metavar="NAME|FILE", help=_model_help())
     command.add_argument(
         "--samples-compression",
         choices=("none", "gzip", "bitshuffle-lz4"),
@@ -539,9 +627,18 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline.model import DEFAULT_MODEL
+def _model_help() -> str:
+    """The help of a scan command's ``--model``."""
+    from pipeline.model.checkpoint import BUNDLED_MODELS
 
+    return (
+        f"model file or bundled model's name ({', '.join(BUNDLED_MODELS)}); without it, the "
+        "default model. The line-outs are on its instrument's q grid, and a geometry (PONI, "
+        "mask, sector) that does not match its instrument is refused before the scan starts"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beamline-inn",
         description="Streaming SAXS reconstruction: detector frames to posterior samples.",
@@ -562,8 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("beamline-inn-results"), help="output folder"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulated scan")
+    demo.add_argument("--model", type=Path, default=None, metavar="NAME|FILE", help=_model_help())
     demo.add_argument(
-        "--model", type=Path, default=None, help="model file (default: the shipped one)"
+        "--instrument",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="instrument file (beamline-inn instrument): simulate its geometry, sector and "
+        "prior; the model (default: the bundled one for it) must have been trained for it "
+        "(default: the model's instrument)",
     )
     demo.set_defaults(run=_demo)
 
@@ -716,10 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
         "reference",
         help="the exact posterior (staged grids) of a few line-outs, for comparison",
         description="Exact posterior of (pitch, width, sigma) given counts and known N_ph and b. "
-        "COUNTS: .npy or text files with one line-out of 512 counts per row, or a results .h5 "
-        "file (its recorded truth supplies N_ph and b for simulated exposures).",
+        "COUNTS: .npy or text files with one line-out per row (the instrument's bins, 512 for "
+        "the default), or a results .h5 file (its recorded truth supplies N_ph and b for "
+        "simulated exposures, and its instrument the grid, masked bins and background "
+        "weights).",
     )
     reference.add_argument("counts", nargs="+", type=Path, metavar="COUNTS")
+    reference.add_argument(
+        "--instrument",
+        type=Path,
+        default=None,
+        help="instrument file of the line-outs (default: the one a results file holds, else "
+        "the default instrument)",
+    )
     reference.add_argument("--n-photons", type=float, help="known total photons N_ph")
     reference.add_argument("--background", type=float, help="known background per bin b")
     reference.add_argument(
@@ -735,11 +848,77 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--out", type=Path, help="write OUT.json (modes) and OUT.npz (samples)")
     reference.set_defaults(run=_reference)
 
+    instrument = commands.add_parser(
+        "instrument",
+        help="derive an instrument file (q grid, masked bins, pixels and background weight "
+        "per bin) from a PONI geometry, for beamline-inn train --instrument",
+        description="Count with pyFAI, as the pipeline integrates, the unmasked pixels of each "
+        "q bin in the sector or ring: bins without a pixel (module gaps, the mask) are masked, "
+        "the background weights are the pixels per bin over their mean. A q range the "
+        "geometry does not reach, or more than half of the bins masked, is refused.",
+    )
+    instrument.add_argument("--poni", type=Path, required=True, help="the PONI file")
+    instrument.add_argument(
+        "--mask", type=Path, help="mask image (non-zero = masked), besides the detector's gaps"
+    )
+    region = instrument.add_mutually_exclusive_group()
+    region.add_argument(
+        "--sector",
+        type=float,
+        nargs=2,
+        default=(-5.0, 5.0),
+        metavar=("LOW", "HIGH"),
+        help="azimuthal sector in pyFAI's chi, degrees (default -5 5)",
+    )
+    region.add_argument("--full-ring", action="store_true", help="the full ring, no sector")
+    instrument.add_argument(
+        "--q-range",
+        type=float,
+        nargs=2,
+        required=True,
+        metavar=("QMIN", "QMAX"),
+        help="centres of the first and last q bin, 1/nm",
+    )
+    instrument.add_argument("--bins", type=_positive_int, required=True, help="q bins (>= 8)")
+    instrument.add_argument(
+        "--resolution",
+        type=float,
+        metavar="DQ",
+        help="Gaussian sd of the resolution, 1/nm (default: estimated from the pixel size, "
+        "distance and wavelength: a lower bound)",
+    )
+    instrument.add_argument(
+        "--prior",
+        type=Path,
+        metavar="FILE",
+        help="JSON of prior ranges (pitch_nm, duty, sigma_nm, log10_n_photons, background: "
+        "[low, high] each; any subset, the others default)",
+    )
+    instrument.add_argument(
+        "--name",
+        help="the instrument's name (default: the output file's name less .json, .instrument)",
+    )
+    instrument.add_argument(
+        "--out", type=Path, required=True, metavar="FILE.json", help="instrument file to write"
+    )
+    instrument.set_defaults(run=_instrument)
+
     validate = commands.add_parser(
         "validate", help="diagnostics of a model: calibration, and distance to the exact posterior"
     )
     validate.add_argument(
-        "--model", type=Path, default=None, help="model file (default: the shipped one)"
+        "--model",
+        type=Path,
+        default=None,
+        help="model file or bundled model's name (default: the default model, or with "
+        "--instrument the bundled model for it, else NAME.safetensors here)",
+    )
+    validate.add_argument(
+        "--instrument",
+        type=Path,
+        default=None,
+        help="instrument file (beamline-inn instrument): validate on its simulations; the "
+        "model must have been trained for it",
     )
     validate.add_argument(
         "--out", type=Path, default=Path("validation"), help="folder for JSON and PNGs"
@@ -763,7 +942,20 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_validate)
 
     train = commands.add_parser("train", help="train the posterior model on simulations")
-    train.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="weights file to write")
+    train.add_argument(
+        "--instrument",
+        type=Path,
+        default=None,
+        help="instrument file (beamline-inn instrument) to train for (default: the default "
+        "instrument)",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="weights file to write (default: the package's default model, or with "
+        "--instrument NAME.safetensors here, NAME the instrument's)",
+    )
     train.add_argument(
         "--steps", type=_positive_int, default=20_000, help="each step simulates a fresh batch"
     )

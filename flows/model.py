@@ -26,6 +26,7 @@ from prefect.artifacts import (
 )
 from pydantic import Field
 
+from pipeline.instrument import default_instrument, load_instrument
 from pipeline.model import load, save
 from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
 from pipeline.model.train import TrainingConfig, train
@@ -44,12 +45,15 @@ def train_model(
     training: TrainingConfig | None = None,
     checkpoint_dir: Path | None = None,
     device: str = "cpu",
+    instrument: Path | None = None,
 ) -> dict:
     """Train a model on fresh simulations and write ``out`` (.safetensors) and its card,
     with its calibration on 200 simulations; with ``checkpoint_dir``, resumable (a run
     cancelled or crashed goes on from its last checkpoint when started again). ``training``:
-    the budget and architecture (default: those of the shipped model)."""
+    the budget and architecture (default: those of the shipped model); ``instrument``: the
+    instrument file (``beamline-inn instrument``) to train for (default: the default one)."""
     training = training or TrainingConfig()
+    described = load_instrument(instrument) if instrument is not None else default_instrument()
     progress = create_progress_artifact(
         0.0, key="training-progress", description=f"Training {Path(out).name}"
     )
@@ -67,11 +71,13 @@ def train_model(
         checkpoint_dir=checkpoint_dir,
         device=device,
         on_validation=on_validation,
+        instrument=described,
     )
     report, _ = simulation_diagnostics(model)
     path = save(
         model,
         Path(out),
+        name=described.name,
         training={"flow": "train-model", **history},
         diagnostics={"simulation": report},
     )
@@ -81,6 +87,8 @@ def train_model(
         f"{training.steps} steps on {training.n_simulations} simulations in "
         f"{history['wall_s']:.0f} s on {history['device']}; weights `{path}`, card "
         f"`{card_path(path)}` (SHA-256 {model.card['weights_sha256'][:16]}...).",
+        "",
+        f"Instrument {described.describe()} (SHA-256 {described.sha256()[:16]}...).",
         "",
         "| step | training loss | validation loss |",
         "|---|---|---|",

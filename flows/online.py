@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.scan import reconstruct
 from pipeline.config import SCAN_ID_PATTERN, ScanSettings
+from pipeline.preflight import settings_for_model
 from pipeline.sources import DirectoryWatcher
 from pipeline.sources.dectris import DectrisStream
 
@@ -126,7 +127,9 @@ def online_reconstruction(
 ) -> dict:
     """Reconstruct one live series into ``settings.output_dir/SCAN_ID.h5`` (default scan id:
     ``online-YYYYmmdd-HHMMSS``), watched in the UI; ends with the series or on cancellation
-    (see the module docstring)."""
+    (see the module docstring). The line-outs are on the grid of the settings' model
+    (:func:`~pipeline.preflight.settings_for_model`)."""
+    settings = settings_for_model(settings)
     config = settings.for_scan(scan_id or time.strftime("online-%Y%m%d-%H%M%S"))
     if isinstance(source, DectrisStreamSource):
         protocol = {"dectris-v1": "v1", "dectris-v2": "v2"}[source.protocol]

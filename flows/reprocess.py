@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.scan import reprocess_files
 from pipeline.config import ScanSettings, scan_id_from
+from pipeline.preflight import settings_for_model
 from pipeline.sources import ArchivedScan, FileSource, find_scans
 from pipeline.sources.identity import path_key
 from pipeline.store import read_completion
@@ -252,10 +253,12 @@ def reprocess_scans(
 
     ``read_ahead``: frames decoded ahead by a reader process per scan (0: read in the task);
     on a remote cluster its workers must allow child processes (``distributed.worker.daemon:
-    false``)."""
+    false``). The line-outs are on the grid of the settings' model
+    (:func:`~pipeline.preflight.settings_for_model`)."""
     import dask.config
     from prefect_dask import DaskTaskRunner
 
+    settings = settings_for_model(settings)
     found = name_scans(find_scans(scans), settings)
     to_run, skipped = plan(found, settings, retry_failed)
     outcome: dict[str, dict | str] = dict(skipped)

@@ -26,9 +26,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.monitor import ScanMonitor
-from pipeline.config import InferenceConfig, PipelineConfig
+from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
-from pipeline.integration import frame_shape_is_open
+from pipeline.instrument import Instrument, default_instrument, load_instrument
+from pipeline.integration import DEFAULT_PONI, frame_shape_is_open
+from pipeline.model.checkpoint import card_instrument, model_for_instrument, read_card
+from pipeline.preflight import settings_for_model
 from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.identity import FileStamp
 from pipeline.store import open_results
@@ -188,6 +191,42 @@ def reconstruct(
     return {**dataclasses.asdict(summary), "complete": complete}
 
 
+def simulated_instrument(
+    model: Path | None, instrument: Path | None
+) -> tuple[Path | None, Instrument]:
+    """The model and the instrument of a simulated scan: without ``instrument``, ``model``
+    (a file or a bundled model's name; ``None``: the default model) and its instrument; with
+    the instrument file ``instrument``, the model trained for it (``model``, by default the
+    bundled one for it) and that instrument. :class:`~pipeline.model.ModelFileError` (one
+    line) when the model was trained for another instrument (another SHA-256).
+
+    >>> model, instrument = simulated_instrument(None, None)
+    >>> model, instrument.name
+    (None, 'default')
+    """
+    if instrument is None:
+        return model, card_instrument(read_card(model))
+    chosen = load_instrument(instrument)
+    return model_for_instrument(chosen, model), chosen
+
+
+def simulated_integration(instrument: Instrument, folder: Path) -> IntegrationConfig:
+    """The integration settings of a scan simulated for ``instrument``: its sector and its
+    PONI, written to ``folder/NAME-SHA.poni`` (the instrument's name and the first 12
+    digits of its SHA-256: the file the scans' configuration names, kept beside their
+    results) unless it is the bundled PONI, which the settings name by default.
+
+    >>> simulated_integration(default_instrument(), Path("unused")) == IntegrationConfig()
+    True
+    """
+    poni = None
+    if instrument.poni is not None and instrument.poni != DEFAULT_PONI.read_text():
+        poni = Path(folder) / f"{instrument.name}-{instrument.sha256()[:12]}.poni"
+        poni.parent.mkdir(parents=True, exist_ok=True)
+        poni.write_text(instrument.poni)
+    return IntegrationConfig(poni=poni, azimuth_range_deg=instrument.azimuth_range_deg)
+
+
 @flow(name="reconstruct-scan")
 def reconstruct_simulated_scan(
     n_frames: int = 64,
@@ -198,16 +237,24 @@ def reconstruct_simulated_scan(
     n_samples: int = 1000,
     batch_size: int = 16,
     model: Path | None = None,
+    instrument: Path | None = None,
 ) -> dict:
-    """Simulate ``n_frames`` exposures and reconstruct them into ``OUTPUT_DIR/SCAN_ID.h5``."""
+    """Simulate ``n_frames`` exposures and reconstruct them into ``OUTPUT_DIR/SCAN_ID.h5``
+    with ``model`` (a file or a bundled model's name; the default model when ``None``), on its
+    instrument's q grid. The frames are simulated for the model's instrument, or the
+    instrument file ``instrument``, which must be the model's (:func:`simulated_instrument`):
+    with its geometry and sector (:func:`simulated_integration`) and its prior."""
     scan_id = scan_id or time.strftime("sim-%Y%m%d-%H%M%S")
+    model, simulated = simulated_instrument(model, instrument)
     config = PipelineConfig(
         scan_id=scan_id,
         output_dir=output_dir,
         n_workers=n_workers,
+        integration=simulated_integration(simulated, output_dir),
         inference=InferenceConfig(n_samples=n_samples, model=model),
     )
-    source = SimulatedDetector(config.integration, config.grid.grid(), seed=seed).exposures(
+    config = settings_for_model(config)
+    source = SimulatedDetector(config.integration, simulated, seed=seed).exposures(
         scan_id, n_frames
     )
     return reconstruct(config, source, batch_size, expected_frames=n_frames)
@@ -256,9 +303,13 @@ def reprocess_files(
     A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
     read in this process), so that decoding and integrating overlap; pyFAI's engine then
     leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
+
+    The line-outs are on the model's grid (:func:`~pipeline.preflight.settings_for_model`),
+    and a geometry that does not match the model stops the scan before any process starts
+    (:class:`~workers.scan.ScanRunner`).
     """
     source = archived_frames(paths, config.scan_id, hdf5_dataset)
-    config = with_detector_shape(config, source)
+    config = with_detector_shape(settings_for_model(config), source)
     resuming = {"resume": resume, "manifest": source.manifest(), "retry_failed": retry_failed}
     if read_ahead == 0:
         return reconstruct(config, source.exposures(), batch_size, **resuming)
@@ -323,13 +374,30 @@ def recovery_lines(summary: dict) -> list[str]:
     return lines
 
 
-def run_demo(n_frames: int, n_workers: int, output_dir: Path, seed: int, model: Path | None) -> int:
-    """``beamline-inn demo``: run the flow, then print where the results are and a summary."""
+def run_demo(
+    n_frames: int,
+    n_workers: int,
+    output_dir: Path,
+    seed: int,
+    model: Path | None,
+    instrument: Path | None = None,
+) -> int:
+    """``beamline-inn demo``: run the flow, then print where the results are and a summary.
+    A model trained for another instrument than the file ``instrument`` stops it before the
+    flow starts (:func:`simulated_instrument`)."""
+    model, simulated = simulated_instrument(model, instrument)
     summary = reconstruct_simulated_scan(
-        n_frames=n_frames, n_workers=n_workers, output_dir=output_dir, seed=seed, model=model
+        n_frames=n_frames,
+        n_workers=n_workers,
+        output_dir=output_dir,
+        seed=seed,
+        model=model,
+        instrument=instrument,
     )
     print()
     print(f"results:    {summary['output_path']}")
+    if simulated != default_instrument():
+        print(f"instrument: {simulated.describe()}")
     print(
         f"exposures:  {summary['submitted']} ({summary['written_ok']} written, {summary['failed']} failed)"
     )

@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 
 
 class GridConfig(_Strict):
-    """The line-out's q grid (must equal the model's; see :class:`pipeline.physics.QGrid`)."""
+    """The line-out's q grid (see :class:`pipeline.physics.QGrid`): the model's instrument's,
+    which :func:`pipeline.preflight.settings_for_model` sets; the default is the default
+    model's."""
 
     q_min_nm: float = 0.01
     q_max_nm: float = 0.40

@@ -77,7 +77,7 @@ class PriorRanges(_Strict):
                 raise ValueError(f"prior range {name} = ({low}, {high}) must have low < high")
         if self.pitch_nm[0] <= 0 or self.sigma_nm[0] < 0 or self.background[0] < 0:
             raise ValueError("pitch must be positive, sigma and background non-negative")
-        if not (0 < self.duty[0] and self.duty[1] < 1):
+        if not (self.duty[0] > 0 and self.duty[1] < 1):
             raise ValueError(f"the duty cycle range {self.duty} must lie inside (0, 1)")
         return self
 
@@ -135,7 +135,9 @@ class Instrument(_Strict):
             raise ValueError("background_weights must be finite and non-negative")
         mean = weights[observed].mean()
         if abs(mean - 1.0) > WEIGHT_MEAN_TOLERANCE:
-            raise ValueError(f"background_weights have mean {mean:.4f} over the observed bins, not 1")
+            raise ValueError(
+                f"background_weights have mean {mean:.4f} over the observed bins, not 1"
+            )
         if min(self.pixels_per_bin) < 0:
             raise ValueError("pixels_per_bin must be non-negative")
         return self
@@ -221,7 +223,7 @@ def load_instrument(path: Path) -> Instrument:
     if not path.is_file():
         raise InstrumentError(f"instrument file not found: {path}")
     try:
-        return Instrument.model_validate_json(path.read_text())
+        return Instrument.model_validate_json(path.read_bytes())  # bytes: not UTF-8 is invalid
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()

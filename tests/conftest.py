@@ -37,6 +37,80 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+#: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: no
+#: detector name, so the shape comes from the frames).
+SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
+PixelSize2: 7.5e-05
+Distance: 0.2
+Poni1: 0.0018
+Poni2: 0.0024
+Rot1: 0
+Rot2: 0
+Rot3: 0
+Wavelength: 1.55e-10
+"""
+
+
+def geometry_model(
+    path: Path, integration, grid, name: str = "geometry", description: str = ""
+) -> Path:
+    """A tiny untrained model (one coupling block of 8 units) for the geometry of
+    ``integration`` (an :class:`~pipeline.config.IntegrationConfig` whose detector shape is
+    known) on ``grid`` (a :class:`~pipeline.physics.QGrid`), written to ``path`` with its card:
+    for tests about something else than the model that scan another geometry than the default
+    model's instrument. Its instrument is derived from the geometry as pyFAI's engine counts
+    its pixels (:attr:`LineOutIntegrator.pixels_per_bin`): bins without a pixel masked,
+    background weights the pixels over their mean over the observed bins (rounded, then
+    renormalised)."""
+    from pipeline.instrument import Instrument
+    from pipeline.integration import LineOutIntegrator
+    from pipeline.model import Architecture, PosteriorModel, save
+
+    pixels = LineOutIntegrator(integration, grid).pixels_per_bin
+    observed = pixels > 0
+    weights = np.round(pixels / pixels[observed].mean(), 4)
+    weights = np.where(observed, weights / weights[observed].mean(), 0.0)
+    instrument = Instrument(
+        name=name,
+        description=description or f"derived for tests from {integration.poni}",
+        q_min_nm=grid.q_min_nm,
+        q_max_nm=grid.q_max_nm,
+        n_points=grid.n_points,
+        resolution_nm=grid.resolution_nm,
+        azimuth_range_deg=integration.azimuth_range_deg,
+        masked_bins=tuple(int(i) for i in np.flatnonzero(~observed)),
+        pixels_per_bin=tuple(int(n) for n in pixels),
+        background_weights=tuple(float(w) for w in weights),
+        poni=Path(integration.poni).read_text() if integration.poni else None,
+    )
+    architecture = Architecture(n_blocks=1, hidden=8, condition_dim=4, condition_hidden=8)
+    return save(PosteriorModel(architecture, instrument), path, name=name)
+
+
+@dataclass(frozen=True)
+class SmallDetector:
+    """:data:`SMALL_DETECTOR_PONI` in a file, and a model for it (full ring, a 64-bin grid
+    from q 0.02 to 0.5 1/nm: the default grid has bins its few pixels miss)."""
+
+    poni: Path
+    model: Path
+
+
+@pytest.fixture(scope="session")
+def small_detector(tmp_path_factory) -> SmallDetector:
+    """The small detector's PONI and a tiny untrained model that matches it (full ring)."""
+    from pipeline.config import IntegrationConfig
+    from pipeline.physics import QGrid
+
+    folder = tmp_path_factory.mktemp("small-detector")
+    poni = folder / "small.poni"
+    poni.write_text(SMALL_DETECTOR_PONI)
+    integration = IntegrationConfig(poni=poni, azimuth_range_deg=None, detector_shape=(48, 64))
+    grid = QGrid(q_min_nm=0.02, q_max_nm=0.5, n_points=64, resolution_nm=3e-3)
+    model = geometry_model(folder / "small-detector.safetensors", integration, grid, "small")
+    return SmallDetector(poni, model)
+
+
 def free_port() -> int:
     """A loopback TCP port that is free now."""
     with socket.socket() as probe:

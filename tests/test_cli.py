@@ -154,3 +154,18 @@ def test_an_all_nan_dark_stops_reprocess_before_it_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the dark image {tmp_path / 'dark.npy'} holds no finite value" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_an_instrument_that_is_not_the_model_s(prefect_harness, tmp_path, capsys):
+    """``--instrument`` with a model trained for another instrument: one line, exit 2, and
+    nothing is simulated or written."""
+    from importlib.resources import files
+
+    pilatus = files("pipeline") / "data" / "pilatus1m-5m-sector.instrument.json"
+    out = tmp_path / "out"
+    arguments = ["demo", "--instrument", str(pilatus), "--model", "default", "--out", str(out)]
+    assert main(arguments) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("beamline-inn demo: error: the model ")
+    assert "for the instrument 'default'" in line and "not for 'pilatus1m-5m-sector'" in line
+    assert not out.exists()

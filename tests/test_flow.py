@@ -79,30 +79,16 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
     assert json.loads(results.config_json)["integration"]["openmp_threads"] == threads
 
 
-#: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: no
-#: detector name, so the shape comes from the frames).
-SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
-PixelSize2: 7.5e-05
-Distance: 0.2
-Poni1: 0.0018
-Poni2: 0.0024
-Rot1: 0
-Rot2: 0
-Rot3: 0
-Wavelength: 1.55e-10
-"""
-
-
 def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
-    prefect_harness, tmp_path, capsys, reliability
+    prefect_harness, tmp_path, capsys, reliability, small_detector
 ):
     """``--hdf5-dataset``: a 3-D dataset outside the Eiger and NeXus places gives one exposure
     per frame, read ahead by the reader process. The PONI names no detector: its shape is the
-    most common one in the files' headers, so an odd first frame fails alone."""
+    most common one in the files' headers, so an odd first frame fails alone (the small
+    detector's model: its geometry is not the default model's)."""
     import fabio
 
-    poni = tmp_path / "small.poni"
-    poni.write_text(SMALL_DETECTOR_PONI)
+    poni = small_detector.poni
     scan = tmp_path / "scan"
     scan.mkdir()
     frames = np.random.default_rng(3).poisson(50, (5, 48, 64)).astype(np.int32)
@@ -114,6 +100,7 @@ def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
     fabio.cbfimage.CbfImage(data=frames[0, :47]).write(str(odd))
     out = tmp_path / "out"
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "stack"]
+    options += ["--model", str(small_detector.model)]
     stack = [str(scan), "--hdf5-dataset", "/measurement/pilatus"]
     status = main(["reprocess", *stack, *options, "--workers", "1", "--samples", "50"])
     printed = capsys.readouterr().out
@@ -136,14 +123,14 @@ def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(
 
 
 def test_online_reconstructs_a_live_series_from_a_third_party_detector(
-    prefect_harness, eiger_simulator, tmp_path, capsys
+    prefect_harness, eiger_simulator, tmp_path, capsys, small_detector
 ):
     """ALBA's eiger-simulator streams 100 bitshuffle-LZ4 images at 20 Hz (SIMPLON stream v1);
     every one is integrated, reconstructed and written once, and the scan's time and rate
     count from the detector's acquisition times (frames waited in the socket while the
-    workers started: the rate was once given as 726/s for this 5 s series)."""
-    poni = tmp_path / "small.poni"
-    poni.write_text(SMALL_DETECTOR_PONI)
+    workers started: the rate was once given as 726/s for this 5 s series). The small
+    detector's model: the geometry is checked against it at the first frame."""
+    poni = small_detector.poni
     out = tmp_path / "out"
     eiger_simulator.configure(100, "bslz4", count_time_s=0.05)
     failures: list[BaseException] = []
@@ -164,6 +151,7 @@ def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     thread.start()
     stream = ["--stream", eiger_simulator.stream, "--protocol", "dectris-v1"]
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "live"]
+    options += ["--model", str(small_detector.model)]
     status = main(
         ["online", *stream, *options, "--workers", "1", "--samples", "100", "--idle-timeout", "10"]
     )
@@ -180,11 +168,12 @@ def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     assert np.isfinite(results.samples).all()
 
 
-def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tmp_path, capsys):
+def test_online_watch_takes_frames_as_a_detector_writes_them(
+    prefect_harness, tmp_path, capsys, small_detector
+):
     import fabio
 
-    poni = tmp_path / "small.poni"
-    poni.write_text(SMALL_DETECTOR_PONI)
+    poni = small_detector.poni
     incoming, out = tmp_path / "incoming", tmp_path / "out"
     incoming.mkdir()
     rng = np.random.default_rng(5)
@@ -214,6 +203,7 @@ def test_online_watch_takes_frames_as_a_detector_writes_them(prefect_harness, tm
     watch = ["--watch", str(incoming), "--pattern", "frame_*[0-9].[eh][d5]*", "--idle-timeout", "4"]
     watch += ["--hdf5-dataset", "/measurement/pilatus"]
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "watched"]
+    options += ["--model", str(small_detector.model)]
     status = main(["online", *watch, *options, "--workers", "1", "--samples", "100"])
     thread.join(10)
     assert status == 0, capsys.readouterr().out

@@ -1,7 +1,11 @@
+from importlib.resources import files
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipeline.config import IntegrationConfig
+from pipeline.instrument import Instrument, load_instrument
 from pipeline.integration import FrameError, GeometryError, LineOutIntegrator, load_geometry
 from pipeline.physics import PARAMETER_NAMES, GratingPrior, QGrid, expected_counts
 from pipeline.sources import SimulatedDetector
@@ -9,7 +13,7 @@ from pipeline.sources import SimulatedDetector
 
 @pytest.fixture(scope="module")
 def detector():
-    return SimulatedDetector(IntegrationConfig(), QGrid(), seed=3)
+    return SimulatedDetector(IntegrationConfig(), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,15 @@ def test_exposures_carry_their_truth(detector):
     assert exposures[0].frame.shape == load_geometry(None).detector.shape
 
 
+def test_without_an_instrument_the_frames_are_the_default_instrument_s():
+    """The default instrument: DESIGN.md's prior and grid, the same background in every bin
+    (the frames are those of before instruments: the first noise-free test above)."""
+    exposure = next(iter(SimulatedDetector(IntegrationConfig(), seed=4).exposures("d", 1)))
+    theta = GratingPrior().sample(1, np.random.default_rng(4))[0]
+    assert list(exposure.truth.values()) == theta.tolist()
+    assert exposure.metadata == {"source": "simulated", "detector": "Eiger4M"}
+
+
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
@@ -73,3 +86,57 @@ def test_missing_poni_is_a_clear_error(tmp_path):
 def test_a_sector_too_narrow_for_the_grid_is_refused():
     with pytest.raises(ValueError, match="no pixel"):
         SimulatedDetector(IntegrationConfig(azimuth_range_deg=(170.0, 180.0)))
+
+
+#: The Pilatus 1M instrument (bundled with its model): its sector crosses a module gap.
+PILATUS = Path(str(files("pipeline") / "data" / "pilatus1m-5m-sector.instrument.json"))
+
+
+@pytest.fixture(scope="module")
+def pilatus(tmp_path_factory) -> tuple[Instrument, IntegrationConfig]:
+    """The Pilatus instrument, and the integration of its PONI and sector."""
+    instrument = load_instrument(PILATUS)
+    poni = tmp_path_factory.mktemp("pilatus") / "pilatus.poni"
+    poni.write_text(instrument.poni or "")
+    return instrument, IntegrationConfig(poni=poni, azimuth_range_deg=instrument.azimuth_range_deg)
+
+
+def test_a_simulated_pilatus_has_no_pixel_in_its_masked_bins(pilatus):
+    instrument, integration = pilatus
+    detector = SimulatedDetector(integration, instrument, seed=1)
+    theta = np.array([60.0, 25.0, 2.0, 1e5, 5.0])
+    frame = detector.frame(theta, noise=False)
+    integrator = LineOutIntegrator(integration, instrument.grid)
+    masked = list(instrument.masked_bins)
+    assert masked == [184, 185, 186, 187] and (integrator.pixels_per_bin[masked] == 0).all()
+    assert (integrator.integrate(frame).counts[masked] == 0).all()  # NaN in the results file
+    observed = instrument.observed
+    assert frame.sum() == pytest.approx(instrument.expected_counts(theta)[observed].sum())
+    exposure = next(iter(detector.exposures("pilatus", 1)))
+    assert exposure.frame.shape == (1043, 981) and exposure.metadata["detector"] == "Pilatus1M"
+    assert instrument.grating_prior.pitch_nm[0] <= exposure.truth["pitch_nm"]
+
+
+def test_a_simulated_pilatus_integrates_to_its_instrument_s_expected_counts(pilatus):
+    instrument, integration = pilatus
+    detector = SimulatedDetector(integration, instrument, seed=2)
+    integrator = LineOutIntegrator(integration, instrument.grid)
+    observed = instrument.observed
+    for theta in instrument.grating_prior.sample(3, np.random.default_rng(6)):
+        line_out = integrator.integrate(detector.frame(theta, noise=False))
+        mu = instrument.expected_counts(theta)
+        np.testing.assert_allclose(line_out.counts[observed], mu[observed], rtol=1e-5)
+
+
+def test_a_simulated_pilatus_has_the_same_background_per_pixel_in_every_bin(pilatus):
+    """With (almost) no signal, each bin holds ``background * g_i``: over the bin's pixels
+    (the instrument's count, as its weights were derived), the same in every observed bin."""
+    instrument, integration = pilatus
+    detector = SimulatedDetector(integration, instrument, seed=3)
+    integrator = LineOutIntegrator(integration, instrument.grid)
+    frame = detector.frame(np.array([60.0, 25.0, 2.0, 1e-9, 4.0]), noise=False)
+    observed = instrument.observed
+    pixels = np.array(instrument.pixels_per_bin)[observed]
+    per_pixel = integrator.integrate(frame).counts[observed] / pixels
+    np.testing.assert_allclose(per_pixel, per_pixel.mean(), rtol=1e-4)
+    assert np.unique(frame[frame > 0]).size <= observed.sum()  # one value per bin's pixels

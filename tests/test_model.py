@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.instrument import PriorRanges, default_instrument, load_instrument
 from pipeline.model import Architecture, ModelFileError, PosteriorModel, load, read_card, save
 from pipeline.model.cinn import ConditionalINN
 from pipeline.model.train import TrainingConfig, train
 from pipeline.model.validation import simulation_diagnostics
-from pipeline.instrument import PriorRanges, default_instrument, load_instrument
 from pipeline.physics import PARAMETER_NAMES, GratingPrior, simulate
 
 PILATUS = Path(__file__).parents[1] / "pipeline" / "data" / "pilatus1m-5m-sector.instrument.json"
@@ -309,3 +309,24 @@ def test_compiled_sampling_draws_what_eager_sampling_draws():
     compiled = model.sample(counts[:2], 300, seed=5)
     spread = eager.std(axis=1, keepdims=True)  # per exposure and parameter
     assert (np.abs(compiled - eager) / spread).max() < 1e-3
+
+
+def test_training_for_an_instrument_simulates_it_and_resumes_only_for_it(tmp_path):
+    instrument = load_instrument(PILATUS)
+    config = TrainingConfig(
+        steps=4,
+        batch_size=16,
+        n_validation=32,
+        validation_every=2,
+        checkpoint_every=2,
+        architecture=TINY,
+    )
+    model, history = train(
+        config, progress=False, checkpoint_dir=tmp_path, stop_at_step=2, instrument=instrument
+    )
+    assert model.instrument == instrument and model.grid.n_points == 384
+    assert history["instrument_sha256"] == instrument.sha256()
+    with pytest.raises(ValueError, match="another instrument"):
+        train(config, progress=False, checkpoint_dir=tmp_path)
+    model, history = train(config, progress=False, checkpoint_dir=tmp_path, instrument=instrument)
+    assert history["completed"]

@@ -1,10 +1,14 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.instrument import load_instrument
 from pipeline.physics import PARAMETER_NAMES, GratingPrior, QGrid, expected_counts, simulate
+
+PILATUS = Path(__file__).parents[1] / "pipeline" / "data" / "pilatus1m-5m-sector.instrument.json"
 
 GRID = QGrid()
 
@@ -104,3 +108,21 @@ def test_windowed_peaks_equal_the_literal_formula(rng):
     np.testing.assert_allclose(
         expected_counts(theta, GRID), _dense_expected_counts(theta, GRID), rtol=1e-12, atol=1e-12
     )
+
+
+def test_an_instruments_weights_shape_the_background_and_its_mask_leaves_nan(rng):
+    """mu_i = n I_i / sum_j I_j + b g_i, the sum over every bin, masked ones included."""
+    instrument = load_instrument(PILATUS)
+    theta = instrument.grating_prior.sample(4, rng)
+    mu = instrument.expected_counts(theta)
+    plain = expected_counts(theta, instrument.grid)  # background 1 per bin
+    np.testing.assert_allclose(
+        mu - plain, theta[:, 4:5] * (instrument.weights - 1.0), rtol=1e-9, atol=1e-9
+    )
+    signal = mu - theta[:, 4:5] * instrument.weights
+    np.testing.assert_allclose(signal.sum(-1), theta[:, 3], rtol=1e-9)
+    mu_torch = instrument.expected_counts(torch.as_tensor(theta))
+    np.testing.assert_allclose(mu_torch.numpy(), mu, rtol=1e-9)
+    _, counts = instrument.simulate(3, rng)
+    assert np.isnan(counts[:, ~instrument.observed]).all()
+    assert np.isfinite(counts[:, instrument.observed]).all()

@@ -1,9 +1,12 @@
 """The posterior-predictive quality flag: raised on line-outs a grating cannot explain, and
 rarely on gratings."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from pipeline.instrument import load_instrument
 from pipeline.model import load
 from pipeline.physics import simulate
 from pipeline.physics.quality import (
@@ -62,3 +65,24 @@ def test_the_torch_check_equals_numpy_s_and_flags_the_same_line_outs(model):
     flagged = z.numpy() > Z_THRESHOLD
     np.testing.assert_array_equal(flagged, _z(model, counts, seed=4) > Z_THRESHOLD)
     assert flagged[60:].all() and flagged[:60].mean() <= 0.05
+
+
+def test_the_check_uses_the_instruments_bins_and_background_weights():
+    """On the Pilatus sector instrument (masked bins NaN, background per pixel) the truth
+    explains its line-outs with the instrument's weights, and does not with a background
+    spread evenly over the bins."""
+    instrument = load_instrument(
+        Path(__file__).parents[1] / "pipeline" / "data" / "pilatus1m-5m-sector.instrument.json"
+    )
+    rng = np.random.default_rng(4)
+    theta = instrument.grating_prior.sample(40, rng)
+    theta[:, 4] = 8.0  # background enough to tell how it is spread
+    counts = np.where(instrument.observed, rng.poisson(instrument.expected_counts(theta)), np.nan)
+    truth = np.repeat(theta[:, None, :], N_DRAWS, axis=1)
+    options = {"observed": instrument.observed, "seed": 0}
+    z = predictive_z(
+        counts, truth, instrument.grid, background_weights=instrument.weights, **options
+    )
+    assert np.isfinite(z).all() and np.median(np.abs(z)) < 2
+    uniform = predictive_z(counts, truth, instrument.grid, **options)
+    assert np.median(uniform) > 10 * max(1.0, np.median(np.abs(z)))

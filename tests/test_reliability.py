@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_flow import SMALL_DETECTOR_PONI
 from test_scan import _line_outs, _running
 
 from pipeline.config import InferenceConfig, PipelineConfig, scan_id_from
@@ -129,19 +128,19 @@ def _write_frames(folder: Path, n: int) -> None:
 
 
 def test_the_flow_process_and_the_reader_killed_mid_scan_lose_nothing_written(
-    prefect_harness, tmp_path, reliability
+    prefect_harness, tmp_path, reliability, small_detector
 ):
     """``beamline-inn reprocess`` (the flow process: source, integrator, feeder) killed with
     SIGKILL; resumed, its read-ahead reader killed; resumed again, it completes the scan."""
     _write_frames(tmp_path / "frames", 300)
-    poni = tmp_path / "small.poni"
-    poni.write_text(SMALL_DETECTOR_PONI)
+    poni, model = small_detector.poni, small_detector.model
     out = tmp_path / "out"
     path = out / "killed-flow.h5"
     command = [
         sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())",
         "reprocess", str(tmp_path / "frames" / "frame_*.edf"), "--poni", str(poni),
         "--full-ring", "--out", str(out), "--scan-id", "killed-flow", "--workers", "1",
+        "--model", str(model),
     ]  # fmt: skip
     environment = {**os.environ, "PREFECT_API_URL": prefect_harness}
 
@@ -490,15 +489,16 @@ def test_a_soak_run_keeps_memory_descriptors_sockets_and_threads_flat(tmp_path, 
 
 
 @pytest.mark.slow
-def test_an_online_run_goes_on_writing_while_the_prefect_api_is_unreachable(tmp_path, reliability):
+def test_an_online_run_goes_on_writing_while_the_prefect_api_is_unreachable(
+    tmp_path, reliability, small_detector
+):
     """``beamline-inn online`` watching a folder against a Prefect server that is stopped
     mid-run and started again: every frame is written, and the log says when the API
     answers again."""
     import fabio
     from conftest import free_port, start_prefect_server
 
-    poni = tmp_path / "small.poni"
-    poni.write_text(SMALL_DETECTOR_PONI)
+    poni, model = small_detector.poni, small_detector.model
     incoming, out, home = tmp_path / "incoming", tmp_path / "out", tmp_path / "prefect"
     incoming.mkdir()
     port = free_port()
@@ -518,6 +518,7 @@ def test_an_online_run_goes_on_writing_while_the_prefect_api_is_unreachable(tmp_
         sys.executable, "-m", "flows.cli", "online", "--watch", str(incoming),
         "--pattern", "frame_*.edf", "--idle-timeout", "20", "--poni", str(poni), "--full-ring",
         "--out", str(out), "--scan-id", "api-outage", "--workers", "1", "--samples", "100",
+        "--model", str(model),
     ]  # fmt: skip
     log = tmp_path / "online.log"
     with open(log, "w") as output:

@@ -167,9 +167,9 @@ def test_a_resume_with_another_geometry_or_model_is_refused_in_one_line(tmp_path
     _write(folder / "f_0.cbf", FRAMES[0])
     config = _config(tmp_path / "out")
     _scan(config, [folder])
-    moved = tmp_path / "moved.poni"
-    moved.write_text(DEFAULT_PONI.read_text().replace("Distance: 5.0", "Distance: 4.9"))
-    assert "Distance: 4.9" in moved.read_text()
+    moved = tmp_path / "moved.poni"  # recalibrated: 1 mm closer, still the model's instrument
+    moved.write_text(DEFAULT_PONI.read_text().replace("Distance: 5.0", "Distance: 4.999"))
+    assert "Distance: 4.999" in moved.read_text()
     other = config.model_copy(update={"integration": IntegrationConfig(poni=moved)})
     with pytest.raises(
         SetupError, match=r"its geometry \(PONI\) differs from this run's"

@@ -12,6 +12,7 @@ import numpy as np
 from fabio.edfimage import EdfImage
 
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
+from pipeline.preflight import settings_for_model
 from pipeline.scratch import make_scratch_dir, remove_stale_scratch_dirs
 from pipeline.sources import FileSource, ReadAhead
 from pipeline.store import open_results
@@ -61,16 +62,12 @@ def test_names_without_a_pid_files_and_links_are_left_alone(tmp_path):
 
 
 def test_a_scan_removes_the_run_folder_a_killed_one_left_and_takes_float32_frames_read_ahead(
-    tmp_path,
+    tmp_path, small_detector
 ):
     # a run killed with SIGKILL leaves binn-<its pid>-...; the next run's start removes it
     stale = Path(tempfile.gettempdir()) / f"binn-{finished_pid()}-killed"
     (stale / "sockets").mkdir(parents=True)
-    poni = tmp_path / "small.poni"  # 48 x 64 pixels: the shape is taken from the first frame
-    poni.write_text(
-        "PixelSize1: 7.5e-05\nPixelSize2: 7.5e-05\nDistance: 0.2\nPoni1: 0.0018\n"
-        "Poni2: 0.0024\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1.55e-10\n"
-    )
+    poni = small_detector.poni  # 48 x 64 pixels: the shape is taken from the first frame
     frames = tmp_path / "frames"
     frames.mkdir()
     rng = np.random.default_rng(4)
@@ -82,8 +79,9 @@ def test_a_scan_removes_the_run_folder_a_killed_one_left_and_takes_float32_frame
         n_workers=1,
         output_dir=tmp_path / "out",
         integration=IntegrationConfig(poni=poni, azimuth_range_deg=None),
-        inference=InferenceConfig(n_samples=50),
+        inference=InferenceConfig(n_samples=50, model=small_detector.model),
     )
+    config = settings_for_model(config)  # the small detector's model's grid
     with ReadAhead(FileSource(frames, "after-a-kill")) as source, ScanRunner(config) as runner:
         assert not stale.exists()
         run_dir = runner.run_dir

@@ -17,6 +17,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+from conftest import SMALL_DETECTOR_PONI
 from fabio.edfimage import EdfImage
 from fabio.tifimage import TifImage
 
@@ -171,18 +172,6 @@ def test_depth_must_be_positive():
         ReadAhead(FileSource([], "scan"), depth=0)
 
 
-#: A 48 x 64 detector of 75 um pixels 0.2 m from the sample, beam in its middle (v1 PONI: the
-#: integrator takes the shape from the first frame).
-SMALL_DETECTOR_PONI = """PixelSize1: 7.5e-05
-PixelSize2: 7.5e-05
-Distance: 0.2
-Poni1: 0.0018
-Poni2: 0.0024
-Rot1: 0
-Rot2: 0
-Rot3: 0
-Wavelength: 1.55e-10
-"""
 #: The numeric dtypes fabio writes and reads back as they are in EDF and TIFF files (TIFF
 #: turns float64 into float32).
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")

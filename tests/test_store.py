@@ -411,3 +411,74 @@ def test_blocks_of_columns_are_checked_before_anything_is_written(tmp_path):
     results = open_results(path)
     assert results.index.tolist() == [5] and results.status.tolist() == ["ok"]
     assert np.isnan(results.counts).all() and (results.samples == 0).all()
+
+
+def test_masked_bins_are_stored_as_nan_beside_the_mask_with_the_instrument(tmp_path, capsys):
+    """With the model's instrument, its masked bins are NaN in every row's counts, counts_sd,
+    I and Idev (whatever was sent: 0 from an integrator, a failed exposure's line-out
+    included) and True in I_mask; the instrument is in the file. A resume, salvage, ``show``
+    and the line-out reader take such a file; one without an instrument (as files written
+    before) reads with none and no bin masked."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    from flows.cli import main
+    from pipeline.instrument import load_instrument
+    from pipeline.store import read_line_outs
+    from pipeline.store.salvage import salvage
+
+    data = Path(str(files("pipeline") / "data"))
+    instrument = load_instrument(data / "pilatus1m-5m-sector.instrument.json")
+    names = ("pitch_nm", "width_nm", "sigma_nm", "n_photons", "background")
+    theta = np.array([60.0, 25.0, 2.0, 1e5, 5.0])
+    counts = np.random.default_rng(0).poisson(instrument.expected_counts(theta)).astype(np.float32)
+    counts[list(instrument.masked_bins)] = 0.0
+    counts.flags.writeable = False  # as a message's buffer: not changed in place
+    samples = np.tile(theta, (10, 1)).astype(np.float32)
+    ok = ExposureResult(
+        index=0,
+        timestamp=0.0,
+        counts=counts,
+        counts_sd=np.sqrt(np.maximum(counts, 1)),
+        normalization=2.0,
+        samples=samples,
+        mean=theta,
+        sd=np.ones(5),
+        quantiles=np.tile(theta, (3, 1)),
+        truth=theta,
+    )
+    failed = ExposureResult(1, 0.0, status="failed", error="worker", counts=counts)
+    path = tmp_path / "scan.h5"
+    masked = ~instrument.observed
+    arguments = (names, ("nm",) * 3 + ("photons", "counts"), 10, instrument.grid.q_nm)
+    with ResultsWriter(path, *arguments, scan_id="p", instrument=instrument) as writer:
+        writer.append_many([ok, failed])
+    assert (counts[masked] == 0).all()
+    results = open_results(path)
+    assert results.instrument == instrument
+    assert np.isnan(results.counts[:, masked]).all()
+    assert np.isfinite(results.counts[:, ~masked]).all()
+    with h5py.File(path) as handle:
+        assert handle["entry/line_out/I_mask"][()].tolist() == masked.tolist()
+        for name in ("counts_sd", "I", "Idev"):
+            assert np.isnan(handle[f"entry/line_out/{name}"][0, masked]).all()
+        np.testing.assert_allclose(handle["entry/line_out/I"][0, ~masked], counts[~masked] / 2)
+
+    with ResultsWriter(path, *arguments, scan_id="p", instrument=instrument, resume=True) as w:
+        w.append(ExposureResult(2, 0.0, counts=counts, counts_sd=counts, normalization=1.0))
+    assert np.isnan(open_results(path).counts[:, masked]).all()
+    salvage(path, tmp_path / "salvaged.h5")
+    assert open_results(tmp_path / "salvaged.h5").instrument == instrument
+    assert main(["show", str(path), "--png", str(tmp_path / "png"), "--exposure", "0"]) == 0
+    assert (tmp_path / "png" / "lineout_000000.png").is_file()
+    capsys.readouterr()
+    ((_, read, _, _),) = read_line_outs([path], [0], None, None)
+    assert np.isnan(read[masked]).all()
+
+    with ResultsWriter(tmp_path / "old.h5", *arguments, scan_id="old") as writer:
+        writer.append(ok)
+    with h5py.File(tmp_path / "old.h5") as handle:
+        assert not handle["entry/line_out/I_mask"][()].any()
+        assert "beamline_inn_instrument" not in handle["entry/instrument/geometry"]
+    old = open_results(tmp_path / "old.h5")
+    assert old.instrument is None and (old.counts[0, masked] == 0).all()

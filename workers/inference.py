@@ -49,15 +49,18 @@ def _failure(message: Message, error: str, n_points: int) -> list:
     return encode("failed", header, **arrays)
 
 
-def _line_out_error(message: Message, n_points: int) -> str | None:
-    """Why this line-out cannot go to a model of ``n_points`` q bins, or None."""
+def _line_out_error(message: Message, observed: np.ndarray) -> str | None:
+    """Why this line-out cannot go to a model whose instrument observes the bins
+    ``observed`` (n_points,) of its grid, or None; the other bins' values are not used."""
+    n_points = observed.size
     counts, counts_sd = message.arrays.get("counts"), message.arrays.get("counts_sd")
     if counts is None or counts_sd is None:
         return "message holds no 'counts' and 'counts_sd' arrays"
     if counts.shape != (n_points,) or counts_sd.shape != (n_points,):
         return f"line-out of shape {counts.shape}, the model takes ({n_points},)"
+    counts = counts[observed]
     if not np.isfinite(counts).all():
-        return "line-out holds NaN or infinite counts"
+        return "line-out holds NaN or infinite counts in observed bins"
     if (counts < 0).any():
         return f"line-out has negative counts in {int((counts < 0).sum())} bins"
     return None
@@ -73,7 +76,7 @@ def run_batch(
     out = []
     good = []
     for message in messages:
-        error = _line_out_error(message, model.grid.n_points)
+        error = _line_out_error(message, model.instrument.observed)
         if error is None:
             good.append(message)
         else:
@@ -133,7 +136,14 @@ def posterior_columns(
         columns = {
             "samples": draws,
             **posterior_summaries(draws, model.parameter_names),
-            "predictive_z": predictive_z(tensor, draws, model.grid, seed=seed),
+            "predictive_z": predictive_z(
+                tensor,
+                draws,
+                model.grid,
+                seed=seed,
+                background_weights=model.instrument.weights,
+                observed=model.instrument.observed,
+            ),
         }
         return to_host(columns)
 

@@ -61,11 +61,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
-from pipeline.integration import FrameError, LineOutIntegrator, exposure_normalization
-from pipeline.model import DEFAULT_MODEL, read_card
-from pipeline.model.checkpoint import card_path
+from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
+from pipeline.model import read_card
+from pipeline.model.checkpoint import card_path, resolve_model
 from pipeline.physics import PARAMETER_NAMES
 from pipeline.physics.quality import Z_THRESHOLD
+from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
 from pipeline.scratch import make_scratch_dir
 from pipeline.sources.identity import FileStamp
 from pipeline.store import read_completion
@@ -280,7 +281,10 @@ class ScanRunner:
         self.complete = False
         self._lock = ResultsLock(config.output_path)
         self._n_skipped = 0
-        self.integrator = LineOutIntegrator(config.integration, config.grid.grid())
+        try:  # a geometry the model was not trained for stops here, before any process
+            self.integrator = checked_integrator(config)
+        except GeometryMismatch as error:
+            raise ScanError(str(error)) from None
         self._children: list[_Child] = []
         self._workers: dict[bytes, _Worker] = {}
         self._unacknowledged: dict[int, list] = {}  # index -> its line-out message
@@ -397,7 +401,7 @@ class ScanRunner:
         self.work.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * transport.worker_timeout_s))
         self.work.bind(transport.remote_work)
         self.remote_endpoint = self.work.getsockopt_string(zmq.LAST_ENDPOINT)
-        weights = self.config.inference.model or DEFAULT_MODEL
+        weights = resolve_model(self.config.inference.model)
         self._model_files = {
             "sha256": read_card(weights)["weights_sha256"],
             "weights": np.frombuffer(Path(weights).read_bytes(), np.uint8),
@@ -675,16 +679,39 @@ class ScanRunner:
             self._fail(header, "read", exposure.error or "the source delivered no frame")
             return
         start = time.perf_counter()
+        shape_was_open = self.integrator.shape is None
         try:
             normalization = exposure_normalization(exposure, self.config.integration)
             line_out = self.integrator.integrate(
                 exposure.frame, normalization, source=exposure.metadata.get("source")
             )
+        except NoPixelInRange:  # the first frame made a geometry with no pixel on the grid
+            self._check_first_geometry()
+            raise
         except FrameError as error:
+            if shape_was_open and self.integrator.shape is not None:
+                self._check_first_geometry()
             self._fail(header, "integration", str(error))
             return
+        if shape_was_open:
+            self._check_first_geometry()
         self.metrics.record("integrated", time.perf_counter() - start)
         self._send(exposure, line_out)
+
+    def _check_first_geometry(self) -> None:
+        """:class:`ScanError` (one line) when the geometry that the first frame completed
+        does not match the model's instrument (:func:`~pipeline.preflight.check_geometry`).
+
+        Why here: a PONI that names no detector, with no mask, dark, flat or
+        ``detector_shape`` (:func:`~pipeline.integration.frame_shape_is_open`; ``online``
+        with a v1 PONI), leaves the frames' shape, and so the pixels of each q bin, unknown
+        until the first frame, when the integrator is built; the preflight and
+        :meth:`__init__` could not count them. The scan stops at that frame, before any
+        line-out of this geometry reaches a model that was not trained for it."""
+        try:
+            check_model_geometry(self.integrator, self.config)
+        except GeometryMismatch as error:
+            raise ScanError(str(error)) from None
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""

@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline.config import PipelineConfig
 from pipeline.integration import DEFAULT_PONI
 from pipeline.model import read_card
+from pipeline.model.checkpoint import card_instrument
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.provenance import processing_record
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
@@ -136,7 +137,8 @@ def store(writer: ResultsWriter, blocks: list[dict[str, np.ndarray]]) -> list:
 def open_writer(
     run_dir: Path, resume: bool, config: PipelineConfig, card: dict, poni_text: str
 ) -> ResultsWriter:
-    """The run's results file, new or continued (``resume``; rows to redo left out)."""
+    """The run's results file, new or continued (``resume``; rows to redo left out), with
+    the instrument of the model ``card`` (its masked bins stored as NaN, and masked)."""
     return ResultsWriter(
         config.output_path,
         PARAMETER_NAMES,
@@ -152,6 +154,7 @@ def open_writer(
         drop_indices=read_dropped_rows(run_dir),
         samples_compression=config.store.samples_compression,
         q_resolution_nm=config.grid.resolution_nm,
+        instrument=card_instrument(card),
     )
 
 

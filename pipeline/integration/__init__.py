@@ -79,6 +79,18 @@ class GeometryError(ValueError):
     """A PONI, mask, dark or flat file that is missing, malformed or does not fit."""
 
 
+class NoPixelInRange(GeometryError):
+    """No usable pixel of the geometry falls in the grid's q range inside the sector.
+
+    ``integrator`` is the :class:`LineOutIntegrator` that found it, built as far as its
+    geometry, mask and shape (every bin with 0 pixels), so that a caller can say which q range
+    the geometry does reach (:func:`pipeline.preflight.check_geometry`)."""
+
+    def __init__(self, message: str, integrator: LineOutIntegrator | None = None) -> None:
+        super().__init__(message)
+        self.integrator = integrator
+
+
 def load_geometry(poni: Path | None) -> AzimuthalIntegrator:
     """An :class:`AzimuthalIntegrator` from a PONI file (v1 or v2, as pyFAI-calib2 writes
     them; the bundled one when ``None``). Raises :class:`GeometryError` with the reason."""
@@ -294,6 +306,12 @@ class LineOutIntegrator:
             mask |= unusable
             dark = np.where(unusable, 0.0, dark)
         self.mask = mask.astype(np.int8)
+        # pyFAI's engine truncates a pixel's bin position towards zero, so pixels whose
+        # centres lie up to a bin below the grid's first edge would be summed into bin 0:
+        # they are left out, as every pixel outside the grid is
+        q_nm = self.geometry.center_array(shape, unit="q_nm^-1")
+        low, high = self.grid.radial_range_nm
+        self._binning_mask = (mask | (q_nm < low) | (q_nm >= high)).astype(np.int8)
         self.dark = None if dark is None else dark.astype(np.float32)
         flat = self._images.get("flat")
         self.flat = None if flat is None else flat.astype(np.float32)
@@ -307,9 +325,10 @@ class LineOutIntegrator:
             else np.asarray(self._integrate(self.dark, dummy=None, dark=False).sum_signal)
         )
         if not self.pixels_per_bin.any():
-            raise GeometryError(
+            raise NoPixelInRange(
                 f"no pixel of the geometry in {config.poni or DEFAULT_PONI} falls in the q range "
-                f"{self.grid.radial_range_nm} 1/nm inside the sector {config.azimuth_range_deg}"
+                f"{self.grid.radial_range_nm} 1/nm inside the sector {config.azimuth_range_deg}",
+                self,
             )
 
     def _integrate(self, frame: np.ndarray, dummy: tuple[float, float] | None, dark: bool = True):
@@ -320,7 +339,7 @@ class LineOutIntegrator:
             unit="q_nm^-1",
             radial_range=self.grid.radial_range_nm,
             azimuth_range=None if low is None else (low, high),
-            mask=self.mask,
+            mask=self._binning_mask,
             dummy=None if dummy is None else dummy[0],
             delta_dummy=None if dummy is None else dummy[1],
             dark=self.dark if dark else None,

@@ -42,8 +42,8 @@ import dataclasses
 
 import torch
 
-from pipeline.model.cinn import ConditionalINN
 from pipeline.instrument import Instrument, default_instrument
+from pipeline.model.cinn import ConditionalINN
 from pipeline.model.posterior import Architecture, CountsSampler, ParameterTransform
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pipeline.instrument import Instrument
 from pipeline.model.bidirectional import BidirectionalINN
 from pipeline.model.posterior import Architecture, PosteriorModel
-from pipeline.instrument import Instrument
 
 #: Objectives :func:`build_model` knows, as in ``Architecture.objective``.
 OBJECTIVES = ("maximum-likelihood", "bidirectional")

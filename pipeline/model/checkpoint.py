@@ -171,6 +171,10 @@ def read_card(path: Path | None = None) -> dict[str, Any]:
     ``None``), without loading weights."""
     weights = resolve_model(path)
     card_file = card_path(weights)
+    if not card_file.is_file() and not weights.exists():  # neither a model nor a name of one
+        raise ModelFileError(
+            f"model file not found: {weights} (bundled models: {', '.join(BUNDLED_MODELS)})"
+        )
     if not card_file.is_file():
         raise ModelFileError(
             f"model card not found: {card_file} (a model is a .safetensors file with its card, "
@@ -212,9 +216,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load(
-    path: Path | str | None = None, device: str = "auto"
-) -> PosteriorModel | BidirectionalINN:
+def load(path: Path | str | None = None, device: str = "auto") -> PosteriorModel | BidirectionalINN:
     """Load a model for inference: a file, a bundled model's name (:data:`BUNDLED_MODELS`),
     or the default model when ``None``.
 

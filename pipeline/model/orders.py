@@ -20,8 +20,10 @@ weights, the least-squares estimate and its standard errors.
 Last, the nuisances: the background ``b`` is the count of the observed bins more than
 :data:`BACKGROUND_CLEARANCE_SD` resolution sd from every order at the refined pitch (pure
 background in this model) divided by their summed background weights, and the photon number
-is the total count less the background of all observed bins; both with Poisson standard
-errors.
+is the total count less the background of all observed bins, divided by the share of the
+photons that the observed bins see (the grating of the read-out's pitch, duty cycle and
+roughness puts the rest into the masked bins); both with Poisson standard errors (and half the
+masked share's photons added in quadrature, for its uncertainty).
 
 Everything instrument-specific comes from the :class:`~pipeline.instrument.Instrument`
 (:class:`ReadoutGeometry`): the orders read (up to the highest below the grid's end at the
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.instrument import Instrument
-from pipeline.physics import QGrid
+from pipeline.physics import QGrid, expected_counts
 
 #: Half-width of each order's window in resolution sd.
 HALF_WINDOW_SD = 3.0
@@ -73,6 +75,9 @@ BACKGROUND_CLEARANCE_SD = 5.0
 #: Bins with a background weight below this are left out of the first background estimate
 #: (a bin of few pixels sees too few background counts to rank).
 MIN_RANKED_WEIGHT = 0.5
+#: Relative error assumed for the share of the photons in masked bins, as the read-out's
+#: duty cycle and roughness give it.
+MASKED_SHARE_RELATIVE_ERROR = 0.5
 #: Fixed features besides the three per order.
 N_FIT_FEATURES = 8
 
@@ -255,16 +260,21 @@ def read_orders(
         duty_error,
         ratio * pitch,
         log_ratio_error,
-        *_read_nuisances(counts, pitch, geometry),
+        *_read_nuisances(counts, pitch, duty, ratio * pitch, geometry),
         features,
     )
 
 
 def _read_nuisances(
-    counts: torch.Tensor, pitch: torch.Tensor, geometry: ReadoutGeometry
+    counts: torch.Tensor,
+    pitch: torch.Tensor,
+    duty: torch.Tensor,
+    sigma_nm: torch.Tensor,
+    geometry: ReadoutGeometry,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """log10 photons, its error, background per bin and its error (see the module doc);
-    ``counts`` are 0 in the masked bins."""
+    ``counts`` are 0 in the masked bins, whose share of the photons is estimated from the
+    read-out's pitch, duty cycle and roughness."""
     grid = geometry.grid
     observed, bin_weights = geometry.tensors(counts.device)
     q = torch.linspace(grid.q_min_nm, grid.q_max_nm, grid.n_points, device=counts.device)
@@ -272,9 +282,7 @@ def _read_nuisances(
     spacing = 2.0 * math.pi / pitch[:, None]
     phase = q / spacing
     distance = (phase - torch.round(phase).clamp(min=1.0)).abs() * spacing
-    clear = ((distance > BACKGROUND_CLEARANCE_SD * grid.resolution_nm) & observed).to(
-        counts.dtype
-    )
+    clear = ((distance > BACKGROUND_CLEARANCE_SD * grid.resolution_nm) & observed).to(counts.dtype)
     clear_weight = (clear * bin_weights).sum(-1).clamp(min=1.0)
     background = (counts * clear).sum(-1) / clear_weight
     background_error = torch.sqrt((background + 1.0) / clear_weight)
@@ -282,6 +290,15 @@ def _read_nuisances(
     total_weight = float(sum(geometry.weights))
     n_photons = (total - total_weight * background).clamp(min=1.0)
     n_photons_error = torch.sqrt(total + 1.0 + (total_weight * background_error) ** 2)
+    if not all(geometry.observed):
+        # photons that fell into masked bins: the read-out's own grating tells how many
+        shape = torch.stack(
+            [pitch, duty * pitch, sigma_nm, torch.ones_like(pitch), torch.zeros_like(pitch)], -1
+        )
+        masked = expected_counts(shape, grid)[:, ~observed].sum(-1).clamp(0.0, 0.5)
+        n_photons = n_photons / (1.0 - masked)
+        uncertain = MASKED_SHARE_RELATIVE_ERROR * masked * n_photons
+        n_photons_error = torch.sqrt(n_photons_error**2 / (1.0 - masked) ** 2 + uncertain**2)
     log10_error = (n_photons_error / n_photons / math.log(10.0)).clamp(1e-5, 3.0)
     return torch.log10(n_photons), log10_error, background, background_error
 

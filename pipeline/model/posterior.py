@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP, mlp
 from pipeline.instrument import Instrument, default_instrument
+from pipeline.model.cinn import ConditionalINN, ConditioningNet, ZukoRealNVP, mlp
 from pipeline.model.orders import OrderReadout, ReadoutGeometry, read_orders
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGrid
 
@@ -367,7 +367,9 @@ class PosteriorModel(CountsSampler):
             )
         self.architecture = architecture
         self.instrument = instrument
-        self.transform = ParameterTransform(instrument.grating_prior, architecture.centred_nuisances)
+        self.transform = ParameterTransform(
+            instrument.grating_prior, architecture.centred_nuisances
+        )
         self.encoder = LineOutEncoder(
             instrument, architecture.condition_hidden, architecture.condition_dim
         )

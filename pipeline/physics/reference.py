@@ -180,7 +180,7 @@ def reference_posterior(
     n_samples: int = 10_000,
     seed: int = 0,
     threshold: float = 25.0,
-    pitch_step_nm: float = 0.1,
+    pitch_step_nm: float | None = None,
     cells_per_axis: int = 36,
     max_refits: int = 8,
     background_weights: np.ndarray | None = None,
@@ -195,7 +195,8 @@ def reference_posterior(
         threshold: log-likelihood depth below the maximum that a mode's grid covers
             (25 leaves out less than 1e-10 of the mass).
         pitch_step_nm: step of the stage-1 pitch scan; must stay below the pitch basin
-            (about p * dq / q_max, 0.3-0.8 nm on the default grid).
+            (about p * dq / q_max, 0.3-0.8 nm on the default grid); ``None``: half the
+            basin at the prior's smallest pitch, at most 0.1 nm.
         cells_per_axis: cells per axis of each mode's final 3D grid.
         max_refits: how often a mode's grid may grow before giving up (noted in
             :attr:`ReferencePosterior.notes`).
@@ -210,6 +211,8 @@ def reference_posterior(
         raise ValueError("counts must be finite and non-negative in the observed bins")
     if not n_photons > 0 or not background >= 0:
         raise ValueError("n_photons must be positive and background non-negative")
+    if pitch_step_nm is None:
+        pitch_step_nm = min(0.1, 0.5 * prior.pitch_nm[0] * grid.resolution_nm / grid.q_max_nm)
     started = time.perf_counter()
     log_l = _Likelihood(counts, n_photons, background, grid, background_weights, observed)
     notes: list[str] = []

@@ -1,18 +1,23 @@
 """A simulated SAXS detector: grating line-outs spread over a narrow azimuthal band of a 2D frame.
 
 A grating scatters along one direction, so the simulated signal lies in the integration
-sector only. The expected counts of each q bin are spread evenly over the pixels of that bin,
-and each pixel gets Poisson noise; the sum over a bin's pixels is then Poisson with the bin's
-expectation, which is exactly the observable the model was trained on. Pixels within 2% of a
-bin edge (or 0.02 degree of a sector edge) get no signal, so that rounding in pyFAI's own
-pixel assignment cannot move counts between bins.
+sector only. The frames are made for an :class:`~pipeline.instrument.Instrument` (q grid,
+background weights, masked bins, prior): the expected counts of each q bin,
+``instrument.expected_counts(theta)`` (the grating's share of ``n_photons`` plus
+``background * g_i``), are spread evenly over the pixels of that bin, and each pixel gets
+Poisson noise; the sum over a bin's pixels is then Poisson with the bin's expectation, which
+is exactly the observable the model was trained on. For an instrument derived from its
+geometry (``g_i`` proportional to the bin's pixels), the background per pixel is therefore
+the same in every bin. Pixels within 2% of a bin edge (or 0.02 degree of a sector edge) get
+no counts, so that rounding in pyFAI's own pixel assignment cannot move counts between bins.
+Bins with no pixel in the sector (a module gap) are allowed where the instrument masks them.
 
 Example:
     >>> from pipeline.config import IntegrationConfig
-    >>> detector = SimulatedDetector(IntegrationConfig(), seed=0)
+    >>> detector = SimulatedDetector(IntegrationConfig(), seed=0)  # the default instrument
     >>> exposure = next(iter(detector.exposures("scan-1", 1)))
-    >>> exposure.frame.shape, sorted(exposure.truth)[:2]
-    ((2167, 2070), ['background', 'n_photons'])
+    >>> exposure.frame.shape, sorted(exposure.truth)[:2], exposure.metadata["detector"]
+    ((2167, 2070), ['background', 'n_photons'], 'Eiger4M')
 """
 
 from __future__ import annotations
@@ -24,50 +29,52 @@ import numpy as np
 
 from pipeline.config import IntegrationConfig
 from pipeline.exposure import Exposure
+from pipeline.instrument import Instrument, default_instrument
 from pipeline.integration import load_geometry, sector_pixel_bins
-from pipeline.physics import PARAMETER_NAMES, GratingPrior, QGrid, expected_counts
+from pipeline.physics import PARAMETER_NAMES
 
 
 class SimulatedDetector:
-    """Frames of the bundled (or any) geometry with known ground truth.
+    """Frames of a geometry (the bundled one, or any PONI) with known ground truth.
 
     Args:
-        integration: the geometry and sector the frames are made for.
-        grid: the line-out q grid.
-        prior: where the true parameters are drawn from.
+        integration: the geometry (PONI), mask and sector the frames are made for.
+        instrument: the q grid, background weights, masked bins and prior the frames are
+            simulated with (``None``: :func:`~pipeline.instrument.default_instrument`).
         seed: seeds both the parameters and the noise; equal seeds give equal scans.
+
+    ``ValueError`` when a bin the instrument observes has no pixel in the sector.
     """
 
     EDGE_MARGIN = 0.02
 
     def __init__(
-        self,
-        integration: IntegrationConfig,
-        grid: QGrid = QGrid(),
-        prior: GratingPrior = GratingPrior(),
-        seed: int = 0,
+        self, integration: IntegrationConfig, instrument: Instrument | None = None, seed: int = 0
     ) -> None:
         geometry = load_geometry(integration.poni)
+        self.instrument = instrument = instrument or default_instrument()
         self.shape: tuple[int, int] = tuple(geometry.detector.shape)
-        self.grid = grid
-        self.prior = prior
+        #: the geometry's detector (its pyFAI class: ``Eiger4M``, ``Pilatus1M``, ...)
+        self.detector = type(geometry.detector).__name__
         self.rng = np.random.default_rng(seed)
+        grid = instrument.grid
         bins = sector_pixel_bins(geometry, grid, integration, margin=self.EDGE_MARGIN).ravel()
         self._pixels = np.flatnonzero(bins >= 0)
         self._pixel_bins = bins[self._pixels]
         pixels_per_bin = np.bincount(self._pixel_bins, minlength=grid.n_points)
-        if pixels_per_bin.min() == 0:
-            empty = np.flatnonzero(pixels_per_bin == 0)
+        empty = np.flatnonzero((pixels_per_bin == 0) & instrument.observed)
+        if empty.size:
             raise ValueError(
-                f"{empty.size} q bins have no pixel in the sector (first at q = "
-                f"{grid.q_nm[empty[0]]:.4f} 1/nm): choose a wider sector or another geometry"
+                f"{empty.size} q bins that the instrument {instrument.name!r} observes have no "
+                f"pixel in the sector (first: bin {empty[0]}, q = {grid.q_nm[empty[0]]:.4f} "
+                "1/nm): choose a wider sector, another geometry, or an instrument that masks them"
             )
         self._share = 1.0 / pixels_per_bin[self._pixel_bins]
 
     def frame(self, theta: np.ndarray, noise: bool = True) -> np.ndarray:
         """One frame for parameters ``theta`` (5,): Poisson counts (uint32), or the
         expected counts (float64) when ``noise`` is False."""
-        mu = expected_counts(np.asarray(theta, dtype=np.float64)[None], self.grid)[0]
+        mu = self.instrument.expected_counts(np.asarray(theta, dtype=np.float64)[None])[0]
         mu_pixels = mu[self._pixel_bins] * self._share
         if not noise:
             frame = np.zeros(self.shape, np.float64)
@@ -78,14 +85,15 @@ class SimulatedDetector:
         return frame
 
     def exposures(self, scan_id: str, n_frames: int) -> Iterator[Exposure]:
-        """``n_frames`` exposures with parameters drawn from the prior."""
+        """``n_frames`` exposures with parameters drawn from the instrument's prior."""
+        prior = self.instrument.grating_prior
         for index in range(n_frames):
-            theta = self.prior.sample(1, self.rng)[0]
+            theta = prior.sample(1, self.rng)[0]
             yield Exposure(
                 scan_id=scan_id,
                 index=index,
                 timestamp=time.time(),
                 frame=self.frame(theta),
                 truth=dict(zip(PARAMETER_NAMES, map(float, theta), strict=True)),
-                metadata={"source": "simulated", "detector": "Eiger4M"},
+                metadata={"source": "simulated", "detector": self.detector},
             )

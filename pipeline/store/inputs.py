@@ -22,23 +22,29 @@ from pipeline.store.results import open_results
 N_POINTS = 512
 
 
+#: Suffixes of results files among line-out inputs (others are ``.npy`` or text).
+RESULTS_SUFFIXES = (".h5", ".hdf5", ".nxs")
+
+
 def read_line_outs(
     paths: Sequence[Path],
     exposures: Sequence[int] | None,
     n_photons: float | None,
     background: float | None,
+    n_points: int = N_POINTS,
 ) -> list[tuple[str, np.ndarray, float, float]]:
-    """(name, counts (512,), n_photons, background) for every line-out in ``paths``.
+    """(name, counts (n_points,), n_photons, background) for every line-out in ``paths``.
 
     ``.h5`` files are results files: ``exposures`` picks rows by exposure index (default all
     written ones), and the recorded truth supplies the nuisances unless they are given.
-    Other files are ``.npy`` or text with one line-out per row and need both nuisances.
+    Other files are ``.npy`` or text with one line-out per row of ``n_points`` counts (the
+    instrument's bins) and need both nuisances.
     """
     out = []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        if path.suffix in (".h5", ".hdf5", ".nxs"):
+        if path.suffix in RESULTS_SUFFIXES:
             results = open_results(path)
             wanted = exposures if exposures else results.index[results.status == "ok"].tolist()
             for index in wanted:
@@ -71,9 +77,10 @@ def read_line_outs(
             else np.loadtxt(path, ndmin=2)
         )
         counts = np.atleast_2d(np.asarray(counts, dtype=np.float64))
-        if counts.ndim != 2 or counts.shape[1] != N_POINTS:
+        if counts.ndim != 2 or counts.shape[1] != n_points:
             raise ValueError(
-                f"{path}: expected rows of {N_POINTS} counts, got shape {counts.shape}"
+                f"{path}: expected rows of {n_points} counts (the instrument's bins), got shape "
+                f"{counts.shape}"
             )
         out.extend(
             (f"{path.name}[{row}]", counts[row], float(n_photons), float(background))

@@ -132,8 +132,10 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
     one-row virtual datasets tripped nexusformat), ``I_errors`` (a link to ``Idev``: silx
     reads a signal's errors from there, not from ``@uncertainties``), and links to
     ``line_out/q_nm`` (``Q``), ``line_out/I_mask`` and ``line_out/Qdev`` where the file has
-    it. SasView's reader (``sasdata`` 0.11) returns every frame of a multi-frame ``SASdata``
-    group as the last one, hence a group per exposure. Written with h5py's low-level calls
+    it: ``I_mask`` is True at the instrument's masked bins, where ``I`` and ``Idev`` are NaN
+    (SasView's reader leaves NaN points out). SasView's reader (``sasdata`` 0.11) returns
+    every frame of a multi-frame ``SASdata`` group as the last one, hence a group per
+    exposure. Written with h5py's low-level calls
     (the high-level ones cost 3x as much).
     """
     line_out = entry["line_out"]

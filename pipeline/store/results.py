@@ -14,7 +14,12 @@ NXcanSAS by pynxtools' validator)::
       processing                 the digest of each part the rows depend on, as JSON
                                  (:mod:`pipeline.provenance`; files of earlier versions lack it)
       instrument/                NXinstrument, canSAS_class SASinstrument
-        geometry/poni            NXcollection: the PONI file text
+        geometry/                NXcollection (a field of the NXinstrument itself would not
+                                 be valid NXcanSAS)
+          poni                   the PONI file text
+          beamline_inn_instrument  the model's instrument (:class:`~pipeline.instrument.Instrument`)
+                                 as its JSON file's text; attr sha256 (files of earlier
+                                 versions lack it)
       exposures/                 (no NeXus class) one row per exposure in arrival order
         index, timestamp (acquisition: the detector's time where it says), received_time
         (taken from a live source; NaN for archived frames), status ("ok" | "failed"), error
@@ -29,7 +34,9 @@ NXcanSAS by pynxtools' validator)::
       line_out/                  (no NeXus class) q_nm (512,), counts and counts_sd (exposures,
                                  512), normalization (exposures,): monitor x transmission, and
                                  I, Idev = counts / normalization and its sd (arbitrary units);
-                                 Qdev (512,): the q resolution (sd, 1/nm); I_mask (512,): none
+                                 Qdev (512,): the q resolution (sd, 1/nm); I_mask (512,): True
+                                 at the instrument's masked bins, which hold NaN in counts,
+                                 counts_sd, I and Idev
         plot/                    NXdata of links to those (attr default of line_out), for viewers
       sasdata_NNNNNN/            written when the scan ends, with the writer's handle: one
                                  NXcanSAS SASdata group per exposure with a line-out (index
@@ -71,6 +78,7 @@ import h5py
 import hdf5plugin  # registers the bitshuffle filter: samples of files that chose it
 import numpy as np
 
+from pipeline.instrument import Instrument
 from pipeline.physics.quality import Z_THRESHOLD
 from pipeline.provenance import ProcessingRecord
 from pipeline.store.integrity import DamagedResultsError, open_for_reading
@@ -91,6 +99,8 @@ SAMPLES_FILTERS: dict[str, dict[str, Any]] = {
 #: variable-length data (a reader following the file meets "bad heap index" errors). Longer
 #: text is cut, ending in "...".
 TEXT_BYTES = {"status": 8, "error": 512, "source": 256, "frame_id": 96, "processing_key": 32}
+#: Where a results file's entry holds the instrument the model was made for, as JSON text.
+INSTRUMENT_PATH = "instrument/geometry/beamline_inn_instrument"
 #: Bytes (before compression) per HDF5 chunk of the per-exposure arrays: 3 exposures' draws
 #: of 1,000 samples, 32 line-outs, up to 1,024 summaries per chunk instead of one.
 CHUNK_BYTES = 64 * 1024
@@ -171,6 +181,11 @@ class ResultsWriter:
 
     ``chunk_bytes`` sizes the HDF5 chunks of the per-exposure arrays (0: one exposure per
     chunk; scalars are chunked 1,024 exposures per chunk).
+
+    ``instrument``, the model's (its grid of as many bins as ``q_nm``), is stored in the file
+    (:data:`INSTRUMENT_PATH`); its masked bins are True in ``line_out/I_mask`` and NaN in
+    every row's counts, counts_sd, I and Idev, whatever was sent for them (an integrator gives
+    0 counts where no pixel falls). Without it no bin is masked.
     """
 
     def __init__(
@@ -191,6 +206,7 @@ class ResultsWriter:
         chunk_bytes: int = CHUNK_BYTES,
         samples_compression: str = "none",
         q_resolution_nm: float | None = None,
+        instrument: Instrument | None = None,
     ) -> None:
         self.path = Path(path)
         if samples_compression not in SAMPLES_FILTERS:
@@ -198,6 +214,13 @@ class ResultsWriter:
                 f"unknown samples compression {samples_compression!r}: "
                 f"one of {', '.join(SAMPLES_FILTERS)}"
             )
+        if instrument is not None and instrument.n_points != len(q_nm):
+            raise ValueError(
+                f"the instrument {instrument.name!r} has {instrument.n_points} q bins, the "
+                f"line-outs of {self.path} {len(q_nm)}"
+            )
+        #: (n_q,) True at the bins the line-outs do not observe: stored as NaN
+        self.masked = np.zeros(len(q_nm), bool) if instrument is None else ~instrument.observed
         resuming = self.path.exists()
         if resuming:
             if not resume:
@@ -239,11 +262,14 @@ class ResultsWriter:
         entry.create_dataset("model_card", data=_fixed_text(json.dumps(model_card or {})))
         if processing is not None:
             entry.create_dataset("processing", data=_fixed_text(processing.to_json()))
-        instrument = entry.create_group("instrument")
-        instrument.attrs.update(NX_class="NXinstrument", canSAS_class="SASinstrument")
-        geometry = instrument.create_group("geometry")
+        instrument_group = entry.create_group("instrument")
+        instrument_group.attrs.update(NX_class="NXinstrument", canSAS_class="SASinstrument")
+        geometry = instrument_group.create_group("geometry")
         geometry.attrs["NX_class"] = "NXcollection"
         geometry.create_dataset("poni", data=_fixed_text(poni_text))
+        if instrument is not None:
+            stored = entry.create_dataset(INSTRUMENT_PATH, data=_fixed_text(instrument.to_json()))
+            stored.attrs["sha256"] = instrument.sha256()
 
         def growing(
             group: h5py.Group, name: str, shape: tuple, dtype, fill=np.nan, **filters
@@ -303,8 +329,8 @@ class ResultsWriter:
         self._datasets["Idev"].attrs["units"] = "arbitrary"
         q = line_out.create_dataset("q_nm", data=np.asarray(q_nm, dtype=np.float64))
         q.attrs["units"] = "1/nm"
-        # no bin of a line-out is left out: the SASdata groups' mask (True: masked)
-        line_out.create_dataset("I_mask", data=np.zeros(n_q, dtype=bool))
+        # the SASdata groups' mask (True: masked): the instrument's masked bins
+        line_out.create_dataset("I_mask", data=self.masked)
         self._datasets["index"].attrs["units"] = "dimensionless"
         self._datasets["counts"].attrs["units"] = "counts"
         self._datasets["counts_sd"].attrs["units"] = "counts"
@@ -424,7 +450,7 @@ class ResultsWriter:
             return written
         if n < len(index):
             rows = {name: column[written] for name, column in rows.items()}
-        rows |= _derived_columns(rows, time.time())
+        rows |= _derived_columns(rows, time.time(), self.masked)
         rows["processing_key"] = np.full(n, self.processing_key.encode(), dtype="S32")
         first = self.n_rows
         try:
@@ -554,18 +580,27 @@ def _number_column(
     return array.astype(dtype, copy=False)
 
 
-def _derived_columns(rows: dict[str, np.ndarray], now: float) -> dict[str, np.ndarray]:
-    """``written_time``, ``flagged``, and the line-out divided by its normalization
-    (``I``, ``Idev``; by 1 where the normalization is missing or not positive)."""
+def _derived_columns(
+    rows: dict[str, np.ndarray], now: float, masked: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``written_time``, ``flagged``, the line-out with NaN in the ``masked`` bins, and
+    divided by its normalization (``I``, ``Idev``; by 1 where the normalization is missing
+    or not positive)."""
     normalization = rows["normalization"]
     usable = np.isfinite(normalization) & (normalization > 0)
     scale = np.divide(1.0, normalization, out=np.ones_like(normalization), where=usable)
     scale = scale.astype(np.float32)[:, None]
+    counts, counts_sd = rows["counts"], rows["counts_sd"]
+    if masked.any():  # new arrays: the rows may be a message's read-only buffers
+        counts = np.where(masked, np.float32(np.nan), counts)
+        counts_sd = np.where(masked, np.float32(np.nan), counts_sd)
     return {
         "written_time": np.full(len(normalization), now),
         "flagged": (rows["predictive_z"] > Z_THRESHOLD).astype(np.uint8),
-        "I": rows["counts"] * scale,
-        "Idev": rows["counts_sd"] * scale,
+        "counts": counts,
+        "counts_sd": counts_sd,
+        "I": counts * scale,
+        "Idev": counts_sd * scale,
     }
 
 
@@ -816,6 +851,16 @@ class Results:
     width_mode_weights: np.ndarray
     config_json: str
     model_card: dict
+    #: the instrument the model was made for (``None``: a file of an earlier version)
+    instrument: Instrument | None = None
+
+
+def stored_instrument(entry: h5py.Group) -> Instrument | None:
+    """The instrument a results file's ``entry`` holds (:data:`INSTRUMENT_PATH`); ``None``
+    in files written before it was stored."""
+    if INSTRUMENT_PATH not in entry:
+        return None
+    return Instrument.model_validate_json(entry[INSTRUMENT_PATH][()].decode())
 
 
 def open_results(path: Path) -> Results:
@@ -868,4 +913,5 @@ def open_results(path: Path) -> Results:
             width_mode_weights=fractions[:n][order],
             config_json=entry["config"][()].decode(),
             model_card=json.loads(entry["model_card"][()].decode()),
+            instrument=stored_instrument(entry),
         )

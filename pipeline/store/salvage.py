@@ -6,8 +6,8 @@ the cut. :func:`salvage` reads the file as HDF5 would see it whole, the missing 
 zeros, and copies each row whose data lies, in every per-exposure dataset, in chunks that end
 before the cut (a zero-filled chunk is never taken as data) into a new file written by
 :class:`~pipeline.store.ResultsWriter` with the damaged file's scan id, parameters, q grid,
-configuration, model card and PONI text: a normal results file of the scan, which
-``--resume`` completes.
+configuration, model card, PONI text and instrument (where it has one): a normal results
+file of the scan, which ``--resume`` completes.
 
 Where HDF5 cannot find a group's members because the index it keeps them in lies past the cut
 (a closed file's ``entry`` group: its NXcanSAS groups were added last, and its name index
@@ -45,6 +45,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.instrument import Instrument
 from pipeline.provenance import ProcessingRecord
 from pipeline.store.integrity import (
     DamagedResultsError,
@@ -53,7 +54,13 @@ from pipeline.store.integrity import (
     hdf5_function,
     read_superblock,
 )
-from pipeline.store.results import _ROW_DATASETS, ROW_COLUMNS, ResultsWriter, row_paths
+from pipeline.store.results import (
+    _ROW_DATASETS,
+    INSTRUMENT_PATH,
+    ROW_COLUMNS,
+    ResultsWriter,
+    row_paths,
+)
 
 #: Rows read and written at a time.
 BLOCK_ROWS = 1024
@@ -262,6 +269,8 @@ def _addresses(image: _Image) -> dict[str, int]:
         addresses[path] = image.locate(f"entry/{path}")
     with contextlib.suppress(KeyError):  # files of earlier versions have no record
         addresses["processing"] = image.locate("entry/processing")
+    with contextlib.suppress(KeyError):  # nor an instrument
+        addresses["instrument"] = image.locate(f"entry/{INSTRUMENT_PATH}")
     for name in (*ROW_COLUMNS, *_KEPT):
         for path in row_paths(name):
             with contextlib.suppress(KeyError):
@@ -293,6 +302,9 @@ class _Source:
         if "processing" in objects:
             text = objects["processing"][()].decode()
             self.writer_arguments["processing"] = ProcessingRecord.from_json(text)
+        if "instrument" in objects:
+            text = objects["instrument"][()].decode()
+            self.writer_arguments["instrument"] = Instrument.model_validate_json(text)
         self.datasets = {name: objects[name] for name in ROW_COLUMNS if name in objects}
         self.kept = {name: objects[name] for name in _KEPT if name in objects}
         self.n_rows = min(

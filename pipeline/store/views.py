@@ -4,8 +4,9 @@
   median with its 90% interval for pitch, width and sigma (or the error of a failed one);
 - :func:`write_plots`: the parameter traces across the scan with their 90% bands; for one
   exposure, its line-out with the posterior-predictive band (5-95% of line-outs simulated
-  from 200 of its posterior draws, Poisson noise included) and a corner plot of its
-  posterior;
+  from 200 of its posterior draws, Poisson noise included, with the background weights of
+  the file's instrument; none in its masked bins, whose counts are NaN) and a corner plot of
+  its posterior;
 - :func:`live_view_png`: the same traces while a scan runs, beside the newest exposure's
   posterior marginals, as one PNG (drawn without pyplot, so from any thread).
 
@@ -100,10 +101,15 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     samples = results.samples[row]
 
     grid = _grid(results)
+    instrument = results.instrument  # None: a file from before instruments, weights 1
+    weights = None if instrument is None else instrument.weights
     rng = np.random.default_rng(index)
     draws = samples[rng.choice(len(samples), min(200, len(samples)), replace=False)]
-    replicas = rng.poisson(expected_counts(draws.astype(np.float64), grid))  # new line-outs
+    # new line-outs
+    replicas = rng.poisson(expected_counts(draws.astype(np.float64), grid, weights))
     low, high = np.percentile(replicas, [5, 95], axis=0)
+    if instrument is not None:  # no band where nothing is observed (the counts are NaN there)
+        low, high = (np.where(instrument.observed, band, np.nan) for band in (low, high))
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.fill_between(
         results.q_nm,
