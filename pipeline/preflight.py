@@ -80,11 +80,11 @@ def settings_for_model(settings: AnySettings) -> AnySettings:
 the model 'default''s (q 0.01-0.4 1/nm on 512 bins): leave the grid out of the settings, the \
 model's instrument sets it
     """
-    from pipeline.model import check_model_file
+    from pipeline.model import read_card
     from pipeline.model.checkpoint import card_instrument, model_name
 
-    with _one_line():
-        card = check_model_file(settings.inference.model)
+    with _one_line():  # the card only: check_settings checks the weights against it
+        card = read_card(settings.inference.model)
         instrument = card_instrument(card)
     grid = GridConfig(
         q_min_nm=instrument.q_min_nm,

@@ -249,18 +249,9 @@ def test_a_geometry_whose_shape_comes_with_the_first_frame_is_checked_then(
     """A PONI without a detector (``online`` with a v1 PONI): the pixels per bin are known
     once the first frame made the integrator; the scan stops there, in one line, before any
     line-out reaches the default model."""
-    from pipeline.config import PipelineConfig
     from workers.scan import ScanError, ScanRunner
 
-    config = settings_for_model(
-        PipelineConfig(
-            scan_id="first",
-            n_workers=1,
-            output_dir=tmp_path,
-            integration=IntegrationConfig(poni=small_detector.poni, azimuth_range_deg=None),
-            inference=InferenceConfig(n_samples=20),
-        )
-    )
+    config = _small_detector_scan(tmp_path, small_detector, model=None)
     frame = np.random.default_rng(1).poisson(20.0, (48, 64)).astype(np.uint32)
     with pytest.raises(ScanError) as stopped, ScanRunner(config) as runner:
         runner.submit(_exposure(0, frame))
@@ -276,19 +267,10 @@ def test_a_saturated_frame_on_a_matching_geometry_is_still_said_to_be_saturated(
 ):
     """The first frame completes the geometry, which matches the small detector's model;
     that frame is saturated, and says so; the next one is reconstructed."""
-    from pipeline.config import PipelineConfig
     from pipeline.store import open_results
     from workers.scan import ScanRunner
 
-    config = settings_for_model(
-        PipelineConfig(
-            scan_id="first",
-            n_workers=1,
-            output_dir=tmp_path,
-            integration=IntegrationConfig(poni=small_detector.poni, azimuth_range_deg=None),
-            inference=InferenceConfig(n_samples=20, model=small_detector.model),
-        )
-    )
+    config = _small_detector_scan(tmp_path, small_detector, model=small_detector.model)
     saturated = np.full((48, 64), np.iinfo(np.uint32).max, np.uint32)
     frame = np.random.default_rng(2).poisson(20.0, (48, 64)).astype(np.uint32)
     with ScanRunner(config) as runner:
@@ -300,3 +282,19 @@ def test_a_saturated_frame_on_a_matching_geometry_is_still_said_to_be_saturated(
     results = open_results(config.output_path)
     assert results.status.tolist() == ["failed", "ok"]
     assert json.loads(results.config_json)["grid"]["n_points"] == 64  # the model's grid
+
+
+def _small_detector_scan(tmp_path, small_detector, model):
+    """The configuration of a one-worker scan of the small detector's full ring (whose
+    shape only the first frame gives) with ``model`` (``None``: the default one)."""
+    from pipeline.config import PipelineConfig
+
+    return settings_for_model(
+        PipelineConfig(
+            scan_id="first",
+            n_workers=1,
+            output_dir=tmp_path,
+            integration=IntegrationConfig(poni=small_detector.poni, azimuth_range_deg=None),
+            inference=InferenceConfig(n_samples=20, model=model),
+        )
+    )

@@ -75,8 +75,9 @@ def run_batch(
     ``failed`` record for each bad one; and how many results."""
     out = []
     good = []
+    observed = model.instrument.observed
     for message in messages:
-        error = _line_out_error(message, model.instrument.observed)
+        error = _line_out_error(message, observed)
         if error is None:
             good.append(message)
         else:
