@@ -35,7 +35,7 @@ from pipeline.model import load
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.physics.quality import Z_THRESHOLD, predictive_z
 from pipeline.store import ResultsWriter
-from pipeline.transport import decode
+from pipeline.transport.messages import Results, read_as
 from workers.inference import run_batch
 from workers.writer import MAX_BLOCK, rows_of, store
 
@@ -88,9 +88,10 @@ def worker_and_writer(
         times = []
         for attempt in range(4):
             start = time.perf_counter()
-            messages, inferred = run_batch(
+            results, inferred = run_batch(
                 gpu, line_outs, 1000, seed=attempt, max_message_bytes=limit
             )
+            messages = [message.to_frames() for message in results]  # as the worker sends
             if inferred != batch:
                 raise RuntimeError(f"{batch - inferred} of {batch} line-outs failed on the GPU")
             if attempt:
@@ -126,10 +127,10 @@ def worker_and_writer(
     writer.close()
     out["writer"] = {"exposures": stored, "exposures_per_s": stored / seconds}
     # the flags of the GPU's z against numpy's for the same draws
-    decoded = [decode(message) for message in messages]
-    draws = np.concatenate([m.arrays["samples"] for m in decoded])
-    counts = np.concatenate([m.arrays["counts"] for m in decoded])
-    z_gpu = np.concatenate([m.arrays["predictive_z"] for m in decoded])
+    decoded = [read_as(Results, message) for message in messages]
+    draws = np.concatenate([m.columns["samples"] for m in decoded])
+    counts = np.concatenate([m.columns["counts"] for m in decoded])
+    z_gpu = np.concatenate([m.columns["predictive_z"] for m in decoded])
     z_cpu = predictive_z(counts, draws, gpu.grid, seed=0)
     out["flags_agree"] = float(np.mean((z_gpu > Z_THRESHOLD) == (z_cpu > Z_THRESHOLD)))
     return out

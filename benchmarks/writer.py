@@ -45,10 +45,11 @@ import torch
 from benchmarks.report import save
 from pipeline.config import PipelineConfig, TransportConfig
 from pipeline.model import load
+from pipeline.model.posterior import CountsSampler
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, simulate
 from pipeline.store import ResultsWriter
 from pipeline.store.results import CHUNK_BYTES, SAMPLES_FILTERS
-from pipeline.transport import Message, decode, encode
+from pipeline.transport.messages import LineOutMessage, Results, read_as
 from workers.inference import run_batch
 from workers.writer import MAX_BLOCK, rows_of, store
 
@@ -61,20 +62,21 @@ N_SAMPLES = 1000
 GPU_TARGET_PER_S = 20_000
 
 
-def line_out_messages(model: torch.nn.Module, n: int, seed: int) -> list[Message]:
+def line_out_messages(model: CountsSampler, n: int, seed: int) -> list[LineOutMessage]:
     """``n`` simulated line-outs as the feeder sends them (decoded)."""
     _, counts = simulate(n, np.random.default_rng(seed), model.prior, model.grid)
-    return [
-        decode(
-            encode(
-                "line_out",
-                {"index": index, "timestamp": time.time(), "normalization": 1.0},
-                counts=row.astype(np.float32),
-                counts_sd=np.sqrt(np.maximum(row, 1.0)).astype(np.float32),
-            )
+    sent = (
+        LineOutMessage(
+            index=index,
+            scan_id="writer-benchmark",
+            counts=row.astype(np.float32),
+            counts_sd=np.sqrt(np.maximum(row, 1.0)).astype(np.float32),
+            timestamp=time.time(),
+            normalization=1.0,
         )
         for index, row in enumerate(counts)
-    ]
+    )
+    return [read_as(LineOutMessage, message.to_frames()) for message in sent]
 
 
 def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
@@ -86,10 +88,10 @@ def worker_results(distinct: int = 256) -> dict[str, np.ndarray]:
     arrays: dict[str, list[np.ndarray]] = {}
     for first in range(0, distinct, 32):
         batch = line_outs[first : first + 32]
-        for frames in run_batch(model, batch, N_SAMPLES, seed=first, max_message_bytes=bytes_limit)[
-            0
-        ]:
-            for name, array in decode(frames).arrays.items():
+        results, _ = run_batch(model, batch, N_SAMPLES, seed=first, max_message_bytes=bytes_limit)
+        for message in results:
+            assert isinstance(message, Results)  # (simulated line-outs do not fail)
+            for name, array in message.columns.items():
                 arrays.setdefault(name, []).append(array)
     return {name: np.concatenate(parts) for name, parts in arrays.items()}
 
@@ -103,8 +105,9 @@ def result_messages(columns: dict[str, np.ndarray], n: int, batch: int) -> list[
         rows = np.arange(first, min(n, first + batch))
         arrays = {name: column[rows % distinct] for name, column in columns.items()}
         arrays["index"] = rows.astype(np.int64)
-        header = {"source": [f"simulated {row}" for row in rows.tolist()]}
-        messages.append([bytes(frame) for frame in encode("results", header, **arrays)])
+        sources = tuple(f"simulated {row}" for row in rows.tolist())
+        results = Results(columns=arrays, source=sources, frame_id=("",) * len(rows))
+        messages.append([bytes(frame) for frame in results.to_frames()])
     return messages
 
 

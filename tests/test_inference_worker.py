@@ -79,29 +79,25 @@ def test_a_batch_s_results_travel_in_messages_that_fit_and_bad_line_outs_fail_al
 
     from pipeline.model import load
     from pipeline.physics import simulate
-    from pipeline.transport import decode, encode
+    from pipeline.transport.messages import Failure, LineOutMessage, Results, read
     from workers.inference import run_batch
 
     model = load(device="cpu")
     _, counts = simulate(5, np.random.default_rng(8), model.prior, model.grid)
     line_outs = [
-        decode(encode("line_out", {"index": i}, counts=c, counts_sd=np.sqrt(c + 1)))
+        LineOutMessage(index=i, scan_id="s", counts=c, counts_sd=np.sqrt(c + 1))
         for i, c in enumerate(counts.astype(np.float32))
     ]
-    line_outs.append(
-        decode(encode("line_out", {"index": 9}, counts=np.ones(7), counts_sd=np.ones(7)))
-    )
+    line_outs.append(LineOutMessage(index=9, scan_id="s", counts=np.ones(7), counts_sd=np.ones(7)))
     per_exposure = 50 * 5 * 4 + 2 * 512 * 4 + 100  # draws, line-out, summaries: about 6 kB
     out, inferred = run_batch(model, line_outs, 50, seed=0, max_message_bytes=5 * per_exposure)
-    messages = [decode(frames) for frames in out]
-    assert inferred == 5 and [m.kind for m in messages] == [
-        "failed",
-        "results",
-        "results",
-        "results",
-    ]
-    assert messages[0].header["index"] == 9 and messages[0].arrays == {}
-    assert "shape (7,)" in messages[0].header["error"]
-    assert [m.arrays["index"].tolist() for m in messages[1:]] == [[0, 1], [2, 3], [4]]
-    assert messages[1].arrays["samples"].shape == (2, 50, 5)
-    assert max(sum(len(f) for f in frames) for frames in out) <= 5 * per_exposure / 2
+    sent = [message.to_frames() for message in out]
+    messages = [read(frames) for frames in sent]  # as the writer receives them
+    assert inferred == 5 and [type(m) for m in messages] == [Failure, Results, Results, Results]
+    failure, *results = messages
+    assert isinstance(failure, Failure) and failure.index == 9 and failure.counts is None
+    assert "shape (7,)" in failure.error
+    assert all(isinstance(m, Results) for m in results)
+    assert [m.columns["index"].tolist() for m in results] == [[0, 1], [2, 3], [4]]
+    assert results[0].columns["samples"].shape == (2, 50, 5)
+    assert max(sum(len(f) for f in frames) for frames in sent) <= 5 * per_exposure / 2

@@ -33,32 +33,35 @@ from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.exposure import posterior_summaries
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
+from pipeline.model.posterior import CountsSampler
 from pipeline.physics.quality import predictive_z
-from pipeline.transport import Message, ProtocolError, decode, encode, header_float
+from pipeline.transport import ProtocolError
+from pipeline.transport.messages import (
+    Credit,
+    Failure,
+    Heartbeat,
+    LineOutMessage,
+    Ready,
+    Results,
+    WireMessage,
+    read,
+)
 from workers.process import Parent, control_socket, parse_args, read_run
 
 
-def _failure(message: Message, error: str, n_points: int) -> list:
+def _failure(line_out: LineOutMessage, error: str, n_points: int) -> Failure:
     """The failure record of a line-out, with its counts where they fit the results file."""
-    header = {**message.header, "stage": "inference", "error": error}
-    arrays = {
-        name: array
-        for name, array in message.arrays.items()
-        if name in ("counts", "counts_sd") and array.shape == (n_points,)
-    }
-    return encode("failed", header, **arrays)
+    fits = line_out.counts.shape == (n_points,)
+    return line_out.failure("inference", error, with_line_out=fits)
 
 
-def _line_out_error(message: Message, observed: np.ndarray) -> str | None:
+def _line_out_error(line_out: LineOutMessage, observed: np.ndarray) -> str | None:
     """Why this line-out cannot go to a model whose instrument observes the bins
     ``observed`` (n_points,) of its grid, or None; the other bins' values are not used."""
     n_points = observed.size
-    counts, counts_sd = message.arrays.get("counts"), message.arrays.get("counts_sd")
-    if counts is None or counts_sd is None:
-        return "message holds no 'counts' and 'counts_sd' arrays"
-    if counts.shape != (n_points,) or counts_sd.shape != (n_points,):
-        return f"line-out of shape {counts.shape}, the model takes ({n_points},)"
-    counts = counts[observed]
+    if line_out.counts.shape != (n_points,):
+        return f"line-out of shape {line_out.counts.shape}, the model takes ({n_points},)"
+    counts = line_out.counts[observed]
     if not np.isfinite(counts).all():
         return "line-out holds NaN or infinite counts in observed bins"
     if (counts < 0).any():
@@ -67,57 +70,57 @@ def _line_out_error(message: Message, observed: np.ndarray) -> str | None:
 
 
 def run_batch(
-    model, messages: list[Message], n_samples: int, seed: int, max_message_bytes: int
-) -> tuple[list[list], int]:
-    """Messages to the writer for a batch of line-out messages: the posterior results of
-    the good ones as ``results`` messages (a block of exposures each, as many as fit in half
-    of ``max_message_bytes``), with summaries and the posterior-predictive ``z``; a
-    ``failed`` record for each bad one; and how many results."""
-    out = []
+    model: CountsSampler,
+    line_outs: list[LineOutMessage],
+    n_samples: int,
+    seed: int,
+    max_message_bytes: int,
+) -> tuple[list[Results | Failure], int]:
+    """Messages to the writer for a batch of line-outs: the posterior results of the good
+    ones as :class:`Results` (a block of exposures each, as many as fit in half of
+    ``max_message_bytes``), with summaries and the posterior-predictive ``z``; a
+    :class:`Failure` for each bad one; and how many results."""
+    out: list[Results | Failure] = []
     good = []
     observed = model.instrument.observed
-    for message in messages:
-        error = _line_out_error(message, observed)
+    for line_out in line_outs:
+        error = _line_out_error(line_out, observed)
         if error is None:
-            good.append(message)
+            good.append(line_out)
         else:
-            out.append(_failure(message, error, model.grid.n_points))
+            out.append(_failure(line_out, error, model.grid.n_points))
     if not good:
         return out, 0
-    counts = np.stack([m.arrays["counts"] for m in good]).astype(np.float32)
+    counts = np.stack([m.counts for m in good]).astype(np.float32)
     posterior = posterior_columns(model, counts, n_samples, seed)
-    columns = {
-        "index": np.array([m.header["index"] for m in good], dtype=np.int64),
-        "timestamp": np.array([header_float(m.header, "timestamp") for m in good], np.float64),
-        "received_time": np.array(
-            [header_float(m.header, "received_time") for m in good], np.float64
-        ),
-        "normalization": np.array(
-            [header_float(m.header, "normalization") for m in good], np.float64
-        ),
-        "truth": np.array([_truth_row(m, model.parameter_names) for m in good], np.float64),
+    columns: dict[str, np.ndarray] = {
+        "index": np.array([m.index for m in good], dtype=np.int64),
+        "timestamp": np.array([m.timestamp for m in good], np.float64),
+        "received_time": np.array([m.received_time for m in good], np.float64),
+        "normalization": np.array([m.normalization for m in good], np.float64),
+        "truth": np.array([m.truth_row(model.parameter_names) for m in good], np.float64),
         "counts": counts,
-        "counts_sd": np.stack([m.arrays["counts_sd"] for m in good]).astype(np.float32),
+        "counts_sd": np.stack([m.counts_sd for m in good]).astype(np.float32),
         **{name: column.astype(np.float32) for name, column in posterior.items()},
     }
-    sources = [str(m.header.get("source") or "") for m in good]
-    frame_ids = [str(m.header.get("frame_id") or "") for m in good]
+    sources = tuple(m.source for m in good)
+    frame_ids = tuple(m.frame_id for m in good)
     row_bytes = sum(column[0].nbytes for column in columns.values()) + 256
     per_message = max(1, max_message_bytes // (2 * row_bytes))
     for first in range(0, len(good), per_message):
         rows = slice(first, first + per_message)
         out.append(
-            encode(
-                "results",
-                {"source": sources[rows], "frame_id": frame_ids[rows]},
-                **{name: column[rows] for name, column in columns.items()},
+            Results(
+                columns={name: column[rows] for name, column in columns.items()},
+                source=sources[rows],
+                frame_id=frame_ids[rows],
             )
         )
     return out, len(good)
 
 
 def posterior_columns(
-    model, counts: np.ndarray, n_samples: int, seed: int
+    model: CountsSampler, counts: np.ndarray, n_samples: int, seed: int
 ) -> dict[str, np.ndarray]:
     """Posterior draws for a batch of line-outs (exposures, n_points), with their summaries
     (:func:`posterior_summaries`) and posterior-predictive ``z``, as host arrays.
@@ -131,14 +134,16 @@ def posterior_columns(
     with torch.inference_mode():
         tensor = torch.from_numpy(counts).to(model.device)
         generator = torch.Generator(device=model.device).manual_seed(seed)
-        draws = model.sample_tensor(tensor, n_samples, generator)
+        sampled = model.sample_tensor(tensor, n_samples, generator)
+        draws: torch.Tensor | np.ndarray = sampled
+        line_outs: torch.Tensor | np.ndarray = tensor
         if model.device.type == "cpu":
-            draws, tensor = draws.numpy(), counts
+            draws, line_outs = sampled.numpy(), counts
         columns = {
             "samples": draws,
             **posterior_summaries(draws, model.parameter_names),
             "predictive_z": predictive_z(
-                tensor,
+                line_outs,
                 draws,
                 model.grid,
                 seed=seed,
@@ -163,12 +168,6 @@ def to_host(columns: dict) -> dict[str, np.ndarray]:
     for device in {tensor.device for tensor in on_device.values() if tensor.is_cuda}:
         torch.cuda.synchronize(device)
     return {name: host[name].numpy() if name in host else v for name, v in columns.items()}
-
-
-def _truth_row(message: Message, names: tuple[str, ...]) -> list[float]:
-    """The true parameters of a simulated exposure, NaN for a measured one."""
-    truth = message.header.get("truth") or {}
-    return [float(truth.get(name, np.nan)) for name in names]
 
 
 class BatchSizer:
@@ -220,7 +219,7 @@ class InferenceSession:
     (twice the current batch size in credit, so the next batch is waiting when this one
     ends)."""
 
-    model: torch.nn.Module
+    model: CountsSampler
     config: InferenceConfig
     worker_id: int
     sizer: BatchSizer
@@ -232,7 +231,9 @@ class InferenceSession:
     _taken: int = field(default=0, repr=False)  # messages received against them
 
     @classmethod
-    def start(cls, model: torch.nn.Module, config: PipelineConfig, worker_id: int):
+    def start(
+        cls, model: CountsSampler, config: PipelineConfig, worker_id: int
+    ) -> InferenceSession:
         inference = config.inference
         limit = inference.batch_limit(model.device.type)
         sizer = BatchSizer(limit, inference.latency_budget_ms / 1e3)
@@ -245,12 +246,12 @@ class InferenceSession:
         self._granted += more
         return more
 
-    def receive(self, socket: zmq.Socket) -> tuple[list[Message], int, list[Message]]:
+    def receive(self, socket: zmq.Socket) -> tuple[list[LineOutMessage], int, list[WireMessage]]:
         """Read, without waiting, the line-outs for one batch from ``socket``; return them,
         the number of malformed messages dropped (each spends a credit), and any other
         messages (commands) met on the way, in order."""
-        line_outs: list[Message] = []
-        commands: list[Message] = []
+        line_outs: list[LineOutMessage] = []
+        commands: list[WireMessage] = []
         malformed = 0
         while len(line_outs) + malformed < self.sizer.size:
             try:
@@ -258,19 +259,22 @@ class InferenceSession:
             except zmq.Again:
                 break
             try:
-                message = decode([f.buffer for f in frames])
+                message = read([f.buffer for f in frames])
             except ProtocolError as error:
                 malformed += 1
                 print(f"worker {self.worker_id}: dropped a malformed message: {error}", flush=True)
                 continue
-            (line_outs if message.kind == "line_out" else commands).append(message)
+            if isinstance(message, LineOutMessage):
+                line_outs.append(message)
+            else:
+                commands.append(message)
         self._taken += len(line_outs) + malformed
         return line_outs, malformed, commands
 
-    def run(self, line_outs: list[Message]) -> tuple[list[list], dict]:
+    def run(self, line_outs: list[LineOutMessage]) -> tuple[list[Results | Failure], Credit]:
         """The messages for the writer (results, failure records) of one batch, and the
-        header of the ``credit`` message for the feeder (sent before the results, so that
-        the feeder counts the batch as inferred before the writer acknowledges any of it)."""
+        ``credit`` message for the feeder (sent before the results, so that the feeder
+        counts the batch as inferred before the writer acknowledges any of it)."""
         self.batches += 1
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
@@ -282,22 +286,23 @@ class InferenceSession:
             text = f"{type(error).__name__}: {error}"
             traceback.print_exc()
             n_points = self.model.grid.n_points
-            outgoing, inferred = [_failure(m, text, n_points) for m in line_outs], 0
+            failures: list[Results | Failure] = [_failure(m, text, n_points) for m in line_outs]
+            outgoing, inferred = failures, 0
         seconds = time.perf_counter() - start
         if inferred:
             self.sizer.observe(len(line_outs), seconds)
         self.inferred += inferred
-        credit = {
-            "id": self.worker_id,
-            "credits": self.credits(),
-            "inferred": inferred,
-            "batch_s": seconds,
-            "batch_size": self.sizer.size,
-        }
+        credit = Credit(
+            id=self.worker_id,
+            credits=self.credits(),
+            inferred=inferred,
+            batch_s=seconds,
+            batch_size=self.sizer.size,
+        )
         return outgoing, credit
 
 
-def compile_if_asked(model, config: InferenceConfig) -> None:
+def compile_if_asked(model: CountsSampler, config: InferenceConfig) -> None:
     """Compile the sampler (``config.compile``) for batch 1, then any size, before serving."""
     if config.compile:
         model.compile_sampling()
@@ -331,8 +336,14 @@ def serve(argv: list[str] | None = None) -> int:
     work.setsockopt(zmq.MAXMSGSIZE, config.transport.max_message_bytes)
     work.setsockopt(zmq.RCVHWM, 0)  # bounded by the credits
     work.connect(endpoints.work)
-    ready = {"role": "worker", "id": args.id, "pid": os.getpid(), "device": str(model.device)}
-    work.send_multipart(encode("ready", {**ready, "credits": session.credits()}))
+    ready = Ready(
+        role="worker",
+        id=args.id,
+        pid=os.getpid(),
+        device=str(model.device),
+        credits=session.credits(),
+    )
+    work.send_multipart(ready.to_frames())
 
     poller = zmq.Poller()
     poller.register(work, zmq.POLLIN)
@@ -343,17 +354,18 @@ def serve(argv: list[str] | None = None) -> int:
         if control in events or not parent.alive():
             break
         if work not in events:
-            work.send_multipart(encode("heartbeat", {"id": args.id}))
+            work.send_multipart(Heartbeat(id=args.id).to_frames())
             continue
         line_outs, malformed, _ = session.receive(work)
         if not line_outs:
             if malformed:  # credits spent all the same
-                work.send_multipart(encode("credit", {"id": args.id, "credits": session.credits()}))
+                credit = Credit(id=args.id, credits=session.credits())
+                work.send_multipart(credit.to_frames())
             continue
         outgoing, credit = session.run(line_outs)
-        work.send_multipart(encode("credit", credit))
-        for frames in outgoing:
-            results.send_multipart(frames, copy=False)
+        work.send_multipart(credit.to_frames())
+        for message in outgoing:
+            results.send_multipart(message.to_frames(), copy=False)
     for socket in (work, results, control):
         socket.close()
     context.term()

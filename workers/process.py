@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from pipeline.config import PipelineConfig
-from pipeline.transport import Endpoints, ProtocolError, decode, encode
+from pipeline.transport import Endpoints
+from pipeline.transport.messages import Ready
 
 CONFIG_FILE = "config.json"
 #: A resumed scan's rows that the writer does not carry over (they are written again), as
@@ -73,38 +73,12 @@ def control_socket(context: zmq.Context, endpoints: Endpoints) -> zmq.Socket:
 
 
 def announce_ready(
-    context: zmq.Context, endpoints: Endpoints, role: str, number: int, **info: str
+    context: zmq.Context, endpoints: Endpoints, role: str, number: int, path: str = ""
 ) -> zmq.Socket:
-    """Connect a PUSH socket to the acks endpoint and say this process is ready; return it."""
+    """Connect a PUSH socket to the acks endpoint and say this process (``path``: the file
+    it writes) is ready; return it."""
     acks = context.socket(zmq.PUSH)
     acks.setsockopt(zmq.LINGER, 2000)
     acks.connect(endpoints.acks)
-    acks.send_multipart(encode("ready", {"role": role, "id": number, "pid": os.getpid(), **info}))
+    acks.send_multipart(Ready(role=role, id=number, pid=os.getpid(), path=path).to_frames())
     return acks
-
-
-@dataclass(frozen=True)
-class Stop:
-    """The feeder's stop broadcast on the control endpoint: finish what was sent and exit.
-
-    ``n_exposures``: the scan ended (its source gave all it had) with this many exposures,
-    so the writer marks its file complete once the file holds them all; ``None``: stopped
-    before its end (Ctrl-C, an error).
-
-    >>> Stop.decode(Stop(n_exposures=12).encode())
-    Stop(n_exposures=12)
-    """
-
-    n_exposures: int | None = None
-
-    def encode(self) -> list:
-        return encode("stop", {"n_exposures": self.n_exposures})
-
-    @classmethod
-    def decode(cls, frames: list) -> Stop:
-        """``ProtocolError`` for a message that is not a stop."""
-        message = decode(frames)
-        if message.kind != "stop":
-            raise ProtocolError(f"a {message.kind!r} message on the control endpoint")
-        n = message.header.get("n_exposures")
-        return cls(n_exposures=None if n is None else int(n))

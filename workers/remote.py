@@ -31,8 +31,9 @@ import os
 import socket as network
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq
@@ -41,7 +42,20 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline.config import PipelineConfig
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
-from pipeline.transport import Message, ProtocolError, decode, encode
+from pipeline.model.posterior import CountsSampler
+from pipeline.transport import ProtocolError
+from pipeline.transport.messages import (
+    Credit,
+    Heartbeat,
+    Hello,
+    LineOutMessage,
+    Ready,
+    RemoteConfig,
+    Reset,
+    Stop,
+    WireMessage,
+    read,
+)
 from pipeline.transport.security import connect_curve, is_loopback
 from workers.inference import InferenceSession, compile_if_asked
 
@@ -120,7 +134,7 @@ class RemoteWorker:
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self.monitor, zmq.POLLIN)
         self.socket.connect(connect)
-        self._models: dict[str, torch.nn.Module] = {}  # by weights SHA-256: the last one
+        self._models: dict[str, CountsSampler] = {}  # by weights SHA-256: the last one
         self._heartbeat_ms = int(1000 * HELLO_INTERVAL_S)  # the scan's, once it has one
         self.scans = 0
 
@@ -145,19 +159,19 @@ class RemoteWorker:
             if self.monitor in events:
                 self._check_handshake(recv_monitor_message(self.monitor))
             if self.socket not in events:
-                self._send_now("hello" if session is None else "heartbeat", session)
+                self._send_now(session)
                 continue
             if session is None:
                 message = self._receive_one()
-                if message is not None and message.kind == "config":
+                if isinstance(message, RemoteConfig):
                     session, scan_id = self._start_scan(message)
                 continue
             line_outs, malformed, commands = session.receive(self.socket)
-            ending = next((c.kind for c in commands if c.kind in ("stop", "reset")), None)
+            ending = next((c.kind for c in commands if isinstance(c, Stop | Reset)), None)
             if ending is None and line_outs:
                 ending = self._run_batch(session, line_outs)
             elif ending is None and malformed:
-                self._send("credit", {"id": session.worker_id, "credits": session.credits()})
+                self._send(Credit(id=session.worker_id, credits=session.credits()))
             if ending is not None:
                 self.log(
                     f"worker: scan {scan_id} ended ({ending}): {session.inferred} exposures "
@@ -168,7 +182,7 @@ class RemoteWorker:
                 if once:
                     return
 
-    def _check_handshake(self, event: dict) -> None:
+    def _check_handshake(self, event: Mapping[str, Any]) -> None:
         """Raise :class:`FeederRefusedError` when the feeder refused this worker's key; say
         once (until a handshake succeeds) that a handshake failed otherwise."""
         kind = event["event"]
@@ -196,53 +210,57 @@ class RemoteWorker:
                 "(retrying)"
             )
 
-    def _send_now(self, kind: str, session: InferenceSession | None) -> None:
-        """Send a hello or a heartbeat if a feeder is connected; drop it otherwise."""
-        header = {"pid": os.getpid(), "host": network.gethostname()}
-        if session is not None:
-            header["id"] = session.worker_id
+    def _send_now(self, session: InferenceSession | None) -> None:
+        """Send a hello (no scan yet) or a heartbeat if a feeder is connected; drop it
+        otherwise."""
+        pid, host = os.getpid(), network.gethostname()
+        message: Hello | Heartbeat = (
+            Hello(pid=pid, host=host)
+            if session is None
+            else Heartbeat(id=session.worker_id, pid=pid, host=host)
+        )
         with contextlib.suppress(zmq.Again):
-            self.socket.send_multipart(encode(kind, header), zmq.NOBLOCK)
+            self.socket.send_multipart(message.to_frames(), zmq.NOBLOCK)
 
-    def _send(self, kind: str, header: dict) -> None:
-        self.socket.send_multipart(encode(kind, header))
+    def _send(self, message: WireMessage) -> None:
+        self.socket.send_multipart(message.to_frames())
 
-    def _receive_one(self) -> Message | None:
+    def _receive_one(self) -> WireMessage | None:
         frames = self.socket.recv_multipart(copy=False)
         try:
-            return decode([f.buffer for f in frames])
+            return read([f.buffer for f in frames])
         except ProtocolError as error:
             self.log(f"worker: dropped a malformed message: {error}")
             return None
 
-    def _start_scan(self, message: Message) -> tuple[InferenceSession | None, str]:
+    def _start_scan(self, message: RemoteConfig) -> tuple[InferenceSession | None, str]:
         """Load the scan's model (unless it is the last one) and say ready with credits."""
-        config = PipelineConfig.model_validate_json(message.header["config"])
-        digest = str(message.header["model_sha256"])
+        config = PipelineConfig.model_validate_json(message.config)
+        digest = message.model_sha256
         if digest not in self._models:
             self._models.clear()
             with tempfile.TemporaryDirectory() as folder:
                 weights = Path(folder) / "model.safetensors"
-                weights.write_bytes(message.arrays["weights"].tobytes())
-                (Path(folder) / "model.json").write_bytes(message.arrays["card"].tobytes())
-                model = load(weights, device=self.device)  # checks the weights' SHA-256
-            if model.card["weights_sha256"] != digest:
+                weights.write_bytes(message.weights.tobytes())
+                (Path(folder) / "model.json").write_bytes(message.card.tobytes())
+                loaded = load(weights, device=self.device)  # checks the weights' SHA-256
+            if loaded.card["weights_sha256"] != digest:
                 raise ValueError("the feeder's model does not match the SHA-256 it announced")
-            compile_if_asked(model, config.inference)
-            self._models[digest] = model
+            compile_if_asked(loaded, config.inference)
+            self._models[digest] = loaded
         model = self._models[digest]
-        session = InferenceSession.start(model, config, int(message.header["worker_id"]))
-        ready = {
-            "role": "worker",
-            "id": session.worker_id,
-            "pid": os.getpid(),
-            "host": network.gethostname(),
-            "device": str(model.device),
-            "threads": torch.get_num_threads(),
-            "credits": session.credits(),
-        }
+        session = InferenceSession.start(model, config, message.worker_id)
+        ready = Ready(
+            role="worker",
+            id=session.worker_id,
+            pid=os.getpid(),
+            host=network.gethostname(),
+            device=str(model.device),
+            threads=torch.get_num_threads(),
+            credits=session.credits(),
+        )
         try:
-            self._send("ready", ready)
+            self._send(ready)
         except zmq.Again:  # the feeder went away while the model loaded
             return None, ""
         self._heartbeat_ms = int(1000 * config.transport.heartbeat_interval_s)
@@ -252,13 +270,13 @@ class RemoteWorker:
         )
         return session, config.scan_id
 
-    def _run_batch(self, session: InferenceSession, line_outs: list[Message]) -> str | None:
+    def _run_batch(self, session: InferenceSession, line_outs: list[LineOutMessage]) -> str | None:
         """Infer one batch and send its results and credits; ``"lost"`` if the feeder is gone."""
         outgoing, credit = session.run(line_outs)
         try:
-            self._send("credit", credit)  # before the results (see InferenceSession.run)
-            for frames in outgoing:
-                self.socket.send_multipart(frames, copy=False)
+            self._send(credit)  # before the results (see InferenceSession.run)
+            for message in outgoing:
+                self.socket.send_multipart(message.to_frames(), copy=False)
         except zmq.Again:  # no connection for CONNECTION_TIMEOUT_S: the feeder re-sends them
             return "lost"
         return None

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -52,8 +53,9 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -73,10 +75,24 @@ from pipeline.store import read_completion
 from pipeline.store.lock import ResultsLock
 from pipeline.store.results import making
 from pipeline.store.resume import ResumePlan, plan_output
-from pipeline.transport import Endpoints, Message, ProtocolError, decode, encode
-from pipeline.transport.security import serve_curve, start_authenticator
+from pipeline.transport import Endpoints, ProtocolError
+from pipeline.transport.messages import (
+    Acks,
+    Credit,
+    Failure,
+    Hello,
+    LineOutMessage,
+    Ready,
+    RemoteConfig,
+    Reset,
+    Results,
+    Stop,
+    WireMessage,
+    read,
+)
+from pipeline.transport.security import CurveAuthenticator, serve_curve, start_authenticator
 from workers.metrics import ScanMetrics
-from workers.process import CONFIG_FILE, Stop, write_dropped_rows
+from workers.process import CONFIG_FILE, write_dropped_rows
 from workers.writer import WRITE_FAILED
 
 log = logging.getLogger(__name__)
@@ -165,6 +181,37 @@ def _note(log: Path, line: str) -> None:
     """Add ``line`` to a child's log, which may be on a full disk: then it is lost."""
     with contextlib.suppress(OSError), open(log, "a") as handle:
         handle.write(line + "\n")
+
+
+def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
+    """The message that takes an exposure's line-out to a worker."""
+    return LineOutMessage(
+        index=exposure.index,
+        scan_id=exposure.scan_id,
+        counts=line_out.counts,
+        counts_sd=line_out.counts_sd,
+        timestamp=exposure.timestamp,
+        received_time=math.nan if exposure.received_at is None else exposure.received_at,
+        truth=exposure.truth,
+        source=exposure.metadata.get("source", ""),
+        frame_id=exposure.metadata.get("frame_id", ""),
+        normalization=line_out.normalization,
+    )
+
+
+def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
+    """The failure record of an exposure that never reached a worker."""
+    return Failure(
+        index=exposure.index,
+        stage=stage,
+        error=error,
+        scan_id=exposure.scan_id,
+        timestamp=exposure.timestamp,
+        received_time=math.nan if exposure.received_at is None else exposure.received_at,
+        truth=exposure.truth,
+        source=exposure.metadata.get("source", ""),
+        frame_id=exposure.metadata.get("frame_id", ""),
+    )
 
 
 def _process_cpu_s() -> float:
@@ -304,11 +351,11 @@ class ScanRunner:
         self.writer_restarts = 0
         self.malformed = 0
         self._greeted: dict[bytes, int] = {}  # remote workers sent the config: their numbers
-        self._model_files: dict = {}  # what remote workers are sent: weights, card, SHA-256
+        self._remote_config: RemoteConfig | None = None  # what remote workers are sent
         self.remote_workers = 0
         self._next_remote_number = config.n_workers  # remote workers are numbered after local ones
         self.remote_endpoint: str | None = None
-        self._authenticator = None
+        self._authenticator: CurveAuthenticator | None = None
         self.run_dir: Path | None = None
         self.context: zmq.Context | None = None
         self._monitors: dict[zmq.Socket, str] = {}
@@ -377,7 +424,7 @@ class ScanRunner:
             self._poller.register(monitor, zmq.POLLIN)
 
         if config.transport.remote_work is not None:
-            self._bind_remote_work()
+            self._bind_remote_work(self.context, config.transport.remote_work)
         self._spawn(
             "writer",
             "workers.writer",
@@ -389,24 +436,27 @@ class ScanRunner:
             self._spawn(f"worker-{number}", "workers.inference", number)
         self._wait_ready()
 
-    def _bind_remote_work(self) -> None:
-        """Bind the work socket a second time for remote workers: with CURVE when keys are
-        configured, and ZeroMQ's heartbeats; read the model files they will be sent."""
+    def _bind_remote_work(self, context: zmq.Context, endpoint: str) -> None:
+        """Bind the work socket a second time, on ``endpoint``, for remote workers: with CURVE
+        when keys are configured, and ZeroMQ's heartbeats; read the model files they will be
+        sent."""
         transport = self.config.transport
         if transport.curve_secret_key is not None and transport.curve_authorized_keys is not None:
-            self._authenticator = start_authenticator(self.context, transport.curve_authorized_keys)
+            self._authenticator = start_authenticator(context, transport.curve_authorized_keys)
             serve_curve(self.work, transport.curve_secret_key)
         interval_ms = int(1000 * transport.heartbeat_interval_s)
         self.work.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
         self.work.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * transport.worker_timeout_s))
-        self.work.bind(transport.remote_work)
+        self.work.bind(endpoint)
         self.remote_endpoint = self.work.getsockopt_string(zmq.LAST_ENDPOINT)
         weights = resolve_model(self.config.inference.model)
-        self._model_files = {
-            "sha256": read_card(weights)["weights_sha256"],
-            "weights": np.frombuffer(Path(weights).read_bytes(), np.uint8),
-            "card": np.frombuffer(card_path(Path(weights)).read_bytes(), np.uint8),
-        }
+        self._remote_config = RemoteConfig(
+            config=self.config.model_dump_json(),
+            worker_id=-1,  # each remote worker's number goes in when it is greeted
+            model_sha256=read_card(weights)["weights_sha256"],
+            weights=np.frombuffer(Path(weights).read_bytes(), np.uint8),
+            card=np.frombuffer(card_path(Path(weights)).read_bytes(), np.uint8),
+        )
 
     def _spawn(
         self, name: str, module: str, number: int, *options: str, pass_fds: tuple[int, ...] = ()
@@ -443,7 +493,7 @@ class ScanRunner:
                 continue
             if worker.remote:
                 self._lose(worker, "went silent")
-                self._send_to(worker.identity, "reset")
+                self._send_to(worker.identity, Reset())
             else:
                 silent.add(worker.pid)
         for child in list(self._children):
@@ -504,6 +554,7 @@ class ScanRunner:
         self._children.remove(writer)
         _note(writer.log, f"--- {why}; started again by the feeder on the file ---")
         self.writer_restarts += 1
+        assert self.run_dir is not None  # (started)
         write_dropped_rows(self.run_dir, [])  # rows to redo were left out by the first writer
         self._ready.discard("writer-0")
         self._spawn("writer", "workers.writer", 0, "--resume", pass_fds=(self._lock.fd,))
@@ -556,10 +607,10 @@ class ScanRunner:
             len(lost),
         )
 
-    def _send_to(self, identity: bytes, kind: str, header: dict | None = None, **arrays) -> bool:
+    def _send_to(self, identity: bytes, message: WireMessage) -> bool:
         """Send a command to one worker; False if it is no longer connected."""
         try:
-            self.work.send_multipart([identity, *encode(kind, header, **arrays)], zmq.NOBLOCK)
+            self.work.send_multipart([identity, *message.to_frames()], zmq.NOBLOCK)
         except zmq.ZMQError as error:
             if error.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
@@ -595,9 +646,9 @@ class ScanRunner:
                 if child.name.startswith("worker"):
                     child.process.kill()
         for identity in self._greeted:  # remote workers go back to waiting for a scan
-            self._send_to(identity, "stop")
+            self._send_to(identity, Stop())
         while any(c.process.poll() is None for c in self._children) and time.monotonic() < deadline:
-            self.control.send_multipart(Stop(n_exposures).encode())
+            self.control.send_multipart(Stop(n_exposures).to_frames())
             time.sleep(0.1)
         for child in self._children:
             if child.process.poll() is None:
@@ -613,6 +664,7 @@ class ScanRunner:
             self.work.close(linger=1000)  # the stops to remote workers go out
             for socket in (self.acks, self.control, self.to_writer):
                 socket.close(linger=0)
+            assert self.context is not None  # (it made the sockets)
             self.context.term()
         elif self.context is not None:  # a start that failed while binding
             self.context.destroy(linger=0)
@@ -673,10 +725,9 @@ class ScanRunner:
         if placed is None:
             return
         exposure = placed
-        header = self._header(exposure)
         self._taken(exposure)
         if exposure.error is not None or exposure.frame is None:
-            self._fail(header, "read", exposure.error or "the source delivered no frame")
+            self._fail(exposure, "read", exposure.error or "the source delivered no frame")
             return
         start = time.perf_counter()
         shape_was_open = self.integrator.shape is None
@@ -691,7 +742,7 @@ class ScanRunner:
         except FrameError as error:
             if shape_was_open and self.integrator.shape is not None:
                 self._check_first_geometry()
-            self._fail(header, "integration", str(error))
+            self._fail(exposure, "integration", str(error))
             return
         if shape_was_open:
             self._check_first_geometry()
@@ -741,12 +792,7 @@ class ScanRunner:
     def _send(self, exposure: Exposure, line_out: LineOut) -> None:
         """Keep the line-out until it is acknowledged, and send it when a worker has credit
         (waits while :meth:`_in_flight_limit` line-outs are in flight)."""
-        self._unacknowledged[exposure.index] = encode(
-            "line_out",
-            {**self._header(exposure), "normalization": line_out.normalization},
-            counts=line_out.counts.astype(np.float32),
-            counts_sd=line_out.counts_sd.astype(np.float32),
-        )
+        self._unacknowledged[exposure.index] = line_out_message(exposure, line_out).to_frames()
         self._queue.append(exposure.index)
         limit = self._in_flight_limit()
         self._service(0)  # credits returned meanwhile
@@ -772,23 +818,11 @@ class ScanRunner:
         most = self.config.transport.high_water_mark
         return max(most, sum(max(most, worker.capacity) for worker in self._workers.values()))
 
-    @staticmethod
-    def _header(exposure: Exposure) -> dict:
-        return {
-            "index": exposure.index,
-            "scan_id": exposure.scan_id,
-            "timestamp": exposure.timestamp,
-            "received_time": exposure.received_at,
-            "truth": exposure.truth,
-            "source": exposure.metadata.get("source", ""),
-            "frame_id": exposure.metadata.get("frame_id", ""),
-        }
-
-    def _fail(self, header: dict, stage: str, error: str) -> None:
+    def _fail(self, exposure: Exposure, stage: str, error: str) -> None:
         """A failure record for an exposure that never reached a worker, straight to the
         writer (kept until it is acknowledged: a writer started again gets it again)."""
-        frames = encode("failed", {**header, "stage": stage, "error": error})
-        self._unwritten_failures[header["index"]] = frames
+        frames = failure_message(exposure, stage, error).to_frames()
+        self._unwritten_failures[exposure.index] = frames
         self.to_writer.send_multipart(frames)
 
     def _dispatch(self) -> None:
@@ -822,19 +856,19 @@ class ScanRunner:
             if self.work in events:
                 frames = self.work.recv_multipart(copy=False)
                 with self._dropping_malformed("work"):
-                    message = decode([f.buffer for f in frames[1:]])
+                    message = read([f.buffer for f in frames[1:]])
                     self._from_worker(frames[0].bytes, frames[1:], message)
             if self.acks in events:
-                frames = self.acks.recv_multipart()
+                acks = self.acks.recv_multipart()
                 with self._dropping_malformed("acks"):
-                    acknowledged += self._from_writer(decode(frames))
+                    acknowledged += self._from_writer(read(acks))
             for monitor, name in self._monitors.items():
                 if monitor in events:
                     self._log_disconnect(name, recv_monitor_message(monitor))
             events = dict(self._poller.poll(0))
         return acknowledged
 
-    def _log_disconnect(self, socket: str, event: dict) -> None:
+    def _log_disconnect(self, socket: str, event: Mapping[str, Any]) -> None:
         """Log a peer that disconnected, unless it is a remote worker whose CURVE key was just
         refused: the authenticator has logged that, with the worker's address."""
         authenticator = self._authenticator if socket == "work" else None
@@ -860,92 +894,87 @@ class ScanRunner:
                 "scan %s: dropped a malformed message on %s: %r", self.config.scan_id, socket, error
             )
 
-    def _from_worker(self, identity: bytes, frames: list, message: Message) -> None:
+    def _from_worker(self, identity: bytes, frames: list, message: WireMessage) -> None:
         now = time.monotonic()
-        if message.kind == "hello":
-            self._greet(identity, message)
+        if isinstance(message, Hello):
+            self._greet(identity)
             return
-        if message.kind == "ready":
-            number, pid = int(message.header["id"]), int(message.header["pid"])
-            remote = self._greeted.get(identity) == number
-            if not remote and pid not in {c.process.pid for c in self._children}:
-                return  # a replaced worker's word
-            credits = int(message.header["credits"])
-            self._workers[identity] = _Worker(
-                identity,
-                number,
-                pid,
-                credits,
-                now,
-                capacity=min(credits, self._largest_capacity),
-                remote=remote,
-                host=str(message.header.get("host", "")),
-            )
-            if remote:
-                self.remote_workers += 1
-                log.info(
-                    "scan %s: remote worker %d joined from %s (%s)",
-                    self.config.scan_id,
-                    number,
-                    message.header.get("host"),
-                    message.header.get("device"),
-                )
-            else:
-                self._ready.add(f"worker-{number}")
-                self._ready_pids.add(pid)
+        if isinstance(message, Ready):
+            self._worker_ready(identity, message, now)
             return
         worker = self._workers.get(identity)
         if worker is None:
             if self.remote_endpoint is not None:  # a remote worker this feeder dropped, or
                 self._greeted.pop(identity, None)  # one from an earlier scan: start over
-                self._send_to(identity, "reset")
+                self._send_to(identity, Reset())
             return
         worker.last_seen = now
-        if message.kind in ("results", "failed") and worker.remote:  # for the writer
+        if isinstance(message, Results | Failure) and worker.remote:  # for the writer
             self.to_writer.send_multipart(frames, copy=False)
-        elif message.kind == "credit":
-            worker.credits += int(message.header["credits"])
-            if message.header.get("inferred"):
-                self.metrics.record(
-                    "inferred", float(message.header["batch_s"]), int(message.header["inferred"])
-                )
+        elif isinstance(message, Credit):
+            worker.credits += message.credits
+            if message.inferred:
+                self.metrics.record("inferred", message.batch_s, message.inferred)
 
-    def _greet(self, identity: bytes, message: Message) -> None:
+    def _worker_ready(self, identity: bytes, ready: Ready, now: float) -> None:
+        """Count a worker that said it is ready (a local one only if it is one of this
+        feeder's children) with the credits it asked for."""
+        remote = self._greeted.get(identity) == ready.id
+        if not remote and ready.pid not in {c.process.pid for c in self._children}:
+            return  # a replaced worker's word
+        if ready.credits is None:
+            raise ProtocolError(f"worker {ready.id} said it is ready without credits")
+        self._workers[identity] = _Worker(
+            identity,
+            ready.id,
+            ready.pid,
+            ready.credits,
+            now,
+            capacity=min(ready.credits, self._largest_capacity),
+            remote=remote,
+            host=ready.host,
+        )
+        if remote:
+            self.remote_workers += 1
+            log.info(
+                "scan %s: remote worker %d joined from %s (%s)",
+                self.config.scan_id,
+                ready.id,
+                ready.host,
+                ready.device,
+            )
+        else:
+            self._ready.add(ready.name)
+            self._ready_pids.add(ready.pid)
+
+    def _greet(self, identity: bytes) -> None:
         """Send a remote worker that said hello the scan's configuration and model files."""
-        if self.remote_endpoint is None or identity in self._greeted:
+        if self._remote_config is None or identity in self._greeted:
             return
         number = self._next_remote_number
         self._next_remote_number += 1
         self._greeted[identity] = number
-        files = self._model_files
-        header = {
-            "config": self.config.model_dump_json(),
-            "worker_id": number,
-            "model_sha256": files["sha256"],
-        }
-        self._send_to(identity, "config", header, weights=files["weights"], card=files["card"])
+        self._send_to(identity, replace(self._remote_config, worker_id=number))
 
-    def _from_writer(self, message: Message) -> int:
-        if message.kind == "ready":
-            self._ready.add(f"{message.header['role']}-{message.header['id']}")
-            self._ready_pids.add(int(message.header["pid"]))
+    def _from_writer(self, message: WireMessage) -> int:
+        if isinstance(message, Ready):
+            self._ready.add(message.name)
+            self._ready_pids.add(message.pid)
             return 0
-        if message.kind != "acks":
+        if not isinstance(message, Acks):
             return 0
-        indices = message.arrays["index"].tolist()
-        columns = [
-            message.header["status"],
-            message.header["error"],
-            message.arrays["duplicate"].tolist(),
-            *(message.arrays[name].tolist() for name in ("mean", "sd", "quantiles")),
-            message.arrays["predictive_z"].tolist(),
-        ]
-        if any(len(column) != len(indices) for column in columns):
-            raise ValueError("the columns of an acks message differ in length")
-        acknowledged = 0
-        for index, *row in zip(indices, *columns, strict=True):
-            acknowledged += self._acknowledged(int(index), *row)
-        return acknowledged
+        rows = zip(
+            message.index.tolist(),
+            message.status,
+            message.error,
+            message.duplicate.tolist(),
+            message.mean.tolist(),
+            message.sd.tolist(),
+            message.quantiles.tolist(),
+            message.predictive_z.tolist(),
+            strict=True,
+        )
+        return sum(self._acknowledged(*row) for row in rows)
 
     def _acknowledged(
         self,

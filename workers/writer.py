@@ -35,10 +35,10 @@ from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.provenance import processing_record
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter
 from pipeline.store.results import concatenate_rows, result_columns
-from pipeline.transport import Message, ProtocolError, decode, encode, header_float
+from pipeline.transport import ProtocolError
+from pipeline.transport.messages import Acks, Failure, Results, Stop, WireMessage, read, read_as
 from workers.process import (
     Parent,
-    Stop,
     announce_ready,
     control_socket,
     parse_args,
@@ -58,55 +58,54 @@ GATHER_MS = 1
 MAX_GATHER_MS = 5
 
 
-def to_result(message: Message) -> ExposureResult:
-    """The stored form of a ``failed`` message (one exposure)."""
-    header, arrays = message.header, message.arrays
-    truth = header.get("truth")
+def to_result(failure: Failure) -> ExposureResult:
+    """The stored form of a failure record (one exposure)."""
+    truth = failure.truth
     return ExposureResult(
-        index=int(header["index"]),
-        timestamp=header_float(header, "timestamp"),
-        received_time=header_float(header, "received_time"),
+        index=failure.index,
+        timestamp=failure.timestamp,
+        received_time=failure.received_time,
         status="failed",
-        error=str(header.get("error", "")),
-        source=str(header.get("source") or ""),
-        frame_id=str(header.get("frame_id") or ""),
-        normalization=header_float(header, "normalization"),
-        counts=arrays.get("counts"),
-        counts_sd=arrays.get("counts_sd"),
+        error=failure.error,
+        source=failure.source,
+        frame_id=failure.frame_id,
+        normalization=failure.normalization,
+        counts=failure.counts,
+        counts_sd=failure.counts_sd,
         truth=np.array([truth.get(name, np.nan) for name in PARAMETER_NAMES]) if truth else None,
     )
 
 
-def columns_of(message: Message) -> dict:
-    """The columns (:meth:`ResultsWriter.rows`) of a ``results`` or ``failed`` message;
-    ``ValueError`` for any other kind."""
-    if message.kind == "failed":
+def columns_of(message: WireMessage) -> dict:
+    """The columns (:meth:`ResultsWriter.rows`) of a :class:`Results` or :class:`Failure`
+    message; ``ValueError`` for any other kind."""
+    if isinstance(message, Failure):
         return result_columns([to_result(message)])
-    if message.kind != "results":
+    if not isinstance(message, Results):
         raise ValueError(f"a {message.kind!r} message holds no result")
-    n = len(message.arrays["index"])
+    n = message.n_exposures
     return {
-        **message.arrays,
+        **message.columns,
         "status": ["ok"] * n,
         "error": [""] * n,
-        "source": message.header.get("source", [""] * n),
-        "frame_id": message.header.get("frame_id", [""] * n),
+        "source": list(message.source),
+        "frame_id": list(message.frame_id),
     }
 
 
-def acknowledgements(rows: dict[str, np.ndarray], written: np.ndarray) -> list:
-    """The ``acks`` message to the feeder for a block of stored rows (:meth:`ResultsWriter.rows`;
+def acknowledgements(rows: dict[str, np.ndarray], written: np.ndarray) -> Acks:
+    """The acknowledgement to the feeder of a block of stored rows (:meth:`ResultsWriter.rows`;
     ``written`` False: a duplicate, already in the file), with their posterior summaries for
     the feeder's view (NaN for failed exposures)."""
-    return encode(
-        "acks",
-        {
-            "status": [status.decode() for status in rows["status"].tolist()],
-            "error": [error.decode(errors="replace") for error in rows["error"].tolist()],
-        },
+    return Acks(
+        status=tuple(status.decode() for status in rows["status"].tolist()),
+        error=tuple(error.decode(errors="replace") for error in rows["error"].tolist()),
         index=rows["index"],
         duplicate=(~written).astype(np.uint8),
-        **{name: rows[name] for name in ("mean", "sd", "quantiles", "predictive_z")},
+        mean=rows["mean"],
+        sd=rows["sd"],
+        quantiles=rows["quantiles"],
+        predictive_z=rows["predictive_z"],
     )
 
 
@@ -121,15 +120,15 @@ def rows_of(writer: ResultsWriter, frames: list) -> dict[str, np.ndarray] | None
     """The rows (:meth:`ResultsWriter.rows`) of one received message; ``None``, logged, when
     the message is malformed or does not fit the file."""
     try:
-        return writer.rows(columns_of(decode(frames)))
+        return writer.rows(columns_of(read(frames)))
     except (ProtocolError, KeyError, TypeError, ValueError) as error:
         _log(f"writer: dropped a malformed message: {error}")
         return None
 
 
-def store(writer: ResultsWriter, blocks: list[dict[str, np.ndarray]]) -> list:
+def store(writer: ResultsWriter, blocks: list[dict[str, np.ndarray]]) -> Acks:
     """Append ``blocks`` of rows (:func:`rows_of`) to the file as one block, flushed; return
-    the ``acks`` message for them."""
+    the acknowledgement of them."""
     rows = concatenate_rows(blocks)
     return acknowledgements(rows, writer.append_rows(rows))
 
@@ -202,7 +201,7 @@ def serve(argv: list[str] | None = None) -> int:
                 blocks.append(rows)
                 exposures += len(rows["index"])
         if blocks:
-            acks.send_multipart(store(writer, blocks))
+            acks.send_multipart(store(writer, blocks).to_frames())
         return taken
 
     code = 0
@@ -254,7 +253,7 @@ def _read_stop(control: zmq.Socket) -> Stop:
     """The stop broadcast waiting on ``control`` (a malformed one: a plain stop, logged)."""
     frames = control.recv_multipart()
     try:
-        return Stop.decode(frames)
+        return read_as(Stop, frames)
     except ProtocolError as error:
         _log(f"writer: a malformed stop message ({error}): stopping without completing the file")
         return Stop()

@@ -53,7 +53,7 @@ def encode(kind: str, header: dict[str, Any] | None = None, **arrays: np.ndarray
             raise ProtocolError(f"array {name!r} has dtype {array.dtype}, not allowed on the wire")
         specs.append([name, dtype.str, list(array.shape)])
         # bytes as a flat uint8 view (a memoryview cast fails on arrays with a 0-length axis)
-        buffers.append(memoryview(array.astype(dtype, copy=False).reshape(-1).view(np.uint8)))
+        buffers.append(array.astype(dtype, copy=False).reshape(-1).view(np.uint8).data)
     fields = dict(header or {})
     fields.update(proto=PROTOCOL_VERSION, kind=kind, arrays=specs)
     return [msgpack.packb(fields, use_bin_type=True), *buffers]
@@ -99,14 +99,3 @@ def decode(frames: list[Any]) -> Message:
     for key in ("proto", "kind", "arrays"):
         header.pop(key)
     return Message(kind=kind, header=header, arrays=arrays)
-
-
-def header_float(header: dict[str, Any], key: str) -> float:
-    """A header field as a float, NaN when it is missing or ``None`` (0 stays 0).
-
-    Example:
-        >>> header_float({"timestamp": 0}, "timestamp"), header_float({}, "timestamp")
-        (0.0, nan)
-    """
-    value = header.get(key)
-    return math.nan if value is None else float(value)
