@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from benchmarks.report import save
+from pipeline.bundled import DEFAULT_MODEL
 from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
-from pipeline.model.checkpoint import DEFAULT_MODEL
 from pipeline.physics import simulate
 
 RESULTS = Path(__file__).parent / "results" / "sampling.json"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +61,8 @@ class Deployments(BaseModel):
     demo: _Entry | None = None
 
 
-_FLOWS = {
+#: The flow of each entry (Deployments' field names).
+_FLOWS: dict[str, Flow[..., Any]] = {
     "online": online_reconstruction,
     "nightly": reprocess_scans,
     "train": train_model,
@@ -92,15 +94,17 @@ def load_deployments(path: Path) -> list[RunnerDeployment]:
                 schedule["schedule"] = Cron(entry.cron, timezone=entry.timezone)
             except ValueError as error:
                 raise ValueError(f"{path}: nightly: {error}") from error
-        deployments.append(
-            flow.to_deployment(
-                name=entry.name,
-                parameters=entry.parameters,
-                description=entry.description or flow.description,
-                tags=entry.tags,
-                **schedule,
-            )
+        deployment = flow.to_deployment(
+            name=entry.name,
+            parameters=entry.parameters,
+            description=entry.description or flow.description,
+            tags=entry.tags,
+            **schedule,
         )
+        # Prefect's async_dispatch types it as the deployment or a coroutine: called outside
+        # an event loop (as here), it is the deployment
+        assert isinstance(deployment, RunnerDeployment)
+        deployments.append(deployment)
     if not deployments:
         raise ValueError(f"{path} defines no deployment")
     return deployments

@@ -1,23 +1,26 @@
 """``train-model`` and ``validate-model``: the model's life cycle as flows, thin over
-:mod:`pipeline.model.train` and :mod:`pipeline.model.validation` (the same calls as
-``beamline-inn train`` and ``beamline-inn validate``).
+:func:`pipeline.model.training_run.run_training` and
+:func:`pipeline.model.validation_run.run_validation` (which ``beamline-inn train`` and
+``beamline-inn validate`` call too).
 
 Training shows its progress (a progress artifact, updated at each validation) and ends with
 a markdown artifact: the loss history, the calibration of the new model on fresh
 simulations, and where its weights and card are. Validation shows how many exact posteriors
-are done and ends with the diagnostics and the coverage and SBC figures as artifacts. Neither
-retries: a failure there is a bug or a bad parameter, which a retry would only repeat.
+are done and ends with the diagnostics and the coverage and SBC figures as artifacts. What
+the library says as it goes goes to the flow run's log. Neither retries: a failure there is
+a bug or a bad parameter, which a retry would only repeat.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
+from uuid import UUID
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_image_artifact,
     create_markdown_artifact,
@@ -26,17 +29,22 @@ from prefect.artifacts import (
 )
 from pydantic import Field
 
-from pipeline.instrument import default_instrument, load_instrument
-from pipeline.model import load, save
-from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
-from pipeline.model.train import TrainingConfig, train
-from pipeline.model.validation import (
-    reference_diagnostics,
-    simulation_diagnostics,
-    write_figures,
-)
+from pipeline.model.train import TrainingConfig
+from pipeline.model.training_run import run_training
+from pipeline.model.validation_run import run_validation
 
-SHOWN = ("pitch_nm", "width_nm", "sigma_nm")
+
+def _progress(key: str, description: str) -> Callable[[float], None]:
+    """A progress artifact of this flow run at 0%, and what sets its percentage."""
+    artifact = create_progress_artifact(0.0, key=key, description=description)
+    # Prefect's async_dispatch types the result as the id or a coroutine: in a sync flow
+    # (these are) it is the id
+    assert isinstance(artifact, UUID)
+
+    def update(percent: float) -> None:
+        update_progress_artifact(artifact, percent)
+
+    return update
 
 
 @flow(name="train-model")
@@ -46,67 +54,42 @@ def train_model(
     checkpoint_dir: Path | None = None,
     device: str = "cpu",
     instrument: Path | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Train a model on fresh simulations and write ``out`` (.safetensors) and its card,
     with its calibration on 200 simulations; with ``checkpoint_dir``, resumable (a run
     cancelled or crashed goes on from its last checkpoint when started again). ``training``:
     the budget and architecture (default: those of the shipped model); ``instrument``: the
     instrument file (``beamline-inn instrument``) to train for (default: the default one)."""
     training = training or TrainingConfig()
-    described = load_instrument(instrument) if instrument is not None else default_instrument()
-    progress = create_progress_artifact(
-        0.0, key="training-progress", description=f"Training {Path(out).name}"
-    )
+    progress = _progress("training-progress", f"Training {Path(out).name}")
     last_update = 0.0
 
     def on_validation(step: int, train_loss: float, validation_loss: float) -> None:
         nonlocal last_update
         if time.monotonic() - last_update >= 5.0 or step == training.steps:
-            update_progress_artifact(progress, 100.0 * step / training.steps)
+            progress(100.0 * step / training.steps)
             last_update = time.monotonic()
 
-    model, history = train(
+    report = run_training(
         training,
-        progress=False,
-        checkpoint_dir=checkpoint_dir,
-        device=device,
-        on_validation=on_validation,
-        instrument=described,
-    )
-    report, _ = simulation_diagnostics(model)
-    path = save(
-        model,
         Path(out),
-        name=described.name,
-        training={"flow": "train-model", **history},
-        diagnostics={"simulation": report},
+        instrument=instrument,
+        started_by={"flow": "train-model"},
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        progress_bar=False,
+        on_validation=on_validation,
+        log=get_run_logger().info,
     )
-    lines = [
-        f"# Model `{path.name}`",
-        "",
-        f"{training.steps} steps on {training.n_simulations} simulations in "
-        f"{history['wall_s']:.0f} s on {history['device']}; weights `{path}`, card "
-        f"`{card_path(path)}` (SHA-256 {model.card['weights_sha256'][:16]}...).",
-        "",
-        f"Instrument {described.describe()} (SHA-256 {described.sha256()[:16]}...).",
-        "",
-        "| step | training loss | validation loss |",
-        "|---|---|---|",
-        *(
-            f"| {step} | {train_loss:.3f} | {validation_loss:.3f} |"
-            for step, train_loss, validation_loss in zip(
-                history["step"], history["train_loss"], history["validation_loss"], strict=True
-            )
-        ),
-        "",
-        "Calibration error on 200 fresh simulations (0: perfectly calibrated):",
-        "",
-        "| " + " | ".join(SHOWN) + " |",
-        "|---|---|---|",
-        "| " + " | ".join(f"{report['calibration_error'][name]:.3f}" for name in SHOWN) + " |",
-    ]
-    create_markdown_artifact("\n".join(lines), key="trained-model", description=path.name)
-    return {"model": str(path), "card": str(card_path(path)), "history": history}
+    assert report.saved is not None  # no stop_at_step: a training here runs to its end
+    create_markdown_artifact(
+        report.markdown(), key="trained-model", description=report.saved.weights.name
+    )
+    return {
+        "model": str(report.saved.weights),
+        "card": str(report.saved.card),
+        "history": report.history,
+    }
 
 
 @flow(name="validate-model")
@@ -118,60 +101,37 @@ def validate_model(
     seed: int = 2024,
     reference_cache: Path | None = None,
     update_card: bool = False,
-) -> dict:
+    instrument: Path | None = None,
+) -> dict[str, Any]:
     """Calibration (SBC, coverage) on ``simulations`` exposures and the distance to the exact
     posterior on ``reference`` exposures (about 10 s each), written to ``out`` as
-    ``validation.json`` and PNGs; with ``update_card``, stored in the model's card."""
-    posterior = load(model, device="cpu")
-    progress = create_progress_artifact(
-        0.0, key="validation-progress", description="exact posteriors computed"
+    ``validation.json`` and PNGs; with ``update_card``, stored in the model's card.
+    ``model``: a file or a bundled model's name (default: the default model, or with
+    ``instrument``, an instrument file, the bundled model for it, which must have been
+    trained for it)."""
+    progress = _progress("validation-progress", "exact posteriors computed")
+    report = run_validation(
+        model,
+        Path(out),
+        instrument=instrument,
+        simulations=simulations,
+        reference=reference,
+        seed=seed,
+        reference_cache=reference_cache,
+        update_card=update_card,
+        on_reference=lambda done, total: progress(100.0 * done / total),
+        log=get_run_logger().info,
     )
-    simulation, simulation_arrays = simulation_diagnostics(posterior, simulations, seed=seed)
-
-    def on_reference(done: int, total: int) -> None:
-        update_progress_artifact(progress, 100.0 * done / total)
-
-    exact, exact_arrays = reference_diagnostics(
-        posterior, reference, seed=seed + 1, progress=on_reference, cache_dir=reference_cache
-    )
-    diagnostics = {"simulation": simulation, "reference": exact}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
-    figures = write_figures(simulation_arrays, exact_arrays, out)
-    if update_card:
-        card_file = card_path(Path(model) if model else DEFAULT_MODEL)
-        card = json.loads(card_file.read_text())
-        card["diagnostics"] = diagnostics
-        card_file.write_text(json.dumps(card, indent=2) + "\n")
-    rows = {
-        "calibration error": simulation["calibration_error"],
-        "SBC KS p-value": simulation["sbc_ks_p"],
-        "sd / exact sd (median)": exact["sd_ratio_median"],
-        "abs(bias) / exact sd (median)": exact["bias_in_exact_sd_median"],
-    }
-    lines = [
-        f"# Validation of `{model or 'the shipped model'}`",
-        "",
-        f"{simulations} simulated exposures, {reference} against the exact posterior; "
-        f"report `{out / 'validation.json'}`.",
-        "",
-        "| | " + " | ".join(SHOWN) + " |",
-        "|---|---|---|---|",
-        *(
-            f"| {what} | " + " | ".join(f"{values[name]:.3g}" for name in SHOWN) + " |"
-            for what, values in rows.items()
-        ),
-        "",
-        f"Width mode weight error (max): {exact['mode_weight_error_max']}; C2ST (median): "
-        f"{exact['c2st_median']:.3f} (0.5: indistinguishable from exact).",
-    ]
-    create_markdown_artifact("\n".join(lines), key="model-validation", description=str(out))
+    create_markdown_artifact(report.markdown(), key="model-validation", description=str(out))
     for name in ("coverage", "sbc"):
-        png = (out / f"{name}.png").read_bytes()
+        png = report.figures[name].read_bytes()
         create_image_artifact(
             "data:image/png;base64," + base64.b64encode(png).decode(),
             key=f"validation-{name}",
             description=f"{name}.png",
         )
-    return {"report": str(out / "validation.json"), "figures": figures, **diagnostics}
+    return {
+        "report": str(report.report_path),
+        "figures": [str(path) for path in report.figures.values()],
+        **report.diagnostics,
+    }

@@ -132,7 +132,8 @@ def online_reconstruction(
     settings = settings_for_model(settings)
     config = settings.for_scan(scan_id or time.strftime("online-%Y%m%d-%H%M%S"))
     if isinstance(source, DectrisStreamSource):
-        protocol = {"dectris-v1": "v1", "dectris-v2": "v2"}[source.protocol]
+        protocols: dict[str, Literal["v1", "v2"]] = {"dectris-v1": "v1", "dectris-v2": "v2"}
+        protocol = protocols[source.protocol]
         with (
             DectrisStream(
                 source.stream,

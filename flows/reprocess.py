@@ -274,9 +274,10 @@ def reprocess_scans(
             dask.config.set({"distributed.worker.daemon": False}),  # a task starts processes
             _dask_says_only_warnings(),
         ):
-            outcome |= reprocess_on_dask.with_options(task_runner=runner)(
-                to_run, settings, settle_s, read_ahead, batch_size, retry_failed
-            )
+            # (prefect-dask types its runner as a TaskRunner of its own futures, which
+            # Prefect's invariant TaskRunner[PrefectFuture] does not accept)
+            dask_flow = reprocess_on_dask.with_options(task_runner=runner)  # type: ignore[arg-type]
+            outcome |= dask_flow(to_run, settings, settle_s, read_ahead, batch_size, retry_failed)
     rows = [_row(scan, outcome[scan.scan_id], settings) for scan in found]
     create_table_artifact(
         rows, key="reprocessed-scans", description=f"{len(found)} scans into {settings.output_dir}"

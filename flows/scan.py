@@ -310,16 +310,30 @@ def reprocess_files(
     """
     source = archived_frames(paths, config.scan_id, hdf5_dataset)
     config = with_detector_shape(settings_for_model(config), source)
-    resuming = {"resume": resume, "manifest": source.manifest(), "retry_failed": retry_failed}
+    manifest = source.manifest()
     if read_ahead == 0:
-        return reconstruct(config, source.exposures(), batch_size, **resuming)
+        return reconstruct(
+            config,
+            source.exposures(),
+            batch_size,
+            resume=resume,
+            manifest=manifest,
+            retry_failed=retry_failed,
+        )
     if config.integration.openmp_threads is None:
         threads = max(1, (os.cpu_count() or 1) - 1)
         integration = config.integration.model_copy(update={"openmp_threads": threads})
         config = config.model_copy(update={"integration": integration})
     with ReadAhead(source, read_ahead) as reader:
         reader.start()  # its start-up (about a second) overlaps the workers'
-        return reconstruct(config, reader.exposures(), batch_size, **resuming)
+        return reconstruct(
+            config,
+            reader.exposures(),
+            batch_size,
+            resume=resume,
+            manifest=manifest,
+            retry_failed=retry_failed,
+        )
 
 
 @flow(name="reprocess-scan")

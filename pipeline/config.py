@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from pipeline.physics import QGrid
-from pipeline.transport.security import is_loopback
+from pipeline.transport.addresses import is_loopback
 
 
 class _Strict(BaseModel):

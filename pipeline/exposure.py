@@ -4,6 +4,7 @@ of integration, :class:`PosteriorSamples` out of inference."""
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,7 @@ def posterior_summaries(samples: Any, parameter_names: tuple[str, ...]) -> dict[
     draws where it drew them). Quantiles interpolate linearly between order statistics, as
     numpy's default does (torch's own ``quantile`` refuses tensors over 2**24 elements)."""
     levels = PosteriorSamples.QUANTILES
+    xp: types.ModuleType  # the array library of samples: numpy or torch
     if isinstance(samples, np.ndarray):
         xp = np
         out = {

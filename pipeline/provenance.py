@@ -29,6 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.bundled import DEFAULT_PONI
 from pipeline.config import PipelineConfig
 
 #: Bytes of each digest (32 hexadecimal digits).
@@ -78,8 +79,6 @@ def processing_record(config: PipelineConfig, model_sha256: str) -> ProcessingRe
     """The :class:`ProcessingRecord` of ``config`` with the model whose weights have
     ``model_sha256``. Reads the PONI (the bundled one when none is set), mask, dark and flat
     files (``OSError`` when one cannot be read)."""
-    from pipeline.integration import DEFAULT_PONI
-
     integration = config.integration
     settings = integration.model_dump(
         mode="json", exclude={"poni", "mask", "dark", "flat", "openmp_threads", "detector_shape"}

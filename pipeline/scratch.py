@@ -45,7 +45,7 @@ def remove_stale_scratch_dirs(prefix: str, folder: str | Path | None = None) -> 
     """Remove the folders ``<prefix><pid>-...`` of this user in ``folder`` (the temporary
     folder when ``None``) whose process ``pid`` no longer runs; return those removed."""
     folder = Path(folder if folder is not None else tempfile.gettempdir())
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -326,6 +326,8 @@ def test_hdf5_framing_agrees_with_hdf5plugin_both_ways(rng, tmp_path):
         (b"\0" * 12, [3, 2], "complex64", "<", "unknown pixel type 'complex64'"),
         (b"\0" * 12, [3, 2], "uint16", "zstd<", "unknown encoding 'zstd<'"),
         (b"\0" * 12, [3], "uint16", "<", "shape [3] is not [x, y]"),
+        (b"\0" * 12, None, "uint16", "<", "shape None is not [x, y]"),
+        (b"\0" * 12, 6, "uint16", "<", "shape 6 is not [x, y]"),
         (b"\x12garbage", [3, 2], "uint16", "lz4<", "LZ4 data does not decompress"),
         (b"\0\0\0\x05abc", [3, 2], "uint16", "bs16-lz4<", "bitshuffle-LZ4 data is 7 bytes"),
     ],
@@ -333,6 +335,20 @@ def test_hdf5_framing_agrees_with_hdf5plugin_both_ways(rng, tmp_path):
 def test_v1_data_errors_say_what_is_wrong(blob, shape, type_name, encoding, message):
     with pytest.raises(FormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
         decode_v1_data(blob, shape, type_name, encoding)
+
+
+def test_v1_parts_without_a_shape_fail_the_image_or_the_header_blob(rng):
+    """A ``dimage_d-1.0`` or header blob description without ``shape`` is a failed image or a
+    header problem, not an exception out of the parser."""
+    image = v1_image(1, 0, counts(rng))
+    image[1] = json.dumps({"htype": "dimage_d-1.0", "type": "uint32", "encoding": "<"}).encode()
+    parsed = parse_v1_message(image)
+    assert parsed.frame is None and "shape None is not [x, y]" in parsed.error
+    header = v1_header(1, "all")
+    header[2] = json.dumps({"htype": "dflatfield-1.0", "type": "float32"}).encode()
+    parsed = parse_v1_message(header)
+    assert parsed.header.flatfield is None and parsed.header.pixel_mask is not None
+    assert any("dflatfield-1.0: shape None" in problem for problem in parsed.problems)
 
 
 def test_decompressed_size_mismatch_is_reported(rng):
@@ -801,8 +817,8 @@ def test_socket_options_and_oversized_messages(push, rng, reliability):
     )
     try:
         assert stream.wait_connected(TIMEOUT_S)
-        assert stream._socket.getsockopt(zmq.RCVHWM) == 7
-        assert stream._socket.getsockopt(zmq.MAXMSGSIZE) == 4096
+        assert stream.socket.getsockopt(zmq.RCVHWM) == 7
+        assert stream.socket.getsockopt(zmq.MAXMSGSIZE) == 4096
         send_all(
             sender,
             [v1_header(1, nimages=3), v1_image(1, 0, frames[0]), v1_image(1, 1, frames[1], "<")],

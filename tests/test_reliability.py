@@ -308,8 +308,9 @@ def test_pickled_payloads_are_refused_without_being_unpickled(tmp_path, reliabil
     import json
     import shutil
 
+    from pipeline.bundled import DEFAULT_MODEL
     from pipeline.model import load
-    from pipeline.model.checkpoint import DEFAULT_MODEL, ModelFileError, card_path
+    from pipeline.model_card import ModelFileError, card_path
     from pipeline.transport import ProtocolError, decode
 
     marker = tmp_path / "unpickled"

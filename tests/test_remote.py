@@ -16,7 +16,8 @@ from test_scan import _line_outs
 from flows.cli import main
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.store import open_results
-from pipeline.transport.security import create_keypair, is_loopback
+from pipeline.transport.addresses import is_loopback
+from pipeline.transport.security import create_keypair
 from workers.scan import ScanError, ScanRunner
 
 

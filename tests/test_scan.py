@@ -387,7 +387,8 @@ def test_a_worker_s_batches_fill_whatever_the_high_water_mark(tmp_path):
 def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path, reliability):
     import shutil
 
-    from pipeline.model.checkpoint import DEFAULT_MODEL, card_path
+    from pipeline.bundled import DEFAULT_MODEL
+    from pipeline.model_card import card_path
 
     weights = tmp_path / "broken.safetensors"
     shutil.copy(DEFAULT_MODEL, weights)

@@ -44,6 +44,7 @@ from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.model.posterior import CountsSampler
 from pipeline.transport import ProtocolError
+from pipeline.transport.addresses import is_loopback
 from pipeline.transport.messages import (
     Credit,
     Heartbeat,
@@ -56,7 +57,7 @@ from pipeline.transport.messages import (
     WireMessage,
     read,
 )
-from pipeline.transport.security import connect_curve, is_loopback
+from pipeline.transport.security import connect_curve
 from workers.inference import InferenceSession, compile_if_asked
 
 #: Seconds between hellos while no feeder answers, and between ZMTP heartbeats.

@@ -27,10 +27,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pipeline.bundled import DEFAULT_PONI
 from pipeline.config import PipelineConfig
-from pipeline.integration import DEFAULT_PONI
-from pipeline.model import read_card
-from pipeline.model.checkpoint import card_instrument
+from pipeline.model_card import card_instrument, read_card
 from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS
 from pipeline.provenance import processing_record
 from pipeline.store import ExposureResult, ResultsWriteError, ResultsWriter

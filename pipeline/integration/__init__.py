@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +60,11 @@ import pyFAI  # noqa: E402
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from pipeline.bundled import DEFAULT_PONI  # noqa: E402
 from pipeline.config import IntegrationConfig  # noqa: E402
 from pipeline.exposure import Exposure, LineOut  # noqa: E402
 from pipeline.physics import QGrid  # noqa: E402
 
-#: The geometry shipped with the package: Eiger 4M at 5 m, 8 keV.
-DEFAULT_PONI = Path(str(files("pipeline") / "data" / "eiger4m_5m_8keV.poni"))
 #: Pilatus bad-pixel markers (-1 bad, -2 module gaps) as one pyFAI dummy range.
 SIGNED_DUMMY, SIGNED_DELTA_DUMMY = -1.5, 0.6
 

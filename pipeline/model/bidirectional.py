@@ -39,6 +39,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 
 import torch
 
@@ -70,7 +72,10 @@ def mmd_inverse_multiquadratic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
     def kernel(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         distance = torch.cdist(u, v).square()
-        return sum(c * dim / (c * dim + distance) for c in KERNEL_WIDTHS)
+        # reduce, not sum(): its type includes the int 0 of an empty sum
+        return functools.reduce(
+            operator.add, (c * dim / (c * dim + distance) for c in KERNEL_WIDTHS)
+        )
 
     return kernel(a, a).mean() + kernel(b, b).mean() - 2.0 * kernel(a, b).mean()
 
@@ -87,6 +92,8 @@ class BidirectionalINN(CountsSampler):
 
     parameter_names: tuple[str, ...] = PARAMETER_NAMES
     parameter_units: tuple[str, ...] = PARAMETER_UNITS
+    #: the instrument's observed bins (a buffer registered in __init__)
+    observed: torch.Tensor
 
     def __init__(
         self,
@@ -159,7 +166,7 @@ class BidirectionalINN(CountsSampler):
         self, theta: torch.Tensor, counts: torch.Tensor, progress: float = 1.0
     ) -> torch.Tensor:
         """The weighted sum L_y + L_z + L_x + padding at ``progress`` (0..1) of training."""
-        return sum(self.losses(theta, counts, progress).values())
+        return functools.reduce(operator.add, self.losses(theta, counts, progress).values())
 
     def validation_loss(self, theta: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The objective with L_x at full weight (comparable across steps)."""

@@ -5,9 +5,11 @@ SHA-256), architecture, physics model, prior, q grid, training budget, measured 
 and the SHA-256 of the weights file. :func:`load` refuses a weights file whose hash differs
 from its card.
 
-Models are named by a file or by the name of a bundled model (:data:`BUNDLED_MODELS`):
-``default`` (DESIGN.md's instrument) and ``pilatus1m-5m-sector``. The instrument of each
-bundled model is also written beside it as ``NAME.instrument.json``.
+Models are named by a file or by the name of a bundled model
+(:data:`pipeline.bundled.BUNDLED_MODELS`): ``default`` (DESIGN.md's instrument) and
+``pilatus1m-5m-sector``. The instrument of each bundled model is also written beside it as
+``NAME.instrument.json``. Cards are read by :mod:`pipeline.model_card` (without torch), whose
+functions this module uses and re-exports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.instrument import Instrument, PriorRanges, default_instrument
+from pipeline.bundled import BUNDLED_MODELS
+from pipeline.instrument import Instrument
 from pipeline.model.bidirectional import BidirectionalINN
 from pipeline.model.build import build_model
 from pipeline.model.posterior import Architecture, PosteriorModel
-
-FORMAT = "beamline-inn-cinn"
-FORMAT_VERSION = 1
-_DATA = Path(str(files("pipeline") / "data"))
-#: The model shipped in the package for the default instrument, trained by ``beamline-inn train``.
-DEFAULT_MODEL = _DATA / "grating-cinn.safetensors"
-#: Models shipped in the package, by name.
-BUNDLED_MODELS: dict[str, Path] = {
-    "default": DEFAULT_MODEL,
-    "pilatus1m-5m-sector": _DATA / "pilatus1m-5m-sector.safetensors",
-}
-
+from pipeline.model_card import (
+    FORMAT,
+    FORMAT_VERSION,
+    ModelFileError,
+    card_instrument,
+    card_path,
+    read_card,
+    resolve_model,
+)
 
 #: Architecture fields added after the first model files, at the values those files were
 #: trained with (a card without them describes that design).
@@ -49,35 +48,12 @@ LEGACY_ARCHITECTURE = {
 }
 
 
-class ModelFileError(ValueError):
-    """A model file that is missing, inconsistent or does not match its card."""
-
-
-def card_path(weights: Path) -> Path:
-    """The JSON model card that belongs to a weights file."""
-    return Path(weights).with_suffix(".json")
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_model(model: Path | str | None = None) -> Path:
-    """The weights file of ``model``: a file, the name of a bundled model, or ``None`` for
-    the default; :class:`ModelFileError` for a name that is neither.
-
-    >>> resolve_model("pilatus1m-5m-sector").name
-    'pilatus1m-5m-sector.safetensors'
-    """
-    if model is None:
-        return DEFAULT_MODEL
-    if str(model) in BUNDLED_MODELS and not Path(model).exists():
-        return BUNDLED_MODELS[str(model)]
-    return Path(model)
 
 
 def model_for_instrument(instrument: Instrument, model: Path | str | None = None) -> Path:
@@ -115,30 +91,6 @@ def model_name(card: dict[str, Any]) -> str:
     return str(card.get("name") or card_instrument(card).name)
 
 
-def card_instrument(card: dict[str, Any]) -> Instrument:
-    """The instrument a model card describes (cards from before instruments: the default
-    instrument where grid and prior are the default's, else one with uniform background
-    weights and unknown pixel counts)."""
-    if "instrument" in card:
-        return Instrument.model_validate(card["instrument"])
-    default = default_instrument()
-    grid = card["physics"]["grid"]
-    prior = {k: tuple(v) for k, v in card["prior"].items() if isinstance(v, list)}
-    if default.prior == PriorRanges(**prior) and all(
-        getattr(default, key) == value for key, value in grid.items()
-    ):
-        return default
-    return Instrument(
-        name="legacy",
-        description="a model card from before instruments",
-        **grid,
-        azimuth_range_deg=None,
-        pixels_per_bin=(0,) * grid["n_points"],
-        background_weights=(1.0,) * grid["n_points"],
-        prior=PriorRanges(**prior),
-    )
-
-
 def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> Path:
     """Write ``path`` (.safetensors) and its card; extra keyword arguments go into the card."""
     path = Path(path).with_suffix(".safetensors")
@@ -166,27 +118,7 @@ def save(model: PosteriorModel | BidirectionalINN, path: Path, **card: Any) -> P
     return path
 
 
-def read_card(path: Path | None = None) -> dict[str, Any]:
-    """The model card of ``path`` (a file or a bundled model's name; the default model when
-    ``None``), without loading weights."""
-    weights = resolve_model(path)
-    card_file = card_path(weights)
-    if not card_file.is_file() and not weights.exists():  # neither a model nor a name of one
-        raise ModelFileError(
-            f"model file not found: {weights} (bundled models: {', '.join(BUNDLED_MODELS)})"
-        )
-    if not card_file.is_file():
-        raise ModelFileError(
-            f"model card not found: {card_file} (a model is a .safetensors file with its card, "
-            "a .json of the same name, beside it)"
-        )
-    card = json.loads(card_file.read_text())
-    if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{card_file} is not a {FORMAT} v{FORMAT_VERSION} model card")
-    return card
-
-
-def check_model_file(path: Path | None = None) -> dict[str, Any]:
+def check_model_file(path: Path | str | None = None) -> dict[str, Any]:
     """The card of the model file ``path`` (a file or a bundled model's name; the default
     model when ``None``) once its card and weights are found and the weights match the
     card's SHA-256; :class:`ModelFileError` saying which is not so. Nothing is loaded.
@@ -217,7 +149,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load(path: Path | str | None = None, device: str = "auto") -> PosteriorModel | BidirectionalINN:
-    """Load a model for inference: a file, a bundled model's name (:data:`BUNDLED_MODELS`),
+    """Load a model for inference: a file, a bundled model's name
+    (:data:`pipeline.bundled.BUNDLED_MODELS`),
     or the default model when ``None``.
 
     The weights' SHA-256 must match the card; no pickled code is ever executed.

@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,10 @@ def mlp(
 class CouplingBlock(nn.Module):
     """Permutation followed by the talk's two-sided affine coupling, conditioned on ``c``."""
 
+    # buffers (registered in __init__)
+    permutation: torch.Tensor
+    inverse_permutation: torch.Tensor
+
     def __init__(
         self,
         dim: int,
@@ -74,8 +80,9 @@ class CouplingBlock(nn.Module):
         self.net2 = mlp(d2 + condition_dim, hidden, 2 * d1, activation=activation)  # from u2
         self.net1 = mlp(d1 + condition_dim, hidden, 2 * d2, activation=activation)  # from v1
         for net in (self.net1, self.net2):  # start as the identity map
-            nn.init.zeros_(net[-1].weight)
-            nn.init.zeros_(net[-1].bias)
+            last = cast(nn.Linear, net[-1])
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def _scale_shift(
         self, net: nn.Sequential, x: torch.Tensor, c: torch.Tensor
@@ -85,7 +92,8 @@ class CouplingBlock(nn.Module):
         # runs about twice as fast on a CPU as the rows-first layout and module calls.
         # The first layer acts on cat([x, c]); its condition part is computed on c as given
         # and broadcast, so a condition shared by many rows (sampling) is multiplied once.
-        first, activation, last = net[0], net[1], net[-1]
+        # the layers of an mlp(): Linear, activation, (Linear, activation)*, Linear
+        first, activation, last = cast(nn.Linear, net[0]), net[1], cast(nn.Linear, net[-1])
         d, rows = x.shape[0], x.shape[1:]
         condition = F.linear(c, first.weight[:, d:], first.bias)
         width = condition.shape[-1]
@@ -94,7 +102,7 @@ class CouplingBlock(nn.Module):
         else:
             hidden = (first.weight[:, :d] @ x.reshape(d, -1)).reshape(width, *rows)
             hidden = (hidden + condition.movedim(-1, 0)).reshape(width, -1)
-        for layer in net[2:-1:2]:
+        for layer in cast("Iterable[nn.Linear]", net[2:-1:2]):
             hidden = torch.addmm(layer.bias[:, None], layer.weight, activation(hidden))
         out = torch.addmm(last.bias[:, None], last.weight, activation(hidden))
         s, t = out.reshape(-1, *rows).chunk(2, dim=0)
@@ -142,6 +150,10 @@ class ConditionalAffine(nn.Module):
     """
 
     LOG_SCALE_LIMIT = 6.0
+
+    # buffers (registered in __init__): the indices of L's off-diagonal
+    rows: torch.Tensor
+    columns: torch.Tensor
 
     def __init__(self, dim: int, condition_dim: int) -> None:
         super().__init__()
@@ -221,7 +233,7 @@ class ConditionalINN(nn.Module):
         """Latent ``z`` to parameters (in network coordinates)."""
         z = z.movedim(-1, 0).contiguous()  # the blocks work features first
         for block in reversed(self.blocks):
-            z = block.inverse(z, c)
+            z = cast(CouplingBlock, block).inverse(z, c)
         z = z.movedim(0, -1)
         return z if self.affine is None else self.affine(z, c)
 

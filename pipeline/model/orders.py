@@ -158,9 +158,8 @@ class OrderReadout:
 
     def per_sample(self) -> OrderReadout:
         """The estimates as (exposures, 1), to broadcast over the samples of each exposure."""
-        return OrderReadout(
-            *(getattr(self, f.name)[:, None] for f in dataclasses.fields(self)[:-1]),
-            self.features,
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name)[:, None] for f in dataclasses.fields(self)[:-1]}
         )
 
 

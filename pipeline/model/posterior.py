@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -96,6 +97,10 @@ class ParameterTransform(nn.Module):
     #: is down to 5e-4 of its prior range wide).
     NUISANCE_SCALE_LIMITS = (1e-5, 10.0)
 
+    # buffers (registered in __init__): lower bound and width of each natural parameter
+    low: torch.Tensor
+    span: torch.Tensor
+
     def __init__(self, prior: GratingPrior, centred_nuisances: bool = False) -> None:
         super().__init__()
         self.centred_nuisances = centred_nuisances
@@ -157,7 +162,7 @@ class ParameterTransform(nn.Module):
         sigma_centre, sigma_scale = self._logit_centre(
             2, readout.sigma_nm, readout.log_sigma_error * readout.sigma_nm
         )
-        nuisances = ()
+        nuisances: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         if self.centred_nuisances:
             nuisances = tuple(
                 (centre, scale.clamp(*self.NUISANCE_SCALE_LIMITS))
@@ -284,6 +289,11 @@ class CountsSampler(nn.Module, abc.ABC):
 
     #: the instrument the model is made for (its grid, prior, mask and background weights)
     instrument: Instrument
+    #: the parameters, in the order of the draws' last axis
+    parameter_names: tuple[str, ...]
+    #: draws (exposures, n_samples, parameters) for counts, noise z and width side, where a
+    #: subclass implements it; :meth:`compile_sampling` replaces it by its compiled form
+    _draws: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
     @property
     def grid(self) -> QGrid:
@@ -305,6 +315,17 @@ class CountsSampler(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
 
+    @abc.abstractmethod
+    def training_loss(
+        self, theta: torch.Tensor, counts: torch.Tensor, progress: float = 1.0
+    ) -> torch.Tensor:
+        """The loss :func:`~pipeline.model.train.train` minimises on a batch of simulations
+        (``progress``: the fraction of training done)."""
+
+    @abc.abstractmethod
+    def validation_loss(self, theta: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The loss on the held-out simulations, comparable across steps."""
+
     def compile_sampling(self) -> None:
         """Compile the sampler (the network part of :meth:`sample_tensor`; the noise is drawn
         outside) with ``torch.compile`` (inductor) for this process.
@@ -315,7 +336,7 @@ class CountsSampler(nn.Module, abc.ABC):
         model: 3.9 against 7.2 ms on one thread here, ``benchmarks/sampling.py``). For
         long-running workers, not for one-off calls.
         """
-        self._draws = torch.compile(self._draws)  # type: ignore[method-assign]
+        self._draws = torch.compile(self._draws)
 
     def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
         """Posterior draws for a float array of counts (exposures, n_points) of the model's
@@ -374,7 +395,7 @@ class PosteriorModel(CountsSampler):
             instrument, architecture.condition_hidden, architecture.condition_dim
         )
         if architecture.flow == "own":
-            self.flow: nn.Module = ConditionalINN(
+            self.flow: ConditionalINN | ZukoRealNVP = ConditionalINN(
                 len(PARAMETER_NAMES),
                 architecture.condition_dim,
                 architecture.n_blocks,

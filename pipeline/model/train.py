@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline.instrument import Instrument, default_instrument
 from pipeline.model.build import build_model
-from pipeline.model.posterior import Architecture
+from pipeline.model.posterior import Architecture, CountsSampler
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def train(
     checkpoint_dir: Path | None = None,
     stop_at_step: int | None = None,
     device: str = "cpu",
-    model: torch.nn.Module | None = None,
+    model: CountsSampler | None = None,
     on_validation: Callable[[int, float, float], None] | None = None,
     instrument: Instrument | None = None,
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[CountsSampler, dict]:
     """Train a model (resuming from ``checkpoint_dir`` when it holds a state of this
     configuration); return it on the CPU in eval mode with the loss history.
 
@@ -158,8 +158,7 @@ def train(
     can be split over several sessions. On ``device="cuda"`` the simulations run on the GPU
     too (same seeds, different random streams: results are reproducible per device).
     ``model`` replaces the one ``config.architecture`` describes (benchmarks train peer models
-    on the same simulations this way); it needs ``training_loss(theta, counts, progress)``
-    and ``validation_loss(theta, counts)``. ``on_validation(step, train_loss,
+    on the same simulations this way). ``on_validation(step, train_loss,
     validation_loss)`` is called at each validation (every ``validation_every`` steps), e.g.
     to show progress in a flow. ``instrument`` (the default one when ``None``) gives the
     grid, prior, masked bins and background weights of the simulations.

@@ -34,13 +34,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 from scipy.spatial import cKDTree
 
-from pipeline.model.posterior import PosteriorModel
+from pipeline.model.posterior import CountsSampler
 from pipeline.physics.reference import mirror_weight, reference_posterior
 
 CREDIBILITY_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -51,7 +52,7 @@ def _by_name(names: tuple[str, ...], values: np.ndarray) -> dict[str, float]:
 
 
 def simulation_diagnostics(
-    model: PosteriorModel, n_exposures: int = 200, n_samples: int = 1000, seed: int = 2024
+    model: CountsSampler, n_exposures: int = 200, n_samples: int = 1000, seed: int = 2024
 ) -> tuple[dict, dict]:
     """SBC, coverage, contraction, z-scores and re-simulation error on prior simulations.
 
@@ -128,7 +129,7 @@ def _narrow(samples: np.ndarray) -> np.ndarray:
 def _exact_posterior(
     counts: np.ndarray,
     theta: np.ndarray,
-    model: PosteriorModel,
+    model: CountsSampler,
     n_samples: int,
     seed: int,
     cache_dir: Path | None,
@@ -163,11 +164,11 @@ def _exact_posterior(
 
 
 def reference_diagnostics(
-    model: PosteriorModel,
+    model: CountsSampler,
     n_exposures: int = 20,
     n_samples: int = 4000,
     seed: int = 4048,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[dict, dict]:
     """Mode weights, sd ratios, bias and C2ST of the model against the exact posterior.

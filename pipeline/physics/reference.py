@@ -248,7 +248,8 @@ def reference_posterior(
 
     # 4. a local 3D grid per region, re-fitted until it holds the region's mass
     bounds = [prior.pitch_nm, prior.duty, prior.sigma_nm]
-    masses, moments, cells = [], [], []
+    masses, moments = [], []
+    cells: list[tuple[list[np.ndarray], np.ndarray, float]] = []  # axes, log L, cell volume
     log_ref = best_peak
     regions.sort(key=lambda region: -region[2])
     for p_star, (d_box, s_box), _ in regions:

@@ -194,7 +194,7 @@ def read_detector_metadata(handle: h5py.File | h5py.Group) -> dict[str, str]:
             number = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             continue
-        units = node.attrs.get("units")  # type: ignore[union-attr]
+        units = node.attrs.get("units")
         if isinstance(units, bytes | np.bytes_):
             units = bytes(units).decode("utf-8", "replace")
         scale = units_table.get(unit if units is None else str(units).strip().casefold())

@@ -327,6 +327,7 @@ def header_metadata(header: Mapping[str, object]) -> tuple[dict[str, str], float
 
     for key in _EPOCH_KEYS:
         if key in flat:
+            stamp: float | None
             try:
                 stamp = float(flat[key])
             except ValueError:

@@ -55,7 +55,7 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,7 +266,9 @@ class DirectoryWatcher:
 
     # -- image files ------------------------------------------------------------------------
 
-    def _image_frames(self, watched: _WatchedFile, final: bool) -> Iterator[DetectorFrame]:
+    def _image_frames(
+        self, watched: _WatchedFile, final: bool
+    ) -> Generator[DetectorFrame, None, bool]:
         """The frames of an image file not taken yet, once the file is complete; returns
         whether the file holds nothing back. A file that grows again later (frames appended to
         a multi-frame EDF) is read again for its new frames."""
@@ -296,7 +298,9 @@ class DirectoryWatcher:
 
     # -- HDF5 files -------------------------------------------------------------------------
 
-    def _hdf5_frames(self, watched: _WatchedFile, final: bool) -> Iterator[DetectorFrame]:
+    def _hdf5_frames(
+        self, watched: _WatchedFile, final: bool
+    ) -> Generator[DetectorFrame, None, bool]:
         """The newly complete frames of an HDF5 file; returns whether the file holds nothing
         back (all frames written so far are taken and it is unchanged, or it is finished)."""
         path = watched.path
@@ -395,7 +399,7 @@ class DirectoryWatcher:
 
     def _hdf5_problem(
         self, watched: _WatchedFile, final: bool, message: str
-    ) -> Iterator[DetectorFrame]:
+    ) -> Generator[DetectorFrame, None, bool]:
         """A whole HDF5 file that cannot be read (yet): wait while it may still be written,
         else report it; returns whether the file is finished."""
         if not final and not (watched.stable and self._settled(watched)):

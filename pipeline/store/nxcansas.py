@@ -29,6 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.store.schema import DATASETS_BY_NAME
+
 #: Q units NXcanSAS files use, as factors to 1/nm.
 Q_UNITS_PER_NM = {"1/nm": 1.0, "1/A": 10.0, "1/angstrom": 10.0, "1/m": 1e-9}
 
@@ -139,8 +141,9 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
     (the high-level ones cost 3x as much).
     """
     line_out = entry["line_out"]
-    index = entry["exposures/index"][:n_rows]
-    ok = np.flatnonzero((index >= 0) & (entry["exposures/status"][:n_rows] == b"ok"))
+    index = entry[DATASETS_BY_NAME["index"].path][:n_rows]
+    status = entry[DATASETS_BY_NAME["status"].path][:n_rows]
+    ok = np.flatnonzero((index >= 0) & (status == b"ok"))
     rows = ok[np.argsort(index[ok], kind="stable")]
     n_q = line_out["q_nm"].shape[0]
     text = _TextAttributes()
@@ -152,7 +155,7 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
     for start in range(0, len(rows), _BLOCK_ROWS):
         block = rows[start : start + _BLOCK_ROWS]
         first, end = int(block.min()), int(block.max()) + 1
-        curves = {field: line_out[field][first:end] for field in ("I", "Idev")}
+        curves = {field: entry[DATASETS_BY_NAME[field].path][first:end] for field in ("I", "Idev")}
         for row in block:
             group = entry.create_group(f"sasdata_{index[row]:06d}")
             for key, value in SASDATA_ATTRIBUTES.items():
@@ -164,9 +167,8 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
             for field, values in curves.items():
                 dataset = h5py.h5d.create(group.id, field.encode(), h5py.h5t.IEEE_F32LE, curve)
                 dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(values[row - first]))
-                text.write(dataset, "units", "arbitrary")
-                if field == "I":
-                    text.write(dataset, "uncertainties", "Idev")
+                for key, attribute in DATASETS_BY_NAME[field].attributes_for((), ()).items():
+                    text.write(dataset, key, str(attribute))  # units, and uncertainties of I
             group["I_errors"] = group["Idev"]
     if rows.size:
         entry.attrs.modify("default", f"sasdata_{index[rows[0]]:06d}")

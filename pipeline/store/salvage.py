@@ -41,6 +41,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -54,13 +55,11 @@ from pipeline.store.integrity import (
     hdf5_function,
     read_superblock,
 )
-from pipeline.store.results import (
-    _ROW_DATASETS,
-    INSTRUMENT_PATH,
-    ROW_COLUMNS,
-    ResultsWriter,
-    row_paths,
-)
+from pipeline.store.schema import DATASETS_BY_NAME, INSTRUMENT_PATH, ROW_COLUMNS, row_paths
+from pipeline.store.writer import ResultsWriter
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Rows read and written at a time.
 BLOCK_ROWS = 1024
@@ -157,7 +156,7 @@ class _Image(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
         start = self._position
         n = max(0, min(len(view), self._length - start))
@@ -335,7 +334,8 @@ class _Source:
         unwritten = np.zeros(self.n_rows, dtype=bool)  # grown by a killed writer, not written
         for start, stop in _runs(_intact_rows(index, self.n_rows, self.image.size)):
             unwritten[start:stop] = index[start:stop] < 0
-        saved, kept = 0, {name: [] for name in self.kept}
+        saved = 0
+        kept: dict[str, list[np.ndarray]] = {name: [] for name in self.kept}
         with ResultsWriter(out, **self.writer_arguments) as writer:
             for start, stop in _runs(intact & ~unwritten):
                 for first in range(start, stop, BLOCK_ROWS):
@@ -349,7 +349,7 @@ class _Source:
         with h5py.File(out, "r+", libver="latest") as copy:
             for name, blocks in kept.items():
                 if blocks:
-                    copy["entry"][_ROW_DATASETS[name]][:] = np.concatenate(blocks)
+                    copy["entry"][DATASETS_BY_NAME[name].path][:] = np.concatenate(blocks)
         return Salvaged(rows=saved, of=self.n_rows - int(unwritten.sum()))
 
 

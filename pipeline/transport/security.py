@@ -1,4 +1,5 @@
-"""CURVE keys and the rules for endpoints that leave the machine.
+"""CURVE keys for endpoints that leave the machine (which ones do:
+:func:`pipeline.transport.addresses.is_loopback`).
 
 Any endpoint reachable from another host is encrypted and authenticated with ZeroMQ's CURVE
 mechanism (elliptic-curve encryption, RFC 26 "CurveZMQ"): the feeder holds a secret key and
@@ -12,8 +13,6 @@ Example:
     >>> public, secret = create_keypair(folder, "feeder")
     >>> public.name, secret.name, oct(secret.stat().st_mode & 0o777)
     ('feeder.key', 'feeder.key_secret', '0o600')
-    >>> is_loopback("tcp://127.0.0.1:5555"), is_loopback("tcp://*:5555")
-    (True, False)
 
 References:
     zguide, chapter 5 "Securing the connection"; https://rfc.zeromq.org/spec/26/
@@ -21,12 +20,10 @@ References:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
@@ -80,24 +77,6 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as error:
         raise CurveKeyError(f"cannot read a CURVE key from {path}: {error}") from error
-
-
-def is_loopback(url: str) -> bool:
-    """Whether ``url`` stays on this machine: ``ipc://``, ``inproc://``, or ``tcp://`` on a
-    loopback address (127.0.0.0/8, ::1, ``localhost``). ``*``, ``0.0.0.0``, host names and
-    interface names are not."""
-    parts = urlsplit(url)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    if parts.scheme != "tcp":
-        return False
-    host = parts.netloc.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve_curve(socket: zmq.Socket, secret_key_file: Path) -> None:
