@@ -171,27 +171,38 @@ def _rows(name: str, array: np.ndarray, n: int) -> None:
         raise ProtocolError(f"array {name!r} has not one row for each of {n} exposures")
 
 
-@dataclass(frozen=True)
-class LineOutMessage(WireMessage):
-    """One exposure's line-out, for a worker to infer: ``counts`` and ``counts_sd``
-    (n_points,) photons per bin, float32 on the wire. Times are Unix seconds (NaN: not
-    known); ``truth``: the parameters of a simulated exposure; ``normalization``: the
-    divisor the counts were scaled by."""
-
-    kind: ClassVar[str] = "line_out"
-    route: ClassVar[str] = "feeder → worker"
-    arrays_note: ClassVar[str] = "counts, counts_sd (n_points, f4)"
+@dataclass(frozen=True, kw_only=True)
+class ExposureMessage(WireMessage):
+    """What a message about one exposure says of it: its ``index`` in scan ``scan_id``,
+    times in Unix seconds (NaN: not known; ``received_time``: when a live source handed it
+    over), ``truth`` (the parameters of a simulated exposure), the ``source`` and
+    ``frame_id`` it came from, and the ``normalization`` its counts were divided by."""
 
     index: int
-    scan_id: str
-    counts: np.ndarray = field(repr=False)
-    counts_sd: np.ndarray = field(repr=False)
+    scan_id: str = ""
     timestamp: float = math.nan
     received_time: float = math.nan
     truth: dict[str, float] | None = None
     source: str = ""
     frame_id: str = ""
     normalization: float = math.nan
+
+    def exposure_fields(self) -> dict[str, Any]:
+        """These fields by name, to make another message about the same exposure."""
+        return {f.name: getattr(self, f.name) for f in fields(ExposureMessage)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineOutMessage(ExposureMessage):
+    """One exposure's line-out, for a worker to infer: ``counts`` and ``counts_sd``
+    (n_points,) photons per bin, float32 on the wire."""
+
+    kind: ClassVar[str] = "line_out"
+    route: ClassVar[str] = "feeder → worker"
+    arrays_note: ClassVar[str] = "counts, counts_sd (n_points, f4)"
+
+    counts: np.ndarray = field(repr=False)
+    counts_sd: np.ndarray = field(repr=False)
 
     def check(self) -> None:
         if self.counts.ndim != 1 or self.counts.shape != self.counts_sd.shape:
@@ -209,7 +220,8 @@ class LineOutMessage(WireMessage):
     def truth_row(self, names: Sequence[str]) -> list[float]:
         """The true parameters in the order of ``names``, NaN where not known.
 
-        >>> line_out = LineOutMessage(0, "s", np.ones(2), np.ones(2), truth={"pitch_nm": 50.0})
+        >>> line_out = LineOutMessage(
+        ...     index=0, counts=np.ones(2), counts_sd=np.ones(2), truth={"pitch_nm": 50.0})
         >>> line_out.truth_row(["pitch_nm", "width_nm"])
         [50.0, nan]
         """
@@ -219,41 +231,25 @@ class LineOutMessage(WireMessage):
     def failure(self, stage: str, error: str, with_line_out: bool) -> Failure:
         """The failure record of this exposure, with its counts when ``with_line_out``."""
         return Failure(
-            index=self.index,
+            **self.exposure_fields(),
             stage=stage,
             error=error,
-            scan_id=self.scan_id,
-            timestamp=self.timestamp,
-            received_time=self.received_time,
-            truth=self.truth,
-            source=self.source,
-            frame_id=self.frame_id,
-            normalization=self.normalization,
             counts=self.counts if with_line_out else None,
             counts_sd=self.counts_sd if with_line_out else None,
         )
 
 
-@dataclass(frozen=True)
-class Failure(WireMessage):
+@dataclass(frozen=True, kw_only=True)
+class Failure(ExposureMessage):
     """One exposure that could not be inferred (``stage``: read, integration or inference;
-    ``error``: why), with the line-out's fields, and its counts where they fit the results
-    file."""
+    ``error``: why), with its counts where they fit the results file."""
 
     kind: ClassVar[str] = "failed"
     route: ClassVar[str] = "feeder or worker → writer"
     arrays_note: ClassVar[str] = "counts, counts_sd (n_points, f4), when they fit the file"
 
-    index: int
     stage: str
     error: str
-    scan_id: str = ""
-    timestamp: float = math.nan
-    received_time: float = math.nan
-    truth: dict[str, float] | None = None
-    source: str = ""
-    frame_id: str = ""
-    normalization: float = math.nan
     counts: np.ndarray | None = field(default=None, repr=False)
     counts_sd: np.ndarray | None = field(default=None, repr=False)
 
