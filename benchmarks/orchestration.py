@@ -3,7 +3,7 @@
 The same simulated scan (Eiger 4M frames, sector integration, 1,000 posterior samples per
 exposure, 2 inference workers, HDF5 write) two ways, alternating, ``--repeats`` times:
 
-1. **plain**: a :class:`ScanRunner` fed in batches of 16 frames from this process, no Prefect;
+1. **plain**: a :class:`Feeder` fed in batches of 16 frames from this process, no Prefect;
 2. **flow**: the ``reconstruct-scan`` flow (what ``beamline-inn demo`` runs): the same batches
    as Prefect tasks, with the :class:`~flows.monitor.ScanMonitor` publishing progress, the
    recent-exposures table, the plots and events, and the summary artifact.
@@ -35,22 +35,22 @@ import numpy as np
 from benchmarks.report import save
 from pipeline.config import InferenceConfig, PipelineConfig
 from pipeline.sources import SimulatedDetector
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 RESULTS = Path(__file__).parent / "results" / "orchestration.json"
 BATCH = 16
 
 
 def plain(n: int, out: Path, scan_id: str) -> dict:
-    """The scan through a ScanRunner, no Prefect."""
+    """The scan through a Feeder, no Prefect."""
     config = PipelineConfig(scan_id=scan_id, output_dir=out, n_workers=2)
-    source = SimulatedDetector(config.integration, seed=0).exposures(scan_id, n)
-    with ScanRunner(config) as runner:
+    source = SimulatedDetector(config.integration, seed=0).scan(scan_id, n).exposures()
+    with Feeder(config) as feeder:
         while batch := list(islice(source, BATCH)):
             for exposure in batch:
-                runner.submit(exposure)
-            runner.collect()
-        summary = runner.wait()
+                feeder.submit(exposure)
+            feeder.collect()
+        summary = feeder.wait()
     return {"wall_s": summary.wall_s, "cpu_s": summary.feeder_cpu_s, "written": summary.written_ok}
 
 
@@ -68,9 +68,9 @@ def flow(n: int, out: Path, scan_id: str) -> dict:
     )
     summary = state.result()
     return {
-        "wall_s": summary["wall_s"],
-        "cpu_s": summary["feeder_cpu_s"],
-        "written": summary["written_ok"],
+        "wall_s": summary.wall_s,
+        "cpu_s": summary.feeder_cpu_s,
+        "written": summary.written_ok,
         "flow_run_id": str(state.state_details.flow_run_id),
     }
 

@@ -6,7 +6,7 @@ bundled geometry; and of a Pilatus 1M at 8 m, sector +- 10 degrees):
 
 1. **integration limit**: a bare pyFAI ``integrate1d`` loop over the frames in one process,
    with the options the pipeline's integrator passes (CSR, no pixel splitting, 512 bins);
-2. **pipeline**: the same frames through :class:`~workers.scan.ScanRunner` (integration in
+2. **pipeline**: the same frames through :class:`~workers.feeder.Feeder` (integration in
    the feeder, 2 inference workers drawing 1,000 posterior samples each, the writer's HDF5
    file), fed as fast as they go in batches of 16, from the first frame handed over to the
    last exposure written. The ratio pipeline / limit is the figure (target >= 0.8);
@@ -41,7 +41,7 @@ from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
-from workers.scan import RecentResult, ScanRunner
+from workers.feeder import Feeder, RecentResult
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PLOT = Path(__file__).parent / "results" / "pipeline_latency.png"
@@ -106,13 +106,13 @@ def pipeline_rate(
         integration=integration,
         inference=InferenceConfig(compile=compiled),
     )
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         start = time.perf_counter()
         for first in range(0, n, BATCH):
             for index in range(first, min(n, first + BATCH)):
-                runner.submit(_exposure(config.scan_id, index, frames))
-            runner.collect()
-        summary = runner.wait()
+                feeder.submit(_exposure(config.scan_id, index, frames))
+            feeder.collect()
+        summary = feeder.wait()
         elapsed = time.perf_counter() - start
     assert summary.written_ok == n, summary
     return n / elapsed
@@ -140,16 +140,16 @@ def latency_at(
         inference=InferenceConfig(compile=compiled),
     )
     n = max(1, round(rate_hz * duration_s))
-    with ScanRunner(config, on_result=on_result) as runner:
+    with Feeder(config, on_result=on_result) as feeder:
         start = time.perf_counter()
         for index in range(n):
             due = start + index / rate_hz
             while (wait := due - time.perf_counter()) > 0:
-                runner.collect(timeout_ms=max(1, int(wait * 1e3)))
+                feeder.collect(timeout_ms=max(1, int(wait * 1e3)))
             handed[index] = time.perf_counter()
-            runner.submit(_exposure(config.scan_id, index, frames))
-            runner.collect()
-        runner.wait()
+            feeder.submit(_exposure(config.scan_id, index, frames))
+            feeder.collect()
+        feeder.wait()
     return np.array([1e3 * (written[i] - handed[i]) for i in range(n)])
 
 
@@ -181,7 +181,7 @@ def main() -> None:
             if detector not in args.detectors:
                 continue
             simulator = SimulatedDetector(integration, seed=1)
-            frames = [e.frame for e in simulator.exposures(detector, args.distinct)]
+            frames = [e.frame for e in simulator.scan(detector, args.distinct).exposures()]
             limits, rates = [], []
             for _ in range(args.repeats):  # alternating, so that drifts hit both alike
                 limits.append(integration_limit(integration, frames))

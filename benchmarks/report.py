@@ -228,7 +228,7 @@ def render() -> str:
     orchestration = _load("orchestration")
     if orchestration:
         lines.append(
-            f"| Prefect's overhead per exposure (flow with UI monitor against the runner alone) | "
+            f"| Prefect's overhead per exposure (flow with UI monitor against the feeder alone) | "
             f"{orchestration['prefect_overhead_ms_per_exposure']:+.1f} ms "
             f"({100 * orchestration['prefect_overhead_fraction']:+.1f}%) | — | — |"
         )

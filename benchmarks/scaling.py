@@ -8,7 +8,7 @@ size, and with batching; and the memory of each pipeline process.
 3. **detector size**: pyFAI integration per frame (the pipeline's integrator, full ring, 512
    bins, CSR) for Pilatus 300K, Pilatus 1M, Eiger 1M and Eiger 4M geometries at 5 m;
 4. **memory per process**: peak resident memory (VmHWM) of the feeder, an inference worker
-   and the writer after a 64-exposure Eiger 4M scan through :class:`ScanRunner`.
+   and the writer after a 64-exposure Eiger 4M scan through :class:`Feeder`.
 
 Each timing is the median of ``--repeats``, with min and max.
 
@@ -36,7 +36,7 @@ from pipeline.model import load
 from pipeline.model.allocator import retain_freed_memory
 from pipeline.physics import QGrid, simulate
 from pipeline.sources import SimulatedDetector
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 RESULTS = Path(__file__).parent / "results" / "scaling.json"
 DETECTORS = {  # pyFAI detector name, beam centre (m from the corner)
@@ -128,15 +128,15 @@ def _peak_rss_mb(pid: int) -> float:
 
 def memory_per_process(folder: Path, n: int = 64) -> dict:
     config = PipelineConfig(scan_id="memory", output_dir=folder)
-    frames = [e.frame for e in SimulatedDetector(config.integration, seed=2).exposures("m", 8)]
+    frames = [e.frame for e in SimulatedDetector(config.integration, seed=2).scan("m", 8).exposures()]
     from pipeline.exposure import Exposure
 
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         for index in range(n):
-            runner.submit(Exposure("memory", index, time.time(), frames[index % len(frames)]))
-            runner.collect()
-        runner.wait()
-        peaks = {child.name: _peak_rss_mb(child.process.pid) for child in runner._children}
+            feeder.submit(Exposure("memory", index, time.time(), frames[index % len(frames)]))
+            feeder.collect()
+        feeder.wait()
+        peaks = {name: _peak_rss_mb(pid) for name, pid in feeder.children.items()}
         peaks["feeder (this process, simulated frames included)"] = _peak_rss_mb(os.getpid())
     return {"peak_rss_mb": peaks, "exposures": n, "detector": "eiger4m"}
 

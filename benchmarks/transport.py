@@ -8,7 +8,7 @@ last exposure written (process start-up left out), all in batches of
 1. **in process**: :meth:`PosteriorModel.sample`, the summaries and the posterior-predictive
    check, plus :class:`ResultsWriter` appending each batch as one block and flushing, in this process, on 1 torch thread and on all cores (with
    :func:`~pipeline.model.allocator.retain_freed_memory`, as the workers run);
-2. **the engine**: :class:`ScanRunner` (``submit_line_out``: feeder -> credits over ZeroMQ
+2. **the engine**: :class:`Feeder` (``submit_line_out``: feeder -> credits over ZeroMQ
    -> worker -> writer -> ack) with 1 worker of 1 thread, 2 workers of 1 thread, and 1
    worker on all cores;
 3. **a remote worker**: the engine with no local worker and one ``beamline-inn worker`` of 1
@@ -57,7 +57,7 @@ from pipeline.physics import QGrid, simulate
 from pipeline.physics.quality import predictive_z
 from pipeline.store import ExposureResult, ResultsWriter
 from pipeline.transport.security import create_keypair
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 RESULTS = Path(__file__).parent / "results" / "transport.json"
 N_SAMPLES = 1000
@@ -156,18 +156,18 @@ def through_engine(
         transport=transport,
     )
     q = QGrid().q_nm
-    with ScanRunner(config) as runner:
-        while remote and runner.remote_workers == 0:
-            runner.collect(timeout_ms=100)
-        writer, *workers = runner.pids  # the writer is started first
+    with Feeder(config) as feeder:
+        while remote and feeder.remote_workers == 0:
+            feeder.collect(timeout_ms=100)
+        writer, *workers = feeder.pids  # the writer is started first
         roles = {"feeder": [os.getpid()], "writer": [writer]}
         roles["workers"] = [*workers, *([worker.pid] if remote else [])]
         before = {role: sum(_cpu_s(pid) for pid in pids) for role, pids in roles.items()}
         start = time.perf_counter()
         for index, row in enumerate(counts):
             exposure = Exposure(config.scan_id, index, time.time(), None)
-            runner.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, LineOut(q, row, np.sqrt(np.maximum(row, 1.0))))
+        summary = feeder.wait()
         elapsed = time.perf_counter() - start
         cpu = {
             role: sum(_cpu_s(pid) for pid in pids) - before[role] for role, pids in roles.items()

@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The exit code of a command whose scan could not go on (:class:`~workers.scan.ScanError`).
+#: The exit code of a command whose scan could not go on (:class:`~workers.feeder.ScanError`).
 SCAN_STOPPED = 3
 
 
 def _scan_error() -> type[Exception]:
-    """:class:`~workers.scan.ScanError`, imported only when an error is matched against it
+    """:class:`~workers.feeder.ScanError`, imported only when an error is matched against it
     (the command line starts without the pipeline's modules)."""
-    from workers.scan import ScanError
+    from workers.feeder import ScanError
 
     return ScanError
 

@@ -48,10 +48,10 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 from prefect.events import emit_event
 
-from pipeline.physics import PARAMETER_NAMES
+from pipeline.physics import GRATING_PARAMETERS, PARAMETER_NAMES
 from pipeline.store import latest_posterior
-from pipeline.store.views import SHOWN, live_view_png
-from workers.scan import RecentResult, WriterRestarted
+from pipeline.store.views import live_view_png
+from workers.feeder import RecentResult, WriterRestarted
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ EVENT_WRITER_RESTARTED = "beamline-inn.writer.restarted"
 TABLE_ROWS = 20
 #: Exposures listed by name in one event (the count covers them all).
 EVENT_EXPOSURES = 100
-_COLUMNS = [PARAMETER_NAMES.index(name) for name in SHOWN]
+_COLUMNS = [PARAMETER_NAMES.index(name) for name in GRATING_PARAMETERS]
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ class ScanMonitor:
 
 def _table_row(result: RecentResult) -> dict[str, object]:
     row: dict[str, object] = {"exposure": result.index, "status": result.status}
-    for name, column in zip(SHOWN, _COLUMNS, strict=True):
+    for name, column in zip(GRATING_PARAMETERS, _COLUMNS, strict=True):
         if result.status == "ok":
             q05, q50, q95 = (level[column] for level in result.quantiles)
             row[f"{name} median [5%, 95%]"] = f"{q50:.2f} [{q05:.2f}, {q95:.2f}]"

@@ -24,6 +24,7 @@ signal reaches only the flow, which stops them in order; should the runner's gra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -41,6 +42,7 @@ from pipeline.config import SCAN_ID_PATTERN, ScanSettings
 from pipeline.preflight import settings_for_model
 from pipeline.sources import DirectoryWatcher
 from pipeline.sources.dectris import DectrisStream
+from workers.feeder import ScanSummary
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ def online_reconstruction(
     settings: ScanSettings,
     source: LiveSource,
     scan_id: Annotated[str, Field(pattern=SCAN_ID_PATTERN)] | None = None,
-) -> dict:
+) -> ScanSummary:
     """Reconstruct one live series into ``settings.output_dir/SCAN_ID.h5`` (default scan id:
     ``online-YYYYmmdd-HHMMSS``), watched in the UI; ends with the series or on cancellation
     (see the module docstring). The line-outs are on the grid of the settings' model
@@ -151,8 +153,7 @@ def online_reconstruction(
                 source_ended=lambda: not cancelled.is_set() and stream.statistics.end_received,
                 note=lambda: _stream_note(stream, cancelled),
             )
-            summary["stream"] = stream.statistics.summary()
-        return summary
+        return dataclasses.replace(summary, stream=stream.statistics.summary())
     stop = threading.Event()
     watcher = DirectoryWatcher(
         source.directory,

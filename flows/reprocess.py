@@ -48,6 +48,7 @@ from pipeline.sources.identity import path_key
 from pipeline.store import read_completion
 from pipeline.store.results import stored_scan_source
 from pipeline.store.resume import plan_output
+from workers.feeder import ScanSummary
 
 #: Seconds between the tries of a scan that is still being written.
 RETRY_DELAY_S = 60
@@ -93,8 +94,8 @@ def reprocess_one_scan(
     read_ahead: int,
     batch_size: int,
     retry_failed: bool = False,
-) -> dict:
-    """Reconstruct ``scan`` (resuming its results file); its summary as a dict."""
+) -> ScanSummary:
+    """Reconstruct ``scan`` (resuming its results file); its summary."""
     age_s = time.time() - scan.last_modified()
     if age_s < settle_s:
         raise ScanNotSettled(
@@ -169,7 +170,7 @@ def reprocess_on_dask(
     read_ahead: int,
     batch_size: int,
     retry_failed: bool = False,
-) -> dict[str, dict | str]:
+) -> dict[str, ScanSummary | str]:
     """One task per scan on the flow's Dask task runner; per scan its summary, or the error
     that failed it (the other scans go on)."""
     futures = reprocess_one_scan.map(
@@ -180,7 +181,7 @@ def reprocess_on_dask(
         batch_size=unmapped(batch_size),
         retry_failed=unmapped(retry_failed),
     )
-    outcome: dict[str, dict | str] = {}
+    outcome: dict[str, ScanSummary | str] = {}
     for scan, future in zip(scans, futures, strict=True):
         try:
             outcome[scan.scan_id] = future.result()
@@ -245,7 +246,7 @@ def reprocess_scans(
     read_ahead: Annotated[int, Field(ge=0)] = 0,
     batch_size: Annotated[int, Field(ge=1)] = 16,
     retry_failed: bool = False,
-) -> dict[str, dict | str]:
+) -> dict[str, ScanSummary | str]:
     """Reconstruct the archived scans named by ``scans`` (folders, Eiger master files,
     glob patterns) into ``settings.output_dir``, one file per scan, skipping the complete
     ones; fails, after all scans are done, when one of them failed. ``retry_failed``:
@@ -261,7 +262,7 @@ def reprocess_scans(
     settings = settings_for_model(settings)
     found = name_scans(find_scans(scans), settings)
     to_run, skipped = plan(found, settings, retry_failed)
-    outcome: dict[str, dict | str] = dict(skipped)
+    outcome: dict[str, ScanSummary | str] = dict(skipped)
     if to_run:
         if cluster.address is not None:
             runner = DaskTaskRunner(address=cluster.address)
@@ -309,7 +310,9 @@ def _dask_says_only_warnings() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _row(scan: ArchivedScan, outcome: dict | str, settings: ScanSettings) -> dict[str, object]:
+def _row(
+    scan: ArchivedScan, outcome: ScanSummary | str, settings: ScanSettings
+) -> dict[str, object]:
     path = settings.for_scan(scan.scan_id).output_path
     if isinstance(outcome, str):
         state = "skipped" if outcome.startswith("complete:") else "failed"
@@ -326,8 +329,8 @@ def _row(scan: ArchivedScan, outcome: dict | str, settings: ScanSettings) -> dic
         "scan": scan.scan_id,
         "source": str(scan.path),
         "outcome": "written",
-        "exposures": outcome["submitted"] + outcome["skipped"],
-        "failed exposures": outcome["failed"],
-        "results": str(Path(outcome["output_path"])),
-        "note": f"resumed: {outcome['skipped']} were already written" if outcome["skipped"] else "",
+        "exposures": outcome.submitted + outcome.skipped,
+        "failed exposures": outcome.failed,
+        "results": str(Path(outcome.output_path)),
+        "note": f"resumed: {outcome.skipped} were already written" if outcome.skipped else "",
     }

@@ -2,7 +2,7 @@
 frames (``reprocess-scan``), and :func:`reconstruct`, which the live flow
 (:mod:`flows.online`) and the batch reprocessing (:mod:`flows.reprocess`) share.
 
-The flows are thin: :class:`workers.scan.ScanRunner` starts the writer and inference workers;
+The flows are thin: :class:`workers.feeder.Feeder` starts the writer and inference workers;
 for archived and simulated frames each task integrates and sends one batch of frames (never
 one task per exposure: a Prefect task costs 10-27 ms here), for a live stream one task takes
 the whole series and sends each frame on as it arrives. A :class:`flows.monitor.ScanMonitor`
@@ -31,41 +31,42 @@ from pipeline.exposure import Exposure
 from pipeline.instrument import Instrument, default_instrument, load_instrument
 from pipeline.integration import DEFAULT_PONI, frame_shape_is_open
 from pipeline.model.checkpoint import card_instrument, model_for_instrument, read_card
+from pipeline.physics import GRATING_PARAMETERS
 from pipeline.preflight import settings_for_model
 from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
 from pipeline.sources.identity import FileStamp
 from pipeline.store import open_results
 from pipeline.store.results import written_indices
-from workers.metrics import stage_table
-from workers.scan import ScanRunner, ScanSummary
+from workers.feeder import Feeder, ScanSummary
+from workers.feeder.metrics import stage_table
 
 
 @task(name="integrate-and-send", cache_policy=NO_CACHE)
-def submit_batch(runner: ScanRunner, exposures: Iterator[Exposure]) -> int:
+def submit_batch(feeder: Feeder, exposures: Iterator[Exposure]) -> int:
     """Integrate a batch of frames and send the line-outs to the workers.
 
     The frames are taken one at a time, so that each is dropped once integrated (a source
     that reads ahead hands its buffer back then).
     """
     for exposure in exposures:
-        runner.submit(exposure)
-    return runner.collect()
+        feeder.submit(exposure)
+    return feeder.collect()
 
 
 @task(name="receive-integrate-send", cache_policy=NO_CACHE)
-def submit_stream(runner: ScanRunner, exposures: Iterator[Exposure], monitor: ScanMonitor) -> int:
+def submit_stream(feeder: Feeder, exposures: Iterator[Exposure], monitor: ScanMonitor) -> int:
     """Integrate and send each frame of a live stream as it arrives (one task per series)."""
     for exposure in exposures:
-        runner.submit(exposure)
-        runner.collect()
-        monitor.update(runner.n_done, runner.n_submitted)
-    return runner.n_submitted
+        feeder.submit(exposure)
+        feeder.collect()
+        monitor.update(feeder.n_done, feeder.n_submitted)
+    return feeder.n_submitted
 
 
 @task(name="wait-for-results", cache_policy=NO_CACHE)
-def wait_for_results(runner: ScanRunner, monitor: ScanMonitor) -> ScanSummary:
+def wait_for_results(feeder: Feeder, monitor: ScanMonitor) -> ScanSummary:
     """Wait until the writer has acknowledged every exposure."""
-    return runner.wait(on_progress=monitor.update)
+    return feeder.wait(on_progress=monitor.update)
 
 
 def summary_markdown(summary: ScanSummary, note: str = "") -> str:
@@ -114,9 +115,9 @@ class ScanInterrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _abandoned_when_interrupted(monitor: ScanMonitor) -> Iterator[None]:
-    """Inside the runner's ``with``: on Ctrl-C or SIGTERM (an exception that is no
+    """Inside the feeder's ``with``: on Ctrl-C or SIGTERM (an exception that is no
     ``Exception``: the process is ending) the monitor stops (:meth:`ScanMonitor.abandon`)
-    before the runner stops the writer, so that no plot starts reading the file the writer
+    before the feeder stops the writer, so that no plot starts reading the file the writer
     closes."""
     try:
         yield
@@ -136,10 +137,10 @@ def reconstruct(
     note: Callable[[], str] = lambda: "",
     manifest: Mapping[str, FileStamp] | None = None,
     retry_failed: bool = False,
-) -> dict:
-    """Feed ``exposures`` through a :class:`ScanRunner` in tasks of ``batch_size`` frames (or,
+) -> ScanSummary:
+    """Feed ``exposures`` through a :class:`Feeder` in tasks of ``batch_size`` frames (or,
     when ``None``, one task for a live stream), watched by a :class:`ScanMonitor`; return the
-    summary as a dict. ``resume`` continues an existing results file, by frame identity
+    summary (``complete`` set). ``resume`` continues an existing results file, by frame identity
     (``manifest``: the source's files, :meth:`FileSource.manifest`; ``retry_failed``: failed
     rows are processed again; see :mod:`pipeline.store.resume`).
 
@@ -148,39 +149,39 @@ def reconstruct(
     (by the writer as it closes it: :meth:`pipeline.store.ResultsWriter.close`), so that
     reprocessing skips it. ``note()`` adds a
     line to the summary artifact. Ctrl-C (``KeyboardInterrupt``) comes out as
-    :class:`ScanInterrupted` once the runner has stopped its processes; on it, or SIGTERM,
+    :class:`ScanInterrupted` once the feeder has stopped its processes; on it, or SIGTERM,
     the monitor stops without a summary.
     """
     monitor = ScanMonitor(config.scan_id, config.output_path, expected_frames)
     try:
         with (
-            ScanRunner(
+            Feeder(
                 config,
                 resume=resume,
                 on_result=monitor.record,
                 on_writer_restart=monitor.writer_restarted,
                 manifest=manifest,
                 retry_failed=retry_failed,
-            ) as runner,
+            ) as feeder,
             _abandoned_when_interrupted(monitor),
         ):
             if batch_size is None:
-                submit_stream(runner, exposures, monitor)
+                submit_stream(feeder, exposures, monitor)
             else:
                 while (first := next(exposures, None)) is not None:
-                    submit_batch(runner, chain([first], islice(exposures, batch_size - 1)))
+                    submit_batch(feeder, chain([first], islice(exposures, batch_size - 1)))
                     del first
-                    monitor.update(runner.n_done, runner.n_submitted)
-            summary = wait_for_results(runner, monitor)
-            runner.complete = complete = source_ended()
+                    monitor.update(feeder.n_done, feeder.n_submitted)
+            summary = wait_for_results(feeder, monitor)
+            feeder.complete = complete = source_ended()
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
             f"Exposures written before: see `{config.output_path}`."
         )
         raise
-    except BaseException as error:  # Ctrl-C, SIGTERM: the runner has stopped its processes
-        monitor.abandon()  # (if the runner had not started yet)
+    except BaseException as error:  # Ctrl-C, SIGTERM: the feeder has stopped its processes
+        monitor.abandon()  # (if the feeder had not started yet)
         monitor.join()  # no drawing under way when the process ends
         if not isinstance(error, KeyboardInterrupt):
             raise
@@ -188,7 +189,7 @@ def reconstruct(
         written = len(written_indices(path)) if path.exists() else 0
         raise ScanInterrupted(f"after {written} exposures were written to {path}") from error
     monitor.finish(summary_markdown(summary, note()))
-    return {**dataclasses.asdict(summary), "complete": complete}
+    return dataclasses.replace(summary, complete=complete)
 
 
 def simulated_instrument(
@@ -238,7 +239,7 @@ def reconstruct_simulated_scan(
     batch_size: int = 16,
     model: Path | None = None,
     instrument: Path | None = None,
-) -> dict:
+) -> ScanSummary:
     """Simulate ``n_frames`` exposures and reconstruct them into ``OUTPUT_DIR/SCAN_ID.h5``
     with ``model`` (a file or a bundled model's name; the default model when ``None``), on its
     instrument's q grid. The frames are simulated for the model's instrument, or the
@@ -254,10 +255,8 @@ def reconstruct_simulated_scan(
         inference=InferenceConfig(n_samples=n_samples, model=model),
     )
     config = settings_for_model(config)
-    source = SimulatedDetector(config.integration, simulated, seed=seed).exposures(
-        scan_id, n_frames
-    )
-    return reconstruct(config, source, batch_size, expected_frames=n_frames)
+    source = SimulatedDetector(config.integration, simulated, seed=seed).scan(scan_id, n_frames)
+    return reconstruct(config, source.exposures(), batch_size, expected_frames=n_frames)
 
 
 def archived_frames(paths: list[str], scan_id: str, hdf5_dataset: str | None = None) -> FileSource:
@@ -291,7 +290,7 @@ def reprocess_files(
     resume: bool = False,
     retry_failed: bool = False,
     hdf5_dataset: str | None = None,
-) -> dict:
+) -> ScanSummary:
     """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5;
     ``hdf5_dataset``: the frames' dataset in HDF5 files where it is not an Eiger or NeXus
     place) into ``config.output_path``; unreadable frames are recorded as failed exposures. With
@@ -306,7 +305,7 @@ def reprocess_files(
 
     The line-outs are on the model's grid (:func:`~pipeline.preflight.settings_for_model`),
     and a geometry that does not match the model stops the scan before any process starts
-    (:class:`~workers.scan.ScanRunner`).
+    (:class:`~workers.feeder.Feeder`).
     """
     source = archived_frames(paths, config.scan_id, hdf5_dataset)
     config = with_detector_shape(settings_for_model(config), source)
@@ -345,7 +344,7 @@ def reprocess_scan(
     resume: bool = False,
     retry_failed: bool = False,
     hdf5_dataset: str | None = None,
-) -> dict:
+) -> ScanSummary:
     """One archived scan (``beamline-inn reprocess``): see :func:`reprocess_files`."""
     return reprocess_files(
         config, paths, batch_size, read_ahead, resume, retry_failed, hdf5_dataset
@@ -355,12 +354,11 @@ def reprocess_scan(
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:
     """A small table of posterior medians [5%, 95%] against the true values."""
     results = open_results(path)
-    names = ("pitch_nm", "width_nm", "sigma_nm")
-    columns = [results.parameter_names.index(name) for name in names]
-    lines = ["exposure  " + "  ".join(f"{name:>34}" for name in names)]
+    columns = [results.parameter_names.index(name) for name in GRATING_PARAMETERS]
+    lines = ["exposure  " + "  ".join(f"{name:>34}" for name in GRATING_PARAMETERS)]
     for row in np.flatnonzero(results.status == "ok")[:n_rows]:
         cells = []
-        for name, column in zip(names, columns, strict=True):
+        for name, column in zip(GRATING_PARAMETERS, columns, strict=True):
             low, median, high = results.quantiles[row, :, column]
             truth = results.truth[row, column]
             mirror = ""
@@ -371,18 +369,18 @@ def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:
     return "\n".join(lines)
 
 
-def recovery_lines(summary: dict) -> list[str]:
+def recovery_lines(summary: ScanSummary) -> list[str]:
     """A summary's lines on what was recovered from: workers replaced, the results writer
     started again, exposures re-sent (none when nothing was lost)."""
     lines = []
-    if summary["worker_restarts"] or summary["writer_restarts"] or summary["resent"]:
+    if summary.worker_restarts or summary.writer_restarts or summary.resent:
         lines.append(
-            f"workers:    {summary['worker_restarts']} replaced, {summary['resent']} exposures "
-            f"re-sent ({summary['duplicates']} computed twice, written once)"
+            f"workers:    {summary.worker_restarts} replaced, {summary.resent} exposures "
+            f"re-sent ({summary.duplicates} computed twice, written once)"
         )
-    if summary["writer_restarts"]:
+    if summary.writer_restarts:
         lines.append(
-            f"writer:     started again {summary['writer_restarts']} times on the file "
+            f"writer:     started again {summary.writer_restarts} times on the file "
             "(it exited during the scan; every exposure is in the file once)"
         )
     return lines
@@ -409,22 +407,20 @@ def run_demo(
         instrument=instrument,
     )
     print()
-    print(f"results:    {summary['output_path']}")
+    print(f"results:    {summary.output_path}")
     if simulated != default_instrument():
         print(f"instrument: {simulated.describe()}")
     print(
-        f"exposures:  {summary['submitted']} ({summary['written_ok']} written, {summary['failed']} failed)"
+        f"exposures:  {summary.submitted} ({summary.written_ok} written, {summary.failed} failed)"
     )
     print(
-        f"scan time:  {summary['wall_s']:.1f} s from first frame to last write "
-        f"({summary['exposures_per_s']:.1f} exposures/s)"
+        f"scan time:  {summary.wall_s:.1f} s from first frame to last write "
+        f"({summary.exposures_per_s:.1f} exposures/s)"
     )
-    print(
-        f"latency:    p50 {summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms"
-    )
-    print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
+    print(f"latency:    p50 {summary.latency_p50_ms:.0f} ms, p99 {summary.latency_p99_ms:.0f} ms")
+    print("stages:     " + stage_table(summary.stages).replace("\n", "\n            "))
     for line in recovery_lines(summary):
         print(line)
     print("posterior median [5%, 95%] against the truth (width: w|p-w, both are solutions):")
-    print(posterior_vs_truth(Path(summary["output_path"])))
-    return 0 if summary["failed"] == 0 else 1
+    print(posterior_vs_truth(Path(summary.output_path)))
+    return 0 if summary.failed == 0 else 1

@@ -254,7 +254,7 @@ def checked_integrator(settings: ScanSettings) -> LineOutIntegrator:
     and no mask, dark, flat or ``detector_shape``:
     :func:`~pipeline.integration.frame_shape_is_open`), there are no pixels to count yet:
     only the grid is checked, and whoever integrates the first frame checks the pixels then
-    (:meth:`workers.scan.ScanRunner.submit`, with :func:`check_model_geometry`)."""
+    (:meth:`workers.feeder.Feeder.submit`, with :func:`check_model_geometry`)."""
     from pipeline.integration import LineOutIntegrator, NoPixelInRange
 
     try:

@@ -41,7 +41,7 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
     frames = tmp_path / "frames"
     frames.mkdir()
     detector = SimulatedDetector(IntegrationConfig(), seed=11)
-    exposures = list(detector.exposures("archive", 5))
+    exposures = list(detector.scan("archive", 5).exposures())
     for exposure in exposures:
         path = frames / f"scan_{exposure.index + 1}.cbf"  # scan_1 ... scan_5: natural order
         fabio.cbfimage.CbfImage(data=exposure.frame.astype(np.int32)).write(str(path))

@@ -48,7 +48,7 @@ def test_poisson_error_is_the_square_root_of_the_counts_floored_at_one(detector,
 
 
 def test_exposures_carry_their_truth(detector):
-    exposures = list(detector.exposures("scan-x", 3))
+    exposures = list(detector.scan("scan-x", 3).exposures())
     assert [e.index for e in exposures] == [0, 1, 2]
     assert all(set(e.truth) == set(PARAMETER_NAMES) for e in exposures)
     assert exposures[0].frame.shape == load_geometry(None).detector.shape
@@ -57,7 +57,7 @@ def test_exposures_carry_their_truth(detector):
 def test_without_an_instrument_the_frames_are_the_default_instrument_s():
     """The default instrument: DESIGN.md's prior and grid, the same background in every bin
     (the frames are those of before instruments: the first noise-free test above)."""
-    exposure = next(iter(SimulatedDetector(IntegrationConfig(), seed=4).exposures("d", 1)))
+    exposure = next(iter(SimulatedDetector(IntegrationConfig(), seed=4).scan("d", 1).exposures()))
     theta = GratingPrior().sample(1, np.random.default_rng(4))[0]
     assert list(exposure.truth.values()) == theta.tolist()
     assert exposure.metadata == {"source": "simulated", "detector": "Eiger4M"}
@@ -112,7 +112,7 @@ def test_a_simulated_pilatus_has_no_pixel_in_its_masked_bins(pilatus):
     assert (integrator.integrate(frame).counts[masked] == 0).all()  # NaN in the results file
     observed = instrument.observed
     assert frame.sum() == pytest.approx(instrument.expected_counts(theta)[observed].sum())
-    exposure = next(iter(detector.exposures("pilatus", 1)))
+    exposure = next(iter(detector.scan("pilatus", 1).exposures()))
     assert exposure.frame.shape == (1043, 981) and exposure.metadata["detector"] == "Pilatus1M"
     assert instrument.grating_prior.pitch_nm[0] <= exposure.truth["pitch_nm"]
 

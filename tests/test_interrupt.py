@@ -80,7 +80,7 @@ def _scan_folder(folder: Path, n_frames: int) -> Path:
     from pipeline.sources import SimulatedDetector
 
     folder.mkdir(parents=True)
-    frames = SimulatedDetector(IntegrationConfig(), seed=3).exposures(folder.name, n_frames)
+    frames = SimulatedDetector(IntegrationConfig(), seed=3).scan(folder.name, n_frames).exposures()
     for number, exposure in enumerate(frames):
         image = fabio.cbfimage.CbfImage(data=exposure.frame.astype(np.int32))
         image.write(str(folder / f"f_{number:04d}.cbf"))

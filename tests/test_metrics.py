@@ -2,7 +2,7 @@
 
 import math
 
-from workers.metrics import LATENCY_EDGES_MS, STAGES, ScanMetrics, StageMetrics, stage_table
+from workers.feeder.metrics import LATENCY_EDGES_MS, STAGES, ScanMetrics, StageMetrics, stage_table
 
 
 def test_quantiles_are_the_upper_edges_of_the_bins_that_hold_them():

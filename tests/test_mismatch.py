@@ -249,17 +249,17 @@ def test_a_geometry_whose_shape_comes_with_the_first_frame_is_checked_then(
     """A PONI without a detector (``online`` with a v1 PONI): the pixels per bin are known
     once the first frame made the integrator; the scan stops there, in one line, before any
     line-out reaches the default model."""
-    from workers.scan import ScanError, ScanRunner
+    from workers.feeder import Feeder, ScanError
 
     config = _small_detector_scan(tmp_path, small_detector, model=None)
     frame = np.random.default_rng(1).poisson(20.0, (48, 64)).astype(np.uint32)
-    with pytest.raises(ScanError) as stopped, ScanRunner(config) as runner:
-        runner.submit(_exposure(0, frame))
+    with pytest.raises(ScanError) as stopped, Feeder(config) as feeder:
+        feeder.submit(_exposure(0, frame))
     assert str(stopped.value) == (
         "the geometry reaches q 0.0107-0.597 1/nm on the full ring; the model 'default' needs "
         f"q 0.01-0.4 1/nm: {ADVICE} --instrument) or give the model trained for it (--model)"
     )
-    assert runner.n_done == 0 and not runner._unacknowledged
+    assert feeder.n_done == 0 and feeder.in_flight == 0
 
 
 def test_a_saturated_frame_on_a_matching_geometry_is_still_said_to_be_saturated(
@@ -268,15 +268,15 @@ def test_a_saturated_frame_on_a_matching_geometry_is_still_said_to_be_saturated(
     """The first frame completes the geometry, which matches the small detector's model;
     that frame is saturated, and says so; the next one is reconstructed."""
     from pipeline.store import open_results
-    from workers.scan import ScanRunner
+    from workers.feeder import Feeder
 
     config = _small_detector_scan(tmp_path, small_detector, model=small_detector.model)
     saturated = np.full((48, 64), np.iinfo(np.uint32).max, np.uint32)
     frame = np.random.default_rng(2).poisson(20.0, (48, 64)).astype(np.uint32)
-    with ScanRunner(config) as runner:
-        runner.submit(_exposure(0, saturated))
-        runner.submit(_exposure(1, frame))
-        summary = runner.wait()
+    with Feeder(config) as feeder:
+        feeder.submit(_exposure(0, saturated))
+        feeder.submit(_exposure(1, frame))
+        summary = feeder.wait()
     assert summary.written_ok == 1 and summary.failed == 1, summary.failures
     assert "the frame is saturated" in summary.failures[0]
     results = open_results(config.output_path)

@@ -49,7 +49,7 @@ from pipeline.integration import DEFAULT_PONI
 from pipeline.physics import PARAMETER_NAMES
 from pipeline.sources import ArchivedScan, SimulatedDetector, find_scans
 from pipeline.store import ExposureResult, ResultsWriter, open_results, read_completion
-from workers.scan import RecentResult, WriterRestarted
+from workers.feeder import RecentResult, WriterRestarted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
         n_frames=40, n_workers=1, output_dir=tmp_path, n_samples=100, return_state=True
     )
     summary = state.result()
-    assert summary["written_ok"] == 40 and summary["complete"]
+    assert summary.written_ok == 40 and summary.complete
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
@@ -206,14 +206,14 @@ def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
     assert names == ["integrate-and-send"] * math.ceil(40 / 16) + ["wait-for-results"]
     artifacts = _artifacts(run_id)
     assert {"scan-progress", "recent-exposures", "scan-plots", "scan-summary"} <= set(artifacts)
-    assert read_completion(Path(summary["output_path"])).n_exposures == 40
+    assert read_completion(Path(summary.output_path)).n_exposures == 40
 
 
 def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
     prefect_harness, tmp_path, capsys
 ):
     detector = SimulatedDetector(IntegrationConfig(), seed=3)
-    frames = [exposure.frame for exposure in detector.exposures("archive", 9)]
+    frames = [exposure.frame for exposure in detector.scan("archive", 9).exposures()]
     for number in range(3):
         _write_scan(tmp_path / "archive" / f"night {number}", frames[3 * number : 3 * number + 3])
     settings = ScanSettings(
@@ -282,7 +282,7 @@ def test_online_flow_stops_cleanly_on_sigterm_with_every_frame_taken_written(
     incoming, out = tmp_path / "incoming", tmp_path / "out"
     incoming.mkdir()
     detector = SimulatedDetector(IntegrationConfig(), seed=4)
-    frames = [exposure.frame for exposure in detector.exposures("live", 6)]
+    frames = [exposure.frame for exposure in detector.scan("live", 6).exposures()]
     for number, frame in enumerate(frames[:4]):
         fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(
             str(incoming / f"f_{number}.cbf")
@@ -536,7 +536,7 @@ def test_served_online_deployment_runs_from_the_api_and_cancels_cleanly(
     api = prefect_server["PREFECT_API_URL"]
     incoming, out = tmp_path / "incoming", tmp_path / "out"
     incoming.mkdir()
-    frames = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=8).exposures("x", 3)]
+    frames = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=8).scan("x", 3).exposures()]
     for number, frame in enumerate(frames):
         fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(
             str(incoming / f"f_{number}.cbf")

@@ -21,7 +21,7 @@ from test_scan import _line_outs, _running
 
 from pipeline.config import InferenceConfig, PipelineConfig, scan_id_from
 from pipeline.store import open_results
-from workers.scan import ScanError, ScanRunner
+from workers.feeder import Feeder, ScanError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -57,11 +57,11 @@ def test_a_full_disk_stops_the_scan_with_every_acknowledged_exposure_kept(
     acknowledged: set[int] = set()
     with (
         pytest.raises(ScanError, match="writer exited") as error,
-        ScanRunner(config, on_result=lambda result: acknowledged.add(result.index)) as runner,
+        Feeder(config, on_result=lambda result: acknowledged.add(result.index)) as feeder,
     ):
         for exposure, line_out in line_outs:
-            runner.submit_line_out(exposure, line_out)
-        runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        feeder.wait()
     assert "output file system is full" in str(error.value)  # the log may not say: same disk
     partial = open_results(config.output_path)  # opens as the last flush left it
     stored = partial.index.tolist()
@@ -76,10 +76,10 @@ def test_a_full_disk_stops_the_scan_with_every_acknowledged_exposure_kept(
     assert 20 < len(acknowledged) < 400 and lost == 0
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)
-    with ScanRunner(config, resume=True) as runner:
+    with Feeder(config, resume=True) as feeder:
         for exposure, line_out in line_outs:  # the whole scan again
-            runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
     results = open_results(config.output_path)
     assert results.index.tolist() == list(range(400)) and (results.status == "ok").all()
     kept = sorted(acknowledged)
@@ -386,19 +386,18 @@ from dataclasses import replace
 from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.sources import SimulatedDetector
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 duration_s, output_dir = float(sys.argv[1]), Path(sys.argv[2])
 config = PipelineConfig(scan_id="soak", output_dir=output_dir)  # the defaults: 2 workers
-pool = list(SimulatedDetector(config.integration, seed=1).exposures("soak", 12))
-with ScanRunner(config) as runner:
-    children = {c.name: c.process.pid for c in runner._children}
-    print(json.dumps({"feeder": os.getpid(), **children}), flush=True)
+pool = list(SimulatedDetector(config.integration, seed=1).scan("soak", 12).exposures())
+with Feeder(config) as feeder:
+    print(json.dumps({"feeder": os.getpid(), **feeder.children}), flush=True)
     start, index = time.monotonic(), 0
     while time.monotonic() - start < duration_s:  # as fast as the pipeline takes them
-        runner.submit(replace(pool[index % len(pool)], index=index, timestamp=time.time()))
+        feeder.submit(replace(pool[index % len(pool)], index=index, timestamp=time.time()))
         index += 1
-    summary = runner.wait()
+    summary = feeder.wait()
 print(json.dumps({"submitted": summary.submitted, "written_ok": summary.written_ok,
                   "wall_s": time.monotonic() - start}), flush=True)
 """
@@ -577,7 +576,7 @@ def test_an_update_held_up_by_the_prefect_client_s_retries_is_logged(
 
     import flows.monitor
     from flows.monitor import MonitorIntervals, ScanMonitor
-    from workers.scan import RecentResult
+    from workers.feeder import RecentResult
 
     monkeypatch.setattr(flows.monitor, "SLOW_UPDATE_S", 0.2)
     monkeypatch.setattr(flows.monitor, "create_table_artifact", lambda *a, **k: time.sleep(0.3))

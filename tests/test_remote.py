@@ -18,7 +18,7 @@ from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.store import open_results
 from pipeline.transport.addresses import is_loopback
 from pipeline.transport.security import create_keypair
-from workers.scan import ScanError, ScanRunner
+from workers.feeder import Feeder, ScanError
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,10 @@ def test_a_worker_with_its_key_serves_scan_after_scan_over_tcp(tmp_path, keys):
     try:
         for scan in ("remote-a", "remote-b"):  # the same worker, one scan after the other
             config = _config(scan, tmp_path, keys, url, n_workers=0)  # remote workers only
-            with ScanRunner(config) as runner:
+            with Feeder(config) as feeder:
                 for exposure, line_out in _line_outs(60, seed=8):
-                    runner.submit_line_out(exposure, line_out)
-                summary = runner.wait()
+                    feeder.submit_line_out(exposure, line_out)
+                summary = feeder.wait()
             assert summary.remote_workers == 1 and summary.written_ok == 60
             assert summary.stages["inferred"]["count"] == 60
             results = open_results(config.output_path)
@@ -104,26 +104,26 @@ def test_workers_with_a_wrong_key_are_refused(tmp_path, keys, reliability):
     processes = [_start_worker(url, *intruders[name], logs[name]) for name in intruders]
     try:
         config = _config("refused", tmp_path, keys, url, n_workers=1)
-        with ScanRunner(config) as runner:
+        with Feeder(config) as feeder:
             for log in logs.values():  # both try to connect while the scan runs
                 _wait_for(lambda log=log: "waiting for a feeder" in log.read_text(), 60, "start")
             time.sleep(2.0)  # several hellos each
             for exposure, line_out in _line_outs(30, seed=9):
-                runner.submit_line_out(exposure, line_out)
-            summary = runner.wait()
+                feeder.submit_line_out(exposure, line_out)
+            summary = feeder.wait()
         reliability.record(
             "security",
             "remote workers with an unknown key, or expecting another feeder's key",
             tried=len(intruders),
-            accepted=runner.n_done,
+            accepted=feeder.n_done,
             lost=reliability.check_every_acknowledged_once(
-                set(runner._status), open_results(config.output_path).index.tolist()
+                set(feeder.acknowledged), open_results(config.output_path).index.tolist()
             ),
-            detail=f"{len(runner._greeted)} remote workers greeted, "
+            detail=f"{len(feeder.greeted_workers)} remote workers greeted, "
             f"{summary.remote_workers} took part; the local worker wrote "
             f"{summary.written_ok} of 30 exposures",
         )
-        assert runner._greeted == {}  # no hello got through
+        assert feeder.greeted_workers == ()  # no hello got through
         assert summary.remote_workers == 0 and summary.written_ok == 30
     finally:
         for process in processes:
@@ -192,18 +192,21 @@ def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys, relia
     worker = _start_worker(url, keys / "gpu-node.key_secret", keys / "feeder.key", log)
     config = _config("remote-killed", tmp_path, keys, url, n_workers=1, worker_timeout_s=3.0)
     try:
-        with ScanRunner(config) as runner:
-            _wait_for(lambda: runner.collect() >= 0 and runner.remote_workers == 1, 60, "join")
+        with Feeder(config) as feeder:
+            _wait_for(lambda: feeder.collect() >= 0 and feeder.remote_workers == 1, 60, "join")
             line_outs = _line_outs(300, seed=10)
             for exposure, line_out in line_outs[:100]:
-                runner.submit_line_out(exposure, line_out)
-            remote = next(w for w in runner._workers.values() if w.remote)
-            _wait_for(lambda: runner.collect() >= 0 and remote.holding, 30, "work for it")
-            held = len(remote.holding)  # sent to it, not yet written
+                feeder.submit_line_out(exposure, line_out)
+
+            def remote_holding() -> frozenset[int]:  # sent to it, not yet written
+                return next(w.holding for w in feeder.workers if w.remote)
+
+            _wait_for(lambda: feeder.collect() >= 0 and remote_holding(), 30, "work for it")
+            held = len(remote_holding())
             os.kill(worker.pid, signal.SIGKILL)
             for exposure, line_out in line_outs[100:]:
-                runner.submit_line_out(exposure, line_out)
-            summary = runner.wait()
+                feeder.submit_line_out(exposure, line_out)
+            summary = feeder.wait()
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -213,8 +216,8 @@ def test_a_remote_worker_killed_mid_scan_loses_no_exposure(tmp_path, keys, relia
         "fault",
         "SIGKILL of a remote (CURVE, TCP) worker mid-scan",
         tried=1,
-        accepted=runner.n_done,
-        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
+        accepted=feeder.n_done,
+        lost=reliability.check_every_acknowledged_once(set(feeder.acknowledged), stored),
         detail=f"it held {held} exposures when killed; {summary.resent} resent (worker "
         f"timeout {config.transport.worker_timeout_s:g} s); {summary.written_ok} of "
         f"{len(line_outs)} written",
@@ -295,7 +298,7 @@ def test_a_feeder_with_an_empty_authorized_keys_folder_does_not_start(tmp_path, 
         }
     )
     with pytest.raises(ValueError, match="no public key") as error:
-        ScanRunner(config).start()
+        Feeder(config).start()
     reliability.record(
         "security",
         "a feeder with CURVE but an empty authorized-keys folder",
@@ -347,6 +350,6 @@ def test_a_scan_that_waits_for_remote_workers_that_never_come_says_so(tmp_path):
             remote_work="tcp://127.0.0.1:*", high_water_mark=2, result_timeout_s=2.0
         ),
     )
-    with ScanRunner(config) as runner, pytest.raises(ScanError, match="0 workers connected"):
+    with Feeder(config) as feeder, pytest.raises(ScanError, match="0 workers connected"):
         for exposure, line_out in _line_outs(5, seed=11):
-            runner.submit_line_out(exposure, line_out)
+            feeder.submit_line_out(exposure, line_out)

@@ -30,9 +30,9 @@ from pipeline.store import ResultsWriter, open_results, read_completion
 from pipeline.store.lock import ResultsBusy, ResultsLock
 from pipeline.store.results import stored_identities
 from pipeline.store.resume import ResumePlan
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
-FRAMES = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=5).exposures("f", 6)]
+FRAMES = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=5).scan("f", 6).exposures()]
 
 
 def _write(path: Path, frame: np.ndarray) -> Path:
@@ -52,16 +52,16 @@ def _config(out: Path, scan_id: str = "scan", **update) -> PipelineConfig:
 
 
 def _scan(config: PipelineConfig, paths: list, resume=False, exposures=None, retry_failed=False):
-    """Run ``paths`` (or ``exposures`` of them) through a scan runner (no Prefect), as
+    """Run ``paths`` (or ``exposures`` of them) through a feeder (no Prefect), as
     ``reprocess`` does; its summary."""
     source = FileSource(paths, config.scan_id)
-    with ScanRunner(
+    with Feeder(
         config, resume=resume, manifest=source.manifest(), retry_failed=retry_failed
-    ) as runner:
+    ) as feeder:
         for exposure in exposures or source.exposures():
-            runner.submit(exposure)
-        summary = runner.wait()
-        runner.complete = True
+            feeder.submit(exposure)
+        summary = feeder.wait()
+        feeder.complete = True
     return summary
 
 
@@ -177,7 +177,7 @@ def test_a_resume_with_another_geometry_or_model_is_refused_in_one_line(tmp_path
         check_setup(other, resume=True)
     assert "\n" not in str(refused.value)
     with pytest.raises(ValueError, match="geometry"):
-        ScanRunner(other, resume=True).start()
+        Feeder(other, resume=True).start()
     samples = config.model_copy(update={"inference": InferenceConfig(n_samples=30)})
     with pytest.raises(SetupError, match="its samples per exposure differs"):
         check_setup(samples, resume=True)
@@ -198,11 +198,11 @@ def test_a_second_run_on_a_results_file_is_refused_while_the_first_writes(tmp_pa
         _write(folder / f"f_{number}.cbf", FRAMES[number])
     config = _config(tmp_path / "out")
     source = FileSource([folder], "scan")
-    with ScanRunner(config, manifest=source.manifest()) as first:
+    with Feeder(config, manifest=source.manifest()) as first:
         exposures = source.exposures()
         first.submit(next(exposures))
         with pytest.raises(ResultsBusy, match="being written by another run"):
-            ScanRunner(config, resume=True).start()
+            Feeder(config, resume=True).start()
         with pytest.raises(SetupError, match="being written by another run"):
             check_setup(config, resume=True)
         for exposure in exposures:

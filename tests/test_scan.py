@@ -1,4 +1,4 @@
-"""The scan runner end to end without Prefect: processes, ZeroMQ, HDF5, bad frames."""
+"""The feeder end to end without Prefect: processes, ZeroMQ, HDF5, bad frames."""
 
 import os
 import signal
@@ -15,24 +15,24 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
 from pipeline.store import open_results
-from workers.scan import RECENT_RESULTS, ScanError, ScanRunner
+from workers.feeder import RECENT_RESULTS, Feeder, ScanError
 
 
 def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path, reliability):
     config = PipelineConfig(scan_id="bad-input", n_workers=1, output_dir=tmp_path)
-    exposures = list(SimulatedDetector(config.integration, seed=7).exposures("bad-input", 10))
+    exposures = list(SimulatedDetector(config.integration, seed=7).scan("bad-input", 10).exposures())
     bad = {2, 4, 6, 8}  # spoiled below
     exposures[2].frame = exposures[2].frame[:100]
     exposures[4].frame = exposures[4].frame.astype(np.float32)
     exposures[4].frame[10, 10] = np.nan
     exposures[6].frame = exposures[6].frame.astype(np.float32) - 5.0  # negative counts
     exposures[8].frame, exposures[8].error = None, "truncated file: scan_00008.cbf"
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         for exposure in exposures:
-            runner.submit(exposure)
+            feeder.submit(exposure)
         with pytest.raises(ValueError, match="already submitted"):
-            runner.submit(exposures[0])
-        summary = runner.wait()
+            feeder.submit(exposures[0])
+        summary = feeder.wait()
 
     assert summary.submitted == 10 and summary.written_ok == 6 and summary.failed == 4
     assert summary.duplicates == 0
@@ -58,7 +58,9 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path, reliability):
         "frames of the wrong shape, with NaN, with negative counts, unreadable",
         tried=len(bad),
         accepted=summary.written_ok,
-        lost=reliability.check_every_acknowledged_once(set(runner._status), results.index.tolist()),
+        lost=reliability.check_every_acknowledged_once(
+            set(feeder.acknowledged), results.index.tolist()
+        ),
         detail=f"{len(failed)} of {summary.submitted} exposures stored as failed with their "
         f"cause, {summary.written_ok} good ones written; one row per exposure",
     )
@@ -69,7 +71,7 @@ def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path, reliability):
     assert np.isfinite(results.samples[ok]).all() and results.samples.shape[1:] == (1000, 5)
     np.testing.assert_allclose(results.truth[0], list(exposures[0].truth.values()))
     assert (config.output_dir / "logs" / "bad-input" / "worker-0.log").exists()
-    recent = {r.index: r for r in runner.recent}  # the live view of the newest results
+    recent = {r.index: r for r in feeder.recent}  # the live view of the newest results
     assert sorted(recent) == list(range(10))
     assert "negative" in recent[6].error and "pitch_nm" in recent[0].describe()
     for row, index in enumerate(results.index):
@@ -82,7 +84,7 @@ def test_an_existing_results_file_stops_the_scan_before_it_starts(tmp_path):
     config = PipelineConfig(scan_id="exists", n_workers=1, output_dir=tmp_path)
     config.output_path.write_bytes(b"earlier results")
     with pytest.raises(FileExistsError):
-        ScanRunner(config).start()
+        Feeder(config).start()
     assert config.output_path.read_bytes() == b"earlier results"
 
 
@@ -91,14 +93,14 @@ import sys, time
 from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.sources import SimulatedDetector
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 config = PipelineConfig(scan_id="killed", n_workers=1, output_dir=Path(sys.argv[1]))
-runner = ScanRunner(config).start()
-for exposure in SimulatedDetector(config.integration, seed=3).exposures("killed", 6):
-    runner.submit(exposure)
-runner.wait()
-print(runner.n_done, *runner.pids, flush=True)
+feeder = Feeder(config).start()
+for exposure in SimulatedDetector(config.integration, seed=3).scan("killed", 6).exposures():
+    feeder.submit(exposure)
+feeder.wait()
+print(feeder.n_done, *feeder.pids, flush=True)
 time.sleep(600)
 """
 
@@ -144,7 +146,7 @@ def test_children_exit_and_the_file_stays_readable_when_the_feeder_is_killed(tmp
 
 
 def _line_outs(n: int, seed: int) -> list[tuple[Exposure, LineOut]]:
-    """``n`` simulated line-outs, ready for :meth:`ScanRunner.submit_line_out`."""
+    """``n`` simulated line-outs, ready for :meth:`Feeder.submit_line_out`."""
     theta, counts = simulate(n, np.random.default_rng(seed))
     q = QGrid().q_nm
     return [
@@ -158,8 +160,8 @@ def _line_outs(n: int, seed: int) -> list[tuple[Exposure, LineOut]]:
     ]
 
 
-def _worker_pids(runner: ScanRunner) -> list[int]:
-    return [c.process.pid for c in runner._children if c.name.startswith("worker")]
+def _worker_pids(feeder: Feeder) -> list[int]:
+    return [pid for name, pid in feeder.children.items() if name.startswith("worker")]
 
 
 def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path, reliability):
@@ -170,13 +172,13 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path,
         inference=InferenceConfig(n_samples=50),
     )
     kills = {250: 0, 500: 1, 750: 0}  # at these exposures, SIGKILL this worker
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         for exposure, line_out in _line_outs(1000, seed=3):
             if exposure.index in kills:
-                runner.collect()
-                os.kill(_worker_pids(runner)[kills[exposure.index]], signal.SIGKILL)
-            runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
+                feeder.collect()
+                os.kill(_worker_pids(feeder)[kills[exposure.index]], signal.SIGKILL)
+            feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
     assert summary.worker_restarts == 3 and summary.resent > 0
     assert summary.stages["resent"]["count"] == summary.resent
     assert summary.stages["written"]["count"] == 1000
@@ -187,15 +189,17 @@ def test_workers_killed_mid_scan_lose_no_exposure_and_write_none_twice(tmp_path,
         "fault",
         f"SIGKILL of an inference worker, {len(kills)} times during {summary.submitted} exposures",
         tried=len(kills),
-        accepted=runner.n_done,
-        lost=reliability.check_every_acknowledged_once(set(runner._status), results.index.tolist()),
+        accepted=feeder.n_done,
+        lost=reliability.check_every_acknowledged_once(
+            set(feeder.acknowledged), results.index.tolist()
+        ),
         detail=f"{summary.worker_restarts} workers replaced, {summary.resent} exposures resent; "
         f"{summary.duplicates} duplicate acknowledgements, {summary.failed} failed",
     )
     assert sorted(results.index.tolist()) == list(range(1000))  # each exposure exactly once
     assert (results.status == "ok").all() and np.isfinite(results.samples).all()
-    assert len(runner.recent) == RECENT_RESULTS  # only the newest are kept for live views
-    assert [r.index for r in runner.recent] == list(runner._status)[-RECENT_RESULTS:]
+    assert len(feeder.recent) == RECENT_RESULTS  # only the newest are kept for live views
+    assert [r.index for r in feeder.recent] == list(feeder.acknowledged)[-RECENT_RESULTS:]
     log = (config.output_dir / "logs" / "killed-workers" / "worker-0.log").read_text()
     assert "replaced by the feeder" in log
 
@@ -209,13 +213,13 @@ def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path, reliability
         transport=TransportConfig(worker_timeout_s=3.0, heartbeat_interval_s=0.5),
     )
     line_outs = _line_outs(200, seed=4)
-    with ScanRunner(config) as runner:
-        stalled = _worker_pids(runner)[1]
+    with Feeder(config) as feeder:
+        stalled = _worker_pids(feeder)[1]
         os.kill(stalled, signal.SIGSTOP)  # alive, but it answers nothing
         try:
             for exposure, line_out in line_outs:
-                runner.submit_line_out(exposure, line_out)
-            summary = runner.wait()
+                feeder.submit_line_out(exposure, line_out)
+            summary = feeder.wait()
         finally:
             if _running(stalled):
                 os.kill(stalled, signal.SIGKILL)
@@ -224,8 +228,8 @@ def test_a_stalled_worker_is_replaced_and_the_scan_goes_on(tmp_path, reliability
         "fault",
         "SIGSTOP of an inference worker (alive, answering nothing) before the scan",
         tried=1,
-        accepted=runner.n_done,
-        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
+        accepted=feeder.n_done,
+        lost=reliability.check_every_acknowledged_once(set(feeder.acknowledged), stored),
         detail=f"the stalled worker replaced {summary.worker_restarts} time(s) after the "
         f"{config.transport.worker_timeout_s:g} s timeout, {summary.resent} exposures resent; "
         f"{summary.written_ok} of {len(line_outs)} written",
@@ -253,13 +257,13 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         hostile.append(frames)
         socket.send_multipart(frames)
 
-    with caplog.at_level("WARNING"), ScanRunner(config) as runner:
+    with caplog.at_level("WARNING"), Feeder(config) as feeder:
         intruder = context.socket(zmq.DEALER)  # as a worker would connect
-        intruder.connect(runner.endpoints.work)
+        intruder.connect(feeder.endpoints.work)
         send(intruder, [b"not msgpack"])
         send(intruder, encode("ready", {"id": 9}))  # no pid, no credits
         to_writer = context.socket(zmq.PUSH)
-        to_writer.connect(runner.endpoints.results)
+        to_writer.connect(feeder.endpoints.results)
         send(to_writer, [b"\x81\xa4kind\xa6result"])  # a header without "proto"
         far = np.array([10**6, 10**6 + 1])  # exposures of no scan
         seven_bins = np.zeros((1, 7), np.float32)
@@ -267,7 +271,7 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         send(to_writer, encode("results", {}, index=far, samples=np.zeros((1, 50, 5), "f4")))
         send(to_writer, [b"x" * (2**20 + 1)])  # oversized: ZeroMQ drops the sender
         to_feeder = context.socket(zmq.PUSH)  # acknowledgements whose columns disagree
-        to_feeder.connect(runner.endpoints.acks)
+        to_feeder.connect(feeder.endpoints.acks)
         columns = {name: np.zeros((1, 5), "f4") for name in ("mean", "sd")}
         send(
             to_feeder,
@@ -282,11 +286,11 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
             ),
         )
         oversized = context.socket(zmq.DEALER)
-        oversized.connect(runner.endpoints.work)
+        oversized.connect(feeder.endpoints.work)
         send(oversized, [b"x" * (2**20 + 1)])
         for exposure, line_out in _line_outs(20, seed=5):
-            runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
         for socket in (intruder, to_writer, oversized, to_feeder):
             socket.close(linger=0)
     context.term()
@@ -298,14 +302,14 @@ def test_malformed_and_oversized_messages_are_dropped_and_logged(tmp_path, caplo
         "not msgpack, ready without fields, header without proto, results of another shape "
         "or length, acks of columns of different lengths, 2 oversized (feeder, writer)",
         tried=len(hostile),
-        accepted=runner.n_done,
-        lost=reliability.check_every_acknowledged_once(set(runner._status), stored),
-        detail=f"{runner.malformed} malformed dropped and logged by the feeder, "
+        accepted=feeder.n_done,
+        lost=reliability.check_every_acknowledged_once(set(feeder.acknowledged), stored),
+        detail=f"{feeder.malformed} malformed dropped and logged by the feeder, "
         f"{writer_log.count('dropped a malformed message')} by the writer; "
         f"{sum(sum(map(len, f)) > oversized_bytes for f in hostile)} oversized cost their "
         f"senders the connection; {summary.written_ok} of 20 exposures written",
     )
-    assert summary.written_ok == 20 and runner.malformed == 3
+    assert summary.written_ok == 20 and feeder.malformed == 3
     assert caplog.text.count("dropped a malformed message on work") == 2
     assert caplog.text.count("dropped a malformed message on acks") == 1
     assert "a peer of the work socket disconnected" in caplog.text
@@ -331,24 +335,24 @@ def test_a_producer_far_faster_than_the_workers_keeps_every_process_bounded(tmp_
     )
     line_outs = _line_outs(240, seed=6)  # handed over at once: far faster than inference
     resident: dict[int, list[float]] = {}
-    with ScanRunner(config) as runner:
-        pids = [os.getpid(), *runner.pids]
+    with Feeder(config) as feeder:
+        pids = [os.getpid(), *feeder.pids]
         largest_in_flight = 0
         for exposure, line_out in line_outs:
-            runner.submit_line_out(exposure, line_out)
-            largest_in_flight = max(largest_in_flight, runner.in_flight)
+            feeder.submit_line_out(exposure, line_out)
+            largest_in_flight = max(largest_in_flight, feeder.in_flight)
             if exposure.index % 30 == 29:
                 for pid in pids:
                     resident.setdefault(pid, []).append(_resident_mb(pid))
-        summary = runner.wait()
+        summary = feeder.wait()
     growth_mb = {pid: max(sizes[2:]) - sizes[1] for pid, sizes in resident.items()}
     reliability.record(
         "load",
         f"{len(line_outs)} exposures handed over at once, far faster than inference",
         tried=len(line_outs),
-        accepted=runner.n_done,
+        accepted=feeder.n_done,
         lost=reliability.check_every_acknowledged_once(
-            set(runner._status), open_results(config.output_path).index.tolist()
+            set(feeder.acknowledged), open_results(config.output_path).index.tolist()
         ),
         detail=f"at most {largest_in_flight} in flight (high-water mark "
         f"{config.transport.high_water_mark}, a worker's two batches {2 * CPU_MAX_BATCH}); "
@@ -374,12 +378,12 @@ def test_a_worker_s_batches_fill_whatever_the_high_water_mark(tmp_path):
         inference=InferenceConfig(n_samples=100, max_batch=32, latency_budget_ms=10_000),
         transport=TransportConfig(high_water_mark=4),
     )
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         largest_in_flight = 0
         for exposure, line_out in _line_outs(160, seed=7):
-            runner.submit_line_out(exposure, line_out)
-            largest_in_flight = max(largest_in_flight, runner.in_flight)
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+            largest_in_flight = max(largest_in_flight, feeder.in_flight)
+        summary = feeder.wait()
     assert summary.written_ok == 160
     assert 32 < largest_in_flight <= 64
 
@@ -402,7 +406,7 @@ def test_a_worker_that_cannot_start_ends_the_scan_at_once(tmp_path, reliability)
         inference=InferenceConfig(model=weights),
     )
     started = time.monotonic()
-    with pytest.raises(ScanError, match="worker-0 exited") as error, ScanRunner(config):
+    with pytest.raises(ScanError, match="worker-0 exited") as error, Feeder(config):
         pass
     reliability.record(
         "security",
@@ -431,27 +435,28 @@ def test_a_scan_whose_writer_was_killed_is_resumed_without_duplicates_or_gaps(
     acknowledged: set[int] = set()  # by the writer before it was killed, and after resuming
     with (
         pytest.raises(ScanError, match="writer exited"),
-        ScanRunner(config, on_result=lambda result: acknowledged.add(result.index)) as runner,
+        Feeder(config, on_result=lambda result: acknowledged.add(result.index)) as feeder,
     ):
-        writer = next(c.process for c in runner._children if c.name == "writer")
+        writer, killed = feeder.children["writer"], False
         for exposure, line_out in line_outs:
-            runner.submit_line_out(exposure, line_out)
-            if runner.n_done >= 40 and writer.poll() is None:
-                os.kill(writer.pid, signal.SIGKILL)
-        runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+            if feeder.n_done >= 40 and not killed:
+                os.kill(writer, signal.SIGKILL)
+                killed = True
+        feeder.wait()
     acknowledged_before_kill = set(acknowledged)
     partial = open_results(config.output_path)  # readable as it was left (SWMR reader)
     assert 40 <= partial.index.size < 150
     assert np.unique(partial.index).size == partial.index.size
 
     with pytest.raises(FileExistsError, match="resume"):
-        ScanRunner(config).start()
-    with ScanRunner(
+        Feeder(config).start()
+    with Feeder(
         config, resume=True, on_result=lambda result: acknowledged.add(result.index)
-    ) as runner:
+    ) as feeder:
         for exposure, line_out in line_outs:  # the whole scan again
-            runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
     assert summary.skipped == partial.index.size
     assert summary.written_ok == 150 - partial.index.size
     results = open_results(config.output_path)
@@ -480,13 +485,13 @@ def test_frames_that_waited_before_the_hand_over_count_their_wait(tmp_path):
     config = PipelineConfig(
         scan_id="waited", n_workers=1, output_dir=tmp_path, inference=InferenceConfig(n_samples=20)
     )
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         taken = time.time() - 3.0
         for exposure, line_out in _line_outs(8, seed=4):
             exposure.received_at = taken + 0.01 * exposure.index
             exposure.timestamp = exposure.received_at - 0.1
-            runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
     assert summary.latency_p50_ms >= 3100 and summary.wall_s >= 3.1
     assert summary.stages["received"]["p50_ms"] >= 3100
     results = open_results(config.output_path)
@@ -494,9 +499,8 @@ def test_frames_that_waited_before_the_hand_over_count_their_wait(tmp_path):
     np.testing.assert_allclose(results.timestamp, results.received_time - 0.1)
 
 
-def _writer_pid(runner: ScanRunner) -> int:
-    (writer,) = (c.process for c in runner._children if c.name == "writer")
-    return writer.pid
+def _writer_pid(feeder: Feeder) -> int:
+    return feeder.children["writer"]
 
 
 def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, reliability):
@@ -518,22 +522,22 @@ def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, r
     unreadable = set(range(0, 1000, 97))  # failure records
     restarts = []
     acknowledged: set[int] = set()
-    with ScanRunner(
+    with Feeder(
         config,
         on_result=lambda result: acknowledged.add(result.index),
         on_writer_restart=restarts.append,
-    ) as runner:
+    ) as feeder:
         for exposure, line_out in _line_outs(1000, seed=21):
             if exposure.index in kills:
-                runner.collect()
-                os.kill(_writer_pid(runner), signal.SIGKILL)
+                feeder.collect()
+                os.kill(_writer_pid(feeder), signal.SIGKILL)
             if exposure.index in unreadable:
                 exposure.error = "unreadable frame"
-                runner.submit(exposure)
+                feeder.submit(exposure)
             else:
-                runner.submit_line_out(exposure, line_out)
-        summary = runner.wait()
-        runner.complete = True
+                feeder.submit_line_out(exposure, line_out)
+        summary = feeder.wait()
+        feeder.complete = True
     assert summary.writer_restarts == 2 and [r.restarts for r in restarts] == [1, 2]
     assert all(r.code == -signal.SIGKILL for r in restarts)
     assert summary.written_ok == 1000 - len(unreadable) and summary.failed == len(unreadable)
@@ -542,7 +546,7 @@ def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, r
         "fault",
         f"SIGKILL of the results writer, {len(kills)} times during {summary.submitted} exposures",
         tried=len(kills),
-        accepted=runner.n_done,
+        accepted=feeder.n_done,
         **reliability.tally(config.output_path, acknowledged),
         detail=f"{summary.writer_restarts} writers started again on the file, "
         f"{summary.resent} exposures re-sent, {summary.duplicates} duplicate acknowledgements",
@@ -570,16 +574,16 @@ def test_a_writer_that_cannot_start_again_ends_the_scan(tmp_path):
     )
     with (
         pytest.raises(ScanError, match="writer started again exited with code") as error,
-        ScanRunner(config) as runner,
+        Feeder(config) as feeder,
     ):
         for exposure, line_out in _line_outs(100, seed=22):
             if exposure.index == 40:
-                runner.collect()
-                os.kill(_writer_pid(runner), signal.SIGKILL)
+                feeder.collect()
+                os.kill(_writer_pid(feeder), signal.SIGKILL)
                 time.sleep(0.5)
                 config.output_path.write_bytes(b"damaged")  # what the new writer finds
-            runner.submit_line_out(exposure, line_out)
-        runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        feeder.wait()
     assert "cannot resume" in str(error.value)  # the new writer's own words, from its log
 
 
@@ -592,14 +596,14 @@ def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):
     q = QGrid().q_nm
     for index, counts in zip((3, 7, 11), spheres, strict=True):  # foreign samples among them
         line_outs[index] = (line_outs[index][0], LineOut(q, counts, np.sqrt(counts + 1)))
-    with ScanRunner(config) as runner:
+    with Feeder(config) as feeder:
         for exposure, line_out in line_outs:
-            runner.submit_line_out(exposure, line_out)
-        runner.wait()
+            feeder.submit_line_out(exposure, line_out)
+        feeder.wait()
     results = open_results(config.output_path)
     assert results.index[results.flagged].tolist() == [3, 7, 11]
     assert (results.predictive_z[results.flagged] > Z_THRESHOLD).all()
-    recent = {r.index: r for r in runner.recent}
+    recent = {r.index: r for r in feeder.recent}
     assert "FLAGGED" in recent[7].describe() and "FLAGGED" not in recent[6].describe()
     gratings = ~results.flagged  # both width solutions, as the exact posterior has them
     np.testing.assert_allclose(results.width_mode_weights.sum(axis=1), 1.0, rtol=1e-6)

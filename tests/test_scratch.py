@@ -16,7 +16,7 @@ from pipeline.preflight import settings_for_model
 from pipeline.scratch import make_scratch_dir, remove_stale_scratch_dirs
 from pipeline.sources import FileSource, ReadAhead
 from pipeline.store import open_results
-from workers.scan import ScanRunner
+from workers.feeder import Feeder
 
 
 def finished_pid() -> int:
@@ -82,13 +82,13 @@ def test_a_scan_removes_the_run_folder_a_killed_one_left_and_takes_float32_frame
         inference=InferenceConfig(n_samples=50, model=small_detector.model),
     )
     config = settings_for_model(config)  # the small detector's model's grid
-    with ReadAhead(FileSource(frames, "after-a-kill")) as source, ScanRunner(config) as runner:
+    with ReadAhead(FileSource(frames, "after-a-kill")) as source, Feeder(config) as feeder:
         assert not stale.exists()
-        run_dir = runner.run_dir
+        run_dir = feeder.run_dir
         assert run_dir.name.startswith(f"binn-{os.getpid()}-")
         for exposure in source.exposures():
-            runner.submit(exposure)
-        summary = runner.wait()
+            feeder.submit(exposure)
+        summary = feeder.wait()
     assert summary.written_ok == 3 and summary.failed == 0, summary.failures
     assert (open_results(config.output_path).status == "ok").all()
     assert not run_dir.exists()

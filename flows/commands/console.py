@@ -26,14 +26,14 @@ def use_prefect_api_for(command: str) -> None:
 
 class _ScanErrorsOffTheConsole:
     """A filter for the console's log handler: Prefect's reports of a task or flow run that
-    failed with a :class:`~workers.scan.ScanError` (two with a traceback, and the error
+    failed with a :class:`~workers.feeder.ScanError` (two with a traceback, and the error
     repeated in each run's final state) are dropped; the command prints the error once, with
     how to resume, and Prefect's API (the UI) still gets the reports."""
 
     def filter(self, record: object) -> bool:
         import logging
 
-        from workers.scan import ScanError
+        from workers.feeder import ScanError
 
         if not isinstance(record, logging.LogRecord):
             return True

@@ -95,6 +95,7 @@ def _exact_posterior_report(
 ) -> tuple[dict, np.ndarray]:
     """The exact posterior of one line-out of ``instrument``, printed; its report row and
     samples."""
+    from pipeline.physics import GRATING_PARAMETERS
     from pipeline.physics.reference import mirror_weight, reference_posterior
 
     posterior = reference_posterior(
@@ -115,9 +116,7 @@ def _exact_posterior_report(
     for mode in posterior.modes:
         cells = "  ".join(
             f"{label} {m:9.3f} ± {sd:.3g}"
-            for label, m, sd in zip(
-                ("pitch_nm", "width_nm", "sigma_nm"), mode.mean, mode.sd, strict=True
-            )
+            for label, m, sd in zip(GRATING_PARAMETERS, mode.mean, mode.sd, strict=True)
         )
         print(f"    weight {mode.weight:.3f}   {cells}")
     row = {

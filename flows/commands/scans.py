@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flows.commands.arguments import (
     Commands,
@@ -21,6 +21,9 @@ from flows.commands.arguments import (
     scan_config,
 )
 from flows.commands.console import use_prefect_api_for
+
+if TYPE_CHECKING:
+    from workers.feeder import ScanSummary
 
 
 def add_demo(commands: Commands) -> None:
@@ -78,38 +81,36 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
-def _print_summary(summary: dict[str, Any]) -> int:
-    """Print a scan's summary (a :class:`~workers.scan.ScanSummary` as a dict, as the flows
-    return it); the exit code: 1 if an exposure failed, else 0."""
+def _print_summary(summary: ScanSummary) -> int:
+    """Print a scan's summary, as the flows return it; the exit code: 1 if an exposure failed, else 0."""
     from flows.scan import recovery_lines
-    from workers.metrics import stage_table
+    from workers.feeder.metrics import stage_table
 
-    print(f"results:    {summary['output_path']}")
+    print(f"results:    {summary.output_path}")
     print(
-        f"exposures:  {summary['submitted']} ({summary['written_ok']} written, "
-        f"{summary['failed']} failed)"
+        f"exposures:  {summary.submitted} ({summary.written_ok} written, {summary.failed} failed)"
     )
-    for index, error in sorted(summary["failures"].items())[:20]:
+    for index, error in sorted(summary.failures.items())[:20]:
         print(f"    {index}: {error}")
-    print(f"scan time:  {summary['wall_s']:.1f} s ({summary['exposures_per_s']:.1f} exposures/s)")
-    print("stages:     " + stage_table(summary["stages"]).replace("\n", "\n            "))
+    print(f"scan time:  {summary.wall_s:.1f} s ({summary.exposures_per_s:.1f} exposures/s)")
+    print("stages:     " + stage_table(summary.stages).replace("\n", "\n            "))
     for line in recovery_lines(summary):
         print(line)
-    if summary["skipped"]:
-        print(f"resumed:    {summary['skipped']} exposures were already in the file")
-    if summary["redone"]:
+    if summary.skipped:
+        print(f"resumed:    {summary.skipped} exposures were already in the file")
+    if summary.redone:
         print(
-            f"redone:     {summary['redone']} rows of the file (failed ones retried, or of "
+            f"redone:     {summary.redone} rows of the file (failed ones retried, or of "
             "files changed since)"
         )
-    if summary["removed"]:
+    if summary.removed:
         print(
-            f"removed:    {summary['removed']} rows of the file come from files no longer "
+            f"removed:    {summary.removed} rows of the file come from files no longer "
             "among the scan's (kept)"
         )
-    if summary["remote_workers"]:
-        print(f"remote:     {summary['remote_workers']} workers on other nodes took part")
-    return 0 if summary["failed"] == 0 else 1
+    if summary.remote_workers:
+        print(f"remote:     {summary.remote_workers} workers on other nodes took part")
+    return 0 if summary.failed == 0 else 1
 
 
 def add_reprocess(commands: Commands) -> None:
@@ -235,8 +236,8 @@ def _reprocess_scans(args: argparse.Namespace) -> int:
             print(f"{scan_id}: skipped ({result})")
         else:
             print(
-                f"{scan_id}: {result['written_ok']} written, {result['failed']} failed, "
-                f"{result['skipped']} already there -> {result['output_path']}"
+                f"{scan_id}: {result.written_ok} written, {result.failed} failed, "
+                f"{result.skipped} already there -> {result.output_path}"
             )
     return 0
 
@@ -290,6 +291,6 @@ def _online(args: argparse.Namespace) -> int:
             stream=args.stream, protocol=args.protocol, idle_timeout_s=args.idle_timeout
         )
     summary = online_reconstruction(config.settings, source, config.scan_id)
-    if "stream" in summary:
-        print(f"stream:     {summary['stream']}")
+    if summary.stream:
+        print(f"stream:     {summary.stream}")
     return _print_summary(summary)

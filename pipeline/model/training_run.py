@@ -28,9 +28,7 @@ from pipeline.model.posterior import PosteriorModel
 from pipeline.model.train import TrainingConfig, train
 from pipeline.model.validation import simulation_diagnostics
 from pipeline.model_card import card_path
-
-#: The parameters whose calibration the markdown report shows (the grating's own).
-SHOWN = ("pitch_nm", "width_nm", "sigma_nm")
+from pipeline.physics import GRATING_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -116,9 +114,11 @@ class TrainingReport:
                 "",
                 "Calibration error on 200 fresh simulations (0: perfectly calibrated):",
                 "",
-                "| " + " | ".join(SHOWN) + " |",
+                "| " + " | ".join(GRATING_PARAMETERS) + " |",
                 "|---|---|---|",
-                "| " + " | ".join(f"{saved.calibration_error[n]:.3f}" for n in SHOWN) + " |",
+                "| "
+                + " | ".join(f"{saved.calibration_error[n]:.3f}" for n in GRATING_PARAMETERS)
+                + " |",
             ]
         )
 

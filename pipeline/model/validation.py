@@ -42,6 +42,7 @@ from scipy import stats
 from scipy.spatial import cKDTree
 
 from pipeline.model.posterior import CountsSampler
+from pipeline.physics import GRATING_PARAMETERS
 from pipeline.physics.reference import mirror_weight, reference_posterior
 
 CREDIBILITY_LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -213,7 +214,7 @@ def reference_diagnostics(
         if progress:
             progress(i + 1, n_exposures)
 
-    names = ("pitch_nm", "width_nm", "sigma_nm")
+    names = GRATING_PARAMETERS
     weight_errors = [r["mode_weight_error"] for r in rows if r["mode_weight_error"] is not None]
     sd_ratio = np.array([r["sd_ratio"] for r in rows if "sd_ratio" in r])
     bias = np.array([r["bias_in_exact_sd"] for r in rows if "bias_in_exact_sd" in r])

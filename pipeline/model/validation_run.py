@@ -20,9 +20,7 @@ from pipeline.instrument import load_instrument
 from pipeline.model.checkpoint import load, model_for_instrument
 from pipeline.model.validation import reference_diagnostics, simulation_diagnostics, write_figures
 from pipeline.model_card import card_path, resolve_model
-
-#: The parameters the reports show (the grating's own).
-SHOWN = ("pitch_nm", "width_nm", "sigma_nm")
+from pipeline.physics import GRATING_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class ValidationReport:
         simulation, reference = self.simulation, self.reference
 
         def row(label: str, values: Mapping[str, float], form: str) -> str:
-            return label + "  ".join(f"{n} {values[n]:{form}}" for n in SHOWN)
+            return label + "  ".join(f"{n} {values[n]:{form}}" for n in GRATING_PARAMETERS)
 
         lines = [
             f"report: {self.report_path}; figures: {', '.join(map(str, self.figures.values()))}",
@@ -93,10 +91,12 @@ class ValidationReport:
                 f"{reference['n_exposures']} against the exact posterior; "
                 f"report `{self.report_path}`.",
                 "",
-                "| | " + " | ".join(SHOWN) + " |",
+                "| | " + " | ".join(GRATING_PARAMETERS) + " |",
                 "|---|---|---|---|",
                 *(
-                    f"| {label} | " + " | ".join(f"{values[n]:.3g}" for n in SHOWN) + " |"
+                    f"| {label} | "
+                    + " | ".join(f"{values[n]:.3g}" for n in GRATING_PARAMETERS)
+                    + " |"
                     for label, values in self._measures().items()
                 ),
                 "",

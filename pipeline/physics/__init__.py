@@ -1,6 +1,7 @@
 """Forward models, priors and simulators (see :mod:`pipeline.physics.grating`)."""
 
 from pipeline.physics.grating import (
+    GRATING_PARAMETERS,
     PARAMETER_NAMES,
     PARAMETER_UNITS,
     GratingPrior,
@@ -10,6 +11,7 @@ from pipeline.physics.grating import (
 )
 
 __all__ = [
+    "GRATING_PARAMETERS",
     "PARAMETER_NAMES",
     "PARAMETER_UNITS",
     "GratingPrior",

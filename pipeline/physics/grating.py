@@ -31,6 +31,8 @@ import numpy as np
 
 #: Parameter order of every parameter array in the project: (..., 5).
 PARAMETER_NAMES: tuple[str, ...] = ("pitch_nm", "width_nm", "sigma_nm", "n_photons", "background")
+#: The grating's own parameters (the first three; the others are nuisances of the exposure).
+GRATING_PARAMETERS: tuple[str, ...] = PARAMETER_NAMES[:3]
 #: Units of :data:`PARAMETER_NAMES`, in the same order.
 PARAMETER_UNITS: tuple[str, ...] = ("nm", "nm", "nm", "photons", "counts per bin")
 #: Half-width, in resolution standard deviations, of the window each peak is evaluated on.

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline.physics.grating import GratingPrior, QGrid, expected_counts
+from pipeline.physics.grating import GRATING_PARAMETERS, GratingPrior, QGrid, expected_counts
 
-#: Order of the reference posterior's parameters.
-REFERENCE_PARAMETERS: tuple[str, ...] = ("pitch_nm", "width_nm", "sigma_nm")
+#: Order of the reference posterior's parameters (the grating's).
+REFERENCE_PARAMETERS: tuple[str, ...] = GRATING_PARAMETERS
 
 
 @dataclass

@@ -15,13 +15,17 @@ Bins with no pixel in the sector (a module gap) are allowed where the instrument
 Example:
     >>> from pipeline.config import IntegrationConfig
     >>> detector = SimulatedDetector(IntegrationConfig(), seed=0)  # the default instrument
-    >>> exposure = next(iter(detector.exposures("scan-1", 1)))
+    >>> scan = detector.scan("scan-1", n_frames=1)
+    >>> [exposure] = scan.exposures()
     >>> exposure.frame.shape, sorted(exposure.truth)[:2], exposure.metadata["detector"]
     ((2167, 2070), ['background', 'n_photons'], 'Eiger4M')
+    >>> scan.ended_cleanly, scan.statistics.summary()
+    (True, '1 frame (1 read, 0 failed)')
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -32,6 +36,7 @@ from pipeline.exposure import Exposure
 from pipeline.instrument import Instrument, default_instrument
 from pipeline.integration import load_geometry, sector_pixel_bins
 from pipeline.physics import PARAMETER_NAMES
+from pipeline.sources.base import FrameCounts
 
 
 class SimulatedDetector:
@@ -84,16 +89,44 @@ class SimulatedDetector:
         frame.flat[self._pixels] = self.rng.poisson(mu_pixels)
         return frame
 
-    def exposures(self, scan_id: str, n_frames: int) -> Iterator[Exposure]:
-        """``n_frames`` exposures with parameters drawn from the instrument's prior."""
-        prior = self.instrument.grating_prior
-        for index in range(n_frames):
-            theta = prior.sample(1, self.rng)[0]
+    def scan(self, scan_id: str, n_frames: int) -> SimulatedScan:
+        """A scan of ``n_frames`` exposures with parameters drawn from the instrument's prior
+        (a :class:`~pipeline.sources.base.Source`)."""
+        return SimulatedScan(self, scan_id, n_frames)
+
+
+class SimulatedScan:
+    """``n_frames`` exposures of a :class:`SimulatedDetector`, each with its true parameters
+    (a :class:`~pipeline.sources.base.Source`: it ends cleanly once every frame is given)."""
+
+    def __init__(self, detector: SimulatedDetector, scan_id: str, n_frames: int) -> None:
+        if n_frames < 0:
+            raise ValueError(f"n_frames must not be negative, not {n_frames}")
+        self.detector = detector
+        self.scan_id = scan_id
+        self.n_frames = n_frames
+        self.statistics = FrameCounts()
+        self.ended_cleanly = False
+        self._stop = threading.Event()
+
+    def exposures(self) -> Iterator[Exposure]:
+        """The frames, drawn as they are taken."""
+        prior = self.detector.instrument.grating_prior
+        for index in range(self.n_frames):
+            if self._stop.is_set():
+                return
+            theta = prior.sample(1, self.detector.rng)[0]
+            self.statistics.count(error=None)
             yield Exposure(
-                scan_id=scan_id,
+                scan_id=self.scan_id,
                 index=index,
                 timestamp=time.time(),
-                frame=self.frame(theta),
+                frame=self.detector.frame(theta),
                 truth=dict(zip(PARAMETER_NAMES, map(float, theta), strict=True)),
-                metadata={"source": "simulated", "detector": self.detector},
+                metadata={"source": "simulated", "detector": self.detector.detector},
             )
+        self.ended_cleanly = True
+
+    def stop(self) -> None:
+        """No frame after the one being taken."""
+        self._stop.set()

@@ -32,18 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.physics import QGrid, expected_counts
+from pipeline.physics import GRATING_PARAMETERS, QGrid, expected_counts
 from pipeline.store.results import Results
-
-#: Parameters shown in the table and the traces (the grating's; the nuisances are in the file).
-SHOWN = ("pitch_nm", "width_nm", "sigma_nm")
 
 
 def summary_table(results: Results, exposures: list[int] | None = None) -> str:
     """A text table of ``exposures`` (indices; default all) of ``results``."""
-    columns = [results.parameter_names.index(name) for name in SHOWN]
+    columns = [results.parameter_names.index(name) for name in GRATING_PARAMETERS]
     header = f"{'index':>5}  {'status':<7} " + "".join(
-        f"{name + ' median [5%, 95%]':>30}" for name in SHOWN
+        f"{name + ' median [5%, 95%]':>30}" for name in GRATING_PARAMETERS
     )
     lines = [header]
     for row, index in enumerate(results.index):
@@ -77,9 +74,11 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
         raise ValueError("no exposure of this file has a posterior to plot")
     written = []
 
-    columns = [results.parameter_names.index(name) for name in SHOWN]
-    figure, axes = plt.subplots(len(SHOWN), 1, figsize=(8, 2.2 * len(SHOWN)), sharex=True)
-    for axis, name, column in zip(axes, SHOWN, columns, strict=True):
+    columns = [results.parameter_names.index(name) for name in GRATING_PARAMETERS]
+    figure, axes = plt.subplots(
+        len(GRATING_PARAMETERS), 1, figsize=(8, 2.2 * len(GRATING_PARAMETERS)), sharex=True
+    )
+    for axis, name, column in zip(axes, GRATING_PARAMETERS, columns, strict=True):
         q = results.quantiles[ok][:, :, column]
         axis.fill_between(results.index[ok], q[:, 0], q[:, 2], alpha=0.3, label="90% interval")
         axis.plot(results.index[ok], q[:, 1], ".-", ms=3, label="median")
@@ -176,10 +175,10 @@ def live_view_png(
 
     figure = Figure(figsize=(11, 6.5))
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(len(SHOWN), 2, width_ratios=(3, 1))
+    grid = figure.add_gridspec(len(GRATING_PARAMETERS), 2, width_ratios=(3, 1))
     order = np.argsort(index, kind="stable")
     keep = order[:: max(1, -(-order.size // max_points))]
-    for row, name in enumerate(SHOWN):
+    for row, name in enumerate(GRATING_PARAMETERS):
         axis = figure.add_subplot(grid[row, 0])
         if keep.size:
             x, q = index[keep], quantiles[keep, :, row]
@@ -191,7 +190,7 @@ def live_view_png(
         if row == 0:
             axis.set_title(title)
             axis.legend(loc="upper right", fontsize=7)
-        if row == len(SHOWN) - 1:
+        if row == len(GRATING_PARAMETERS) - 1:
             axis.set_xlabel("exposure index")
         marginal = figure.add_subplot(grid[row, 1])
         if latest is not None:

@@ -1,6 +1,6 @@
 """Per-stage counters and latency histograms of a scan: what the feeder sees happen.
 
-Stages, in the order an exposure passes them: ``received`` (handed to the runner; for a live
+Stages, in the order an exposure passes them: ``received`` (handed to the feeder; for a live
 source's frame, with the wait since the detector acquired it, by the detector's own time,
 or since the pipeline took it from the socket where that is earlier),
 ``integrated`` (frame to line-out, with the integration time), ``inferred`` (posterior drawn
@@ -67,6 +67,7 @@ class ScanMetrics:
     )
 
     def record(self, stage: str, latency_s: float | None = None, n: int = 1) -> None:
+        """Count ``n`` exposures through ``stage``, each with ``latency_s`` where it has one."""
         self.stages[stage].record(latency_s, n)
 
     def summary(self) -> dict[str, dict]:

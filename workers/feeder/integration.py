@@ -1,0 +1,138 @@
+"""An exposure on its way in: placed in the results file, then a line-out or a failure.
+
+:class:`Integration` owns the scan's pyFAI integrator (one per process, built and checked
+against the model's instrument before any frame: :func:`~pipeline.preflight.checked_integrator`).
+It places each exposure against a resumed scan's plan (:meth:`~pipeline.store.resume.ResumePlan.place`:
+``None`` for a row the file holds already) and turns it into a line-out, or into an
+:class:`Unusable` (a frame the source could not read, or one that cannot be integrated),
+whose failure record goes straight to the writer, so the file has a row for every exposure.
+Where the frames' shape comes only with the first frame, the geometry it completes is
+checked then. :func:`line_out_message` and :func:`failure_message` are the messages that
+take either on.
+
+Example:
+    >>> from pipeline.exposure import Exposure
+    >>> unreadable = Exposure("doc", 7, 0.0, None, error="truncated file")
+    >>> record = failure_message(unreadable, "read", unreadable.error)
+    >>> record.index, record.stage, record.error
+    (7, 'read', 'truncated file')
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from pipeline.config import PipelineConfig
+from pipeline.exposure import Exposure, LineOut
+from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
+from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
+from pipeline.store.resume import ResumePlan
+from pipeline.transport.messages import Failure, LineOutMessage
+from workers.feeder.metrics import ScanMetrics
+from workers.feeder.reports import ScanError
+
+
+def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
+    """The message that takes an exposure's line-out to a worker."""
+    return LineOutMessage(
+        index=exposure.index,
+        scan_id=exposure.scan_id,
+        counts=line_out.counts,
+        counts_sd=line_out.counts_sd,
+        timestamp=exposure.timestamp,
+        received_time=math.nan if exposure.received_at is None else exposure.received_at,
+        truth=exposure.truth,
+        source=exposure.metadata.get("source", ""),
+        frame_id=exposure.metadata.get("frame_id", ""),
+        normalization=line_out.normalization,
+    )
+
+
+def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
+    """The failure record of an exposure that never reached a worker."""
+    return Failure(
+        index=exposure.index,
+        stage=stage,
+        error=error,
+        scan_id=exposure.scan_id,
+        timestamp=exposure.timestamp,
+        received_time=math.nan if exposure.received_at is None else exposure.received_at,
+        truth=exposure.truth,
+        source=exposure.metadata.get("source", ""),
+        frame_id=exposure.metadata.get("frame_id", ""),
+    )
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """An exposure that gives no line-out: at which ``stage`` (``read``, ``integration``)
+    and why."""
+
+    stage: str
+    error: str
+
+
+class Integration:
+    """Places and integrates the exposures of one scan (``config``), counting the
+    ``integrated`` stage in ``metrics``. :class:`ScanError` (one line) when the geometry
+    does not match the model's instrument."""
+
+    def __init__(self, config: PipelineConfig, metrics: ScanMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        #: a resumed scan's plan (set when the scan starts), ``None`` for a new file
+        self.plan: ResumePlan | None = None
+        #: exposures whose row the resumed file holds already
+        self.skipped = 0
+        try:  # a geometry the model was not trained for stops here, before any process
+            self.integrator = checked_integrator(config)
+        except GeometryMismatch as error:
+            raise ScanError(str(error)) from None
+
+    def place(self, exposure: Exposure) -> Exposure | None:
+        """``exposure`` with its index in the results file (a resumed scan's plan numbers
+        new frames after the file's rows); ``None`` when its row is in the file already."""
+        placed = self.plan.place(exposure) if self.plan is not None else exposure
+        if placed is None:
+            self.skipped += 1
+        return placed
+
+    def line_out(self, exposure: Exposure) -> LineOut | Unusable:
+        """The exposure's line-out, or why there is none."""
+        if exposure.error is not None or exposure.frame is None:
+            return Unusable("read", exposure.error or "the source delivered no frame")
+        start = time.perf_counter()
+        shape_was_open = self.integrator.shape is None
+        try:
+            normalization = exposure_normalization(exposure, self.config.integration)
+            line_out = self.integrator.integrate(
+                exposure.frame, normalization, source=exposure.metadata.get("source")
+            )
+        except NoPixelInRange:  # the first frame made a geometry with no pixel on the grid
+            self._check_first_geometry()
+            raise
+        except FrameError as error:
+            if shape_was_open and self.integrator.shape is not None:
+                self._check_first_geometry()
+            return Unusable("integration", str(error))
+        if shape_was_open:
+            self._check_first_geometry()
+        self.metrics.record("integrated", time.perf_counter() - start)
+        return line_out
+
+    def _check_first_geometry(self) -> None:
+        """:class:`ScanError` (one line) when the geometry that the first frame completed
+        does not match the model's instrument (:func:`~pipeline.preflight.check_geometry`).
+
+        Why here: a PONI that names no detector, with no mask, dark, flat or
+        ``detector_shape`` (:func:`~pipeline.integration.frame_shape_is_open`; ``online``
+        with a v1 PONI), leaves the frames' shape, and so the pixels of each q bin, unknown
+        until the first frame, when the integrator is built; the preflight and
+        :meth:`__init__` could not count them. The scan stops at that frame, before any
+        line-out of this geometry reaches a model that was not trained for it."""
+        try:
+            check_model_geometry(self.integrator, self.config)
+        except GeometryMismatch as error:
+            raise ScanError(str(error)) from None
