@@ -43,7 +43,7 @@ from benchmarks.report import save
 from pipeline.config import IntegrationConfig
 from pipeline.integration import DEFAULT_PONI, LineOutIntegrator
 from pipeline.physics import QGrid
-from pipeline.sources.files import NumberedFrames
+from pipeline.sources.base import NumberedFrames
 from pipeline.sources.readahead import ReadAhead
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -238,7 +238,7 @@ import numpy as np
 from pipeline.config import IntegrationConfig
 from pipeline.integration import LineOutIntegrator
 from pipeline.physics import QGrid
-from pipeline.sources.files import NumberedFrames
+from pipeline.sources.base import NumberedFrames
 from pipeline.sources.readahead import ReadAhead
 
 def status_mb(key):

@@ -128,7 +128,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 def memory_per_process(folder: Path, n: int = 64) -> dict:
     config = PipelineConfig(scan_id="memory", output_dir=folder)
-    frames = [e.frame for e in SimulatedDetector(config.integration, seed=2).scan("m", 8).exposures()]
+    frames = [
+        e.frame for e in SimulatedDetector(config.integration, seed=2).scan("m", 8).exposures()
+    ]
     from pipeline.exposure import Exposure
 
     with Feeder(config) as feeder:

@@ -40,9 +40,10 @@ from prefect.states import State
 from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.scan import reprocess_files
+from flows.scan import reconstruct
 from pipeline.config import ScanSettings, scan_id_from
 from pipeline.preflight import settings_for_model
+from pipeline.source_specs import ArchivedFiles
 from pipeline.sources import ArchivedScan, FileSource, find_scans
 from pipeline.sources.identity import path_key
 from pipeline.store import read_completion
@@ -102,17 +103,11 @@ def reprocess_one_scan(
             f"{scan.path} changed {age_s:.0f} s ago (less than settle_s = {settle_s:g} s): it "
             "may still be being written"
         )
-    config = settings.for_scan(scan.scan_id, scan_source=os.path.realpath(scan.path))
+    files = ArchivedFiles(paths=[str(scan.path)], read_ahead=read_ahead)
+    config = settings.for_scan(scan.scan_id, os.path.realpath(scan.path), files)
     resume = config.output_path.exists()
     with _ctrl_c_stops_this_scan():
-        return reprocess_files(
-            config,
-            [str(scan.path)],
-            batch_size,
-            read_ahead,
-            resume=resume,
-            retry_failed=retry_failed,
-        )
+        return reconstruct(config, batch_size, resume, retry_failed)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The scan flows of one scan: a simulated scan (``reconstruct-scan``, the demo) and archived
-frames (``reprocess-scan``), and :func:`reconstruct`, which the live flow
-(:mod:`flows.online`) and the batch reprocessing (:mod:`flows.reprocess`) share.
+frames (``reprocess-scan``), and :func:`reconstruct`, which every scan flow runs (the live
+flow, :mod:`flows.online`, and the batch reprocessing, :mod:`flows.reprocess`, too): it
+reconstructs the source its configuration names (``config.source``).
 
 The flows are thin: :class:`workers.feeder.Feeder` starts the writer and inference workers;
 for archived and simulated frames each task integrates and sends one batch of frames (never
@@ -15,30 +16,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from flows.monitor import ScanMonitor
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.instrument import Instrument, default_instrument, load_instrument
-from pipeline.integration import DEFAULT_PONI, frame_shape_is_open
+from pipeline.integration import DEFAULT_PONI
 from pipeline.model.checkpoint import card_instrument, model_for_instrument, read_card
 from pipeline.physics import GRATING_PARAMETERS
 from pipeline.preflight import settings_for_model
-from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
-from pipeline.sources.identity import FileStamp
+from pipeline.source_specs import SimulatedFrames
+from pipeline.sources.opening import OpenedSource, opened
 from pipeline.store import open_results
 from pipeline.store.results import written_indices
 from workers.feeder import Feeder, ScanSummary
 from workers.feeder.metrics import stage_table
+
+log = logging.getLogger(__name__)
 
 
 @task(name="integrate-and-send", cache_policy=NO_CACHE)
@@ -128,31 +134,50 @@ def _abandoned_when_interrupted(monitor: ScanMonitor) -> Iterator[None]:
 
 
 def reconstruct(
-    config: PipelineConfig,
-    exposures: Iterator[Exposure],
-    batch_size: int | None,
-    expected_frames: int | None = None,
-    resume: bool = False,
-    source_ended: Callable[[], bool] = lambda: True,
-    note: Callable[[], str] = lambda: "",
-    manifest: Mapping[str, FileStamp] | None = None,
-    retry_failed: bool = False,
+    config: PipelineConfig, batch_size: int = 16, resume: bool = False, retry_failed: bool = False
 ) -> ScanSummary:
-    """Feed ``exposures`` through a :class:`Feeder` in tasks of ``batch_size`` frames (or,
-    when ``None``, one task for a live stream), watched by a :class:`ScanMonitor`; return the
-    summary (``complete`` set). ``resume`` continues an existing results file, by frame identity
-    (``manifest``: the source's files, :meth:`FileSource.manifest`; ``retry_failed``: failed
-    rows are processed again; see :mod:`pipeline.store.resume`).
+    """Reconstruct the frames of ``config.source`` (simulated, files, a watched folder, a
+    detector's stream) into ``config.output_path``: what the demo, reprocessing and the live
+    flow all run. Return the scan's summary.
 
-    When the iteration is over and ``source_ended()`` says the source gave all it had (not,
-    say, a run cancelled halfway), the file is marked complete with its number of exposures
-    (by the writer as it closes it: :meth:`pipeline.store.ResultsWriter.close`), so that
-    reprocessing skips it. ``note()`` adds a
-    line to the summary artifact. Ctrl-C (``KeyboardInterrupt``) comes out as
-    :class:`ScanInterrupted` once the feeder has stopped its processes; on it, or SIGTERM,
-    the monitor stops without a summary.
+    The line-outs are on the model's grid (:func:`~pipeline.preflight.settings_for_model`);
+    the source is opened as :func:`~pipeline.sources.opening.opened` says (a stream
+    connected before the processes start, archived files' detector shape and manifest, a
+    reader process), and a geometry that does not match the model stops the scan before any
+    process starts (:class:`~workers.feeder.Feeder`). Frames that exist already go through
+    the feeder in tasks of ``batch_size``; a live source's whole series in one task, and
+    SIGTERM (Prefect cancelling the run) stops the source: every frame taken is written.
+
+    ``resume`` continues an existing results file, by frame identity (an archived scan's
+    files are compared with it; ``retry_failed``: failed rows are processed again; see
+    :mod:`pipeline.store.resume`). When the source ended cleanly (it gave all it had, not a
+    run cancelled halfway), the file is marked complete with its number of exposures (by the
+    writer as it closes it: :meth:`pipeline.store.ResultsWriter.close`), so that
+    reprocessing skips it. Ctrl-C (``KeyboardInterrupt``) comes out as
+    :class:`ScanInterrupted` once the feeder has stopped its processes; on it, or SIGTERM
+    outside a live source, the monitor stops without a summary.
     """
-    monitor = ScanMonitor(config.scan_id, config.output_path, expected_frames)
+    config = settings_for_model(config)
+    with opened(config) as scan:
+        if config.source is not None and config.source.live:
+            with stop_on_sigterm(scan.source.stop) as cancelled:
+                return _feed(scan, None, resume, retry_failed, cancelled)
+        return _feed(scan, batch_size, resume, retry_failed, threading.Event())
+
+
+def _feed(
+    scan: OpenedSource,
+    batch_size: int | None,
+    resume: bool,
+    retry_failed: bool,
+    cancelled: threading.Event,
+) -> ScanSummary:
+    """Feed the source's exposures through a :class:`Feeder` in tasks of ``batch_size``
+    frames (or, when ``None``, one task for a live source), watched by a
+    :class:`ScanMonitor`."""
+    config, source = scan.config, scan.source
+    exposures = source.exposures()
+    monitor = ScanMonitor(config.scan_id, config.output_path, scan.expected_frames)
     try:
         with (
             Feeder(
@@ -160,7 +185,7 @@ def reconstruct(
                 resume=resume,
                 on_result=monitor.record,
                 on_writer_restart=monitor.writer_restarted,
-                manifest=manifest,
+                manifest=scan.manifest,
                 retry_failed=retry_failed,
             ) as feeder,
             _abandoned_when_interrupted(monitor),
@@ -173,7 +198,7 @@ def reconstruct(
                     del first
                     monitor.update(feeder.n_done, feeder.n_submitted)
             summary = wait_for_results(feeder, monitor)
-            feeder.complete = complete = source_ended()
+            feeder.complete = complete = source.ended_cleanly
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
@@ -188,8 +213,50 @@ def reconstruct(
         path = config.output_path
         written = len(written_indices(path)) if path.exists() else 0
         raise ScanInterrupted(f"after {written} exposures were written to {path}") from error
-    monitor.finish(summary_markdown(summary, note()))
-    return dataclasses.replace(summary, complete=complete)
+    statistics = source.statistics.summary()
+    note = f"Source: {statistics}."
+    if cancelled.is_set():
+        note = "Cancelled: every frame taken was written. " + note
+    monitor.finish(summary_markdown(summary, note))
+    return dataclasses.replace(summary, complete=complete, source=statistics)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
+    """While inside, SIGTERM (Prefect's cancellation, ``systemctl stop``) calls ``stop`` and
+    sets the event it yields, instead of interrupting whatever runs; on leaving, a SIGTERM
+    that came is handed to the handler that was there before (in a Prefect flow run,
+    Prefect's, which ends the run as *Cancelled*). Outside the main thread, where signals
+    cannot be caught, it changes nothing."""
+    requested = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        requested.set()
+        stop()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield requested
+        return
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if requested.is_set():
+        _run_logger().info("stopped on SIGTERM after writing every frame taken")
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+        elif previous == signal.SIG_DFL:
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (its lines appear in the UI), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def simulated_instrument(
@@ -253,102 +320,31 @@ def reconstruct_simulated_scan(
         n_workers=n_workers,
         integration=simulated_integration(simulated, output_dir),
         inference=InferenceConfig(n_samples=n_samples, model=model),
+        source=SimulatedFrames(n_frames=n_frames, seed=seed, instrument=instrument),
     )
-    config = settings_for_model(config)
-    source = SimulatedDetector(config.integration, simulated, seed=seed).scan(scan_id, n_frames)
-    return reconstruct(config, source.exposures(), batch_size, expected_frames=n_frames)
-
-
-def archived_frames(paths: list[str], scan_id: str, hdf5_dataset: str | None = None) -> FileSource:
-    """The files named by ``paths`` (files, directories, globs), HDF5 frames read from
-    ``hdf5_dataset`` where given; ``ValueError`` when a pattern matches nothing, so that a
-    typo stops the command instead of giving an empty scan."""
-    source = FileSource(paths, scan_id, hdf5_dataset=hdf5_dataset)
-    if source.unmatched_patterns or not source.files:
-        raise ValueError(f"no file matches {', '.join(source.unmatched_patterns or paths)}")
-    return source
-
-
-def with_detector_shape(config: PipelineConfig, source: FileSource) -> PipelineConfig:
-    """``config`` with the detector shape of ``source``'s frame headers where nothing else
-    fixes it (a PONI without a detector, no mask, dark or flat): a first frame of another
-    shape then fails alone instead of every frame after it."""
-    if not frame_shape_is_open(config.integration):
-        return config
-    shape = source.frame_shape()
-    if shape is None:
-        return config
-    integration = config.integration.model_copy(update={"detector_shape": shape})
-    return config.model_copy(update={"integration": integration})
-
-
-def reprocess_files(
-    config: PipelineConfig,
-    paths: list[str],
-    batch_size: int = 16,
-    read_ahead: int = 4,
-    resume: bool = False,
-    retry_failed: bool = False,
-    hdf5_dataset: str | None = None,
-) -> ScanSummary:
-    """Reconstruct archived frames (files, lists and globs of EDF, CBF, TIFF, Eiger HDF5;
-    ``hdf5_dataset``: the frames' dataset in HDF5 files where it is not an Eiger or NeXus
-    place) into ``config.output_path``; unreadable frames are recorded as failed exposures. With
-    ``resume``, an existing results file of the scan (say, of a run that was killed) is
-    completed: frames already in it are not computed again, new files and files changed
-    since are (by frame identity, :mod:`pipeline.store.resume`), and with ``retry_failed``
-    failed rows too.
-
-    A reader process decodes up to ``read_ahead`` frames ahead of integration (0: frames are
-    read in this process), so that decoding and integrating overlap; pyFAI's engine then
-    leaves it a core (``openmp_threads``: one fewer than the cores, unless configured).
-
-    The line-outs are on the model's grid (:func:`~pipeline.preflight.settings_for_model`),
-    and a geometry that does not match the model stops the scan before any process starts
-    (:class:`~workers.feeder.Feeder`).
-    """
-    source = archived_frames(paths, config.scan_id, hdf5_dataset)
-    config = with_detector_shape(settings_for_model(config), source)
-    manifest = source.manifest()
-    if read_ahead == 0:
-        return reconstruct(
-            config,
-            source.exposures(),
-            batch_size,
-            resume=resume,
-            manifest=manifest,
-            retry_failed=retry_failed,
-        )
-    if config.integration.openmp_threads is None:
-        threads = max(1, (os.cpu_count() or 1) - 1)
-        integration = config.integration.model_copy(update={"openmp_threads": threads})
-        config = config.model_copy(update={"integration": integration})
-    with ReadAhead(source, read_ahead) as reader:
-        reader.start()  # its start-up (about a second) overlaps the workers'
-        return reconstruct(
-            config,
-            reader.exposures(),
-            batch_size,
-            resume=resume,
-            manifest=manifest,
-            retry_failed=retry_failed,
-        )
+    return reconstruct(config, batch_size)
 
 
 @flow(name="reprocess-scan")
 def reprocess_scan(
     config: PipelineConfig,
-    paths: list[str],
     batch_size: int = 16,
-    read_ahead: int = 4,
     resume: bool = False,
     retry_failed: bool = False,
-    hdf5_dataset: str | None = None,
 ) -> ScanSummary:
-    """One archived scan (``beamline-inn reprocess``): see :func:`reprocess_files`."""
-    return reprocess_files(
-        config, paths, batch_size, read_ahead, resume, retry_failed, hdf5_dataset
-    )
+    """Reconstruct archived frames (``config.source``: files, lists and globs of EDF, CBF,
+    TIFF, Eiger HDF5) into ``config.output_path`` (``beamline-inn reprocess``); unreadable
+    frames are recorded as failed exposures. With ``resume``, an existing results file of the
+    scan (say, of a run that was killed) is completed: frames already in it are not computed
+    again, new files and files changed since are (by frame identity,
+    :mod:`pipeline.store.resume`), and with ``retry_failed`` failed rows too.
+
+    A reader process decodes up to ``read_ahead`` frames (of the source's settings) ahead of
+    integration (0: frames are read in this process), so that decoding and integrating
+    overlap; pyFAI's engine then leaves it a core (``openmp_threads``: one fewer than the
+    cores, unless configured). See :func:`reconstruct`.
+    """
+    return reconstruct(config, batch_size, resume, retry_failed)
 
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:

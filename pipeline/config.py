@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from pipeline.physics import QGrid
+from pipeline.source_specs import SourceSpec
 from pipeline.transport.addresses import is_loopback
 
 
@@ -204,10 +205,12 @@ class ScanSettings(_Strict):
             raise ValueError("n_workers is 0 and no remote_work endpoint is set: no worker")
         return self
 
-    def for_scan(self, scan_id: str, scan_source: str | None = None) -> PipelineConfig:
-        """The configuration of scan ``scan_id`` (read from ``scan_source``, when it is one
-        archived scan) with these settings."""
-        return PipelineConfig(scan_id=scan_id, scan_source=scan_source, **dict(self))
+    def for_scan(
+        self, scan_id: str, scan_source: str | None = None, source: SourceSpec | None = None
+    ) -> PipelineConfig:
+        """The configuration of scan ``scan_id`` with these settings, its frames from
+        ``source`` (``scan_source``: the archived scan's real path, when it is one)."""
+        return PipelineConfig(scan_id=scan_id, scan_source=scan_source, source=source, **dict(self))
 
 
 #: A scan id names its results file and log folder: no path separators, no leading dot, at
@@ -233,6 +236,9 @@ class PipelineConfig(ScanSettings):
     #: the archived scan reconstructed (its folder's or Eiger master file's real path), when
     #: the run is one such scan (``reprocess-scans``): its results file belongs to it
     scan_source: str | None = None
+    #: where the frames come from (:mod:`pipeline.source_specs`); ``None`` where the caller
+    #: feeds the exposures itself
+    source: SourceSpec | None = None
 
     @property
     def settings(self) -> ScanSettings:

@@ -25,7 +25,9 @@ def test_an_exposure_becomes_a_line_out_or_says_why_not(tmp_path):
     config = PipelineConfig(scan_id="parts", n_workers=1, output_dir=tmp_path)
     metrics = ScanMetrics()
     integration = Integration(config, metrics)
-    good, short, unreadable = SimulatedDetector(config.integration, seed=1).scan("parts", 3).exposures()
+    good, short, unreadable = (
+        SimulatedDetector(config.integration, seed=1).scan("parts", 3).exposures()
+    )
     short.frame = short.frame[:100]
     unreadable.frame, unreadable.error = None, "truncated file: scan_00002.cbf"
     assert integration.place(good) is good and integration.skipped == 0  # a new file

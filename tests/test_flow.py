@@ -29,6 +29,8 @@ def test_demo_writes_every_exposure_exactly_once(prefect_harness, tmp_path, caps
     assert results.samples.shape == (24, 1000, 5) and np.isfinite(results.samples).all()
     assert results.parameter_names[:3] == ("pitch_nm", "width_nm", "sigma_nm")
     assert results.model_card["weights_sha256"]
+    source = json.loads(results.config_json)["source"]
+    assert source == {"kind": "simulated", "n_frames": 24, "seed": 0, "instrument": None}
 
 
 def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, tmp_path, capsys):
@@ -76,7 +78,15 @@ def test_reprocess_reads_files_and_records_the_unreadable_ones(prefect_harness, 
         assert abs(medians[row] - truth_pitch[frame]) < 2.0
     # read ahead by a reader process, which pyFAI's engine leaves a core (saved with the results)
     threads = max(1, (os.cpu_count() or 1) - 1)
-    assert json.loads(results.config_json)["integration"]["openmp_threads"] == threads
+    config = json.loads(results.config_json)
+    assert config["integration"]["openmp_threads"] == threads
+    # what was read is saved with the results
+    assert config["source"] == {
+        "kind": "files",
+        "paths": paths,
+        "hdf5_dataset": None,
+        "read_ahead": 4,
+    }
 
 
 def test_reprocess_reads_a_stack_at_another_path_with_hdf5_dataset(

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.instrument import PriorRanges, default_instrument, load_instrument
 from pipeline.model import Architecture, ModelFileError, PosteriorModel, load, read_card, save
+from pipeline.model.build import build_model
 from pipeline.model.cinn import ConditionalINN
 from pipeline.model.train import TrainingConfig, train
 from pipeline.model.validation import simulation_diagnostics
@@ -295,10 +296,13 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_sampling_draws_what_eager_sampling_draws():
-    """``compile_sampling`` (torch.compile, tens of seconds) changes the speed, not the draws."""
-    model = PosteriorModel(TINY).eval()
-    for parameter in model.flow.parameters():  # leave the identity start
+@pytest.mark.parametrize("objective", ["maximum-likelihood", "bidirectional"])
+def test_compiled_sampling_draws_what_eager_sampling_draws(objective):
+    """``compile_sampling`` (torch.compile, tens of seconds) changes the speed, not the draws,
+    of either kind of model."""
+    model = build_model(dataclasses.replace(TINY, objective=objective)).eval()
+    network = model.flow if isinstance(model, PosteriorModel) else model.inn
+    for parameter in network.parameters():  # leave the identity start
         torch.nn.init.normal_(parameter, std=0.1)
     _, counts = simulate(3, np.random.default_rng(9))
     eager = model.sample(counts[:2], 300, seed=5)

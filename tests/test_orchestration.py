@@ -290,7 +290,8 @@ def test_online_flow_stops_cleanly_on_sigterm_with_every_frame_taken_written(
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from flows.online import WatchedFolder, online_reconstruction
+        from flows.online import online_reconstruction
+        from pipeline.source_specs import WatchedFolder
         from pipeline.config import InferenceConfig, ScanSettings
         settings = ScanSettings(output_dir=Path({str(out)!r}), n_workers=1,
                                 inference=InferenceConfig(n_samples=100))
@@ -536,7 +537,9 @@ def test_served_online_deployment_runs_from_the_api_and_cancels_cleanly(
     api = prefect_server["PREFECT_API_URL"]
     incoming, out = tmp_path / "incoming", tmp_path / "out"
     incoming.mkdir()
-    frames = [e.frame for e in SimulatedDetector(IntegrationConfig(), seed=8).scan("x", 3).exposures()]
+    frames = [
+        e.frame for e in SimulatedDetector(IntegrationConfig(), seed=8).scan("x", 3).exposures()
+    ]
     for number, frame in enumerate(frames):
         fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(
             str(incoming / f"f_{number}.cbf")

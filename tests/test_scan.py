@@ -20,7 +20,9 @@ from workers.feeder import RECENT_RESULTS, Feeder, ScanError
 
 def test_bad_frames_are_recorded_and_the_scan_goes_on(tmp_path, reliability):
     config = PipelineConfig(scan_id="bad-input", n_workers=1, output_dir=tmp_path)
-    exposures = list(SimulatedDetector(config.integration, seed=7).scan("bad-input", 10).exposures())
+    exposures = list(
+        SimulatedDetector(config.integration, seed=7).scan("bad-input", 10).exposures()
+    )
     bad = {2, 4, 6, 8}  # spoiled below
     exposures[2].frame = exposures[2].frame[:100]
     exposures[4].frame = exposures[4].frame.astype(np.float32)

@@ -106,7 +106,7 @@ def test_master_file_with_external_links_reads_every_frame_with_metadata(tmp_pat
     assert metadata["description"] == "Dectris EIGER2 Si 4M"
     start = datetime.fromisoformat(START).timestamp()
     assert [e.timestamp for e in exposures] == pytest.approx([start + 0.1 * k for k in range(8)])
-    assert (source.frames_read, source.frames_failed) == (8, 0)
+    assert source.statistics.summary() == "8 frames (8 read, 0 failed)"
 
 
 def test_pixel_mask_is_exposed_and_not_applied(tmp_path):
@@ -146,13 +146,13 @@ def test_missing_data_file_gives_one_error_per_lost_frame_and_the_rest_is_read(
     ):
         np.testing.assert_array_equal(exposure.frame, expected)
     assert exposures[6].metadata["image_nr"] == "7"
-    assert (source.frames_read, source.frames_failed) == (5, 3)
+    assert source.statistics.summary() == "8 frames (5 read, 3 failed)"
     reliability.record(
         "bad input",
         "an Eiger scan with one of its 3 data files missing",
         tried=1,
-        detail=f"{source.frames_failed} failed exposures, one per lost frame, named by the "
-        f"master's counts and links; the other {source.frames_read} frames read intact",
+        detail=f"{source.statistics.frames_failed} failed exposures, one per lost frame, named by the "
+        f"master's counts and links; the other 5 frames read intact",
     )
 
 
@@ -299,7 +299,7 @@ def test_real_eiger2_bitshuffle_lz4_data_files(eiger_files):
         exposures[3].metadata["source"].endswith(f"{REAL_DATA_FILES[1]}:/entry/data/data frame 1")
     )
     assert [e.metadata["image_nr"] for e in exposures] == ["1", "2", "3", "4"]
-    assert (source.frames_read, source.frames_failed) == (4, 0)
+    assert source.statistics.summary() == "4 frames (4 read, 0 failed)"
     mixed = list(open_source([str(eiger_files[0].parent / "eiger2_*_data_*.h5")], "real"))
     assert len(mixed) == 4
     np.testing.assert_array_equal(mixed[2].frame, exposures[2].frame)

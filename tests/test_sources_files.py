@@ -12,15 +12,9 @@ from fabio.cbfimage import CbfImage
 from fabio.edfimage import EdfImage
 from fabio.tifimage import TifImage
 
-from pipeline.sources.files import (
-    FileSource,
-    expand_paths,
-    header_frames_shape,
-    header_metadata,
-    natural_sort_key,
-    open_source,
-    parse_header_time,
-)
+from pipeline.sources.files import FileSource, header_frames_shape, open_source
+from pipeline.sources.images import header_metadata, parse_header_time
+from pipeline.sources.paths import expand_paths, natural_sort_key
 
 
 def image(seed: int, dtype: type = np.int32, shape: tuple[int, int] = (32, 40)) -> np.ndarray:
@@ -80,7 +74,7 @@ def test_edf_cbf_and_tiff_frames_keep_their_values_and_dtype(tmp_path):
     assert (
         exposures[1].timestamp == mtime and exposures[1].metadata["timestamp_from"] == "file mtime"
     )
-    assert (source.frames_read, source.frames_failed) == (3, 0)
+    assert source.statistics.summary() == "3 frames (3 read, 0 failed)"
 
 
 def test_multi_frame_edf_gives_one_exposure_per_frame(tmp_path):
@@ -141,7 +135,7 @@ def test_truncated_edf_frames_are_errors_and_the_complete_frames_are_kept(tmp_pa
         assert exposures[2].metadata["source"].endswith("frame 2")
     assert len(cut_single) == 1 and cut_single[0].frame is None
     assert "truncated file" in cut_single[0].error
-    assert (source.frames_read, source.frames_failed) == (0, 1)
+    assert source.statistics.summary() == "1 frame (0 read, 1 failed)"
     read = [*cut_data, *cut_header, *cut_single]
     reliability.record(
         "bad input",
@@ -204,13 +198,13 @@ def test_garbage_unknown_empty_missing_and_truncated_tiff_files_are_errors_and_r
     assert errors[6].startswith("file not found")
     assert all((e.frame is None) == (e.error is not None) for e in exposures)
     assert exposures[6].metadata["source"] == str(tmp_path / "f_07_missing.edf")
-    assert (source.frames_read, source.frames_failed) == (2, 5)
+    assert source.statistics.summary() == "7 frames (2 read, 5 failed)"
     reliability.record(
         "bad input",
         "garbage with an EDF name, unknown format, empty file, truncated TIFF, missing file",
-        tried=source.frames_failed,  # the 5 bad files, as asserted above
-        detail=f"each bad file one failed exposure with its cause, in order; the "
-        f"{source.frames_read} good files among them read",
+        tried=source.statistics.frames_failed,  # the 5 bad files, as asserted above
+        detail="each bad file one failed exposure with its cause, in order; the 2 good files "
+        "among them read",
     )
 
 

@@ -73,7 +73,7 @@ def test_frames_arrive_in_order_as_read_directly_failures_included(tmp_path):
         int(f.sum()) for f in frames
     ]
     assert ahead[3].metadata["source"].endswith("f_2b.edf") and "corrupt" in ahead[3].error
-    assert (source.frames_read, source.frames_failed) == (5, 1)
+    assert source.statistics.summary() == "6 frames (5 read, 1 failed)"
 
 
 def test_a_streaming_consumer_reads_frames_in_place_and_a_hoarding_one_gets_copies(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from fabio.cbfimage import CbfImage
 from fabio.edfimage import EdfImage
 
-from pipeline.sources.eiger import chunk_written
+from pipeline.sources.hdf5 import chunk_written
 from pipeline.sources.watch import DirectoryWatcher
 
 POLL_S = 0.03
@@ -100,7 +100,8 @@ def test_files_written_slowly_and_in_halves_are_taken_once_complete_in_natural_o
     assert [int(e.frame[0, 0]) for e in exposures] == [1, 2, 3, 9, 10]
     assert [e.index for e in exposures] == [0, 1, 2, 3, 4]
     assert len({e.metadata["source"] for e in exposures}) == 5
-    assert (watcher.frames_read, watcher.frames_failed, watcher.stop_reason) == (5, 0, "idle")
+    assert watcher.statistics.summary() == "5 frames (5 read, 0 failed)"
+    assert watcher.stop_reason == "idle" and watcher.ended_cleanly
 
 
 def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path):
@@ -172,13 +173,13 @@ def test_a_file_that_stays_broken_becomes_an_error_and_later_files_still_come(
 
     assert [e.frame is None for e in exposures] == [True, False]
     assert exposures[0].error.startswith("corrupt or truncated EDF file")
-    assert (watcher.frames_read, watcher.frames_failed) == (1, 1)
+    assert watcher.statistics.summary() == "2 frames (1 read, 1 failed)"
     reliability.record(
         "bad input",
         "a watched file of garbage that never becomes a readable EDF",
         tried=1,
         detail=f"after the {watcher.settle_timeout_s:g} s settle timeout a failed exposure "
-        f"('corrupt or truncated EDF file'); the {watcher.frames_read} later file still read",
+        "('corrupt or truncated EDF file'); the 1 later file still read",
     )
 
 
@@ -240,7 +241,7 @@ def test_stop_conditions(tmp_path, kind):
         poll_interval_s=POLL_S,
         idle_timeout_s=3.0,
         max_frames=2 if kind == "max_frames" else None,
-        stop=stop,
+        stop_when=stop,
     )
 
     started = time.monotonic()
@@ -258,9 +259,19 @@ def test_stop_conditions(tmp_path, kind):
     assert watcher.stop_reason == ("max_frames" if kind == "max_frames" else "stop")
 
 
-def test_watching_needs_a_way_to_end(tmp_path):
-    with pytest.raises(ValueError, match="never ends"):
-        DirectoryWatcher(tmp_path, "s", idle_timeout_s=None)
+def test_without_an_idle_timeout_watching_goes_on_until_stopped(tmp_path):
+    (tmp_path / "h_1.edf").write_bytes(edf_bytes(tmp_path, 1))
+    watcher = DirectoryWatcher(tmp_path, "s", "*.edf", poll_interval_s=POLL_S, idle_timeout_s=None)
+    stopper = threading.Timer(0.6, watcher.stop)
+
+    started = time.monotonic()
+    stopper.start()
+    exposures = list(watcher.exposures())
+    elapsed = time.monotonic() - started
+
+    assert [int(e.frame[0, 0]) for e in exposures] == [1]
+    assert 0.6 <= elapsed < 5  # not ended before the stop, nor long after it
+    assert watcher.stop_reason == "stop" and not watcher.ended_cleanly
 
 
 SWMR_WRITER = """

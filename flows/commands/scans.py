@@ -147,25 +147,25 @@ def add_reprocess(commands: Commands) -> None:
 
 def _reprocess(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
-    from flows.scan import archived_frames, reprocess_scan, with_detector_shape
+    from flows.scan import reprocess_scan
     from pipeline.config import scan_id_from
     from pipeline.preflight import check_setup
+    from pipeline.source_specs import ArchivedFiles
+    from pipeline.sources.opening import archived_files
 
     config = scan_config(args, scan_id_from(Path(args.paths[0]).name.split(".")[0]))
-    paths = [str(path) for path in args.paths]
-    source = archived_frames(paths, config.scan_id, args.hdf5_dataset)  # bad patterns stop here
-    # a PONI without a detector: the headers' shape, so that the geometry is checked here too
-    config = with_detector_shape(config, source)
-    resume = args.resume or args.retry_failed
-    check_setup(config, resume, source.manifest(), args.retry_failed)
-    summary = reprocess_scan(
-        config,
-        paths,
-        read_ahead=args.read_ahead,
-        resume=resume,
-        retry_failed=args.retry_failed,
+    files = ArchivedFiles(
+        paths=[str(path) for path in args.paths],
         hdf5_dataset=args.hdf5_dataset,
+        read_ahead=args.read_ahead,
     )
+    config = config.model_copy(update={"source": files})
+    # bad patterns stop here; a PONI without a detector takes the headers' shape, so that the
+    # geometry is checked here too
+    checked = archived_files(config)
+    resume = args.resume or args.retry_failed
+    check_setup(checked.config, resume, checked.manifest, args.retry_failed)
+    summary = reprocess_scan(config, resume=resume, retry_failed=args.retry_failed)
     return _print_summary(summary)
 
 
@@ -271,8 +271,9 @@ def add_online(commands: Commands) -> None:
 
 def _online(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
-    from flows.online import DectrisStreamSource, WatchedFolder, online_reconstruction
+    from flows.online import online_reconstruction
     from pipeline.preflight import check_setup
+    from pipeline.source_specs import DectrisStreamSource, WatchedFolder
 
     if args.stream is not None and args.hdf5_dataset is not None:
         raise ValueError("--hdf5-dataset is for the HDF5 files of --watch, not a --stream")
@@ -291,6 +292,5 @@ def _online(args: argparse.Namespace) -> int:
             stream=args.stream, protocol=args.protocol, idle_timeout_s=args.idle_timeout
         )
     summary = online_reconstruction(config.settings, source, config.scan_id)
-    if summary.stream:
-        print(f"stream:     {summary.stream}")
+    print(f"source:     {summary.source}")
     return _print_summary(summary)

@@ -176,10 +176,18 @@ class BidirectionalINN(CountsSampler):
         self, counts: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
+        shape = (counts.shape[0], n_samples, self.dim_z)
+        z = torch.randn(shape, generator=generator, device=counts.device)
+        return self._draws(counts, z, torch.ones(shape[:-1], device=counts.device))
+
+    def _draws(self, counts: torch.Tensor, z: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """The draws for latent ``z`` (exposures, n_samples, dim_z): the deterministic part of
+        :meth:`sample_tensor`, which :meth:`compile_sampling` compiles. ``side`` is not used:
+        in this model the latent ``z`` decides on which side of ``p/2`` the width falls."""
+        n_samples = z.shape[1]
         y = line_out_features(torch.where(self.observed, counts, 0.0))
         y = y.repeat_interleave(n_samples, dim=0)
-        z = torch.randn(y.shape[0], self.dim_z, generator=generator, device=counts.device)
-        x = self.inverse(y, z)[:, : self.dim_x]
+        x = self.inverse(y, z.reshape(-1, self.dim_z))[:, : self.dim_x]
         return self.transform.from_logits(x).reshape(counts.shape[0], n_samples, -1)
 
     def architecture_dict(self) -> dict:

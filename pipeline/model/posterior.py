@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -291,9 +290,6 @@ class CountsSampler(nn.Module, abc.ABC):
     instrument: Instrument
     #: the parameters, in the order of the draws' last axis
     parameter_names: tuple[str, ...]
-    #: draws (exposures, n_samples, parameters) for counts, noise z and width side, where a
-    #: subclass implements it; :meth:`compile_sampling` replaces it by its compiled form
-    _draws: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
     @property
     def grid(self) -> QGrid:
@@ -316,6 +312,12 @@ class CountsSampler(nn.Module, abc.ABC):
         """Posterior draws (exposures, n_samples, 5) for counts on the model's device."""
 
     @abc.abstractmethod
+    def _draws(self, counts: torch.Tensor, z: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """Draws (exposures, n_samples, parameters) for counts, the noise ``z`` and the width's
+        side (+1 or -1) of each draw: the deterministic part of :meth:`sample_tensor`, which
+        :meth:`compile_sampling` replaces by its compiled form."""
+
+    @abc.abstractmethod
     def training_loss(
         self, theta: torch.Tensor, counts: torch.Tensor, progress: float = 1.0
     ) -> torch.Tensor:
@@ -336,7 +338,7 @@ class CountsSampler(nn.Module, abc.ABC):
         model: 3.9 against 7.2 ms on one thread here, ``benchmarks/sampling.py``). For
         long-running workers, not for one-off calls.
         """
-        self._draws = torch.compile(self._draws)
+        self._draws = torch.compile(self._draws)  # type: ignore[method-assign]
 
     def sample(self, counts: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
         """Posterior draws for a float array of counts (exposures, n_points) of the model's

@@ -15,8 +15,10 @@ slot goes back to the reader once the consumer has dropped every reference to th
 never waits on frames kept for good). Exposures come out in the source's order, each exactly
 once, frames that could not be read included (``error`` set). If the reader fails, the
 consumer gets a :class:`ReaderError` with the reader's traceback after the exposures read
-before the failure; stopping early (closing the iterator) stops the reader. The slot
-files are removed on any exit (at the latest when the consumer's process exits), and those
+before the failure; stopping early (:meth:`ReadAhead.stop`, or closing the iterator) stops the
+reader. :attr:`ReadAhead.ended_cleanly` is the source's own, as the reader found it at the
+end; :attr:`ReadAhead.statistics` counts the exposures delivered. The slot files are removed
+on any exit (at the latest when the consumer's process exits), and those
 left by a kill (SIGKILL) at the next start: their folder names the consumer's PID
 (:mod:`pipeline.scratch`).
 
@@ -32,8 +34,8 @@ Example:
     >>> source = ReadAhead(FileSource([folder / "f_*.edf"], scan_id="scan-1"), depth=2)
     >>> [(e.index, int(e.frame[0, 0])) for e in source.exposures()]
     [(0, 0), (1, 1), (2, 2)]
-    >>> source.frames_read, source.frames_failed
-    (3, 0)
+    >>> source.ended_cleanly, source.statistics.summary()
+    (True, '3 frames (3 read, 0 failed)')
     >>> import shutil; shutil.rmtree(folder)
 """
 
@@ -44,6 +46,7 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import threading
 import traceback
 import weakref
 from collections import deque
@@ -51,12 +54,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
-from typing import Protocol
 
 import numpy as np
 
 from pipeline.exposure import Exposure
 from pipeline.scratch import make_scratch_dir
+from pipeline.sources.base import FrameCounts, Source
 
 #: Seconds between the reader's checks for a stop while it waits for a free slot.
 POLL_S = 0.5
@@ -64,12 +67,6 @@ POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
 #: The slot folders' names: this prefix, the consumer's PID, a random part.
 SLOT_FOLDER_PREFIX = "beamline-inn-frames-"
-
-
-class ExposureSource(Protocol):
-    """Anything with an ``exposures()`` iterator (and picklable, to reach the reader)."""
-
-    def exposures(self) -> Iterator[Exposure]: ...
 
 
 class ReaderError(RuntimeError):
@@ -84,6 +81,13 @@ class _Slot:
     path: str
     shape: tuple[int, ...]
     dtype: str
+
+
+@dataclass(frozen=True)
+class _End:
+    """The reader's last word when its source has given everything: how it ended."""
+
+    ended_cleanly: bool
 
 
 def _shared_memory_folder() -> str | None:
@@ -108,12 +112,12 @@ class _Lease:
 
 
 def _read_into_slots(
-    source: ExposureSource, folder: str, free: Connection, ready: Connection, stop: Event
+    source: Source, folder: str, free: Connection, ready: Connection, stop: Event
 ) -> None:
     """The reader process: every exposure of ``source`` to ``ready``, frames into slots.
 
-    Sends ``None`` at the end, or the traceback text when the source fails; returns quietly
-    when the consumer has gone (``stop`` set, or its end of a pipe closed).
+    Sends an :class:`_End` at the end, or the traceback text when the source fails; returns
+    quietly when the consumer has gone (``stop`` set, or its end of a pipe closed).
     """
     slots: dict[int, tuple[str, np.memmap]] = {}  # slot number -> its file, mapped as bytes
     try:
@@ -135,7 +139,7 @@ def _read_into_slots(
             ready.send((dataclasses.replace(exposure, frame=None), slot))
             if stop.is_set():
                 return
-        ready.send(None)
+        ready.send(_End(source.ended_cleanly))
     except (BrokenPipeError, EOFError):
         return  # the consumer has gone
     except BaseException:  # everything else goes to the consumer, who raises it
@@ -186,19 +190,22 @@ class ReadAhead:
         depth: frames decoded ahead of the consumer (the number of slots in the ring).
 
     Attributes:
-        frames_read: frames delivered so far.
-        frames_failed: exposures delivered so far with an error.
+        statistics: the exposures delivered so far, and how many failed.
+        ended_cleanly: whether the source ended cleanly in the reader (its
+            :attr:`~pipeline.sources.base.Source.ended_cleanly`) and every exposure was
+            delivered, not stopped; ``False`` until then.
     """
 
-    def __init__(self, source: ExposureSource, depth: int = 4) -> None:
+    def __init__(self, source: Source, depth: int = 4) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.source = source
         self.depth = depth
-        self.frames_read = 0
-        self.frames_failed = 0
+        self.statistics = FrameCounts()
+        self.ended_cleanly = False
         self._reader: _Reader | None = None
         self._read = False
+        self._stop_requested = threading.Event()
 
     def start(self) -> None:
         """Start the reader process now (it starts on the first exposure otherwise)."""
@@ -234,6 +241,12 @@ class ReadAhead:
         if self._reader is not None:
             self._reader.close()
 
+    def stop(self) -> None:
+        """Deliver no exposure after the ones already delivered (from any thread or a signal
+        handler): the iteration then ends and stops the reader; frames it read ahead are
+        dropped."""
+        self._stop_requested.set()
+
     def __enter__(self) -> ReadAhead:
         return self
 
@@ -252,12 +265,15 @@ class ReadAhead:
         released: deque[int] = deque()  # slots whose frames the consumer has dropped
         leased = 0  # slots the consumer's frames still look into
         try:
-            while True:
+            while not self._stop_requested.is_set():
                 while released:  # hand back the slots of frames the consumer has dropped
                     leased -= 1
                     self._hand_back(reader.free, released.popleft())
                 item = self._next_item(reader.ready, reader.process)
-                if item is None:
+                if isinstance(item, _End):
+                    self.ended_cleanly = item.ended_cleanly
+                    return
+                if self._stop_requested.is_set():
                     return
                 exposure, slot = item
                 if slot is not None:
@@ -272,10 +288,7 @@ class ReadAhead:
                         self._hand_back(reader.free, slot.number)
                     exposure = dataclasses.replace(exposure, frame=frame)
                     del view, frame
-                if exposure.error is None:
-                    self.frames_read += 1
-                else:
-                    self.frames_failed += 1
+                self.statistics.count(exposure.error)
                 yield exposure
                 del exposure  # the consumer's reference is the one that counts
         finally:
@@ -291,9 +304,9 @@ class ReadAhead:
     @staticmethod
     def _next_item(
         ready: Connection, reader: multiprocessing.process.BaseProcess
-    ) -> tuple[Exposure, _Slot | None] | None:
-        """The reader's next exposure, or ``None`` at the end; raises :class:`ReaderError`
-        with its traceback when it failed, or when it died without a word."""
+    ) -> tuple[Exposure, _Slot | None] | _End:
+        """The reader's next exposure, or its :class:`_End`; raises :class:`ReaderError` with
+        its traceback when it failed, or when it died without a word."""
         try:
             item = ready.recv()
         except EOFError:

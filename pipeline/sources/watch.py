@@ -7,7 +7,7 @@ When a frame counts as complete:
 
 - **Image files** (EDF, CBF, TIFF, ... through fabio): the file's size and modification time
   are the same at two polls in a row (``poll_interval_s`` apart) *and* the whole file reads
-  without error (the checks of :func:`pipeline.sources.files.read_fabio_file`: no short EDF
+  without error (the checks of :func:`pipeline.sources.images.read_fabio_file`: no short EDF
   block, CBF size and checksum). Then its frames are yielded; when the file grows again later
   (frames appended to a multi-frame EDF), its new frames follow the same way.
 - **HDF5 data files** (Eiger ``/entry/data/data``, appended frame by frame): frame *i* is taken
@@ -16,10 +16,11 @@ When a frame counts as complete:
   and SWMR writers write chunks in order) or the file has been unchanged since the previous
   poll. Frames are so taken while the file is still growing. A contiguous (unchunked) dataset
   has no such marks: its frames are taken once the file is unchanged. Files being written by a
-  SWMR writer are opened in SWMR mode. Master files (links to data files) are not read, the
-  data files are (their frames would come twice otherwise); masters are listed in
-  :attr:`DirectoryWatcher.skipped_files`, and their detector description still reaches the
-  frames' metadata through :func:`pipeline.sources.eiger.master_file_for`.
+  SWMR writer are opened in SWMR mode. Master files (links to data files,
+  :func:`pipeline.sources.layout.data_file_links`) are not read, the data files are, as they
+  grow (their frames would come twice otherwise: :mod:`pipeline.sources.layout`); masters are
+  listed in :attr:`DirectoryWatcher.skipped_files`, and their detector description still
+  reaches the frames' metadata through :func:`pipeline.sources.layout.master_file_for`.
 
 A file that stays unreadable while unchanged for ``settle_timeout_s`` becomes an exposure with
 ``error`` set (truncated, corrupt, unknown format, ...) and is not looked at again. Files are
@@ -30,10 +31,11 @@ same number of frames gives nothing new. Files whose frames are all taken are on
 when their size or modification time change, so a poll costs one ``stat`` per such file.
 
 Watching stops after ``idle_timeout_s`` without a new file, a changed file or a new frame;
-when ``max_frames`` exposures have been yielded; or when ``stop`` (a ``threading.Event`` or a
-function returning ``True``, asked before each poll) says so. Except after ``max_frames``, a
-last look then yields what is complete and reports the files that are still incomplete as
-failed exposures, so that nothing seen is lost.
+when ``max_frames`` exposures have been yielded (both end it cleanly:
+:attr:`~DirectoryWatcher.ended_cleanly`); or when :meth:`~DirectoryWatcher.stop` is called or
+``stop_when`` (a ``threading.Event`` or a function returning ``True``, asked before each poll)
+says so. Except after ``max_frames``, a last look then yields what is complete and reports the
+files that are still incomplete as failed exposures, so that nothing seen is lost.
 
 Example:
     >>> import tempfile
@@ -46,6 +48,8 @@ Example:
     ... )
     >>> [(e.index, e.metadata["source"].endswith("frame_1.edf")) for e in watcher.exposures()]
     [(0, True)]
+    >>> watcher.stop_reason, watcher.ended_cleanly, watcher.statistics.summary()
+    ('idle', True, '1 frame (1 read, 0 failed)')
     >>> import shutil; shutil.rmtree(folder)
 """
 
@@ -62,25 +66,19 @@ from pathlib import Path
 import h5py
 
 from pipeline.exposure import Exposure
-from pipeline.sources.eiger import (
-    DATA_DATASET,
+from pipeline.sources.base import DetectorFrame, FrameCounts, failed_frame
+from pipeline.sources.eiger import hdf5_frame
+from pipeline.sources.hdf5 import (
     chunk_written,
     frame_count,
     frame_datasets,
-    hdf5_frame,
-    master_file_for,
     open_hdf5,
     read_detector_metadata,
     with_nexus_detector,
 )
-from pipeline.sources.files import (
-    DetectorFrame,
-    PathLike,
-    failed_frame,
-    is_hdf5_file,
-    natural_sort_key,
-    read_fabio_file,
-)
+from pipeline.sources.images import read_fabio_file
+from pipeline.sources.layout import data_file_links, master_file_for
+from pipeline.sources.paths import PathLike, is_hdf5_file, natural_sort_key
 
 
 @dataclass
@@ -106,9 +104,11 @@ class DirectoryWatcher:
         pattern: glob pattern of the files, relative to ``directory`` (``**`` recurses).
         poll_interval_s: seconds between two looks at the directory.
         idle_timeout_s: stop after this many seconds without a new file, a file change or a
-            new frame; ``None`` waits for ``max_frames`` or ``stop``.
+            new frame; ``None`` watches until ``max_frames``, ``stop_when`` or :meth:`stop`
+            (a live scan's source stopped on SIGTERM).
         max_frames: stop once this many exposures (read or failed) have been yielded.
-        stop: a ``threading.Event`` (set it to stop) or a function returning ``True`` to stop.
+        stop_when: a ``threading.Event`` (set it to stop) or a function returning ``True`` to
+            stop; as :meth:`stop`, but owned by the caller.
         settle_timeout_s: how long a file may stay unchanged yet unreadable before it is
             reported as failed.
         first_index: the index of the first exposure.
@@ -116,11 +116,12 @@ class DirectoryWatcher:
             (Eiger data files) nor the ``data`` of the file's one NeXus NXdetector.
 
     Attributes:
-        frames_read: frames read so far.
-        frames_failed: exposures so far with an error.
+        statistics: the exposures given so far, and how many failed.
+        ended_cleanly: whether watching ended on ``idle_timeout_s`` or ``max_frames`` (not
+            stopped), after the last look; ``False`` until then.
         skipped_files: HDF5 master files seen (their data files are read instead).
-        stop_reason: why watching stopped (``"idle"``, ``"max_frames"``, ``"stop"``), or
-            ``None`` while watching.
+        stop_reason: why watching stopped (``"idle"``, ``"max_frames"``, ``"stop"``: by
+            :meth:`stop` or ``stop_when``), or ``None`` while watching.
     """
 
     def __init__(
@@ -131,39 +132,39 @@ class DirectoryWatcher:
         poll_interval_s: float = 0.5,
         idle_timeout_s: float | None = 60.0,
         max_frames: int | None = None,
-        stop: threading.Event | Callable[[], bool] | None = None,
+        stop_when: threading.Event | Callable[[], bool] | None = None,
         settle_timeout_s: float = 10.0,
         first_index: int = 0,
         hdf5_dataset: str | None = None,
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be positive")
-        if idle_timeout_s is None and max_frames is None and stop is None:
-            raise ValueError("give idle_timeout_s, max_frames or stop, or watching never ends")
         self.directory = Path(directory)
         self.scan_id = scan_id
         self.pattern = pattern
         self.poll_interval_s = poll_interval_s
         self.idle_timeout_s = idle_timeout_s
         self.max_frames = max_frames
-        self.stop = stop
+        self.stop_when = stop_when
         self.settle_timeout_s = settle_timeout_s
         self.first_index = first_index
         self.hdf5_dataset = hdf5_dataset
-        self.frames_read = 0
-        self.frames_failed = 0
+        self.statistics = FrameCounts()
+        self.ended_cleanly = False
         self.skipped_files: list[Path] = []
         self.stop_reason: str | None = None
         self._files: dict[str, _WatchedFile] = {}
+        self._stop_requested = threading.Event()
 
     # -- the loop ---------------------------------------------------------------------------
 
     def exposures(self) -> Iterator[Exposure]:
         """Frames as they become complete, indices counting up from ``first_index``."""
+        self.ended_cleanly = False
         index = self.first_index
         last_activity = time.monotonic()
         while True:
-            if self._stop_requested():
+            if self._stopping():
                 self.stop_reason = "stop"
                 self._look()  # one poll interval after the previous look, as always
                 break
@@ -174,6 +175,7 @@ class DirectoryWatcher:
                 index += 1
                 if self.max_frames is not None and index - self.first_index >= self.max_frames:
                     self.stop_reason = "max_frames"
+                    self.ended_cleanly = True
                     return
             now = time.monotonic()
             if activity:
@@ -187,27 +189,33 @@ class DirectoryWatcher:
             yield self._count(frame).to_exposure(self.scan_id, index)
             index += 1
             if self.max_frames is not None and index - self.first_index >= self.max_frames:
-                return
+                break
+        self.ended_cleanly = self.stop_reason != "stop"
+
+    def stop(self) -> None:
+        """End watching at the next poll (from any thread or a signal handler): the frames
+        complete by then still come, the files still incomplete as failed exposures."""
+        self._stop_requested.set()
 
     def _count(self, frame: DetectorFrame) -> DetectorFrame:
-        if frame.error is None:
-            self.frames_read += 1
-        else:
-            self.frames_failed += 1
+        self.statistics.count(frame.error)
         return frame
 
-    def _stop_requested(self) -> bool:
-        if self.stop is None:
-            return False
-        if isinstance(self.stop, threading.Event):
-            return self.stop.is_set()
-        return bool(self.stop())
+    def _stopping(self) -> bool:
+        """Whether :meth:`stop` was called or ``stop_when`` says so."""
+        if self._stop_requested.is_set():
+            return True
+        if isinstance(self.stop_when, threading.Event):
+            return self.stop_when.is_set()
+        return self.stop_when is not None and bool(self.stop_when())
 
     def _sleep(self) -> None:
-        if isinstance(self.stop, threading.Event):
-            self.stop.wait(self.poll_interval_s)
+        """Wait ``poll_interval_s``; less when ``stop_when`` (an event) or else :meth:`stop`
+        says to stop (with both, :meth:`stop` is seen at the next poll)."""
+        if isinstance(self.stop_when, threading.Event):
+            self.stop_when.wait(self.poll_interval_s)
         else:
-            time.sleep(self.poll_interval_s)
+            self._stop_requested.wait(self.poll_interval_s)
 
     def _look(self) -> bool:
         """Find new files and note which changed; ``True`` when anything is new or changed."""
@@ -311,12 +319,11 @@ class DirectoryWatcher:
                 yield from self._hdf5_problem(watched, final, f"cannot open HDF5 file: {error}")
             )
         with handle:
-            refs = frame_datasets(handle, self.hdf5_dataset)
-            if self.hdf5_dataset is None and refs and refs != [DATA_DATASET]:
+            if self.hdf5_dataset is None and data_file_links(handle):
                 watched.done = True  # a master file: its data files are read instead
                 self.skipped_files.append(path)
                 return True
-            refs, problem = with_nexus_detector(handle, refs)
+            refs, problem = with_nexus_detector(handle, frame_datasets(handle, self.hdf5_dataset))
             frames: list[DetectorFrame] = []
             if problem is not None:
                 problem += "; give --hdf5-dataset for the frames' dataset"

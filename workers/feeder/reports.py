@@ -61,8 +61,8 @@ class ScanSummary:
     #: the source gave all it had and the results file is marked complete (set by the flow
     #: that ran the scan)
     complete: bool = False
-    #: a live stream's statistics in one line (:mod:`flows.online`); empty for other sources
-    stream: str = ""
+    #: what the source gave, in one line (:meth:`~pipeline.sources.base.SourceStatistics.summary`)
+    source: str = ""
 
 
 @dataclass(frozen=True)

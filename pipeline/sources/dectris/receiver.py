@@ -9,7 +9,8 @@ An iteration ends at the series' end message, at a header of a new series (kept 
 iteration), after ``idle_timeout_s`` of silence (or ``start_timeout_s`` before the series
 began), or after :meth:`~DectrisStream.stop`, never by an exception for bad input; then the
 images the series should have had but never came follow as failed exposures
-(``report_missing``).
+(``report_missing``). Only the end message ends it cleanly
+(:attr:`~DectrisStream.ended_cleanly`): the series gave everything it had.
 
 Example (needs a detector or a simulator streaming at the endpoint)::
 
@@ -72,6 +73,9 @@ class DectrisStream:
 
     Attributes:
         connected: whether the connection to the detector is up (as libzmq last reported).
+        ended_cleanly: whether the latest iteration ended on its series' end message (the
+            images that never came are failed exposures then), not on a time-out, a new
+            series' header or :meth:`stop`; ``False`` until it ended.
     """
 
     POLL_INTERVAL_S = 0.1
@@ -114,6 +118,7 @@ class DectrisStream:
         self._backlog: deque[list[zmq.Frame]] = deque()
         self._stop = threading.Event()
         self.connected = False
+        self.ended_cleanly = False
 
     @property
     def statistics(self) -> StreamStatistics:
@@ -203,8 +208,8 @@ class DectrisStream:
         self.connected = False
 
     def stop(self) -> None:
-        """Make the running iteration end (from any thread) once the messages already queued
-        have been handled."""
+        """Make the running iteration, or the next one when none runs, end once the messages
+        already queued have been handled (from any thread or a signal handler)."""
         self._stop.set()
 
     def __enter__(self) -> DectrisStream:
@@ -253,15 +258,28 @@ class DectrisStream:
     def exposures(self) -> Iterator[Exposure]:
         """The exposures of the next series (the same as iterating the stream)."""
         self.connect()
-        self._stop.clear()
+        self.ended_cleanly = False
         self._assembler = assembler = self._new_assembler()
+        try:
+            yield from self._received(assembler)
+        finally:
+            self._stop.clear()  # a stop ends one iteration: the running one, or else the next
+        missing = assembler.finish(now=time.time())
+        log.info("DECTRIS stream %s: %s", self.endpoint, assembler.statistics.summary())
+        if self.report_missing:
+            yield from missing
+        self.ended_cleanly = assembler.statistics.end_received
+
+    def _received(self, assembler: SeriesAssembler) -> Iterator[Exposure]:
+        """The exposures of ``assembler``'s series as its messages come, until the series
+        ends (see the module docstring: end message, time-outs, :meth:`stop`)."""
         began = last_message = time.monotonic()
         while True:
             if self._stop.is_set():
                 parts = self._receive(0.0)
                 if parts is None:
                     assembler.stop()
-                    break
+                    return
             else:
                 parts = self._receive(self.POLL_INTERVAL_S)
             if parts is None:
@@ -272,7 +290,7 @@ class DectrisStream:
                     limit_s, waited_s = self.start_timeout_s, time.monotonic() - began
                 if limit_s is not None and waited_s >= limit_s:
                     assembler.time_out(limit_s)
-                    break
+                    return
                 continue
             last_message = time.monotonic()
             outcome = self._take(parts)
@@ -281,8 +299,4 @@ class DectrisStream:
             elif isinstance(outcome, SeriesEnded):
                 if outcome.next_series_id is not None:
                     self._backlog.appendleft(parts)  # the next series' header
-                break
-        missing = assembler.finish(now=time.time())
-        log.info("DECTRIS stream %s: %s", self.endpoint, assembler.statistics.summary())
-        if self.report_missing:
-            yield from missing
+                return
