@@ -1,11 +1,14 @@
 """The whole pipeline against the integration limit, and its latency at fixed input rates
 (issue: benchmarks), side by side in one run on the same frames and cores.
 
-For each detector (simulated frames of an Eiger 4M at 5 m, sector chi = 0 +- 5 degrees, the
-bundled geometry; and of a Pilatus 1M at 8 m, sector +- 10 degrees):
+For each detector, with the bundled model trained for it (a model takes line-outs of its own
+instrument's geometry only), frames simulated for that instrument: an Eiger 4M at 5 m, sector
+chi = 0 +- 5 degrees, 512 bins (the default model, ``grating-cinn``), and a Pilatus 1M at 5 m,
+sector +- 5 degrees, 384 bins (``pilatus1m-5m-sector``):
 
 1. **integration limit**: a bare pyFAI ``integrate1d`` loop over the frames in one process,
-   with the options the pipeline's integrator passes (CSR, no pixel splitting, 512 bins);
+   with the options the pipeline's integrator passes (CSR, no pixel splitting, the model's
+   bins);
 2. **pipeline**: the same frames through :class:`~workers.feeder.Feeder` (integration in
    the feeder, 2 inference workers drawing 1,000 posterior samples each, the writer's HDF5
    file), fed as fast as they go in batches of 16, from the first frame handed over to the
@@ -30,44 +33,46 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.integration import bare_pyfai_loop
 from benchmarks.report import save
+from flows.scan import simulated_integration
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
+from pipeline.instrument import Instrument
 from pipeline.integration import LineOutIntegrator
-from pipeline.physics import QGrid
+from pipeline.model.checkpoint import card_instrument, read_card
+from pipeline.preflight import settings_for_model
 from pipeline.sources import SimulatedDetector
 from workers.feeder import Feeder, RecentResult
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PLOT = Path(__file__).parent / "results" / "pipeline_latency.png"
 BATCH = 16
-#: A Pilatus 1M (172 um pixels) at 8 m, 8 keV, beam at its centre: q up to 0.4 1/nm fits
-#: along chi = 0, and every q bin has pixels in a +-10 degree sector.
-PILATUS_1M_PONI = """poni_version: 2
-Detector: Pilatus1M
-Detector_config: {}
-Distance: 8.0
-Poni1: 0.0845
-Poni2: 0.0897
-Rot1: 0
-Rot2: 0
-Rot3: 0
-Wavelength: 1.55e-10
-"""
 
 
-def detectors(folder: Path) -> dict[str, IntegrationConfig]:
-    pilatus = folder / "pilatus1m_8m.poni"
-    pilatus.write_text(PILATUS_1M_PONI)
-    return {
-        "eiger4m": IntegrationConfig(),
-        "pilatus1m": IntegrationConfig(poni=pilatus, azimuth_range_deg=(-10.0, 10.0)),
-    }
+@dataclass(frozen=True)
+class Detector:
+    """A detector as benchmarked: its integration settings and the model trained for it."""
+
+    integration: IntegrationConfig
+    #: a bundled model's name (``None``: the default model)
+    model: str | None
+    instrument: Instrument
+
+
+def detectors(folder: Path) -> dict[str, Detector]:
+    """The benchmarked detectors, each with the geometry and sector of its model's instrument
+    (its PONI written to ``folder``)."""
+    found = {}
+    for name, model in (("eiger4m", None), ("pilatus1m", "pilatus1m-5m-sector")):
+        instrument = card_instrument(read_card(model))
+        found[name] = Detector(simulated_integration(instrument, folder), model, instrument)
+    return found
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -78,9 +83,9 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def integration_limit(integration: IntegrationConfig, frames: list[np.ndarray]) -> float:
+def integration_limit(detector: Detector, frames: list[np.ndarray]) -> float:
     """Frames per second of the bare pyFAI loop (its engine built before timing)."""
-    integrator = LineOutIntegrator(integration, QGrid())
+    integrator = LineOutIntegrator(detector.integration, detector.instrument.grid)
     integrator.integrate(frames[0])
     run = bare_pyfai_loop(integrator, frames)
     start = time.perf_counter()
@@ -93,7 +98,7 @@ def _exposure(scan_id: str, index: int, frames: list[np.ndarray]) -> Exposure:
 
 
 def pipeline_rate(
-    integration: IntegrationConfig,
+    detector: Detector,
     frames: list[np.ndarray],
     n: int,
     folder: Path,
@@ -103,9 +108,10 @@ def pipeline_rate(
     config = PipelineConfig(
         scan_id=f"rate-{time.monotonic_ns()}",
         output_dir=folder,
-        integration=integration,
-        inference=InferenceConfig(compile=compiled),
+        integration=detector.integration,
+        inference=InferenceConfig(compile=compiled, model=detector.model),
     )
+    config = settings_for_model(config)  # the model's grid
     with Feeder(config) as feeder:
         start = time.perf_counter()
         for first in range(0, n, BATCH):
@@ -119,7 +125,7 @@ def pipeline_rate(
 
 
 def latency_at(
-    integration: IntegrationConfig,
+    detector: Detector,
     frames: list[np.ndarray],
     rate_hz: float,
     duration_s: float,
@@ -136,9 +142,10 @@ def latency_at(
     config = PipelineConfig(
         scan_id=f"latency-{time.monotonic_ns()}",
         output_dir=folder,
-        integration=integration,
-        inference=InferenceConfig(compile=compiled),
+        integration=detector.integration,
+        inference=InferenceConfig(compile=compiled, model=detector.model),
     )
+    config = settings_for_model(config)  # the model's grid
     n = max(1, round(rate_hz * duration_s))
     with Feeder(config, on_result=on_result) as feeder:
         start = time.perf_counter()
@@ -177,18 +184,16 @@ def main() -> None:
     latencies: dict[str, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        for detector, integration in detectors(folder).items():
-            if detector not in args.detectors:
+        for name, detector in detectors(folder).items():
+            if name not in args.detectors:
                 continue
-            simulator = SimulatedDetector(integration, seed=1)
-            frames = [e.frame for e in simulator.scan(detector, args.distinct).exposures()]
+            simulator = SimulatedDetector(detector.integration, detector.instrument, seed=1)
+            frames = [e.frame for e in simulator.scan(name, args.distinct).exposures()]
             limits, rates = [], []
             for _ in range(args.repeats):  # alternating, so that drifts hit both alike
-                limits.append(integration_limit(integration, frames))
-                rates.append(pipeline_rate(integration, frames, args.frames, folder, args.compile))
-                print(
-                    f"{detector}: limit {limits[-1]:.1f}/s, pipeline {rates[-1]:.1f}/s", flush=True
-                )
+                limits.append(integration_limit(detector, frames))
+                rates.append(pipeline_rate(detector, frames, args.frames, folder, args.compile))
+                print(f"{name}: limit {limits[-1]:.1f}/s, pipeline {rates[-1]:.1f}/s", flush=True)
             ratios = [rate / limit for rate, limit in zip(rates, limits, strict=True)]
             sustained = 0.9 * float(np.median(rates))
             entry = {
@@ -198,13 +203,13 @@ def main() -> None:
                 "pipeline_over_limit": _stats(ratios),
                 "latency_ms": {},
             }
-            latencies[detector] = {}
+            latencies[name] = {}
             for label, rate in (("10_hz", 10.0), ("sustained", sustained)):
                 runs = [
-                    latency_at(integration, frames, rate, args.latency_s, folder, args.compile)
+                    latency_at(detector, frames, rate, args.latency_s, folder, args.compile)
                     for _ in range(args.repeats)
                 ]
-                latencies[detector][label] = np.concatenate(runs)
+                latencies[name][label] = np.concatenate(runs)
                 entry["latency_ms"][label] = {
                     "rate_hz": rate,
                     "p50": _stats([float(np.percentile(r, 50)) for r in runs]),
@@ -212,10 +217,8 @@ def main() -> None:
                     "max": _stats([float(r.max()) for r in runs]),
                     "exposures_per_run": len(runs[0]),
                 }
-                print(
-                    f"{detector} {label} ({rate:.1f} Hz): {entry['latency_ms'][label]}", flush=True
-                )
-            report["detectors"][detector] = entry
+                print(f"{name} {label} ({rate:.1f} Hz): {entry['latency_ms'][label]}", flush=True)
+            report["detectors"][name] = entry
     args.out.parent.mkdir(exist_ok=True)
     save(args.out, report)
     if args.out == RESULTS:

@@ -23,41 +23,46 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
 from pipeline.store.resume import ResumePlan
-from pipeline.transport.messages import ExposureMessage, Failure, LineOutMessage
+from pipeline.transport.messages import Failure, LineOutMessage
 from workers.feeder.metrics import ScanMetrics
 from workers.feeder.reports import ScanError
 
 
-def about(exposure: Exposure) -> ExposureMessage:
-    """What every message about ``exposure`` says of it (its normalization is not known
-    before integration)."""
-    return ExposureMessage(
-        index=exposure.index,
-        scan_id=exposure.scan_id,
-        timestamp=exposure.timestamp,
-        received_time=math.nan if exposure.received_at is None else exposure.received_at,
-        truth=exposure.truth,
-        source=exposure.metadata.get("source", ""),
-        frame_id=exposure.metadata.get("frame_id", ""),
-    )
+def about(exposure: Exposure) -> dict[str, Any]:
+    """What every message about ``exposure`` says of it: the fields of
+    :class:`~pipeline.transport.messages.ExposureMessage` but the normalization, which is
+    not known before integration (a plain dict: this is on every exposure's path)."""
+    return {
+        "index": exposure.index,
+        "scan_id": exposure.scan_id,
+        "timestamp": exposure.timestamp,
+        "received_time": math.nan if exposure.received_at is None else exposure.received_at,
+        "truth": exposure.truth,
+        "source": exposure.metadata.get("source", ""),
+        "frame_id": exposure.metadata.get("frame_id", ""),
+    }
 
 
 def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
     """The message that takes an exposure's line-out to a worker."""
-    fields = about(exposure).exposure_fields()
-    fields["normalization"] = line_out.normalization
-    return LineOutMessage(**fields, counts=line_out.counts, counts_sd=line_out.counts_sd)
+    return LineOutMessage(
+        **about(exposure),
+        normalization=line_out.normalization,
+        counts=line_out.counts,
+        counts_sd=line_out.counts_sd,
+    )
 
 
 def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
     """The failure record of an exposure that never reached a worker."""
-    return Failure(**about(exposure).exposure_fields(), stage=stage, error=error)
+    return Failure(**about(exposure), stage=stage, error=error)
 
 
 @dataclass(frozen=True)
