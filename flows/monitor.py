@@ -18,7 +18,13 @@ for the API, and a scan of any length makes a bounded number of API calls:
   ``beamline-inn.writer.restarted`` (one per restart of the results writer, with its exit
   code and the exposures sent again), on the resource ``beamline-inn.scan.<scan id>`` and
   related to the flow run, for automations to alert on;
+- events ``beamline-inn.scan.started``, and ``beamline-inn.scan.finished`` or
+  ``beamline-inn.scan.failed`` when it ends, with the counts (submitted, written, failed,
+  flagged) in their payload;
 - ``scan-summary``: a markdown artifact when the scan ends (:meth:`ScanMonitor.finish`).
+
+The progress is of the exposures written without failure, so a scan with failed exposures
+never shows 100%.
 
 A Prefect API that cannot be reached does not stop the scan: the failed update is logged,
 the next one is tried at its time, and the log says when the API answers again.
@@ -61,6 +67,9 @@ SLOW_UPDATE_S = 10.0
 EVENT_FLAGGED = "beamline-inn.exposures.flagged"
 EVENT_FAILED = "beamline-inn.exposures.failed"
 EVENT_WRITER_RESTARTED = "beamline-inn.writer.restarted"
+#: A scan's start and end: ``beamline-inn.scan.started``, ``.finished`` (it ran to its end,
+#: whatever its exposures' outcome) or ``.failed`` (it stopped on an error), with the counts.
+EVENT_SCAN = "beamline-inn.scan.{}"
 #: Rows of the recent-exposures table.
 TABLE_ROWS = 20
 #: Exposures listed by name in one event (the count covers them all).
@@ -109,7 +118,8 @@ class ScanMonitor:
         self._new_flagged: list[tuple[int, float]] = []
         self._new_failed: list[tuple[int, str]] = []
         self._writer_restarts: list[WriterRestarted] = []
-        self._done = self._total = 0
+        self._total = 0
+        self._counts = {"written": 0, "failed": 0, "flagged": 0}  # acknowledged so far
         self._changed = {"table": False, "plot": False}
         self._last = {"progress": 0.0, "table": 0.0, "plot": 0.0, "events": 0.0}
         self._api_failures = 0
@@ -135,6 +145,7 @@ class ScanMonitor:
         except Exception as error:  # the API is down: the scan starts all the same
             self._api_failures = 1
             log.warning("Prefect progress artifact not created, the scan goes on: %s", error)
+        self._scan_event("started")
         context = contextvars.copy_context()  # the flow run's, so artifacts attach to it
         self._thread = threading.Thread(
             target=context.run, args=(self._publish_loop,), name="prefect-monitor", daemon=True
@@ -148,8 +159,11 @@ class ScanMonitor:
             self._recent.append(result)
             self._changed["table"] = True
             if result.status != "ok":
+                self._counts["failed"] += 1
                 self._new_failed.append((result.index, result.error))
                 return
+            self._counts["written"] += 1
+            self._counts["flagged"] += result.flagged
             self._index.append(result.index)
             for level in result.quantiles:
                 self._quantiles.extend(level[column] for column in _COLUMNS)
@@ -165,14 +179,18 @@ class ScanMonitor:
         self._last["events"] = 0.0  # published with the next round, not after events_s
 
     def update(self, done: int, total: int) -> None:
-        """The exposures written (ok or failed) and submitted so far."""
-        self._done, self._total = done, total
+        """The exposures acknowledged (written or failed) and submitted so far, as the
+        feeder reports progress (:meth:`~workers.feeder.Feeder.wait`); the progress shown
+        counts those written without failure, from :meth:`record`, over ``total``."""
+        self._total = total
 
-    def finish(self, summary_markdown: str, timeout_s: float = 30.0) -> None:
-        """Publish everything a last time, then the summary (markdown); stop the thread.
-        Call it also when the scan failed, with what is known, or the thread goes on."""
+    def finish(self, summary_markdown: str, failed: bool = False, timeout_s: float = 30.0) -> None:
+        """Publish everything a last time, then the summary (markdown) and the scan's
+        ``finished`` event (``failed``: the ``failed`` event); stop the thread. Call it also
+        when the scan failed, with what is known, or the thread goes on."""
         self._stop.set()
         self._thread.join(timeout_s)
+        self._scan_event("failed" if failed else "finished")
         self._call(
             "summary",
             create_markdown_artifact,
@@ -221,7 +239,7 @@ class ScanMonitor:
             "progress", self.intervals.progress_s, final
         ):
             total = self.expected or self._total
-            percent = 100.0 if final else 100.0 * self._done / max(total, 1)
+            percent = 100.0 * self._counts["written"] / max(total, 1)
             self._call("progress", update_progress_artifact, self._progress_id, percent)
         if self._due("events", self.intervals.events_s, final):
             self._emit_events()
@@ -267,15 +285,33 @@ class ScanMonitor:
             description=f"Scan {self.scan_id}: posterior across the scan, newest posterior",
         )
 
+    @property
+    def _resource(self) -> dict[str, str]:
+        return {
+            "prefect.resource.id": f"beamline-inn.scan.{self.scan_id}",
+            "prefect.resource.name": self.scan_id,
+        }
+
+    def _scan_event(self, what: str) -> None:
+        with self._lock:
+            payload: dict[str, object] = {"submitted": self.expected or self._total}
+            payload |= self._counts
+        payload["results"] = str(self.results_path)
+        self._call(
+            "events",
+            emit_event,
+            event=EVENT_SCAN.format(what),
+            resource=self._resource,
+            related=self._related,
+            payload=payload,
+        )
+
     def _emit_events(self) -> None:
         with self._lock:
             flagged, self._new_flagged = self._new_flagged, []
             failed, self._new_failed = self._new_failed, []
             restarts, self._writer_restarts = self._writer_restarts, []
-        resource = {
-            "prefect.resource.id": f"beamline-inn.scan.{self.scan_id}",
-            "prefect.resource.name": self.scan_id,
-        }
+        resource = self._resource
         if flagged:
             payload = {
                 "count": len(flagged),

@@ -23,27 +23,30 @@ signal reaches only the flow, which stops them in order; should the runner's gra
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from prefect import flow
+from prefect.states import State
 from pydantic import Field
 
-from flows.scan import reconstruct
+from flows.scan import default_scan_id, final_state, reconstruct, run_name
 from pipeline.config import SCAN_ID_PATTERN, ScanSettings
 from pipeline.source_specs import LiveSource
-from workers.feeder import ScanSummary
 
 
-@flow(name="online-reconstruction")
+@flow(
+    name="online-reconstruction",
+    flow_run_name=run_name("online", lambda parameters: parameters.get("scan_id")),
+)
 def online_reconstruction(
     settings: ScanSettings,
     source: LiveSource,
     scan_id: Annotated[str, Field(pattern=SCAN_ID_PATTERN)] | None = None,
-) -> ScanSummary:
+) -> State:
     """Reconstruct one live series into ``settings.output_dir/SCAN_ID.h5`` (default scan id:
-    ``online-YYYYmmdd-HHMMSS``), watched in the UI; ends with the series or on cancellation
-    (see the module docstring). The line-outs are on the grid of the settings' model
-    (:func:`~pipeline.preflight.settings_for_model`)."""
-    scan_id = scan_id or time.strftime("online-%Y%m%d-%H%M%S")
-    return reconstruct(settings.for_scan(scan_id, source=source))
+    ``online-YYYYmmdd-HHMMSS``, the run's start in UTC), watched in the UI; ends with the
+    series or on cancellation (see the module docstring). The line-outs are on the grid of the
+    settings' model (:func:`~pipeline.preflight.settings_for_model`). The run is named by the
+    scan id, and ends as :func:`~flows.scan.final_state` says."""
+    config = settings.for_scan(scan_id or default_scan_id("online"), source=source)
+    return final_state(reconstruct(config), config.max_failed_fraction)

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
@@ -28,6 +27,8 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
 
 from flows.monitor import ScanMonitor
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
@@ -76,13 +77,15 @@ def wait_for_results(feeder: Feeder, monitor: ScanMonitor) -> ScanSummary:
 
 
 def summary_markdown(summary: ScanSummary, note: str = "") -> str:
-    """The scan's summary artifact: counts, rate, latency, stages, failures, output path."""
+    """The scan's summary artifact: counts (quality flags included), rate, latency, stages,
+    failures, output path."""
     lines = [
         f"# Scan `{summary.scan_id}`",
         "",
-        "| exposures | written | failed | wall time | rate | latency p50 / p99 |",
-        "|---|---|---|---|---|---|",
-        f"| {summary.submitted} | {summary.written_ok} | {summary.failed} | {summary.wall_s:.1f} s "
+        "| exposures | written | failed | flagged | wall time | rate | latency p50 / p99 |",
+        "|---|---|---|---|---|---|---|",
+        f"| {summary.submitted} | {summary.written_ok} | {summary.failed} | {summary.flagged} "
+        f"| {summary.wall_s:.1f} s "
         f"| {summary.exposures_per_s:.1f} /s | {summary.latency_p50_ms:.0f} / "
         f"{summary.latency_p99_ms:.0f} ms |",
         "",
@@ -112,6 +115,71 @@ def summary_markdown(summary: ScanSummary, note: str = "") -> str:
         lines += ["", "## Failed exposures", ""]
         lines += [f"- {index}: {error}" for index, error in sorted(summary.failures.items())]
     return "\n".join(lines)
+
+
+class ScanFailed(Exception):
+    """A scan that ran to its end with more failed exposures than its configuration allows
+    (``max_failed_fraction``): its run ends *Failed*, with the counts as the state's message;
+    :attr:`summary` is the whole summary."""
+
+    def __init__(self, summary: ScanSummary, max_failed_fraction: float) -> None:
+        super().__init__(
+            f"{summary.counts()}: more than {max_failed_fraction:.0%} of the exposures failed"
+        )
+        self.summary = summary
+
+
+def final_state(summary: ScanSummary, max_failed_fraction: float) -> State:
+    """The state a scan flow's run ends in: *Completed* with the counts as its message, or
+    *Failed* (its data a :class:`ScanFailed`) when more than ``max_failed_fraction`` of the
+    exposures failed, so that the UI, automations and the command's exit code agree.
+
+    >>> summary = ScanSummary("s", "s.h5", 13, 10, 3, 0, 0, 0, 0, 0, 1.0, 13.0, 40.0, 90.0)
+    >>> final_state(summary, 0.0).message
+    '13 exposures: 10 written, 3 failed, 0 flagged: more than 0% of the exposures failed'
+    >>> state = final_state(summary, 0.5)
+    >>> state.type.value, state.message
+    ('COMPLETED', '13 exposures: 10 written, 3 failed, 0 flagged')
+    """
+    if summary.failed_fraction > max_failed_fraction:
+        failed = ScanFailed(summary, max_failed_fraction)
+        return Failed(message=str(failed), data=failed)
+    return Completed(message=summary.counts(), data=summary)
+
+
+def summary_of(state: State) -> ScanSummary:
+    """The summary of a scan flow's final state (``return_state=True``), a failed scan's
+    too (:class:`ScanFailed`); the error of a run that failed before it had one is raised."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, ScanFailed):
+        return result.summary
+    if isinstance(result, BaseException):
+        raise result
+    if not isinstance(result, ScanSummary):
+        raise TypeError(f"a scan flow's state holds {type(result).__name__}, not a ScanSummary")
+    return result
+
+
+def default_scan_id(prefix: str) -> str:
+    """``PREFIX-YYYYmmdd-HHMMSS`` of the flow run's scheduled start (UTC): the scan id of a
+    run started without one, and its run name, the same in both."""
+    started = flow_run.scheduled_start_time
+    return f"{prefix}-{started.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_name(prefix: str, scan_id: Callable[[dict], str | None]) -> Callable[[], str]:
+    """A ``flow_run_name`` for a scan flow: the scan id that ``scan_id`` finds in the run's
+    parameters, else :func:`default_scan_id`, so that runs can be searched by scan id."""
+
+    def name() -> str:
+        return scan_id(flow_run.parameters) or default_scan_id(prefix)
+
+    return name
+
+
+def _scan_id_of(config: PipelineConfig | dict) -> str:
+    """The scan id of a run's ``config`` parameter (a dict when started through the API)."""
+    return config["scan_id"] if isinstance(config, dict) else config.scan_id
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -202,7 +270,8 @@ def _feed(
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
-            f"Exposures written before: see `{config.output_path}`."
+            f"Exposures written before: see `{config.output_path}`.",
+            failed=True,
         )
         raise
     except BaseException as error:  # Ctrl-C, SIGTERM: the feeder has stopped its processes
@@ -295,7 +364,10 @@ def simulated_integration(instrument: Instrument, folder: Path) -> IntegrationCo
     return IntegrationConfig(poni=poni, azimuth_range_deg=instrument.azimuth_range_deg)
 
 
-@flow(name="reconstruct-scan")
+@flow(
+    name="reconstruct-scan",
+    flow_run_name=run_name("sim", lambda parameters: parameters.get("scan_id")),
+)
 def reconstruct_simulated_scan(
     n_frames: int = 64,
     n_workers: int = 2,
@@ -306,13 +378,14 @@ def reconstruct_simulated_scan(
     batch_size: int = 16,
     model: Path | None = None,
     instrument: Path | None = None,
-) -> ScanSummary:
+) -> State:
     """Simulate ``n_frames`` exposures and reconstruct them into ``OUTPUT_DIR/SCAN_ID.h5``
     with ``model`` (a file or a bundled model's name; the default model when ``None``), on its
     instrument's q grid. The frames are simulated for the model's instrument, or the
     instrument file ``instrument``, which must be the model's (:func:`simulated_instrument`):
-    with its geometry and sector (:func:`simulated_integration`) and its prior."""
-    scan_id = scan_id or time.strftime("sim-%Y%m%d-%H%M%S")
+    with its geometry and sector (:func:`simulated_integration`) and its prior. The run is
+    named by the scan id, and ends as :func:`final_state` says."""
+    scan_id = scan_id or default_scan_id("sim")
     model, simulated = simulated_instrument(model, instrument)
     config = PipelineConfig(
         scan_id=scan_id,
@@ -322,16 +395,19 @@ def reconstruct_simulated_scan(
         inference=InferenceConfig(n_samples=n_samples, model=model),
         source=SimulatedFrames(n_frames=n_frames, seed=seed, instrument=instrument),
     )
-    return reconstruct(config, batch_size)
+    return final_state(reconstruct(config, batch_size), config.max_failed_fraction)
 
 
-@flow(name="reprocess-scan")
+@flow(
+    name="reprocess-scan",
+    flow_run_name=run_name("reprocess", lambda parameters: _scan_id_of(parameters["config"])),
+)
 def reprocess_scan(
     config: PipelineConfig,
     batch_size: int = 16,
     resume: bool = False,
     retry_failed: bool = False,
-) -> ScanSummary:
+) -> State:
     """Reconstruct archived frames (``config.source``: files, lists and globs of EDF, CBF,
     TIFF, Eiger HDF5) into ``config.output_path`` (``beamline-inn reprocess``); unreadable
     frames are recorded as failed exposures. With ``resume``, an existing results file of the
@@ -342,9 +418,11 @@ def reprocess_scan(
     A reader process decodes up to ``read_ahead`` frames (of the source's settings) ahead of
     integration (0: frames are read in this process), so that decoding and integrating
     overlap; pyFAI's engine then leaves it a core (``openmp_threads``: one fewer than the
-    cores, unless configured). See :func:`reconstruct`.
+    cores, unless configured). See :func:`reconstruct`; the run is named by the scan id, and
+    ends as :func:`final_state` says.
     """
-    return reconstruct(config, batch_size, resume, retry_failed)
+    summary = reconstruct(config, batch_size, resume, retry_failed)
+    return final_state(summary, config.max_failed_fraction)
 
 
 def posterior_vs_truth(path: Path, n_rows: int = 5) -> str:
@@ -394,14 +472,16 @@ def run_demo(
     A model trained for another instrument than the file ``instrument`` stops it before the
     flow starts (:func:`simulated_instrument`)."""
     model, simulated = simulated_instrument(model, instrument)
-    summary = reconstruct_simulated_scan(
+    state = reconstruct_simulated_scan(
         n_frames=n_frames,
         n_workers=n_workers,
         output_dir=output_dir,
         seed=seed,
         model=model,
         instrument=instrument,
+        return_state=True,
     )
+    summary = summary_of(state)
     print()
     print(f"results:    {summary.output_path}")
     if simulated != default_instrument():

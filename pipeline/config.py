@@ -198,6 +198,9 @@ class ScanSettings(_Strict):
     inference: InferenceConfig = InferenceConfig()
     transport: TransportConfig = TransportConfig()
     store: StoreConfig = StoreConfig()
+    #: the scan's run ends Failed when more than this fraction of its exposures failed (0:
+    #: any failed exposure; 1: never for failed exposures, a state message gives the counts)
+    max_failed_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _some_worker(self) -> ScanSettings:

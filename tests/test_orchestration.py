@@ -32,6 +32,7 @@ from flows.deployments import load_deployments
 from flows.monitor import (
     EVENT_FAILED,
     EVENT_FLAGGED,
+    EVENT_SCAN,
     EVENT_WRITER_RESTARTED,
     MonitorIntervals,
     ScanMonitor,
@@ -118,7 +119,8 @@ def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harne
     assert 1 <= published["table"] <= 6 and 1 <= published["plot"] <= 6, published
     artifacts = _artifacts(run_id)
     assert {"scan-progress", "recent-exposures", "scan-plots", "scan-summary"} <= set(artifacts)
-    assert artifacts["scan-progress"][-1].data == 100.0
+    # the progress is of exposures written without failure: never 100% with failed ones
+    assert artifacts["scan-progress"][-1].data == 90.0
     table = artifacts["recent-exposures"][-1].data
     rows = __import__("json").loads(table) if isinstance(table, str) else table
     assert rows[0]["exposure"] == 39 and rows[0]["status"] == "failed"
@@ -139,6 +141,14 @@ def test_monitor_publishes_rate_limited_artifacts_and_alert_events(prefect_harne
     (restarted,) = restarts
     assert restarted.payload["exit_code"] == -9 and restarted.payload["resent"] == 12
     assert "started again on the file (1 of at most 3)" in restarted.payload["message"]
+    # the scan's start and end, with the counts, for automations
+    while time.monotonic() < deadline and not _events(EVENT_SCAN.format("finished"), "mon"):
+        time.sleep(0.5)
+    (started,) = _events(EVENT_SCAN.format("started"), "mon")
+    (finished,) = _events(EVENT_SCAN.format("finished"), "mon")
+    assert started.payload["submitted"] == 40 and started.payload["written"] == 0
+    counts = {key: finished.payload[key] for key in ("submitted", "written", "failed", "flagged")}
+    assert counts == {"submitted": 40, "written": 36, "failed": 4, "flagged": 2}
 
 
 def test_monitor_goes_on_when_the_prefect_api_fails(
@@ -197,6 +207,14 @@ def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
     )
     summary = state.result()
     assert summary.written_ok == 40 and summary.complete
+    # the run is named by its scan id and ends with the counts as its message; the quality
+    # flags counted are the file's
+    flagged = int(open_results(Path(summary.output_path)).flagged.sum())
+    assert summary.flagged == flagged
+    assert state.message == f"40 exposures: 40 written, 0 failed, {flagged} flagged"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.name == summary.scan_id and summary.scan_id.startswith("sim-")
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
@@ -207,6 +225,40 @@ def test_demo_creates_no_task_run_per_exposure(prefect_harness, tmp_path):
     artifacts = _artifacts(run_id)
     assert {"scan-progress", "recent-exposures", "scan-plots", "scan-summary"} <= set(artifacts)
     assert read_completion(Path(summary.output_path)).n_exposures == 40
+
+
+def test_a_scan_with_failed_exposures_ends_failed_or_completed_with_its_counts(
+    prefect_harness, tmp_path
+):
+    """The run's state says how the data went: by default any failed exposure fails the run
+    (as the command's exit code does), with the counts as the state's message; with
+    ``max_failed_fraction`` above the scan's, it is Completed with the same message."""
+    from flows.scan import ScanFailed, reprocess_scan, summary_of
+    from pipeline.source_specs import ArchivedFiles
+
+    detector = SimulatedDetector(IntegrationConfig(), seed=6)
+    _write_scan(tmp_path / "scan", [e.frame for e in detector.scan("x", 3).exposures()])
+    (tmp_path / "scan" / "f_3.cbf").write_bytes(b"not a detector frame")
+    settings = ScanSettings(
+        output_dir=tmp_path / "out",
+        n_workers=1,
+        integration=IntegrationConfig(poni=DEFAULT_PONI),
+        inference=InferenceConfig(n_samples=100),
+    )
+    files = ArchivedFiles(paths=[str(tmp_path / "scan")])
+    strict = settings.for_scan("strict", source=files)
+    state = reprocess_scan(strict, return_state=True)
+    message = "4 exposures: 3 written, 1 failed, 0 flagged"
+    assert state.is_failed() and state.message.startswith(message)
+    assert summary_of(state).failed == 1
+    with pytest.raises(ScanFailed, match=message):
+        reprocess_scan(settings.for_scan("strict-again", source=files))
+    lenient = strict.model_copy(update={"scan_id": "lenient", "max_failed_fraction": 0.5})
+    state = reprocess_scan(lenient, return_state=True)
+    assert state.is_completed() and state.message == message
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.name == "lenient"
 
 
 def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
@@ -503,6 +555,9 @@ def test_prefect_ui_shows_a_demo_run_with_its_artifacts(prefect_server, tmp_path
     runs = _api(f"{api}/flow_runs/filter", {"flow_runs": {"name": {"like_": ""}}})
     (run,) = [r for r in runs if str(tmp_path) in str(r["parameters"].get("output_dir", ""))]
     assert run["state_type"] == "COMPLETED"
+    # searchable by its scan id (the results file's name), its counts in the state's message
+    assert run["name"].startswith("sim-") and (tmp_path / f"{run['name']}.h5").exists()
+    assert run["state"]["message"].startswith("64 exposures: 64 written, 0 failed")
     shots = (
         Path(os.environ["BEAMLINE_INN_SCREENSHOT"])
         if "BEAMLINE_INN_SCREENSHOT" in os.environ

@@ -147,7 +147,7 @@ def add_reprocess(commands: Commands) -> None:
 
 def _reprocess(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
-    from flows.scan import reprocess_scan
+    from flows.scan import reprocess_scan, summary_of
     from pipeline.config import scan_id_from
     from pipeline.preflight import check_setup
     from pipeline.source_specs import ArchivedFiles
@@ -165,8 +165,8 @@ def _reprocess(args: argparse.Namespace) -> int:
     checked = archived_files(config)
     resume = args.resume or args.retry_failed
     check_setup(checked.config, resume, checked.manifest, args.retry_failed)
-    summary = reprocess_scan(config, resume=resume, retry_failed=args.retry_failed)
-    return _print_summary(summary)
+    state = reprocess_scan(config, resume=resume, retry_failed=args.retry_failed, return_state=True)
+    return _print_summary(summary_of(state))
 
 
 def add_reprocess_scans(commands: Commands) -> None:
@@ -272,6 +272,7 @@ def add_online(commands: Commands) -> None:
 def _online(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
     from flows.online import online_reconstruction
+    from flows.scan import summary_of
     from pipeline.preflight import check_setup
     from pipeline.source_specs import DectrisStreamSource, WatchedFolder
 
@@ -291,6 +292,7 @@ def _online(args: argparse.Namespace) -> int:
         source = DectrisStreamSource(
             stream=args.stream, protocol=args.protocol, idle_timeout_s=args.idle_timeout
         )
-    summary = online_reconstruction(config.settings, source, config.scan_id)
+    state = online_reconstruction(config.settings, source, config.scan_id, return_state=True)
+    summary = summary_of(state)
     print(f"source:     {summary.source}")
     return _print_summary(summary)

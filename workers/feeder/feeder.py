@@ -134,6 +134,8 @@ class Feeder:
         self.context: zmq.Context | None = None
         self._sockets: FeederSockets | None = None
         self.recent: deque[RecentResult] = deque(maxlen=RECENT_RESULTS)
+        #: exposures written with a quality flag
+        self.flagged = 0
         self._started = time.perf_counter()
         self._cpu_started = _process_cpu_s()
 
@@ -402,6 +404,7 @@ class Feeder:
                 self.on_result(result)
             if result.status == "ok":
                 self.metrics.record("written", result.latency_s)
+                self.flagged += result.flagged
             else:
                 self.metrics.record("failed")
         return len(results)
@@ -510,6 +513,7 @@ class Feeder:
             feeder_cpu_s=_process_cpu_s() - self._cpu_started,
             redone=self.plan.n_changed if self.plan is not None else 0,
             removed=len(self.plan.removed) if self.plan is not None else 0,
+            flagged=self.flagged,
         )
 
     @property

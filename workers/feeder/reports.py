@@ -63,6 +63,28 @@ class ScanSummary:
     complete: bool = False
     #: what the source gave, in one line (:meth:`~pipeline.sources.base.SourceStatistics.summary`)
     source: str = ""
+    #: exposures written with a quality flag (posterior-predictive check failed)
+    flagged: int = 0
+
+    @property
+    def failed_fraction(self) -> float:
+        """Failed exposures over those submitted (0 when none was)."""
+        return self.failed / self.submitted if self.submitted else 0.0
+
+    def counts(self) -> str:
+        """The scan's exposures in one line, for a state message or a log.
+
+        >>> ScanSummary("s", "s.h5", 13, 10, 3, 0, 0, 0, 0, 0, 1.0, 13.0, 40.0, 90.0,
+        ...             flagged=2).counts()
+        '13 exposures: 10 written, 3 failed, 2 flagged'
+        """
+        line = (
+            f"{self.submitted} exposures: {self.written_ok} written, {self.failed} failed, "
+            f"{self.flagged} flagged"
+        )
+        if self.skipped:
+            line += f" ({self.skipped} already in the file)"
+        return line
 
 
 @dataclass(frozen=True)
