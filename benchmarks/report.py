@@ -232,6 +232,12 @@ def render() -> str:
             f"{orchestration['prefect_overhead_ms_per_exposure']:+.1f} ms "
             f"({100 * orchestration['prefect_overhead_fraction']:+.1f}%) | — | — |"
         )
+        if "live_page_watched_overhead_fraction" in orchestration:
+            watched = orchestration["live_page_watched_overhead_fraction"]
+            lines.append(
+                "| the live scan page looked at every second, against the same flow unwatched "
+                f"| {100 * watched:+.1f}% | — | — |"
+            )
     lines += _peer_table(peers) + _scaling_tables(scaling)
     if (RESULTS / "pipeline_latency.png").is_file():
         lines += ["", "![Latency distributions](../benchmarks/results/pipeline_latency.png)"]

@@ -15,6 +15,11 @@ task per scan, through prefect-dask's ``DaskTaskRunner`` in a subflow
 A scan whose files changed within ``settle_s`` is still being written (copied, or the
 detector is still on it): its task fails with :class:`ScanNotSettled` and is retried later,
 twice at most. Other errors are not retried: they would fail the same way.
+
+The run form (the nightly deployment's *Custom run*) starts with what an operator chooses
+(:mod:`flows.operator`): the scans, the PONI file, the mask, the model, the output folder
+and whether to retry failed rows; then ``expert``, the settings of everything else, which
+those fields override, and the cluster and timing options.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from prefect.states import State
 from prefect.tasks import Task
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.operator import operator_settings
 from flows.scan import reconstruct
 from pipeline.config import ScanSettings, scan_id_from
 from pipeline.preflight import settings_for_model
@@ -58,13 +64,14 @@ RETRY_DELAY_S = 60
 class DaskCluster(BaseModel):
     """Where the scans run: an existing Dask scheduler, or a cluster started for the run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # the docstrings under the fields are their descriptions in the UI's run form
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    #: an existing scheduler, e.g. ``tcp://10.0.0.7:8786``; ``None``: a local cluster
     address: str | None = None
-    #: local cluster: worker processes, each reprocessing one scan at a time (each scan also
-    #: starts its own inference workers and writer)
+    """An existing Dask scheduler, e.g. tcp://10.0.0.7:8786. Empty: a local cluster."""
     n_workers: int = Field(1, ge=1)
+    """A local cluster's worker processes, each reprocessing one scan at a time (each scan
+    also starts its own inference workers and writer)."""
 
 
 class ScanNotSettled(RuntimeError):
@@ -234,27 +241,52 @@ def plan(
 
 @flow(name="reprocess-scans")
 def reprocess_scans(
+    *,
     scans: list[str],
-    settings: ScanSettings,
+    poni: Path | None = None,
+    mask: Path | None = None,
+    model: str | None = None,
+    output_dir: Path | None = None,
+    retry_failed: bool = False,
+    expert: ScanSettings | None = None,
     cluster: DaskCluster = DaskCluster(),
     settle_s: Annotated[float, Field(ge=0)] = 60.0,
     read_ahead: Annotated[int, Field(ge=0)] = 0,
     batch_size: Annotated[int, Field(ge=1)] = 16,
-    retry_failed: bool = False,
 ) -> dict[str, ScanSummary | str]:
-    """Reconstruct the archived scans named by ``scans`` (folders, Eiger master files,
-    glob patterns) into ``settings.output_dir``, one file per scan, skipping the complete
-    ones; fails, after all scans are done, when one of them failed. ``retry_failed``:
-    process the frames of failed rows again.
+    """Reconstruct archived scans into OUTPUT_DIR, one results file per scan named by the
+    scan's folder, skipping the complete ones and resuming the others; fails, after all
+    scans are done, when one of them failed.
 
-    ``read_ahead``: frames decoded ahead by a reader process per scan (0: read in the task);
-    on a remote cluster its workers must allow child processes (``distributed.worker.daemon:
-    false``). The line-outs are on the grid of the settings' model
-    (:func:`~pipeline.preflight.settings_for_model`)."""
+    Args:
+        scans: The scans: folders of frames, Eiger master files, or patterns of them, e.g.
+            /data/archive/2026-12-05/*.
+        poni: The detector's geometry: a PONI file, as pyFAI-calib2 writes it. Empty: the
+            expert settings' (by default the bundled Eiger 4M at 5 m, 8 keV).
+        mask: A mask image (EDF, TIFF or .npy; non-zero pixels are masked). Empty: the expert
+            settings' (by default none).
+        model: A model file, or the name of a bundled model (default, pilatus1m-5m-sector).
+            Empty: the expert settings' (by default the default model).
+        output_dir: The folder of the results files. Empty: the expert settings' (by default
+            beamline-inn-results).
+        retry_failed: Process the frames of failed rows again, in complete scans too.
+        expert: Everything else, for experts: integration, inference, transport, storage. A
+            field filled above wins over the same field here. Empty: the defaults.
+        cluster: Where the scans run: a local Dask cluster, or an existing scheduler.
+        settle_s: Leave a scan alone whose files changed in the last this many seconds (it
+            may still be being written): it is tried again later, twice at most.
+        read_ahead: Frames decoded ahead by a reader process per scan (0: read in the task).
+            The workers of an existing cluster must then allow child processes (Dask's
+            distributed.worker.daemon: false).
+        batch_size: Exposures per Prefect task of a scan (each task feeds them through the
+            pipeline).
+    """
     import dask.config
     from prefect_dask import DaskTaskRunner
 
-    settings = settings_for_model(settings)
+    settings = settings_for_model(
+        operator_settings(expert, poni=poni, mask=mask, model=model, output_dir=output_dir)
+    )
     found = name_scans(find_scans(scans), settings)
     to_run, skipped = plan(found, settings, retry_failed)
     outcome: dict[str, ScanSummary | str] = dict(skipped)

@@ -20,32 +20,45 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 
-from flows.monitor import ScanMonitor
+from flows.monitor import ScanMonitor, scan_key
 from pipeline.config import InferenceConfig, IntegrationConfig, PipelineConfig
 from pipeline.exposure import Exposure
 from pipeline.instrument import Instrument, default_instrument, load_instrument
 from pipeline.integration import DEFAULT_PONI
+from pipeline.live import LiveFigure, LivePage, LivePageSettings, LiveScanView, ScanCounts
 from pipeline.model.checkpoint import card_instrument, model_for_instrument, read_card
 from pipeline.physics import GRATING_PARAMETERS
 from pipeline.preflight import settings_for_model
 from pipeline.source_specs import SimulatedFrames
+from pipeline.sources.base import Source
+from pipeline.sources.handoff import Handoff
 from pipeline.sources.opening import OpenedSource, opened
 from pipeline.store import open_results
 from pipeline.store.results import written_indices
-from workers.feeder import Feeder, ScanSummary
+from workers.feeder import Feeder, ScanError, ScanSummary
 from workers.feeder.metrics import stage_table
 
 log = logging.getLogger(__name__)
+
+#: A live scan waiting for its next frame hears from the source at least this often
+#: (seconds): the watchers are told the counts, the feeder looks after its workers.
+IDLE_WAIT_S = 0.5
+#: While exposures wait for their acknowledgement, the feeder waits this long for one
+#: before it looks again for a new frame (milliseconds).
+ACK_WAIT_MS = 20
 
 
 @task(name="integrate-and-send", cache_policy=NO_CACHE)
@@ -61,19 +74,33 @@ def submit_batch(feeder: Feeder, exposures: Iterator[Exposure]) -> int:
 
 
 @task(name="receive-integrate-send", cache_policy=NO_CACHE)
-def submit_stream(feeder: Feeder, exposures: Iterator[Exposure], monitor: ScanMonitor) -> int:
-    """Integrate and send each frame of a live stream as it arrives (one task per series)."""
-    for exposure in exposures:
-        feeder.submit(exposure)
-        feeder.collect()
-        monitor.update(feeder.n_done, feeder.n_submitted)
+def submit_stream(feeder: Feeder, source: Source, watchers: ScanWatchers) -> int:
+    """Integrate and send each frame of a live stream as it arrives (one task per series).
+
+    The source is read by a thread of its own (:class:`~pipeline.sources.handoff.Handoff`):
+    while it waits for the next frame, the writer's acknowledgements are taken as they come,
+    so that the newest exposure shows at once (and its latency ends when it was written, not
+    when the next frame came), and the watchers hear of the scan at least every
+    :data:`IDLE_WAIT_S` seconds (a silent feed shows)."""
+    with Handoff(source) as frames:
+        while not frames.ended:
+            unacknowledged = feeder.n_done < feeder.n_submitted
+            exposure = frames.next(timeout_s=0 if unacknowledged else IDLE_WAIT_S)
+            if exposure is not None:
+                watchers.view.offer(exposure)
+                feeder.submit(exposure)
+                del exposure  # a frame read ahead goes back to its buffer
+                feeder.collect()
+            else:
+                feeder.collect(ACK_WAIT_MS if unacknowledged else 0)
+            watchers.progress(feeder.n_done, feeder.n_submitted)
     return feeder.n_submitted
 
 
 @task(name="wait-for-results", cache_policy=NO_CACHE)
-def wait_for_results(feeder: Feeder, monitor: ScanMonitor) -> ScanSummary:
+def wait_for_results(feeder: Feeder, watchers: ScanWatchers) -> ScanSummary:
     """Wait until the writer has acknowledged every exposure."""
-    return feeder.wait(on_progress=monitor.update)
+    return feeder.wait(on_progress=watchers.progress)
 
 
 def summary_markdown(summary: ScanSummary, note: str = "") -> str:
@@ -129,10 +156,24 @@ class ScanFailed(Exception):
         self.summary = summary
 
 
+class ScanCancelled(ScanError):
+    """A scan that SIGTERM stopped (Prefect cancelling its run, ``systemctl stop``; see
+    :func:`stop_on_sigterm`) once every frame it had taken was written: its run ends
+    *Cancelled*, with the counts as the state's message. It is raised where the run's result
+    is taken (calling the flow, :func:`summary_of`), so that a command says the scan stopped
+    and exits non-zero; :attr:`summary` is the whole summary."""
+
+    def __init__(self, summary: ScanSummary) -> None:
+        super().__init__(f"{summary.counts()}: cancelled, every frame taken was written")
+        self.summary = summary
+
+
 def final_state(summary: ScanSummary, max_failed_fraction: float) -> State:
-    """The state a scan flow's run ends in: *Completed* with the counts as its message, or
+    """The state a scan flow's run ends in: *Completed* with the counts as its message,
     *Failed* (its data a :class:`ScanFailed`) when more than ``max_failed_fraction`` of the
-    exposures failed, so that the UI, automations and the command's exit code agree.
+    exposures failed, or *Cancelled* (its data a :class:`ScanCancelled`) when SIGTERM stopped
+    the scan, whatever failed (Prefect accepts no other end for a run being cancelled), so
+    that the UI, automations and the command's exit code agree.
 
     >>> summary = ScanSummary("s", "s.h5", 13, 10, 3, 0, 0, 0, 0, 0, 1.0, 13.0, 40.0, 90.0)
     >>> final_state(summary, 0.0).message
@@ -140,7 +181,13 @@ def final_state(summary: ScanSummary, max_failed_fraction: float) -> State:
     >>> state = final_state(summary, 0.5)
     >>> state.type.value, state.message
     ('COMPLETED', '13 exposures: 10 written, 3 failed, 0 flagged')
+    >>> state = final_state(dataclasses.replace(summary, cancelled=True), 0.0)
+    >>> state.type.value, state.message
+    ('CANCELLED', '13 exposures: 10 written, 3 failed, 0 flagged: cancelled, every frame taken was written')
     """
+    if summary.cancelled:
+        cancelled = ScanCancelled(summary)
+        return Cancelled(message=str(cancelled), data=cancelled)
     if summary.failed_fraction > max_failed_fraction:
         failed = ScanFailed(summary, max_failed_fraction)
         return Failed(message=str(failed), data=failed)
@@ -149,7 +196,8 @@ def final_state(summary: ScanSummary, max_failed_fraction: float) -> State:
 
 def summary_of(state: State) -> ScanSummary:
     """The summary of a scan flow's final state (``return_state=True``), a failed scan's
-    too (:class:`ScanFailed`); the error of a run that failed before it had one is raised."""
+    too (:class:`ScanFailed`); a cancelled scan's :class:`ScanCancelled` (with its summary)
+    is raised, and so is the error of a run that failed before it had a summary."""
     result = state.result(raise_on_failure=False)
     if isinstance(result, ScanFailed):
         return result.summary
@@ -213,8 +261,9 @@ def reconstruct(
     connected before the processes start, archived files' detector shape and manifest, a
     reader process), and a geometry that does not match the model stops the scan before any
     process starts (:class:`~workers.feeder.Feeder`). Frames that exist already go through
-    the feeder in tasks of ``batch_size``; a live source's whole series in one task, and
-    SIGTERM (Prefect cancelling the run) stops the source: every frame taken is written.
+    the feeder in tasks of ``batch_size``; a live source's whole series in one task. SIGTERM
+    (Prefect cancelling the run, ``systemctl stop``) stops the source: every frame taken is
+    written, and the summary says the scan was cancelled (:func:`stop_on_sigterm`).
 
     ``resume`` continues an existing results file, by frame identity (an archived scan's
     files are compared with it; ``retry_failed``: failed rows are processed again; see
@@ -222,15 +271,56 @@ def reconstruct(
     run cancelled halfway), the file is marked complete with its number of exposures (by the
     writer as it closes it: :meth:`pipeline.store.ResultsWriter.close`), so that
     reprocessing skips it. Ctrl-C (``KeyboardInterrupt``) comes out as
-    :class:`ScanInterrupted` once the feeder has stopped its processes; on it, or SIGTERM
-    outside a live source, the monitor stops without a summary.
+    :class:`ScanInterrupted` once the feeder has stopped its processes; on it the monitor
+    stops without a summary.
     """
     config = settings_for_model(config)
-    with opened(config) as scan:
-        if config.source is not None and config.source.live:
-            with stop_on_sigterm(scan.source.stop) as cancelled:
-                return _feed(scan, None, resume, retry_failed, cancelled)
-        return _feed(scan, batch_size, resume, retry_failed, threading.Event())
+    live = config.source is not None and config.source.live
+    with opened(config) as scan, stop_on_sigterm(scan.source.stop) as cancelled:
+        return _feed(scan, None if live else batch_size, resume, retry_failed, cancelled)
+
+
+@dataclass(frozen=True)
+class ScanWatchers:
+    """Who watches a scan: the Prefect monitor, told the progress (as the feeder reports
+    it, and at least every :data:`IDLE_WAIT_S` seconds of a live scan; never per exposure),
+    and the live page's view, offered the frames for its thumbnail."""
+
+    monitor: ScanMonitor
+    view: LiveScanView
+
+    def progress(self, done: int, submitted: int) -> None:
+        """``done`` of ``submitted`` exposures acknowledged (the feeder's ``on_progress``)."""
+        self.monitor.update(done, submitted)
+
+
+def scan_counts(feeder: Feeder) -> ScanCounts:
+    """The feeder's counts as the live page shows them (only reads: safe from its thread)."""
+    failed = len(feeder.failures)
+    return ScanCounts(feeder.n_submitted, feeder.n_done - failed, failed, feeder.flagged)
+
+
+@contextlib.contextmanager
+def _live_page(view: LiveScanView, config: PipelineConfig) -> Iterator[None]:
+    """The scan's live page (:mod:`pipeline.live`) while inside, where
+    :class:`~pipeline.live.LivePageSettings` (the environment) asks for one: its address is
+    logged to the run's log and linked from the run (a link artifact)."""
+    settings = LivePageSettings.from_environment()
+    if settings is None:
+        yield
+        return
+    figure = LiveFigure(view, config.integration, config.grid.grid())
+    with LivePage(view, figure, settings) as page:
+        _run_logger().info("live page of scan %s: %s", config.scan_id, page.url)
+        with contextlib.suppress(Exception):  # the API is down: the scan goes on
+            create_link_artifact(
+                page.url.partition("?")[0],
+                link_text=f"Live page of scan {config.scan_id}",
+                key=f"live-page-{scan_key(config.scan_id)}",
+                description="While the scan runs: counts, alarms, the newest frame, line-out "
+                "and exposures" + (" (the page asks for its token)" if settings.token else ""),
+            )
+        yield
 
 
 def _feed(
@@ -244,10 +334,11 @@ def _feed(
     frames (or, when ``None``, one task for a live source), watched by a
     :class:`ScanMonitor`."""
     config, source = scan.config, scan.source
-    exposures = source.exposures()
     monitor = ScanMonitor(config.scan_id, config.output_path, scan.expected_frames)
+    view = LiveScanView(config.scan_id, config.output_path, live=batch_size is None)
     try:
         with (
+            _live_page(view, config),
             Feeder(
                 config,
                 resume=resume,
@@ -258,15 +349,19 @@ def _feed(
             ) as feeder,
             _abandoned_when_interrupted(monitor),
         ):
+            view.follow(lambda: scan_counts(feeder))
+            watchers = ScanWatchers(monitor, view)
             if batch_size is None:
-                submit_stream(feeder, exposures, monitor)
+                submit_stream(feeder, source, watchers)
             else:
+                exposures = view.sampled(source.exposures())
                 while (first := next(exposures, None)) is not None:
                     submit_batch(feeder, chain([first], islice(exposures, batch_size - 1)))
                     del first
-                    monitor.update(feeder.n_done, feeder.n_submitted)
-            summary = wait_for_results(feeder, monitor)
+                    watchers.progress(feeder.n_done, feeder.n_submitted)
+            summary = wait_for_results(feeder, watchers)
             feeder.complete = complete = source.ended_cleanly
+            view.finish()
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
@@ -287,16 +382,20 @@ def _feed(
     if cancelled.is_set():
         note = "Cancelled: every frame taken was written. " + note
     monitor.finish(summary_markdown(summary, note))
-    return dataclasses.replace(summary, complete=complete, source=statistics)
+    return dataclasses.replace(
+        summary, complete=complete, source=statistics, cancelled=cancelled.is_set()
+    )
 
 
 @contextlib.contextmanager
 def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
     """While inside, SIGTERM (Prefect's cancellation, ``systemctl stop``) calls ``stop`` and
-    sets the event it yields, instead of interrupting whatever runs; on leaving, a SIGTERM
-    that came is handed to the handler that was there before (in a Prefect flow run,
-    Prefect's, which ends the run as *Cancelled*). Outside the main thread, where signals
-    cannot be caught, it changes nothing."""
+    sets the event it yields, instead of interrupting whatever runs. On leaving, a SIGTERM
+    that came is logged to the run's log; in a Prefect flow run that is all: the scan's
+    summary says it was cancelled and the run ends *Cancelled* (:func:`final_state`), where
+    Prefect's own handler would end it *Crashed*. Outside a flow run the signal goes on to
+    the handler that was there before (the default one: exit with 128 + SIGTERM). Outside
+    the main thread, where signals cannot be caught, it changes nothing."""
     requested = threading.Event()
 
     def handler(signum: int, frame: object) -> None:
@@ -312,12 +411,15 @@ def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
         yield requested
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if requested.is_set():
-        _run_logger().info("stopped on SIGTERM after writing every frame taken")
-        if callable(previous):
-            previous(signal.SIGTERM, None)
-        elif previous == signal.SIG_DFL:
-            raise SystemExit(128 + signal.SIGTERM)
+    if not requested.is_set():
+        return
+    _run_logger().info("stopped on SIGTERM after writing every frame taken")
+    if FlowRunContext.get() is not None:
+        return
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    elif previous == signal.SIG_DFL:
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:

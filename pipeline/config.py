@@ -20,58 +20,61 @@ from pipeline.transport.addresses import is_loopback
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # the docstring under each field is its description in the Prefect UI's run form: plain
+    # words, no markup (tests/test_operator_form.py)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class GridConfig(_Strict):
-    """The line-out's q grid (see :class:`pipeline.physics.QGrid`): the model's instrument's,
-    which :func:`pipeline.preflight.settings_for_model` sets; the default is the default
-    model's."""
+    """The q grid of the line-outs. The model's instrument sets it (leave it out: a grid that
+    is not the model's is refused); the default is the default model's."""
 
     q_min_nm: float = 0.01
+    """Lowest q, 1/nm."""
     q_max_nm: float = 0.40
+    """Highest q, 1/nm."""
     n_points: int = Field(512, ge=2)
+    """Bins of the line-out."""
     resolution_nm: float = Field(1.5e-3, gt=0)
+    """The instrument's q resolution, 1/nm."""
 
     def grid(self) -> QGrid:
         return QGrid(self.q_min_nm, self.q_max_nm, self.n_points, self.resolution_nm)
 
 
 class IntegrationConfig(_Strict):
-    """pyFAI integration (see :mod:`pipeline.integration`), saved with the results.
-
-    Attributes:
-        poni: geometry file, v1 or v2 as pyFAI-calib2 writes it (``None``: the bundled Eiger 4M
-            at 5 m, 8 keV).
-        mask: EDF, TIFF or ``.npy`` image, non-zero = masked; added to the detector's own gaps.
-        dark: dark-current image subtracted from every frame.
-        flat: flat-field image (relative pixel efficiency, about 1).
-        azimuth_range_deg: the sector, (low, high) in pyFAI's chi, -180 to 180 degrees;
-            ``None`` integrates the full ring.
-        method: pyFAI's engine (without pixel splitting).
-        max_bad_pixel_fraction: a frame with more of the integration region's pixels marked
-            bad or saturated is refused.
-        normalization_keys: metadata entries of each exposure multiplied into its
-            normalisation, e.g. the header keys of the incident monitor and the transmission.
-        openmp_threads: OpenMP threads pyFAI's engine may use in the integrating thread;
-            ``None`` leaves its default (one per core). Fewer leave cores to a reader process:
-            an OpenMP team that shares its cores with a busy process waits for its slowest
-            thread (measured: 9.1 instead of 6.4 ms per Pilatus 1M frame on 2 cores).
-        detector_shape: (rows, columns) of the frames where the PONI names no detector (v1
-            files); ``beamline-inn reprocess`` takes it from the frame files' headers.
-            ``None``: the mask, dark or flat file's shape, else the first frame's.
-    """
+    """How each frame becomes a line-out (pyFAI azimuthal integration); saved with the
+    results."""
 
     poni: Path | None = None
+    """Geometry file, v1 or v2 as pyFAI-calib2 writes it. Empty: the bundled Eiger 4M at 5 m,
+    8 keV."""
     mask: Path | None = None
+    """Mask image (EDF, TIFF or .npy), non-zero pixels masked; added to the detector's own
+    gaps."""
     dark: Path | None = None
+    """Dark-current image, subtracted from every frame."""
     flat: Path | None = None
+    """Flat-field image (relative pixel efficiency, about 1)."""
     azimuth_range_deg: tuple[float, float] | None = (-5.0, 5.0)
+    """The sector, low and high angle in pyFAI's chi, -180 to 180 degrees. Empty: the full
+    ring."""
     method: Literal["csr", "histogram", "lut"] = "csr"
+    """pyFAI's engine (without pixel splitting)."""
     max_bad_pixel_fraction: float = Field(0.5, gt=0, le=1)
+    """A frame with a larger share of the integrated pixels marked bad or saturated is
+    refused."""
     normalization_keys: tuple[str, ...] = ()
+    """Metadata entries of each exposure multiplied into its normalisation, e.g. the header
+    keys of the incident monitor and the transmission."""
     openmp_threads: int | None = Field(None, ge=1)
+    """Threads pyFAI's engine may use. Empty: one per core. Fewer leave cores to a reader
+    process: threads that share their cores with a busy process wait for the slowest (9.1
+    instead of 6.4 ms per Pilatus 1M frame on 2 cores)."""
     detector_shape: tuple[PositiveInt, PositiveInt] | None = None
+    """Rows and columns of the frames where the PONI file names no detector (v1 files);
+    beamline-inn reprocess reads it from the frame files. Empty: the shape of the mask, dark
+    or flat image, else of the first frame."""
 
     @field_validator("azimuth_range_deg")
     @classmethod
@@ -85,25 +88,29 @@ class IntegrationConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    """Posterior sampling: model file (``None`` = the bundled model), draws per exposure,
-    the largest batch of exposures per forward pass and the latency budget of one batch, the
-    torch device, and whether workers compile the sampler."""
+    """Posterior sampling by the inference workers: the model, the samples per exposure, the
+    batches, the device."""
 
     model: Path | None = None
+    """Model file, or a bundled model's name. Empty: the bundled default model."""
     n_samples: int = Field(1000, ge=2)
-    #: ``None``: by device, :data:`CPU_MAX_BATCH` on a CPU (fastest per exposure there:
-    #: 1,000 samples 7.7 ms at 8, 9.7 ms at 32 on one thread), :data:`CUDA_MAX_BATCH` on CUDA.
+    """Posterior samples drawn per exposure."""
     max_batch: int | None = Field(None, ge=1)
-    #: A worker takes the largest batch (up to ``max_batch``) that its measured cost says
-    #: it finishes within this many milliseconds.
+    """Most exposures in one forward pass. Empty: by device, 8 on a CPU (fastest per
+    exposure there: 1,000 samples in 7.7 ms at 8, 9.7 ms at 32 on one thread), 2048 on
+    CUDA."""
     latency_budget_ms: float = Field(200.0, gt=0)
+    """A worker takes the largest batch (up to the most exposures in one pass) that its
+    measured cost says it finishes within this many milliseconds."""
     device: str = "auto"
-    #: torch threads per worker; ``None``: the cores shared out among the workers.
+    """Torch device: auto (CUDA when there is one), cpu, cuda, cuda:1, ..."""
     threads: int | None = Field(None, ge=1)
+    """Torch threads per worker. Empty: the cores shared out among the workers."""
     seed: int = 0
-    #: compile the sampler with torch.compile when a worker starts (up to 30 s, then about
-    #: twice as fast on a CPU); see ``CountsSampler.compile_sampling``.
+    """Seed of the sampling."""
     compile: bool = False
+    """Compile the sampler with torch.compile when a worker starts (up to 30 s, then about
+    twice as fast on a CPU)."""
 
     def batch_limit(self, device_type: str) -> int:
         """``max_batch``, or the default for a device of this type (``"cpu"``, ``"cuda"``)."""
@@ -117,42 +124,52 @@ CUDA_MAX_BATCH = 2048
 
 
 class TransportConfig(_Strict):
-    """ZeroMQ endpoints. ``None`` puts an ``ipc://`` socket in the run's private directory.
+    """How the processes of a scan talk (ZeroMQ). An empty endpoint is a socket in the run's
+    private folder.
 
-    ``work``, ``results``, ``acks`` and ``control`` join the processes of one machine and must
-    stay on it (``ipc://`` or loopback ``tcp://``). Workers on other nodes connect to
-    ``remote_work`` (``beamline-inn worker --connect``), which needs CURVE keys unless it is
+    The work, results, acks and control endpoints join the processes of one machine and must
+    stay on it (ipc:// or a loopback tcp:// address). Workers on other nodes connect to the
+    remote work address (beamline-inn worker --connect), which needs CURVE keys unless it is
     a loopback address: the feeder's secret key and a folder of the workers' public keys
-    (``beamline-inn keys``).
+    (beamline-inn keys).
     """
 
     work: str | None = None
+    """Where the feeder hands exposures to the local workers."""
     results: str | None = None
+    """Where the workers send their results to the writer."""
     acks: str | None = None
+    """Where the writer confirms what it stored, and the processes say they are ready."""
     control: str | None = None
-    #: ``tcp://`` address on which the feeder also accepts remote inference workers, e.g.
-    #: ``tcp://*:5555``; ``None``: local workers only.
+    """Where the feeder steers the writer and the workers."""
     remote_work: str | None = None
-    #: The feeder's ``.key_secret`` file.
+    """A tcp:// address on which the feeder also takes inference workers of other nodes, e.g.
+    tcp://*:5555. Empty: local workers only."""
     curve_secret_key: Path | None = None
-    #: Folder of the public keys (``*.key``) of the workers allowed to connect.
+    """The feeder's secret key file (.key_secret)."""
     curve_authorized_keys: Path | None = None
+    """Folder of the public keys (.key files) of the workers allowed to connect."""
     high_water_mark: int = Field(64, ge=1)
+    """Line-outs in flight per worker (at least twice its largest batch): beyond that the
+    feeder waits."""
     startup_timeout_s: float = Field(120.0, gt=0)
+    """Seconds the writer and the workers may take to start."""
     result_timeout_s: float = Field(120.0, gt=0)
-    #: Seconds between a worker's heartbeats while it has nothing to do.
+    """The scan stops when no exposure is written for this many seconds while some are in
+    flight."""
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    #: A worker silent for this long is lost: its exposures go to the others, and it is
-    #: killed and replaced.
+    """Seconds between a worker's heartbeats while it has nothing to do."""
     worker_timeout_s: float = Field(10.0, gt=0)
-    #: Workers replaced in one scan before the scan gives up.
+    """A worker silent for this long is lost: its exposures go to the others, and it is
+    killed and replaced."""
     max_worker_restarts: int = Field(10, ge=0)
-    #: Times the results writer is started again on the file in one scan (it exited, say
-    #: killed) before the scan gives up.
+    """Workers replaced in one scan before the scan gives up."""
     max_writer_restarts: int = Field(3, ge=0)
-    #: Largest message part a pipeline socket accepts; ZeroMQ disconnects a peer that sends
-    #: a larger one (a 1,000-sample result is 20 kB).
+    """Times the results writer is started again on the file in one scan (it exited, say
+    killed) before the scan gives up."""
     max_message_bytes: int = Field(64 * 2**20, ge=2**16)
+    """Largest message part a socket accepts; a peer that sends a larger one is disconnected
+    (a result of 1,000 samples is 20 kB)."""
 
     @model_validator(mode="after")
     def _endpoints_are_safe(self) -> TransportConfig:
@@ -179,28 +196,34 @@ class TransportConfig(_Strict):
 class StoreConfig(_Strict):
     """How the results file stores what it holds (docs/results-format.md)."""
 
-    #: compression of ``posterior/samples``: ``"none"`` (every HDF5 reader opens the file),
-    #: ``"gzip"`` (deflate, in every HDF5 build: smaller, the writer slower) or
-    #: ``"bitshuffle-lz4"`` (smaller still; readers need the filter plugin, e.g.
-    #: ``import hdf5plugin``); measured by ``python -m benchmarks.writer``
     samples_compression: Literal["none", "gzip", "bitshuffle-lz4"] = "none"
+    """Compression of the posterior samples: none (every HDF5 reader opens the file), gzip
+    (in every HDF5 build: smaller, the writer slower) or bitshuffle-lz4 (smaller still;
+    readers need the filter plugin, e.g. import hdf5plugin); measured by python -m
+    benchmarks.writer."""
 
 
 class ScanSettings(_Strict):
-    """Everything a scan's processing needs but its name: what a deployment or a batch of
-    archived scans shares; :meth:`for_scan` makes the :class:`PipelineConfig` of one scan."""
+    """Everything the processing of a scan needs but its name and its source: what the scans
+    of a deployment or of a batch share."""
 
     output_dir: Path = Path("beamline-inn-results")
-    #: local inference workers started by the feeder (0: remote workers only)
+    """Folder of the results files, one per scan (SCAN_ID.h5)."""
     n_workers: int = Field(2, ge=0)
+    """Local inference workers started for the scan (0: workers of other nodes only)."""
     grid: GridConfig = GridConfig()
+    """The q grid of the line-outs: the model's instrument sets it, leave it out."""
     integration: IntegrationConfig = IntegrationConfig()
+    """How each frame becomes a line-out: geometry, mask, dark, flat, sector."""
     inference: InferenceConfig = InferenceConfig()
+    """Posterior sampling: model, samples per exposure, batches, device."""
     transport: TransportConfig = TransportConfig()
+    """How the scan's processes talk, and workers of other nodes."""
     store: StoreConfig = StoreConfig()
-    #: the scan's run ends Failed when more than this fraction of its exposures failed (0:
-    #: any failed exposure; 1: never for failed exposures, a state message gives the counts)
+    """How the results file stores the samples."""
     max_failed_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """The run ends Failed when more than this share of its exposures failed (0: any failed
+    exposure; 1: never for failed exposures, the state's message gives the counts)."""
 
     @model_validator(mode="after")
     def _some_worker(self) -> ScanSettings:
@@ -236,12 +259,13 @@ class PipelineConfig(ScanSettings):
     which names its results file (so it cannot leave ``output_dir``)."""
 
     scan_id: str = Field(pattern=SCAN_ID_PATTERN)
-    #: the archived scan reconstructed (its folder's or Eiger master file's real path), when
-    #: the run is one such scan (``reprocess-scans``): its results file belongs to it
+    """The scan's name, which names its results file."""
     scan_source: str | None = None
-    #: where the frames come from (:mod:`pipeline.source_specs`); ``None`` where the caller
-    #: feeds the exposures itself
+    """The archived scan reconstructed (its folder's or Eiger master file's real path), when
+    the run is one such scan (reprocess-scans): its results file belongs to it."""
     source: SourceSpec | None = None
+    """Where the frames come from (pipeline.source_specs). Empty where the caller feeds the
+    exposures itself."""
 
     @property
     def settings(self) -> ScanSettings:

@@ -206,6 +206,7 @@ LAYERS = [
     "files",
     "watch",
     "readahead",
+    "handoff",
     "simulated",
     "dectris",
     "opening",

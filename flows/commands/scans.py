@@ -1,6 +1,10 @@
 """The commands that reconstruct scans: ``demo``, ``reprocess``, ``reprocess-scans`` and
 ``online``, each a Prefect flow (``flows/scan.py``, ``flows/reprocess.py``,
 ``flows/online.py``) whose settings are checked before Prefect and the workers start.
+
+Their runs carry the tags of :func:`flows.operator.run_tags`: ``beamline-inn``, the scan's
+kind (``scan:demo``, ``scan:reprocess``, ``scan:online``) and ``beamline:NAME`` where the
+environment variable ``BEAMLINE_INN_BEAMLINE`` names the beamline.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def add_demo(commands: Commands) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
+    from prefect import tags
+
+    from flows.operator import run_tags
     from flows.scan import run_demo, simulated_instrument, simulated_integration
     from pipeline.config import InferenceConfig, ScanSettings
     from pipeline.preflight import check_settings, settings_for_model
@@ -71,14 +78,15 @@ def _demo(args: argparse.Namespace) -> int:
         inference=InferenceConfig(model=model),
     )
     check_settings(settings_for_model(demo))
-    return run_demo(
-        n_frames=args.frames,
-        n_workers=args.workers,
-        output_dir=args.out,
-        seed=args.seed,
-        model=args.model,
-        instrument=args.instrument,
-    )
+    with tags(*run_tags("scan:demo")):
+        return run_demo(
+            n_frames=args.frames,
+            n_workers=args.workers,
+            output_dir=args.out,
+            seed=args.seed,
+            model=args.model,
+            instrument=args.instrument,
+        )
 
 
 def _print_summary(summary: ScanSummary) -> int:
@@ -147,6 +155,9 @@ def add_reprocess(commands: Commands) -> None:
 
 def _reprocess(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
+    from prefect import tags
+
+    from flows.operator import run_tags
     from flows.scan import reprocess_scan, summary_of
     from pipeline.config import scan_id_from
     from pipeline.preflight import check_setup
@@ -165,7 +176,10 @@ def _reprocess(args: argparse.Namespace) -> int:
     checked = archived_files(config)
     resume = args.resume or args.retry_failed
     check_setup(checked.config, resume, checked.manifest, args.retry_failed)
-    state = reprocess_scan(config, resume=resume, retry_failed=args.retry_failed, return_state=True)
+    with tags(*run_tags("scan:reprocess")):
+        state = reprocess_scan(
+            config, resume=resume, retry_failed=args.retry_failed, return_state=True
+        )
     return _print_summary(summary_of(state))
 
 
@@ -212,6 +226,9 @@ def add_reprocess_scans(commands: Commands) -> None:
 
 def _reprocess_scans(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
+    from prefect import tags
+
+    from flows.operator import run_tags
     from flows.reprocess import DaskCluster, name_scans, plan, reprocess_scans
     from pipeline.sources import find_scans
 
@@ -220,14 +237,15 @@ def _reprocess_scans(args: argparse.Namespace) -> int:
     plan(scans, settings, args.retry_failed)  # and results of another configuration
     print(f"{len(scans)} scans: {', '.join(scan.scan_id for scan in scans)}", flush=True)
     try:
-        outcome = reprocess_scans(
-            args.scans,
-            settings,
-            DaskCluster(address=args.dask, n_workers=args.dask_workers),
-            settle_s=args.settle,
-            read_ahead=args.read_ahead,
-            retry_failed=args.retry_failed,
-        )
+        with tags(*run_tags("scan:reprocess")):
+            outcome = reprocess_scans(
+                scans=args.scans,
+                retry_failed=args.retry_failed,
+                expert=settings,
+                cluster=DaskCluster(address=args.dask, n_workers=args.dask_workers),
+                settle_s=args.settle,
+                read_ahead=args.read_ahead,
+            )
     except RuntimeError as error:  # some scans failed; the others are written
         print(f"beamline-inn reprocess-scans: {error}", file=sys.stderr)
         return 1
@@ -271,28 +289,32 @@ def add_online(commands: Commands) -> None:
 
 def _online(args: argparse.Namespace) -> int:
     use_prefect_api_for(args.command)
-    from flows.online import online_reconstruction
+    from prefect import tags
+
+    from flows.online import SourceOptions, is_pattern, live_source, online_reconstruction
+    from flows.operator import run_tags
     from flows.scan import summary_of
     from pipeline.preflight import check_setup
-    from pipeline.source_specs import DectrisStreamSource, WatchedFolder
 
     if args.stream is not None and args.hdf5_dataset is not None:
         raise ValueError("--hdf5-dataset is for the HDF5 files of --watch, not a --stream")
+    if not is_pattern(args.pattern):
+        raise ValueError(f"--pattern {args.pattern!r} has no wildcard (*, ? or [...])")
     config = scan_config(args, time.strftime("online-%Y%m%d-%H%M%S"))
     check_setup(config)  # an existing results file of this scan id stops here
-    source: WatchedFolder | DectrisStreamSource
-    if args.watch is not None:
-        source = WatchedFolder(
-            directory=args.watch,
-            pattern=args.pattern,
-            hdf5_dataset=args.hdf5_dataset,
-            idle_timeout_s=args.idle_timeout,
+    source = args.stream if args.watch is None else str(args.watch / args.pattern)
+    options = SourceOptions(
+        protocol=args.protocol, idle_timeout_s=args.idle_timeout, hdf5_dataset=args.hdf5_dataset
+    )
+    live_source(source, options)  # a bad stream address stops here too
+    with tags(*run_tags("scan:online")):
+        state = online_reconstruction(
+            scan_id=config.scan_id,
+            source=source,
+            expert=config.settings,
+            source_options=options,
+            return_state=True,
         )
-    else:
-        source = DectrisStreamSource(
-            stream=args.stream, protocol=args.protocol, idle_timeout_s=args.idle_timeout
-        )
-    state = online_reconstruction(config.settings, source, config.scan_id, return_state=True)
     summary = summary_of(state)
     print(f"source:     {summary.source}")
     return _print_summary(summary)

@@ -58,16 +58,33 @@ def add_serve(commands: Commands) -> None:
     serve.add_argument(
         "--limit", type=positive_int, default=None, help="flow runs at once (default: no limit)"
     )
+    serve.add_argument(
+        "--fail-unserved-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="fail a run of these deployments that stays Late (nothing started it: serve is "
+        "not running, or at its --limit) for S seconds, with a message that says so (default "
+        "120, at least 10; 0: such runs stay Late until served)",
+    )
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve the deployments; the UI shows each one Ready while this runs (it polls for their
+    runs) and Not ready a minute after it stopped (Prefect's foreman), and the server fails
+    their runs that nothing starts (:func:`flows.deployments.fail_unserved_runs`)."""
     use_prefect_api_for(args.command)
     from prefect import serve
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
 
-    from flows.deployments import load_deployments
+    from flows.deployments import (
+        UNSERVED_AFTER_MIN_S,
+        UNSERVED_AFTER_S,
+        fail_unserved_runs,
+        load_deployments,
+    )
 
     deployments = load_deployments(args.deployments)  # a bad file stops here
     if not PREFECT_API_URL.value():
@@ -75,6 +92,16 @@ def _serve(args: argparse.Namespace) -> int:
             "serve needs a Prefect server that outlives it: start one (prefect server start) and "
             "set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api (see deploy/README.md)"
         )
+    unserved_after_s = args.fail_unserved_after
+    if unserved_after_s is None:
+        unserved_after_s = UNSERVED_AFTER_S
+    if unserved_after_s != 0 and unserved_after_s < UNSERVED_AFTER_MIN_S:
+        raise ValueError(
+            f"--fail-unserved-after is 0 or at least {UNSERVED_AFTER_MIN_S:g} s (Prefect's "
+            f"least for an automation's wait), not {unserved_after_s:g}"
+        )
+    # the server fails what stays Late, also while this command is not running
+    fail_unserved_runs(deployments, unserved_after_s)
     for deployment in deployments:
         schedule = deployment.schedules[0].schedule if deployment.schedules else None
         when = f" on {schedule.cron}" if isinstance(schedule, CronSchedule) else ""

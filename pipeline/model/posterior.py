@@ -48,7 +48,8 @@ from pipeline.physics import PARAMETER_NAMES, PARAMETER_UNITS, GratingPrior, QGr
 
 @dataclass(frozen=True)
 class Architecture:
-    """Hyper-parameters of :class:`PosteriorModel` (saved in the model card)."""
+    """Hyper-parameters of the posterior model: its coupling blocks and their networks (saved
+    in the model card)."""
 
     n_blocks: int = 8
     hidden: int = 64

@@ -12,6 +12,7 @@ from pipeline.store.results import (
     latest_posterior,
     open_results,
     read_completion,
+    rows_since,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "read_completion",
     "read_line_outs",
     "read_nxcansas",
+    "rows_since",
 ]

@@ -215,6 +215,51 @@ def read_completion(path: Path) -> Completion | None:
         return None
 
 
+def rows_since(
+    path: Path, names: tuple[str, ...], start: int = 0, stop: int | None = None, step: int = 1
+) -> tuple[int, dict[str, np.ndarray]]:
+    """The number of complete rows of a results file (also of one being written: SWMR) and,
+    of the per-exposure columns ``names``, its complete rows ``[start:stop:step]`` (as a
+    Python slice: a negative ``start`` counts from the last complete row), as
+    :class:`Results` gives them (text decoded, flags as bool): what a live view reads again
+    and again, taking only the rows added since it last looked, or the newest ones. A column
+    that a file of an earlier version lacks reads as its fill value.
+
+    Example:
+        >>> import tempfile
+        >>> from pipeline.store import ExposureResult, ResultsWriter
+        >>> path = Path(tempfile.mkdtemp()) / "scan.h5"
+        >>> with ResultsWriter(path, ("pitch_nm",), ("nm",), 4, np.ones(512)) as writer:
+        ...     for index in range(3):
+        ...         writer.append(ExposureResult(index=index, timestamp=0.0, status="failed"))
+        True
+        True
+        True
+        >>> n, rows = rows_since(path, ("index", "status"), start=1)
+        >>> n, rows["index"].tolist(), rows["status"].tolist()
+        (3, [1, 2], ['failed', 'failed'])
+        >>> rows_since(path, ("index",), start=-2)[1]["index"].tolist()
+        [1, 2]
+    """
+    with open_for_reading(path) as handle:
+        entry = handle["entry"]
+        n = complete_rows(entry)
+        begin, end, stride = slice(start, stop, step).indices(n)
+        columns = {}
+        for name in names:
+            dataset = DATASETS_BY_NAME[name]
+            stored = stored_dataset(entry, name)
+            if stored is None:
+                size = len(range(begin, end, stride))
+                rows = np.full(size, dataset.fill, dtype=dataset.dtype)
+            elif begin >= end:
+                rows = np.empty((0, *stored.shape[1:]), dtype=stored.dtype)
+            else:
+                rows = stored[begin:end:stride]
+            columns[name] = _as_read(dataset, rows)
+    return n, columns
+
+
 def latest_posterior(path: Path, look_back: int = 64) -> tuple[int, np.ndarray] | None:
     """The exposure index and posterior samples (samples, parameters) of the newest
     successful row among the last ``look_back`` of a results file, also of one being written

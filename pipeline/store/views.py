@@ -6,7 +6,7 @@
   exposure, its line-out with the posterior-predictive band (5-95% of line-outs simulated
   from 200 of its posterior draws, Poisson noise included, with the background weights of
   the file's instrument; none in its masked bins, whose counts are NaN) and a corner plot of
-  its posterior;
+  its posterior (:func:`predictive_band`);
 - :func:`live_view_png`: the same traces while a scan runs, beside the newest exposure's
   posterior marginals, as one PNG (drawn without pyplot, so from any thread).
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.instrument import Instrument
 from pipeline.physics import GRATING_PARAMETERS, QGrid, expected_counts
 from pipeline.store.results import Results
 
@@ -99,16 +100,9 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     index = int(results.index[row])
     samples = results.samples[row]
 
-    grid = _grid(results)
-    instrument = results.instrument  # None: a file from before instruments, weights 1
-    weights = None if instrument is None else instrument.weights
-    rng = np.random.default_rng(index)
-    draws = samples[rng.choice(len(samples), min(200, len(samples)), replace=False)]
-    # new line-outs
-    replicas = rng.poisson(expected_counts(draws.astype(np.float64), grid, weights))
-    low, high = np.percentile(replicas, [5, 95], axis=0)
-    if instrument is not None:  # no band where nothing is observed (the counts are NaN there)
-        low, high = (np.where(instrument.observed, band, np.nan) for band in (low, high))
+    low, high = predictive_band(
+        samples, _grid(results), results.instrument, np.random.default_rng(index)
+    )
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.fill_between(
         results.q_nm,
@@ -146,6 +140,33 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     figure.suptitle(f"Exposure {index}: posterior ({len(samples)} draws)")
     written.append(_save(figure, out_dir / f"corner_{index:06d}.png"))
     return written
+
+
+def predictive_band(
+    samples: np.ndarray,
+    grid: QGrid,
+    instrument: Instrument | None,
+    rng: np.random.Generator,
+    n_draws: int = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 5% and 95% of line-outs simulated from ``n_draws`` of an exposure's posterior
+    ``samples`` (samples, parameters), Poisson noise included, with the background weights
+    of ``instrument`` (``None``: a file from before instruments, weights 1); NaN in the bins
+    it does not observe (masked: their counts are NaN too).
+
+    >>> from pipeline.physics import simulate
+    >>> theta, counts = simulate(4, np.random.default_rng(0))
+    >>> low, high = predictive_band(theta, QGrid(), None, np.random.default_rng(1))
+    >>> low.shape == high.shape == (QGrid().n_points,), bool((low <= high).all())
+    (True, True)
+    """
+    draws = samples[rng.choice(len(samples), min(n_draws, len(samples)), replace=False)]
+    weights = None if instrument is None else instrument.weights
+    replicas = rng.poisson(expected_counts(draws.astype(np.float64), grid, weights))
+    low, high = np.percentile(replicas, [5, 95], axis=0)
+    if instrument is not None:
+        low, high = (np.where(instrument.observed, band, np.nan) for band in (low, high))
+    return low, high
 
 
 def live_view_png(

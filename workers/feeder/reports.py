@@ -65,6 +65,9 @@ class ScanSummary:
     source: str = ""
     #: exposures written with a quality flag (posterior-predictive check failed)
     flagged: int = 0
+    #: SIGTERM (Prefect cancelling the run, ``systemctl stop``) stopped the source; every
+    #: frame taken was written (set by the flow that ran the scan)
+    cancelled: bool = False
 
     @property
     def failed_fraction(self) -> float:
