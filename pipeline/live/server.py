@@ -111,9 +111,9 @@ class LivePage:
         self.figure = figure
         self.settings = settings
         self._socket = _listening(settings.host, settings.port)
-        host, port = self._socket.getsockname()[:2]
-        self.url = _url(
-            settings.host if settings.host not in ("", "0.0.0.0", "::") else host,
+        port = self._socket.getsockname()[1]
+        self.url = _url(  # on every address: the machine's name, for the others
+            settings.host if settings.host not in ("", "0.0.0.0", "::") else socket.getfqdn(),
             port,
             settings.token,
         )
