@@ -301,16 +301,23 @@ def scan_counts(feeder: Feeder) -> ScanCounts:
 
 
 @contextlib.contextmanager
-def _live_page(view: LiveScanView, config: PipelineConfig) -> Iterator[None]:
+def live_page(view: LiveScanView, config: PipelineConfig) -> Iterator[None]:
     """The scan's live page (:mod:`pipeline.live`) while inside, where
     :class:`~pipeline.live.LivePageSettings` (the environment) asks for one: its address is
-    logged to the run's log and linked from the run (a link artifact)."""
+    logged to the run's log and linked from the run (a link artifact). A page that cannot
+    listen (its port taken) is a warning: the scan runs without it."""
     settings = LivePageSettings.from_environment()
     if settings is None:
         yield
         return
     figure = LiveFigure(view, config.integration, config.grid.grid())
-    with LivePage(view, figure, settings) as page:
+    try:
+        page = LivePage(view, figure, settings)
+    except OSError as error:  # its port is taken (another scan's?): the scan goes on
+        _run_logger().warning("scan %s runs without a live page: %s", config.scan_id, error)
+        yield
+        return
+    with page:
         _run_logger().info("live page of scan %s: %s", config.scan_id, page.url)
         with contextlib.suppress(Exception):  # the API is down: the scan goes on
             create_link_artifact(
@@ -338,7 +345,7 @@ def _feed(
     view = LiveScanView(config.scan_id, config.output_path, live=batch_size is None)
     try:
         with (
-            _live_page(view, config),
+            live_page(view, config),
             Feeder(
                 config,
                 resume=resume,

@@ -429,3 +429,28 @@ def test_the_live_page_of_a_demo_shows_its_newest_exposure_in_chromium(tmp_path)
     match = re.search(r"newest exposure: (\d+) \(ok\)", dom)
     assert match and "Scan sim-" in dom and 'id="figure"' in dom, dom[-3000:]
     assert "taken" in dom and ("all well" in dom or "flagging" in dom), dom[-3000:]
+
+
+def test_a_scan_whose_page_cannot_listen_runs_without_it(tmp_path, monkeypatch):
+    """Its port taken (say, by another scan's page): a warning, and the scan goes on."""
+    import logging
+    import socket
+
+    import flows.scan
+
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    flows.scan.log.addHandler(handler)  # Prefect's logging setup can keep it from caplog
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            monkeypatch.setenv(ENV_ADDRESS, f"127.0.0.1:{taken.getsockname()[1]}")
+            config = PipelineConfig(scan_id="busy", output_dir=tmp_path)
+            view = LiveScanView("busy", config.output_path)
+            with flows.scan.live_page(view, config):
+                inside = True
+    finally:
+        flows.scan.log.removeHandler(handler)
+    assert inside and any("scan busy runs without a live page" in w for w in warnings)
