@@ -131,11 +131,6 @@ class LiveState:
     alarms: tuple[Alarm, ...]
     figure_version: int
 
-    @property
-    def newest(self) -> ExposureRow | None:
-        """The newest row of the file (by writing order)."""
-        return self.rows[0] if self.rows else None
-
     def to_json(self) -> dict[str, object]:
         """The state as JSON types (NaN as ``None``), for the page's script."""
         state = asdict(self) | {"parameters": list(GRATING_PARAMETERS)}
