@@ -57,6 +57,7 @@ def test_sigterm_outside_a_flow_run_goes_on_to_the_handler_before():
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.slow  # a whole demo scan (6-21 s): the default suite stays under 15 min
 def test_sigterm_during_a_demo_scan_ends_its_run_cancelled(prefect_harness, tmp_path, monkeypatch):
     """SIGTERM in a flow run of archived or simulated frames (here the demo's, after its
     10th frame): the source stops, the 10 frames taken are written, the file is closed but

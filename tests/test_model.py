@@ -302,8 +302,10 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(objective):
     of either kind of model."""
     model = build_model(dataclasses.replace(TINY, objective=objective)).eval()
     network = model.flow if isinstance(model, PosteriorModel) else model.inn
+    generator = torch.Generator().manual_seed(3)  # the same network on every run
     for parameter in network.parameters():  # leave the identity start
-        torch.nn.init.normal_(parameter, std=0.1)
+        with torch.no_grad():
+            parameter.normal_(std=0.1, generator=generator)
     _, counts = simulate(3, np.random.default_rng(9))
     eager = model.sample(counts[:2], 300, seed=5)
     model.compile_sampling()
@@ -312,7 +314,9 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(objective):
         assert model.sample(counts[:exposures], 300).shape == (exposures, 300, 5)
     compiled = model.sample(counts[:2], 300, seed=5)
     spread = eager.std(axis=1, keepdims=True)  # per exposure and parameter
-    assert (np.abs(compiled - eager) / spread).max() < 1e-3
+    # fused kernels reorder float32 sums: draws agree to well under a percent of the spread
+    # (a wrong draw would be off by the order of the spread itself)
+    assert (np.abs(compiled - eager) / spread).max() < 5e-3
 
 
 def test_training_for_an_instrument_simulates_it_and_resumes_only_for_it(tmp_path):

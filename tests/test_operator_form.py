@@ -122,6 +122,7 @@ def test_run_tags_name_the_project_the_kind_and_the_beamline(monkeypatch):
     assert run_tags("scan:demo", "BM26") == ["beamline-inn", "scan:demo", "beamline:BM26"]
 
 
+@pytest.mark.slow  # a whole demo scan (6-21 s): the default suite stays under 15 min
 def test_demo_run_carries_its_tags(prefect_harness, tmp_path, monkeypatch, capsys):
     """``beamline-inn demo``'s run is tagged with the project, the scan's kind and the
     beamline of ``BEAMLINE_INN_BEAMLINE``: the UI's run list filters by them."""
