@@ -1,7 +1,7 @@
 """Private scratch folders that name the process that made them.
 
 A run's temporary folders (the feeder's run directory of sockets and configuration, the
-read-ahead reader's shared-memory slots) are removed when their process exits, but nothing
+shared-memory slots of the read-ahead reader and of the integrator processes) are removed when their process exits, but nothing
 runs after a SIGKILL. So each is named ``<prefix><pid>-<random>`` after its owner, and
 :func:`make_scratch_dir` first removes the folders of the same prefix whose owner no longer
 runs: what a killed run left is removed by the next run's start. A PID that another process
@@ -32,6 +32,21 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+
+def shared_memory_folder() -> str | None:
+    """``/dev/shm`` where it exists (Linux), else ``None`` (the default temporary folder): where
+    frames handed between processes wait in slot files."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def frame_view(buffer: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """The first bytes of a slot file's ``buffer`` (mapped as bytes) seen as a frame of
+    ``shape`` and ``dtype``."""
+    dtype = np.dtype(dtype)
+    return buffer[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def make_scratch_dir(prefix: str, folder: str | Path | None = None) -> Path:

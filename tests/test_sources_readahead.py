@@ -25,8 +25,9 @@ from pipeline.config import IntegrationConfig
 from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
 from pipeline.physics import QGrid
+from pipeline.scratch import shared_memory_folder
 from pipeline.sources import FileSource
-from pipeline.sources.readahead import ReadAhead, ReaderError, _shared_memory_folder
+from pipeline.sources.readahead import ReadAhead, ReaderError
 
 
 def write_frames(folder: Path, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -109,7 +110,7 @@ def test_eiger_frames_through_the_reader(tmp_path):
     np.testing.assert_array_equal(np.stack([e.frame for e in exposures]), stack)
 
 
-SLOT_FOLDER = _shared_memory_folder() or tempfile.gettempdir()
+SLOT_FOLDER = shared_memory_folder() or tempfile.gettempdir()
 
 
 def slot_folders(pid: int | None = None) -> set[str]:

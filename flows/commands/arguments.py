@@ -96,6 +96,13 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         help="local inference workers (default 2; 0 with --remote-work: remote workers only)",
     )
     command.add_argument(
+        "--integrators",
+        type=positive_int,
+        metavar="N",
+        help="pyFAI engines integrating frames at once: 1 in the feeder, more in processes of "
+        "their own (default: the cores beside the local workers, at most 8)",
+    )
+    command.add_argument(
         "--remote-work",
         metavar="URL",
         help="also take inference workers from other nodes (beamline-inn worker --connect) on "
@@ -143,6 +150,7 @@ def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
         scan_id=getattr(args, "scan_id", None) or scan_id,
         output_dir=args.out,
         n_workers=args.workers,
+        n_integrators=args.integrators,
         integration=IntegrationConfig(
             poni=args.poni,
             mask=args.mask,

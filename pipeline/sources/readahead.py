@@ -58,7 +58,7 @@ from multiprocessing.synchronize import Event
 import numpy as np
 
 from pipeline.exposure import Exposure
-from pipeline.scratch import make_scratch_dir
+from pipeline.scratch import frame_view, make_scratch_dir, shared_memory_folder
 from pipeline.sources.base import FrameCounts, Source
 
 #: Seconds between the reader's checks for a stop while it waits for a free slot.
@@ -88,17 +88,6 @@ class _End:
     """The reader's last word when its source has given everything: how it ended."""
 
     ended_cleanly: bool
-
-
-def _shared_memory_folder() -> str | None:
-    """``/dev/shm`` where it exists (Linux), else the default temporary folder."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
-def _as_frame(buffer: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
-    """The first bytes of a slot's ``buffer`` seen as a frame of ``shape`` and ``dtype``."""
-    dtype = np.dtype(dtype)
-    return buffer[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class _Lease:
@@ -134,7 +123,7 @@ def _read_into_slots(
                         file.truncate(frame.nbytes)
                     slots[number] = (path, np.memmap(path, dtype=np.uint8, mode="r+"))
                 path, buffer = slots[number]
-                _as_frame(buffer, frame.shape, frame.dtype)[...] = frame
+                frame_view(buffer, frame.shape, frame.dtype)[...] = frame
                 slot = _Slot(number, path, frame.shape, frame.dtype.str)
             ready.send((dataclasses.replace(exposure, frame=None), slot))
             if stop.is_set():
@@ -212,7 +201,7 @@ class ReadAhead:
         if self._reader is not None:
             return
         context = multiprocessing.get_context("spawn")  # no fork: the caller may run threads
-        folder = str(make_scratch_dir(SLOT_FOLDER_PREFIX, _shared_memory_folder()))
+        folder = str(make_scratch_dir(SLOT_FOLDER_PREFIX, shared_memory_folder()))
         # pipes, not queues: a queue's feeder thread waits for Python's lock, which a decoder
         # holds for milliseconds (measured: 10.6 instead of 4.8 ms per CBF frame)
         free_out, free_in = context.Pipe(duplex=False)
@@ -279,7 +268,7 @@ class ReadAhead:
                 if slot is not None:
                     if slot.path not in maps:
                         maps[slot.path] = np.memmap(slot.path, dtype=np.uint8, mode="r")
-                    view = _as_frame(maps[slot.path], slot.shape, slot.dtype)
+                    view = frame_view(maps[slot.path], slot.shape, slot.dtype)
                     if leased < self.depth - 1:
                         frame = np.asarray(_Lease(view, slot.number, released))
                         leased += 1

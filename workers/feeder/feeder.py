@@ -43,7 +43,6 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import LineOutIntegrator
 from pipeline.scratch import make_scratch_dir
 from pipeline.sources.identity import FileStamp
-from pipeline.store import read_completion
 from pipeline.store.lock import ResultsLock
 from pipeline.store.results import making
 from pipeline.store.resume import ResumePlan, plan_output
@@ -175,6 +174,8 @@ class Feeder:
             self.remote = RemoteWork(config)
             self.remote.bind(self.context, self._sockets.work)
         self.supervisor.start(self.run_dir, resume=self.plan is not None)
+        self._sockets.watch(self.integration.fds, self.integration.collect)
+        self.integration.start(config.transport.startup_timeout_s)  # beside the workers' start
         deadline = time.monotonic() + config.transport.startup_timeout_s
         while not_ready := self.supervisor.not_ready():
             if time.monotonic() > deadline:
@@ -196,6 +197,7 @@ class Feeder:
         (seconds on a CPU): those exposures were not acknowledged, and a resumed scan
         computes them again."""
         deadline = time.monotonic() + timeout_s + 0.005 * self.n_done
+        self.integration.close()
         if not finish_batches:
             self.supervisor.kill_workers()
         if self.remote is not None:  # remote workers go back to waiting for a scan
@@ -225,22 +227,9 @@ class Feeder:
                 finish_batches=not interrupted, n_exposures=self.rows_expected if ended else None
             )
             if ended:
-                self._check_complete()
+                self.supervisor.check_complete(self.rows_expected)
         finally:
             self._lock.release()
-
-    def _check_complete(self) -> None:
-        """:class:`ScanError` unless the writer marked the results file complete, with the
-        scan's number of rows."""
-        completion = read_completion(self.config.output_path)
-        if completion is not None and completion.n_exposures == self.rows_expected:
-            return
-        writer = self.supervisor.writer
-        raise ScanError(
-            f"{self.config.output_path} holds every exposure acknowledged, but was not marked "
-            f"complete: the writer exited with code {writer.process.returncode}; last lines of "
-            f"{writer.log}:\n{writer.tail()}"
-        )
 
     @property
     def sockets(self) -> FeederSockets:
@@ -268,17 +257,25 @@ class Feeder:
 
     # -- feeding -----------------------------------------------------------------------------
     def submit(self, exposure: Exposure) -> None:
-        """Integrate one exposure and send it on (blocks while too many are in flight);
-        ValueError if it was submitted before."""
+        """Integrate one exposure (here or in an integrator process) and send it on (blocks
+        while every integrator process is busy, or too many are in flight); ValueError if it
+        was submitted before."""
         placed = self.integration.place(exposure)
         if placed is None:
             return
         self._taken(placed)
-        line_out = self.integration.line_out(placed)
-        if isinstance(line_out, Unusable):
-            self._fail(placed, line_out.stage, line_out.error)
-        else:
-            self._send(placed, line_out)
+        while not self.integration.has_room:  # every integrator process holds its frames
+            self.collect(timeout_ms=200)
+        self._forward([(placed, self.integration.begin(placed))])
+
+    def _forward(self, integrated: list[tuple[Exposure, LineOut | Unusable | None]]) -> None:
+        """Send on these line-outs and those the integrator processes finished, and the
+        failure records of exposures without one (``None``: an integrator process has it)."""
+        for exposure, line_out in [*integrated, *self.integration.take_finished()]:
+            if isinstance(line_out, Unusable):
+                self._fail(exposure, line_out.stage, line_out.error)
+            elif line_out is not None:
+                self._send(exposure, line_out)
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
@@ -470,6 +467,7 @@ class Feeder:
         what waits for credits; return how many exposures were newly acknowledged."""
         acknowledged = self._service(timeout_ms)
         self._check_children()
+        self._forward([])
         self._dispatch()
         return acknowledged
 

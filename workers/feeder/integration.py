@@ -1,7 +1,11 @@
 """An exposure on its way in: placed in the results file, then a line-out or a failure.
 
 :class:`Integration` owns the scan's pyFAI integrator (one per process, built and checked
-against the model's instrument before any frame: :func:`~pipeline.preflight.checked_integrator`).
+against the model's instrument before any frame: :func:`~pipeline.preflight.checked_integrator`),
+and, where the scan has more than one engine (``n_integrators``,
+:func:`integrator_processes`), the :class:`~pipeline.integration.pool.IntegratorPool` of
+integrator processes that integrate its frames instead, in any order: their line-outs are
+taken with :meth:`Integration.take_finished`.
 It places each exposure against a resumed scan's plan (:meth:`~pipeline.store.resume.ResumePlan.place`:
 ``None`` for a row the file holds already) and turns it into a line-out, or into an
 :class:`Unusable` (a frame the source could not read, or one that cannot be integrated),
@@ -20,7 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +34,7 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
+from pipeline.integration.pool import IntegratorPool
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
 from pipeline.store.resume import ResumePlan
 from pipeline.transport.messages import Failure, LineOutMessage
@@ -65,6 +72,21 @@ def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
     return Failure(**about(exposure), stage=stage, error=error)
 
 
+#: The most integrator processes a scan starts by itself (``n_integrators`` empty).
+MAX_AUTO_INTEGRATORS = 8
+
+
+def integrator_processes(config: PipelineConfig) -> int:
+    """pyFAI engines for the scan: ``n_integrators``, or the cores this process may use beside
+    its local CPU inference workers (all of them with GPU workers), at least 1 and at most
+    :data:`MAX_AUTO_INTEGRATORS`."""
+    if config.n_integrators is not None:
+        return config.n_integrators
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    on_gpu = config.inference.device.startswith("cuda")
+    return max(1, min(MAX_AUTO_INTEGRATORS, (cores or 1) - (0 if on_gpu else config.n_workers)))
+
+
 @dataclass(frozen=True)
 class Unusable:
     """An exposure that gives no line-out: at which ``stage`` (``read``, ``integration``)
@@ -77,7 +99,13 @@ class Unusable:
 class Integration:
     """Places and integrates the exposures of one scan (``config``), counting the
     ``integrated`` stage in ``metrics``. :class:`ScanError` (one line) when the geometry
-    does not match the model's instrument."""
+    does not match the model's instrument.
+
+    With more than one engine (:func:`integrator_processes`), :meth:`start` starts the
+    integrator processes, :meth:`begin` hands them a frame, and :meth:`take_finished` returns
+    what they integrated. Where the frames' shape comes only with the first frame, that frame
+    is integrated here (which completes and checks the geometry) and the processes start
+    after it."""
 
     def __init__(self, config: PipelineConfig, metrics: ScanMetrics) -> None:
         self.config = config
@@ -90,6 +118,78 @@ class Integration:
             self.integrator = checked_integrator(config)
         except GeometryMismatch as error:
             raise ScanError(str(error)) from None
+        #: pyFAI engines integrating at once (1: this process's own)
+        self.processes = integrator_processes(config)
+        self.pool: IntegratorPool | None = None
+        self._integrating: dict[int, Exposure] = {}  # by index, without their frames
+        self._finished: list[tuple[Exposure, LineOut | Unusable]] = []
+
+    def start(self, timeout_s: float | None = None) -> None:
+        """Start the integrator processes (for more than one engine, once the frames' shape
+        is known), waiting up to ``timeout_s`` for their engines (``None``: not waiting)."""
+        if self.processes < 2 or self.pool is not None or self.integrator.shape is None:
+            return
+        integration = self.config.integration.model_copy(
+            update={"detector_shape": self.integrator.shape}
+        )
+        self.pool = IntegratorPool(integration, self.integrator.grid, self.processes).start()
+        if timeout_s is not None:
+            self.pool.wait_ready(timeout_s)
+
+    def close(self) -> None:
+        """Stop the integrator processes; frames they had not integrated are dropped."""
+        if self.pool is not None:
+            self.pool.close()
+
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`begin` can take another frame now."""
+        return self.pool is None or self.pool.has_room
+
+    @property
+    def pending(self) -> int:
+        """Frames handed to the integrator processes and not yet taken back."""
+        return len(self._integrating) + len(self._finished)
+
+    def fds(self) -> list[int]:
+        """The integrator processes' pipes, to wake for (then :meth:`collect`)."""
+        return self.pool.fds() if self.pool is not None else []
+
+    def begin(self, exposure: Exposure) -> LineOut | Unusable | None:
+        """The exposure's line-out or why there is none, or ``None`` when an integrator
+        process took its frame (see :meth:`take_finished`; wait for :attr:`has_room` first)."""
+        if self.pool is None or exposure.error is not None or exposure.frame is None:
+            result = self.line_out(exposure)
+            self.start()  # where the first frame gave the shape
+            return result
+        try:
+            normalization = exposure_normalization(exposure, self.config.integration)
+        except FrameError as error:
+            return Unusable("integration", str(error))
+        self.pool.submit(
+            exposure.index, exposure.frame, normalization, exposure.metadata.get("source")
+        )
+        self._integrating[exposure.index] = dataclasses.replace(exposure, frame=None)
+        return None
+
+    def collect(self) -> None:
+        """Take in what the integrator processes have integrated (without waiting)."""
+        if self.pool is None:
+            return
+        for done in self.pool.collect():
+            exposure = self._integrating.pop(done.key)
+            if done.line_out is None:
+                self._finished.append((exposure, Unusable("integration", str(done.error))))
+            else:
+                self.metrics.record("integrated", done.seconds)
+                self._finished.append((exposure, done.line_out))
+
+    def take_finished(self) -> list[tuple[Exposure, LineOut | Unusable]]:
+        """The exposures integrated by the processes since the last call, with their
+        line-outs or why there is none."""
+        self.collect()
+        finished, self._finished = self._finished, []
+        return finished
 
     def place(self, exposure: Exposure) -> Exposure | None:
         """``exposure`` with its index in the results file (a resumed scan's plan numbers

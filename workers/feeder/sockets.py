@@ -13,7 +13,8 @@ Every socket that receives refuses message parts larger than ``transport.max_mes
 (ZeroMQ disconnects the sender). :meth:`FeederSockets.service` reads what arrives as typed
 messages (:mod:`pipeline.transport.messages`) for the feeder's handlers, drops (logs and
 counts) a message that does not follow the wire format or lacks a field, and logs each peer
-that disconnects (a monitor on ``work`` and ``acks``).
+that disconnects (a monitor on ``work`` and ``acks``). It also wakes for the file
+descriptors given to :meth:`FeederSockets.watch` (the integrator processes' pipes).
 
 Example:
     >>> import tempfile
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import zmq
@@ -90,6 +91,23 @@ class FeederSockets:
         }
         for monitor in self._monitors:
             self._poller.register(monitor, zmq.POLLIN)
+        self._watched: set[int] = set()
+        self._watch: Callable[[], Collection[int]] = frozenset
+        self._on_watched: Callable[[], object] = lambda: None
+
+    def watch(self, fds: Callable[[], Collection[int]], on_readable: Callable[[], object]) -> None:
+        """Wake :meth:`service` also when one of the file descriptors ``fds()`` (asked anew
+        before each poll) is readable, and call ``on_readable()``, which must read them."""
+        self._watch, self._on_watched = fds, on_readable
+
+    def _poll(self, timeout_ms: int) -> dict[Any, int]:
+        fds = set(self._watch())
+        for gone in self._watched - fds:
+            self._poller.unregister(gone)
+        for new in fds - self._watched:
+            self._poller.register(new, zmq.POLLIN)
+        self._watched = fds
+        return dict(self._poller.poll(timeout_ms))
 
     def service(
         self,
@@ -103,7 +121,7 @@ class FeederSockets:
         more waits; return how many exposures were newly acknowledged. A handler's
         ``ProtocolError``, ``KeyError``, ``TypeError`` or ``ValueError`` drops its message."""
         acknowledged = 0
-        events = dict(self._poller.poll(timeout_ms))
+        events = self._poll(timeout_ms)
         while events:
             if self.work in events:
                 frames = self.work.recv_multipart(copy=False)
@@ -117,7 +135,9 @@ class FeederSockets:
             for monitor, name in self._monitors.items():
                 if monitor in events:
                     self._log_disconnect(name, recv_monitor_message(monitor))
-            events = dict(self._poller.poll(0))
+            if events.keys() & self._watched:
+                self._on_watched()
+            events = self._poll(0)
         return acknowledged
 
     @contextlib.contextmanager

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.store import read_completion
 from pipeline.store.lock import ResultsLock
 from workers.feeder.reports import ScanError
 from workers.process import write_dropped_rows
@@ -198,6 +199,18 @@ class Supervisor:
         _note(child.log, f"--- {child.name} {why}; replaced by the feeder ---")
         self.worker_restarts += 1
         self._spawn(child.name, "workers.inference", child.number)
+
+    def check_complete(self, n_rows: int) -> None:
+        """:class:`ScanError` unless the writer marked the results file complete with
+        ``n_rows`` rows."""
+        completion = read_completion(self.config.output_path)
+        if completion is not None and completion.n_exposures == n_rows:
+            return
+        raise ScanError(
+            f"{self.config.output_path} holds every exposure acknowledged, but was not marked "
+            f"complete: the writer exited with code {self.writer.process.returncode}; last "
+            f"lines of {self.writer.log}:\n{self.writer.tail()}"
+        )
 
     def restart_writer(
         self, writer: Child, code: int | None, service: Callable[[int], object]

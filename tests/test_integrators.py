@@ -1,0 +1,139 @@
+"""Integration in processes of their own (``n_integrators``): the pool's line-outs are the
+feeder's engine's, each frame once, and a killed integrator loses nothing."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from pipeline.config import IntegrationConfig, PipelineConfig
+from pipeline.integration import FrameError, LineOutIntegrator
+from pipeline.integration.pool import MAX_TRIES, IntegratorError, IntegratorPool
+from pipeline.physics import QGrid
+from pipeline.sources import SimulatedDetector
+from pipeline.store import open_results
+from workers.feeder import Feeder
+
+SECTOR = IntegrationConfig(azimuth_range_deg=(-5.0, 5.0))
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    simulated = SimulatedDetector(SECTOR, seed=3).scan("pool", 4).exposures()
+    return [exposure.frame for exposure in simulated]
+
+
+def _integrate_all(pool: IntegratorPool, frames: list[np.ndarray]) -> dict:
+    done = []
+    for key, frame in enumerate(frames):
+        while not pool.has_room:
+            done.extend(pool.wait_all(timeout_s=60))
+        pool.submit(key, frame, normalization=2.0, source=f"frame-{key}")
+    done.extend(pool.wait_all(timeout_s=60))
+    assert sorted(result.key for result in done) == list(range(len(frames)))  # each once
+    return {result.key: result for result in done}
+
+
+def test_the_pool_gives_the_line_outs_and_errors_of_the_feeder_s_own_engine(frames):
+    spoiled = frames[1].astype(np.float32)
+    spoiled[5, 5] = np.nan
+    given = [frames[0], spoiled, frames[2], frames[3][:50], frames[0]]
+    own = LineOutIntegrator(SECTOR, QGrid())
+    with IntegratorPool(SECTOR, QGrid(), processes=2) as pool:
+        pool.wait_ready(timeout_s=60)
+        done = _integrate_all(pool, given)
+    for key, frame in enumerate(given):
+        try:
+            expected = own.integrate(frame, 2.0, source=f"frame-{key}")
+        except FrameError as error:
+            assert done[key].line_out is None and done[key].error == str(error)
+            continue
+        line_out = done[key].line_out
+        assert line_out is not None and line_out.normalization == 2.0
+        np.testing.assert_array_equal(line_out.counts, expected.counts)
+        np.testing.assert_array_equal(line_out.counts_sd, expected.counts_sd)
+    assert "NaN" in done[1].error and "shape" in done[3].error
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+
+
+def test_a_killed_integrator_is_replaced_and_its_frames_are_integrated_once(frames):
+    with IntegratorPool(SECTOR, QGrid(), processes=2) as pool:
+        pool.wait_ready(timeout_s=60)
+        stopped = pool.pids[0]
+        _stop(stopped)  # it holds its frames until killed
+        for key in range(4):  # the least busy first: 2 to each
+            pool.submit(key, frames[key])
+        os.kill(stopped, signal.SIGKILL)
+        done = {result.key: result for result in pool.wait_all(timeout_s=60)}
+        assert pool.restarts == 1 and stopped not in pool.pids and len(pool.pids) == 2
+    assert sorted(done) == [0, 1, 2, 3]
+    assert all(result.line_out is not None for result in done.values())
+
+
+def test_a_frame_its_integrator_dies_under_twice_fails_and_the_next_goes_on(frames):
+    with IntegratorPool(SECTOR, QGrid(), processes=1, slots=2) as pool:
+        pool.wait_ready(timeout_s=60)
+        for attempt in range(MAX_TRIES):
+            pid = pool.pids[0]
+            _stop(pid)  # (a replacement is still starting: stopped before it integrates)
+            if attempt == 0:
+                pool.submit(0, frames[0])
+                pool.submit(1, frames[1])
+            os.kill(pid, signal.SIGKILL)
+            done = []
+            while pool.restarts == attempt:
+                done.extend(pool.collect())
+        done.extend(pool.wait_all(timeout_s=60))
+        assert pool.restarts == MAX_TRIES
+    by_key = {result.key: result for result in done}
+    assert sorted(by_key) == [0, 1]
+    assert by_key[0].line_out is None and "died under this frame 2 times" in by_key[0].error
+    assert by_key[1].line_out is not None
+
+
+def test_an_integrator_that_cannot_build_its_engine_ends_the_pool_saying_why(tmp_path):
+    poni = tmp_path / "broken.poni"
+    poni.write_text("Distance: 5\nPoni1: 0.1\nPoni2: 0.1\nWavelength: -1e-10\nDetector: Eiger4M\n")
+    pool = IntegratorPool(IntegrationConfig(poni=poni), QGrid(), processes=1)
+    with pool, pytest.raises(IntegratorError, match="wavelength"):
+        pool.wait_ready(timeout_s=60)
+
+
+def test_a_scan_through_integrator_processes_stores_what_the_feeder_s_engine_does(tmp_path):
+    exposures = list(
+        SimulatedDetector(PipelineConfig(scan_id="x").integration, seed=5).scan("x", 12).exposures()
+    )
+    exposures[3].frame = exposures[3].frame[:10]
+    exposures[7].frame, exposures[7].error = None, "truncated file"
+    stored = {}
+    for integrators in (1, 2):
+        config = PipelineConfig(
+            scan_id=f"integrators-{integrators}",
+            n_workers=1,
+            n_integrators=integrators,
+            output_dir=tmp_path,
+        )
+        with Feeder(config) as feeder:
+            pool = feeder.integration.pool
+            assert (pool is not None) == (integrators == 2)
+            if pool is not None:
+                _stop(stopped := pool.pids[0])  # killed below with frames in its slots
+            for exposure in exposures[:6]:
+                feeder.submit(exposure)
+            if pool is not None:
+                os.kill(stopped, signal.SIGKILL)
+            for exposure in exposures[6:]:
+                feeder.submit(exposure)
+            summary = feeder.wait()
+        assert pool is None or pool.restarts == 1
+        assert summary.written_ok == 10 and set(summary.failures) == {3, 7}
+        assert summary.stages["integrated"]["count"] == 10
+        stored[integrators] = open_results(config.output_path)
+    one, two = stored[1], stored[2]
+    assert two.index.tolist() == list(range(12))  # every exposure once
+    np.testing.assert_array_equal(one.counts, two.counts)
+    assert one.error.tolist() == two.error.tolist()
