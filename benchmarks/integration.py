@@ -63,9 +63,12 @@ def _median_ms(run: Callable[[], None], frames: int, repeats: int) -> float:
 
 
 def bare_pyfai_loop(integrator: LineOutIntegrator, frames: list[np.ndarray]) -> Callable[[], None]:
-    """pyFAI alone, with the options :class:`LineOutIntegrator` passes."""
+    """pyFAI alone, with the options :class:`LineOutIntegrator` passes: its mask (the pixels
+    outside the q grid left out, as the engine it built was given; another mask makes pyFAI
+    build a new engine, seconds for an Eiger 4M) and the frame's bad-pixel marker."""
     config, grid = integrator.config, integrator.grid
     geometry = integrator.geometry
+    dummy, delta_dummy = integrator.dummy(frames[0]) or (None, None)
 
     def run() -> None:
         for frame in frames:
@@ -75,9 +78,9 @@ def bare_pyfai_loop(integrator: LineOutIntegrator, frames: list[np.ndarray]) -> 
                 unit="q_nm^-1",
                 radial_range=grid.radial_range_nm,
                 azimuth_range=config.azimuth_range_deg,
-                mask=integrator.mask,
-                dummy=-1.5,
-                delta_dummy=0.6,
+                mask=integrator.binning_mask,
+                dummy=dummy,
+                delta_dummy=delta_dummy,
                 correctSolidAngle=False,
                 polarization_factor=None,
                 method=("no", config.method, "cython"),

@@ -213,9 +213,10 @@ class ScanSettings(_Strict):
     """Local inference workers started for the scan (0: workers of other nodes only)."""
     n_integrators: int | None = Field(None, ge=1)
     """pyFAI engines integrating the scan's frames at once: 1 integrates in the feeder; more
-    run in integrator processes of their own, fed through shared memory. Empty: the cores
-    beside the local inference workers on a CPU (GPU workers leave them all), at least 1 and
-    at most 8."""
+    run in integrator processes of their own, fed through shared memory. Empty: 1 for the
+    csr method (it sums only the pixels of the region, faster than a frame's copy to another
+    process), else the cores beside the local inference workers on a CPU (GPU workers leave
+    them all), at least 1 and at most 8."""
     grid: GridConfig = GridConfig()
     """The q grid of the line-outs: the model's instrument sets it, leave it out."""
     integration: IntegrationConfig = IntegrationConfig()

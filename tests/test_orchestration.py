@@ -462,6 +462,7 @@ def test_online_flow_stops_cleanly_on_sigterm_with_every_frame_taken_written(
     assert not leftover.strip()
 
 
+@pytest.mark.slow  # about 30 s: the default suite stays under 15 min
 def test_train_and_validate_flows_write_a_model_its_card_and_artifacts(prefect_harness, tmp_path):
     from flows.model import train_model, validate_model
     from pipeline.model import Architecture, load

@@ -127,6 +127,7 @@ def _write_frames(folder: Path, n: int) -> None:
         fabio.edfimage.EdfImage(data=frame).write(str(folder / f"frame_{number:04d}.edf"))
 
 
+@pytest.mark.slow  # about 50 s: the default suite stays under 15 min
 def test_the_flow_process_and_the_reader_killed_mid_scan_lose_nothing_written(
     prefect_harness, tmp_path, reliability, small_detector
 ):

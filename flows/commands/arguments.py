@@ -100,7 +100,8 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         type=positive_int,
         metavar="N",
         help="pyFAI engines integrating frames at once: 1 in the feeder, more in processes of "
-        "their own (default: the cores beside the local workers, at most 8)",
+        "their own, for a full ring or the lut and histogram methods (default: 1 for csr, "
+        "else the cores beside the local workers, at most 8)",
     )
     command.add_argument(
         "--remote-work",

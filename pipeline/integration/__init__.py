@@ -63,6 +63,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from pipeline.bundled import DEFAULT_PONI  # noqa: E402
 from pipeline.config import IntegrationConfig  # noqa: E402
 from pipeline.exposure import Exposure, LineOut  # noqa: E402
+from pipeline.integration.csr import CsrEngine  # noqa: E402
 from pipeline.physics import QGrid  # noqa: E402
 
 #: Pilatus bad-pixel markers (-1 bad, -2 module gaps) as one pyFAI dummy range.
@@ -241,6 +242,7 @@ class LineOutIntegrator:
         #: first frame), for the message of a frame of another shape.
         self.shape_from = ""
         self.pixels_per_bin = np.zeros(grid.n_points, np.int64)
+        self.csr: CsrEngine | None = None
         # read (and checked) once; where the PONI names no detector, they fix the shape
         self._images = {
             what: read_correction(path, what)
@@ -309,7 +311,8 @@ class LineOutIntegrator:
         # they are left out, as every pixel outside the grid is
         q_nm = self.geometry.center_array(shape, unit="q_nm^-1")
         low, high = self.grid.radial_range_nm
-        self._binning_mask = (mask | (q_nm < low) | (q_nm >= high)).astype(np.int8)
+        #: the mask pyFAI's engine is given: masked pixels and those outside the q grid
+        self.binning_mask = (mask | (q_nm < low) | (q_nm >= high)).astype(np.int8)
         self.dark = None if dark is None else dark.astype(np.float32)
         flat = self._images.get("flat")
         self.flat = None if flat is None else flat.astype(np.float32)
@@ -317,6 +320,8 @@ class LineOutIntegrator:
         self.shape, self.shape_from = shape, origin
         empty = self._integrate(np.zeros(shape, np.float32), dummy=None, dark=False)
         self.pixels_per_bin = np.asarray(empty.count, dtype=np.int64)
+        if config.method == "csr":  # pyFAI's matrix applied to the pixels it names
+            self.csr = CsrEngine.of(self.geometry, self.dark, self.flat)
         self.dark_counts = (
             np.zeros(self.grid.n_points)
             if self.dark is None
@@ -337,7 +342,7 @@ class LineOutIntegrator:
             unit="q_nm^-1",
             radial_range=self.grid.radial_range_nm,
             azimuth_range=None if low is None else (low, high),
-            mask=self._binning_mask,
+            mask=self.binning_mask,
             dummy=None if dummy is None else dummy[0],
             delta_dummy=None if dummy is None else dummy[1],
             dark=self.dark if dark else None,
@@ -372,13 +377,28 @@ class LineOutIntegrator:
             )
 
     @staticmethod
-    def _dummy(frame: np.ndarray) -> tuple[float, float] | None:
+    def dummy(frame: np.ndarray) -> tuple[float, float] | None:
         """The bad-pixel marker of this frame's dtype as pyFAI (dummy, delta_dummy)."""
         if frame.dtype.kind == "u":
             return float(np.iinfo(frame.dtype).max), 0.5
         if frame.dtype.kind == "i":
             return SIGNED_DUMMY, SIGNED_DELTA_DUMMY
         return None
+
+    def _sums(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per bin: the valid pixels, their dark-subtracted signal and their flat (float64)."""
+        if self.csr is not None:
+            return self.csr.sums(frame, self.dummy(frame))
+        if frame.dtype == np.float32 and not frame.flags.writeable:
+            # pyFAI's engine takes float32 frames as they are, through a typed memoryview that
+            # refuses read-only buffers (a read-ahead slot, np.frombuffer); it converts every
+            # other dtype into a new array, so only this one needs a copy
+            frame = frame.copy()
+        result = self._integrate(frame, self.dummy(frame))
+        return tuple(  # type: ignore[return-value]
+            np.asarray(value, dtype=np.float64)
+            for value in (result.count, result.sum_signal, result.sum_normalization)
+        )
 
     def integrate(
         self, frame: np.ndarray, normalization: float = 1.0, source: str | None = None
@@ -403,13 +423,7 @@ class LineOutIntegrator:
         if self.shape is None:
             first = "the first frame" if source is None else f"the first frame, {source}"
             self._build(frame.shape, f"{first}: {self._no_detector(frame.shape)}")
-        if frame.dtype == np.float32 and not frame.flags.writeable:
-            # pyFAI's engine takes float32 frames as they are, through a typed memoryview that
-            # refuses read-only buffers (a read-ahead slot, np.frombuffer); it converts every
-            # other dtype into a new array, so only this one needs a copy
-            frame = frame.copy()
-        result = self._integrate(frame, self._dummy(frame))
-        count = np.asarray(result.count, dtype=np.float64)
+        count, signal, flat_sum = self._sums(frame)
         marked = int(self.pixels_per_bin.sum() - count.sum())
         region = int(self.pixels_per_bin.sum())
         if marked > self.config.max_bad_pixel_fraction * region:
@@ -425,16 +439,10 @@ class LineOutIntegrator:
                 f"value of {frame.dtype} (saturated or bad pixels), {share}: the frame is "
                 "saturated"
             )
-        signal = np.asarray(result.sum_signal, dtype=np.float64)
         if not (signal > 0).any():
             raise FrameError("no counts in the integration region (an all-zero frame)")
-        # the bin's mean flat: sum_normalization is the sum of the flat over the bin's pixels
-        scale = np.divide(
-            count,
-            np.asarray(result.sum_normalization, dtype=np.float64),
-            out=np.zeros_like(count),
-            where=count > 0,
-        )
+        # the bin's mean flat: the normalization is the sum of the flat over the bin's pixels
+        scale = np.divide(count, flat_sum, out=np.zeros_like(count), where=count > 0)
         raw = signal + self.dark_counts * np.divide(
             count, self.pixels_per_bin, out=np.zeros_like(count), where=self.pixels_per_bin > 0
         )

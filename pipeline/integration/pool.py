@@ -240,8 +240,7 @@ class IntegratorPool:
                 raise IntegratorError(
                     f"integrator processes {starting} not ready after {timeout_s:g} s"
                 )
-            self._wait_any(0.1)
-            self.collect()
+            self.wait_any(0.1)
 
     @property
     def ready(self) -> bool:
@@ -380,9 +379,10 @@ class IntegratorPool:
         for job, _ in seat.jobs.values():
             self._send(seat, job)
 
-    def _wait_any(self, timeout_s: float) -> None:
-        pipes = [seat.pipe for seat in self._seats if seat.pipe is not None]
-        wait(pipes, timeout_s)
+    def wait_any(self, timeout_s: float) -> list[Integrated]:
+        """Wait up to ``timeout_s`` for a process to send something, then :meth:`collect`."""
+        wait([seat.pipe for seat in self._seats if seat.pipe is not None], timeout_s)
+        return self.collect()
 
     def wait_all(self, timeout_s: float) -> list[Integrated]:
         """Wait until every frame sent is integrated (:class:`IntegratorError` after
@@ -392,6 +392,5 @@ class IntegratorPool:
         while self.pending:
             if time.monotonic() > deadline:
                 raise IntegratorError(f"{self.pending} frames not integrated after {timeout_s:g} s")
-            self._wait_any(0.1)
-            done.extend(self.collect())
+            done.extend(self.wait_any(0.1))
         return done

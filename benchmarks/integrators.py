@@ -1,0 +1,221 @@
+"""Integration on several cores (issue: frame-rate integration), side by side in one run on
+the same frames: Eiger 4M frames simulated for the default model's instrument (5 m, 512
+bins), uint32 as the detector gives them, integrated in its sector (chi = 0 +- 5 degrees,
+37,815 pixels) and on the full ring (535,799 pixels).
+
+For each region, and k = 1, 2, ... up to the cores:
+
+1. **bare pyFAI on k cores**: k processes, started together, each integrating the frames with
+   pyFAI's ``integrate1d`` and the options of :class:`~pipeline.integration.LineOutIntegrator`
+   (:func:`benchmarks.integration.bare_pyfai_loop`, one OpenMP thread each: a second thread
+   makes an Eiger 4M sector slower, not faster); frames per second of all of them together;
+2. **the integrator pool of k processes**
+   (:class:`~pipeline.integration.pool.IntegratorPool`): the same frames handed over by this
+   process as fast as they go (each copied once into a slot in shared memory), from the
+   first hand-over to the last line-out back;
+3. (k = 1) **the feeder's own engine**: :meth:`LineOutIntegrator.integrate` in this process,
+   which applies pyFAI's CSR matrix to the pixels it names
+   (:class:`~pipeline.integration.csr.CsrEngine`).
+
+The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), the pool against bare
+pyFAI on as many cores (what handing frames over costs), and the feeder's engine against bare
+pyFAI. Each is the median of ``--repeats`` runs, with min and max; the cases alternate within
+a repeat, so that drifts of the machine hit them alike.
+
+Run: ``python -m benchmarks.integrators [--frames 96] [--repeats 3]`` (results in
+``benchmarks/results/integrators.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.integration import bare_pyfai_loop
+from benchmarks.report import save
+from pipeline.config import IntegrationConfig
+from pipeline.instrument import Instrument
+from pipeline.integration import LineOutIntegrator
+from pipeline.integration.pool import IntegratorPool
+from pipeline.model.checkpoint import card_instrument, read_card
+from pipeline.physics import QGrid
+from pipeline.sources import SimulatedDetector
+
+RESULTS = Path(__file__).parent / "results" / "integrators.json"
+
+
+def eiger_frames(folder: Path, n: int) -> tuple[IntegrationConfig, Instrument, list[np.ndarray]]:
+    """``n`` distinct Eiger 4M frames of the default model's instrument, with the
+    integration settings of that instrument (its PONI written to ``folder``)."""
+    from flows.scan import simulated_integration
+
+    instrument = card_instrument(read_card(None))
+    integration = simulated_integration(instrument, folder)
+    simulated = SimulatedDetector(integration, instrument, seed=1).scan("integrators", n)
+    return integration, instrument, [exposure.frame for exposure in simulated.exposures()]
+
+
+def _bare_process(
+    integration: IntegrationConfig,
+    grid: QGrid,
+    frames_file: str,
+    n: int,
+    start: multiprocessing.synchronize.Barrier,
+    seconds: multiprocessing.queues.Queue,
+) -> None:
+    """One bare process: load the frames, build the engine, wait for the others, time ``n``
+    frames of :func:`bare_pyfai_loop`."""
+    frames = list(np.load(frames_file, allow_pickle=False))
+    single = integration.model_copy(update={"openmp_threads": 1})
+    integrator = LineOutIntegrator(single, grid)
+    integrator.integrate(frames[0])  # the engine, and the thread's OpenMP limit
+    run = bare_pyfai_loop(integrator, [frames[i % len(frames)] for i in range(n)])
+    start.wait()
+    began = time.perf_counter()
+    run()
+    seconds.put(time.perf_counter() - began)
+
+
+def bare_rate(
+    integration: IntegrationConfig, grid: QGrid, frames_file: Path, processes: int, n: int
+) -> float:
+    """Frames per second of ``processes`` bare pyFAI loops of ``n`` frames each, together."""
+    context = multiprocessing.get_context("spawn")
+    start, seconds = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_bare_process, args=(integration, grid, str(frames_file), n, start, seconds)
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    slowest = max(seconds.get(timeout=600) for _ in workers)
+    for worker in workers:
+        worker.join()
+    return processes * n / slowest
+
+
+def pool_rate(
+    integration: IntegrationConfig, grid: QGrid, frames: list[np.ndarray], processes: int, n: int
+) -> float:
+    """Frames per second through an :class:`IntegratorPool` of ``processes``, ``n`` frames
+    handed over as fast as it takes them (its engines built before timing)."""
+    with IntegratorPool(integration, grid, processes) as pool:
+        pool.wait_ready(timeout_s=120)
+        began = time.perf_counter()
+        done = 0
+        for key in range(n):
+            while not pool.has_room:
+                done += len(pool.wait_any(timeout_s=1.0))
+            pool.submit(key, frames[key % len(frames)])
+        done += len(pool.wait_all(timeout_s=600))
+        elapsed = time.perf_counter() - began
+    assert done == n, (done, n)
+    return n / elapsed
+
+
+def feeder_rate(integrator: LineOutIntegrator, frames: list[np.ndarray], n: int) -> float:
+    """Frames per second of the feeder's own engine, ``n`` frames (its engine built)."""
+    integrator.integrate(frames[0])
+    began = time.perf_counter()
+    for key in range(n):
+        integrator.integrate(frames[key % len(frames)])
+    return n / (time.perf_counter() - began)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": float(np.median(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+    }
+
+
+def _ratio(over: list[float], under: list[float]) -> dict[str, float]:
+    """Statistics of the ratios of the paired runs of two cases."""
+    return _stats([a / b for a, b in zip(over, under, strict=True)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=96, help="frames per process and run")
+    parser.add_argument("--distinct", type=int, default=8, help="distinct simulated frames")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    counts = list(range(1, max(2, args.max_processes) + 1))
+    figures: dict[str, dict[str, list[float]]] = {
+        region: {f"{case}_{k}": [] for case in ("bare", "pool") for k in counts} | {"feeder": []}
+        for region in ("sector", "full_ring")
+    }
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        sector, instrument, frames = eiger_frames(folder, args.distinct)
+        settings = {
+            "sector": sector,
+            "full_ring": sector.model_copy(update={"azimuth_range_deg": None}),
+        }
+        frames_file = folder / "frames.npy"
+        np.save(frames_file, np.stack(frames))
+        grid = instrument.grid
+        own = {
+            region: LineOutIntegrator(integration, grid) for region, integration in settings.items()
+        }
+        for _ in range(args.repeats):
+            for region, integration in settings.items():
+                found = figures[region]
+                found["feeder"].append(feeder_rate(own[region], frames, args.frames))
+                for k in counts:
+                    found[f"bare_{k}"].append(
+                        bare_rate(integration, grid, frames_file, k, args.frames)
+                    )
+                    found[f"pool_{k}"].append(
+                        pool_rate(integration, grid, frames, k, args.frames * k)
+                    )
+                    print(
+                        f"{region}, {k} processes: bare pyFAI {found[f'bare_{k}'][-1]:.1f}/s, "
+                        f"pool {found[f'pool_{k}'][-1]:.1f}/s (feeder's engine "
+                        f"{found['feeder'][-1]:.1f}/s)",
+                        flush=True,
+                    )
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"frame_shape": list(frames[0].shape), "frame_dtype": str(frames[0].dtype)},
+        "targets": {"pool_2_over_1_min": 1.6},
+        "regions": {
+            region: {
+                "pixels": own[region].csr.n_pixels if own[region].csr is not None else None,
+                "feeder_engine_per_s": _stats(found["feeder"]),
+                "feeder_engine_over_bare_1": _ratio(found["feeder"], found["bare_1"]),
+                "processes": {
+                    str(k): {
+                        "bare_pyfai_per_s": _stats(found[f"bare_{k}"]),
+                        "pool_per_s": _stats(found[f"pool_{k}"]),
+                        "pool_over_bare": _ratio(found[f"pool_{k}"], found[f"bare_{k}"]),
+                        "pool_over_pool_1": _ratio(found[f"pool_{k}"], found["pool_1"]),
+                        "bare_over_bare_1": _ratio(found[f"bare_{k}"], found["bare_1"]),
+                    }
+                    for k in counts
+                },
+            }
+            for region, found in figures.items()
+        },
+    }
+    args.out.parent.mkdir(exist_ok=True)
+    save(args.out, report)
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
