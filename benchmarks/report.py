@@ -256,6 +256,24 @@ def render() -> str:
             f"{_compressions(writer)}) | ≥ 20,000 "
             f"(the GPU target through the engine) | {_met(ceiling >= 20_000)} |"
         )
+        disk = writer.get("against_the_disk")
+        if disk:
+            ratio = disk["writer_over_dd"]
+            lines.append(
+                f"| the writer's MB/s onto the disk against dd's in the same folder ("
+                f"{disk['exposures']:,} exposures in full blocks, synced; writer "
+                f"{', '.join(f'{v:,.0f}' for v in disk['writer_mb_per_s'])} MB/s, dd "
+                f"{', '.join(f'{v:,.0f}' for v in disk['dd_mb_per_s'])} MB/s) | "
+                f"{ratio:.2f} | ≥ 0.7 | {_met(ratio >= 0.7)} |"
+            )
+            if "whole_file_over_dd" in disk:
+                whole = disk["whole_file_over_dd"]
+                lines.append(
+                    "| the same, the whole file: appended, closed (a NXcanSAS SASdata group "
+                    "per exposure) and synced (writer "
+                    f"{', '.join(f'{v:,.0f}' for v in disk['whole_file_mb_per_s'])} MB/s) | "
+                    f"{whole:.2f} | ≥ 0.7 | {_met(whole >= 0.7)} |"
+                )
     orchestration = _load("orchestration")
     if orchestration:
         lines.append(

@@ -24,20 +24,31 @@ posterior draws (:data:`pipeline.store.results.SAMPLES_FILTERS`: none, the defau
 bitshuffle-LZ4), and the time per exposure to finish the file when the scan ends (the
 NXcanSAS groups).
 
-Run: ``python -m benchmarks.writer [--exposures 4096] [--repeats 3]``
-(results in ``benchmarks/results/writer.json``).
+Then the writer against the disk (issue: frame-rate integration): ``--disk-exposures`` in full
+blocks of GPU batches appended to a file in ``--folder`` and synced to the disk (``fsync``),
+from the first append to the end of the sync, in MB/s of the file (what bounds the rate a scan
+streams at); then closed (the NXcanSAS group per exposure) and synced again, in MB/s of the
+whole file from the first append (when the file is complete). Beside them, the same number
+of bytes written by ``dd`` (4 MiB blocks, ``conv=fdatasync``) into the same folder: the
+disk's own bandwidth there. The target: the writer at >= 0.7 of ``dd``.
+
+Run: ``python -m benchmarks.writer [--exposures 4096] [--repeats 3] [--disk-exposures 16384]
+[--folder DIR]`` (results in ``benchmarks/results/writer.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,32 +133,26 @@ class Measured:
     bytes: float
 
 
-def seconds_per_exposure(
-    messages: list[list[bytes]],
-    block: int,
-    chunk_bytes: int,
-    folder: Path,
-    samples_compression: str = "none",
-) -> Measured:
-    """The writer's work on ``messages``, in blocks of ``block``. The file is deleted after:
-    the gigabytes of a whole run, left for the kernel to write back, would slow the later
-    cases (measured: 0.107 instead of 0.039 ms per exposure in full blocks)."""
-    path = folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5"
+def new_writer(path: Path, **options: Any) -> ResultsWriter:
+    """The scan's results writer at ``path`` for the default model's parameters and q grid,
+    1,000 samples per exposure (``options``: the layout's)."""
     grid = PipelineConfig(scan_id="writer-benchmark").grid
-    writer = ResultsWriter(
+    return ResultsWriter(
         path,
         PARAMETER_NAMES,
         PARAMETER_UNITS,
         N_SAMPLES,
         grid.grid().q_nm,
-        chunk_bytes=chunk_bytes,
-        samples_compression=samples_compression,
         q_resolution_nm=grid.resolution_nm,
+        **options,
     )
-    exposures = 0
-    start = time.perf_counter()
+
+
+def append_in_blocks(writer: ResultsWriter, messages: list[list[bytes]], block: int) -> int:
+    """Append ``messages`` as the writer process does, ``block`` exposures at a time; the
+    exposures appended."""
+    exposures, waiting = 0, 0
     blocks: list[dict[str, np.ndarray]] = []
-    waiting = 0
     for frames in messages:
         rows = rows_of(writer, frames)
         if rows is None:
@@ -161,6 +166,23 @@ def seconds_per_exposure(
     if blocks:
         store(writer, blocks)
         exposures += waiting
+    return exposures
+
+
+def seconds_per_exposure(
+    messages: list[list[bytes]],
+    block: int,
+    chunk_bytes: int,
+    folder: Path,
+    samples_compression: str = "none",
+) -> Measured:
+    """The writer's work on ``messages``, in blocks of ``block``. The file is deleted after:
+    the gigabytes of a whole run, left for the kernel to write back, would slow the later
+    cases (measured: 0.107 instead of 0.039 ms per exposure in full blocks)."""
+    path = folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5"
+    writer = new_writer(path, chunk_bytes=chunk_bytes, samples_compression=samples_compression)
+    start = time.perf_counter()
+    exposures = append_in_blocks(writer, messages, block)
     appended = time.perf_counter()
     writer.close(n_exposures=exposures)
     finished = time.perf_counter()
@@ -171,10 +193,73 @@ def seconds_per_exposure(
     )
 
 
+def dd_mb_per_s(folder: Path, n_bytes: int) -> float:
+    """MB/s of ``dd`` writing ``n_bytes`` (4 MiB blocks) into ``folder`` and syncing them."""
+    path = folder / f"dd-{time.monotonic_ns()}.bin"
+    blocks = max(1, round(n_bytes / 4 / 2**20))
+    start = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={blocks}", "conv=fdatasync"],
+        check=True,
+        capture_output=True,
+    )
+    elapsed = time.perf_counter() - start
+    size = path.stat().st_size
+    path.unlink()
+    return size / elapsed / 1e6
+
+
+@dataclass(frozen=True)
+class OntoDisk:
+    """The writer's MB/s onto the disk: while it appends (each block flushed, then the file
+    synced: what bounds the rate a scan can stream at), and for the whole file (closing it
+    adds a NXcanSAS ``SASdata`` group per exposure, then synced); the file's bytes."""
+
+    appending_mb_per_s: float
+    whole_file_mb_per_s: float
+    bytes: int
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def writer_onto_disk(messages: list[list[bytes]], folder: Path) -> OntoDisk:
+    """The writer appending ``messages`` in full blocks to a file in ``folder``, then closing
+    it, each synced onto the disk."""
+    path = folder / f"writer-disk-{time.monotonic_ns()}.h5"
+    writer = new_writer(path)
+    start = time.perf_counter()
+    exposures = append_in_blocks(writer, messages, MAX_BLOCK)
+    _sync(path)
+    appended = time.perf_counter()
+    appended_bytes = path.stat().st_size
+    writer.close(n_exposures=exposures)
+    _sync(path)
+    closed = time.perf_counter()
+    size = path.stat().st_size
+    path.unlink()
+    return OntoDisk(appended_bytes / (appended - start) / 1e6, size / (closed - start) / 1e6, size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exposures", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--disk-exposures",
+        type=int,
+        default=16384,
+        help="exposures of the writer-against-dd case (34.9 kB each: 16,384 make 572 MB)",
+    )
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=Path.cwd(),
+        help="where the writer-against-dd case writes (default: the current folder, a disk "
+        "where results go; the temporary folder may be in memory)",
+    )
     args = parser.parse_args()
     columns = worker_results()
     runs = {  # name: (messages, writer block)
@@ -206,6 +291,15 @@ def main() -> None:
                 measures.append(
                     seconds_per_exposure(messages, block, CHUNK_BYTES, Path(name), compression)
                 )
+    disk_messages = result_messages(columns, args.disk_exposures, GPU_BATCH)
+    writer_disk: list[OntoDisk] = []
+    dd_disk: list[float] = []
+    with tempfile.TemporaryDirectory(dir=args.folder) as name:
+        for _ in range(args.repeats):  # alternating, so that drifts hit both alike
+            writer_disk.append(writer_onto_disk(disk_messages, Path(name)))
+            dd_disk.append(dd_mb_per_s(Path(name), writer_disk[-1].bytes))
+    appending = [measured.appending_mb_per_s for measured in writer_disk]
+    whole_file = [measured.whole_file_mb_per_s for measured in writer_disk]
     per_exposure_ms = {
         layout: {run: round(1e3 * float(np.median(v)), 4) for run, v in by_run.items()}
         for layout, by_run in times.items()
@@ -242,6 +336,16 @@ def main() -> None:
         "file_bytes_per_exposure": round(sizes[now]),
         "disk_mb_per_s_at_gpu_target": round(sizes[now] * GPU_TARGET_PER_S / 1e6),
         "samples_compression_full_blocks": compressions,
+        "against_the_disk": {
+            "folder": str(args.folder),
+            "exposures": args.disk_exposures,
+            "writer_mb_per_s": [round(v, 1) for v in appending],
+            "dd_mb_per_s": [round(v, 1) for v in dd_disk],
+            "writer_over_dd": round(float(np.median(np.divide(appending, dd_disk))), 3),
+            "whole_file_mb_per_s": [round(v, 1) for v in whole_file],
+            "whole_file_over_dd": round(float(np.median(np.divide(whole_file, dd_disk))), 3),
+            "target_min": 0.7,
+        },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     save(RESULTS, report)

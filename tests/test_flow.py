@@ -12,6 +12,7 @@ import time
 import h5py
 import hdf5plugin
 import numpy as np
+import pytest
 
 from flows.cli import main
 from pipeline.store import open_results
@@ -240,6 +241,7 @@ def _writer_of(command: subprocess.Popen, timeout_s: float = 120.0) -> int:
     raise AssertionError("no writer started")
 
 
+@pytest.mark.slow  # 30 s
 def test_a_demo_whose_writer_cannot_start_again_stops_in_one_paragraph(tmp_path):
     """The writer killed, and its file damaged meanwhile: the writer started again cannot
     continue it, and the command says so in a few lines (exit code 3), with the writer's

@@ -6,25 +6,13 @@ import fabio
 import numpy as np
 import pytest
 import torch
+from test_integration_corrections import SHAPE, SMALL_PONI
 
 from pipeline.config import IntegrationConfig
 from pipeline.integration import LineOutIntegrator
 from pipeline.integration.csr import CsrEngine
 from pipeline.physics import QGrid
 
-#: A Pilatus 100k 1 m from the sample, beam in its middle (engines built in milliseconds).
-SMALL_PONI = """poni_version: 2
-Detector: Pilatus100k
-Detector_config: {}
-Distance: 1.0
-Poni1: 0.0168
-Poni2: 0.0419
-Rot1: 0
-Rot2: 0
-Rot3: 0
-Wavelength: 1.55e-10
-"""
-SHAPE = (195, 487)
 DEVICES = [
     "cpu",
     pytest.param(
@@ -35,9 +23,11 @@ DEVICES = [
 
 
 def _corrections(tmp_path, rng) -> dict:
-    """A dark with unusable (NaN) pixels, and a flat about 1."""
+    """A dark with unusable (NaN) pixels and some at the int32 frames' marker (-1, which
+    pyFAI does not look for in the dark), and a flat about 1."""
     dark = rng.uniform(0.0, 3.0, SHAPE).astype(np.float32)
     dark[::17, ::13] = np.nan
+    dark[3::19, 2::23] = -1.0
     np.save(tmp_path / "dark.npy", dark)
     np.save(tmp_path / "flat.npy", rng.uniform(0.8, 1.2, SHAPE).astype(np.float32))
     return {"dark": tmp_path / "dark.npy", "flat": tmp_path / "flat.npy"}

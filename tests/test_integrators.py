@@ -7,13 +7,13 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline.config import IntegrationConfig, PipelineConfig
+from pipeline.config import IntegrationConfig, PipelineConfig, TransportConfig
 from pipeline.integration import FrameError, LineOutIntegrator
 from pipeline.integration.pool import MAX_TRIES, IntegratorError, IntegratorPool
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
 from pipeline.store import open_results
-from workers.feeder import Feeder
+from workers.feeder import Feeder, ScanError
 
 SECTOR = IntegrationConfig(azimuth_range_deg=(-5.0, 5.0))
 
@@ -72,6 +72,18 @@ def test_a_killed_integrator_is_replaced_and_its_frames_are_integrated_once(fram
         assert pool.restarts == 1 and stopped not in pool.pids and len(pool.pids) == 2
     assert sorted(done) == [0, 1, 2, 3]
     assert all(result.line_out is not None for result in done.values())
+
+
+def test_an_idle_integrator_killed_is_replaced(frames):
+    with IntegratorPool(SECTOR, QGrid(), processes=2) as pool:
+        pool.wait_ready(timeout_s=60)
+        killed = pool.pids[1]
+        os.kill(killed, signal.SIGKILL)
+        while pool.restarts == 0:
+            pool.wait_any(0.1)
+        pool.wait_ready(timeout_s=60)
+        assert killed not in pool.pids
+        assert len(_integrate_all(pool, frames)) == len(frames)
 
 
 def test_a_frame_its_integrator_dies_under_twice_fails_and_the_next_goes_on(frames):
@@ -137,3 +149,25 @@ def test_a_scan_through_integrator_processes_stores_what_the_feeder_s_engine_doe
     assert two.index.tolist() == list(range(12))  # every exposure once
     np.testing.assert_array_equal(one.counts, two.counts)
     assert one.error.tolist() == two.error.tolist()
+
+
+def test_a_scan_whose_integrators_all_hang_stops_saying_so(tmp_path):
+    config = PipelineConfig(
+        scan_id="hung",
+        n_workers=1,
+        n_integrators=2,
+        output_dir=tmp_path,
+        transport=TransportConfig(result_timeout_s=3.0),
+    )
+    exposures = SimulatedDetector(config.integration, seed=5).scan("hung", 5).exposures()
+    with Feeder(config) as feeder:
+        pool = feeder.integration.pool
+        assert pool is not None
+        pool.wait_ready(timeout_s=60)
+        for pid in pool.pids:
+            _stop(pid)
+        with pytest.raises(ScanError, match="no integrator process finished a frame in 3"):
+            for exposure in exposures:  # 2 slots each: the fifth finds none
+                feeder.submit(exposure)
+        for pid in pool.pids:
+            os.kill(pid, signal.SIGCONT)

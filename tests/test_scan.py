@@ -505,6 +505,7 @@ def _writer_pid(feeder: Feeder) -> int:
     return feeder.children["writer"]
 
 
+@pytest.mark.slow  # 26 s
 def test_a_writer_killed_twice_is_started_again_and_the_scan_goes_on(tmp_path, reliability):
     """SIGKILL of the results writer, twice during a scan of 1,000 exposures (some of them
     failure records, which go straight to the writer): a new writer continues the file each

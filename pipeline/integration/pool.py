@@ -1,11 +1,14 @@
 """Integration in processes of their own, for detectors faster than one pyFAI engine.
 
-One engine does not get faster with a second OpenMP thread on a sector: most of an Eiger 4M
-frame's 12 ms is spent preparing the 4.5 million pixels (type conversion, masks, dummy
-values), not in the sparse product (12.2 ms per frame on one thread, 13.9 ms on two, on this
-project's build machine). :class:`IntegratorPool` runs ``processes`` engines instead, each a
-spawned process with its own :class:`~pipeline.integration.LineOutIntegrator` (one OpenMP
-thread unless the configuration says otherwise).
+pyFAI's ``integrate1d`` does not get faster with a second OpenMP thread on an Eiger 4M
+sector: most of its 12-23 ms per frame is spent preparing the 4.5 million pixels (12.2 ms on
+one thread, 13.9 ms on two, on this project's build machine). :class:`IntegratorPool` runs
+``processes`` engines instead, each a spawned process with its own
+:class:`~pipeline.integration.LineOutIntegrator` (one OpenMP thread unless the configuration
+says otherwise). It pays where a frame's integration costs more than its copy (1.3-2.5 ms
+for 18 MB): the ``lut`` and ``histogram`` methods, a full ring; the ``csr`` method's own
+engine sums only the pixels of the region (:mod:`pipeline.integration.csr`, about 1 ms per
+Eiger 4M sector frame), faster in the feeder than any copy.
 
 Frames reach them through shared memory: each process has ``slots`` slot files (``/dev/shm``
 where it exists); :meth:`IntegratorPool.submit` copies a frame into a free slot of the least
@@ -47,6 +50,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import traceback
 import weakref
@@ -123,8 +127,11 @@ class _Failed:
 
 def _integrate_from_slots(config: IntegrationConfig, grid: QGrid, pipe: Connection) -> None:
     """An integrator process: build the engine, then integrate each job's frame until the pipe
-    closes or says ``None``."""
+    closes or says ``None``. It leaves the terminal's process group: a Ctrl-C or a signal
+    to the group reaches the owner, which stops it (a dead owner closes the pipe)."""
     try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         integrator = LineOutIntegrator(config, grid)
         pipe.send(_Ready(os.getpid()))
         maps: dict[str, np.memmap] = {}
@@ -169,8 +176,10 @@ class _Seat:
         """Slot ``number`` holding a copy of ``frame`` (a larger file where it does not fit)."""
         if number not in self.buffers or self.buffers[number][1].size < frame.nbytes:
             path = os.path.join(self.folder, f"seat-{self.number}-slot-{number}-{frame.nbytes}.bin")
-            with open(path, "wb") as file:
-                file.truncate(max(frame.nbytes, 1))
+            with open(path, "wb") as file:  # OSError where /dev/shm has no room for it
+                os.posix_fallocate(file.fileno(), 0, max(frame.nbytes, 1))
+            if number in self.buffers:
+                os.remove(self.buffers[number][0])
             self.buffers[number] = (path, np.memmap(path, dtype=np.uint8, mode="r+"))
         path, buffer = self.buffers[number]
         frame_view(buffer, frame.shape, frame.dtype)[...] = frame
@@ -208,6 +217,7 @@ class IntegratorPool:
         weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)  # also at exit
         self._seats = [_Seat(number, self._folder, slots) for number in range(processes)]
         self._tries: dict[int, int] = {}
+        self._arrived: list[Integrated] = []  # collected, not yet returned
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -248,8 +258,9 @@ class IntegratorPool:
         return all(seat.ready for seat in self._seats)
 
     def close(self) -> None:
-        """Stop the processes (terminated after :data:`STOP_TIMEOUT_S`) and remove the slots;
-        frames not integrated yet are dropped."""
+        """Stop the processes (each ends the frame it integrates; terminated after
+        :data:`STOP_TIMEOUT_S`) and remove the slots; frames not integrated yet are dropped
+        (:attr:`pending` is 0)."""
         if self._closed:
             return
         self._closed = True
@@ -260,6 +271,7 @@ class IntegratorPool:
         for seat in self._seats:
             self._end(seat)
             seat.buffers.clear()
+            seat.jobs.clear()
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def _end(self, seat: _Seat) -> None:
@@ -287,7 +299,13 @@ class IntegratorPool:
     @property
     def has_room(self) -> bool:
         """Whether a process has a free slot for another frame."""
-        return any(seat.free_slot() is not None for seat in self._seats)
+        return bool(self._free_seats())
+
+    def _free_seats(self) -> list[_Seat]:
+        """Seats with a process and a free slot."""
+        if self._closed:
+            return []
+        return [s for s in self._seats if s.pipe is not None and s.free_slot() is not None]
 
     @property
     def pending(self) -> int:
@@ -302,10 +320,11 @@ class IntegratorPool:
         is free: wait for :attr:`has_room`)."""
         if any(key in seat.jobs for seat in self._seats):
             raise ValueError(f"frame {key} is being integrated already")
-        free = [seat for seat in self._seats if seat.free_slot() is not None]
+        free = self._free_seats()
         if not free:
             raise RuntimeError("no integrator has a free slot: wait for has_room")
-        seat = min(free, key=lambda seat: len(seat.jobs))
+        # the least busy, one with its engine built first
+        seat = min(free, key=lambda seat: (len(seat.jobs), not seat.ready))
         number = seat.free_slot()
         assert number is not None  # (a seat with a free slot)
         job = _Job(key, seat.slot_for(number, frame), float(normalization), source)
@@ -325,9 +344,9 @@ class IntegratorPool:
     def collect(self) -> list[Integrated]:
         """What has been integrated since the last call (without waiting); a process that
         died is replaced, and its frames sent to the new one."""
-        done: list[Integrated] = []
-        for seat in self._seats:
-            done.extend(self._drain(seat))
+        for seat in self._seats:  # an IntegratorError keeps what arrived for the next call
+            self._arrived.extend(self._drain(seat))
+        done, self._arrived = self._arrived, []
         return done
 
     def _drain(self, seat: _Seat) -> Iterator[Integrated]:
@@ -356,8 +375,9 @@ class IntegratorPool:
         assert seat.process is not None
         seat.process.join(STOP_TIMEOUT_S)
         code = seat.process.exitcode
+        was_ready = seat.ready
         self._end(seat)
-        if not seat.ever_ready or not (seat.ready or seat.jobs):
+        if not seat.ever_ready or not (was_ready or seat.jobs):
             raise IntegratorError(
                 f"integrator process {seat.number} exited with code {code} before its engine "
                 "was built"

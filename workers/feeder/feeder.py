@@ -264,8 +264,14 @@ class Feeder:
         if placed is None:
             return
         self._taken(placed)
+        since, timeout_s = time.monotonic(), self.config.transport.result_timeout_s
         while not self.integration.has_room:  # every integrator process holds its frames
             self.collect(timeout_ms=200)
+            if time.monotonic() - since > timeout_s:
+                held = self.integration.pending
+                raise ScanError(
+                    f"no integrator process finished a frame in {timeout_s} s ({held} held)"
+                )
         self._forward([(placed, self.integration.begin(placed))])
 
     def _forward(self, integrated: list[tuple[Exposure, LineOut | Unusable | None]]) -> None:

@@ -78,7 +78,7 @@ MAX_AUTO_INTEGRATORS = 8
 
 def integrator_processes(config: PipelineConfig) -> int:
     """pyFAI engines for the scan: ``n_integrators``; else 1 for the ``csr`` method (it sums
-    only the pixels its matrix names: 1.1 ms per Eiger 4M sector frame in the feeder, less
+    only the pixels its matrix names: 1.0 ms per Eiger 4M sector frame in the feeder, less
     than copying the frame to another process), and for the others the cores this process
     may use beside its local CPU inference workers (all of them with GPU workers), at least
     1 and at most :data:`MAX_AUTO_INTEGRATORS`."""
