@@ -274,6 +274,14 @@ def render() -> str:
                     f"{', '.join(f'{v:,.0f}' for v in disk['whole_file_mb_per_s'])} MB/s) | "
                     f"{whole:.2f} | ≥ 0.7 | {_met(whole >= 0.7)} |"
                 )
+            if "whole_file_first_group_over_dd" in disk:
+                first = disk["whole_file_first_group_over_dd"]
+                lines.append(
+                    "| the same with only the first exposure's SASdata group (--sasdata-groups "
+                    "first, for high-rate scans; writer "
+                    f"{', '.join(f'{v:,.0f}' for v in disk['whole_file_first_group_mb_per_s'])}"
+                    f" MB/s) | {first:.2f} | ≥ 0.7 | {_met(first >= 0.7)} |"
+                )
     orchestration = _load("orchestration")
     if orchestration:
         lines.append(

@@ -202,6 +202,12 @@ class StoreConfig(_Strict):
     readers need the filter plugin, e.g. import hdf5plugin); measured by python -m
     benchmarks.writer."""
 
+    sasdata_groups: Literal["every", "first"] = "every"
+    """NXcanSAS SASdata groups written when the scan ends: one per exposure with a line-out
+    (every: SasView reads each curve; about 0.3-0.9 ms per exposure at the end of the scan),
+    or only the first exposure's (first: for scans of many thousand exposures, whose file is
+    then complete at once; every line-out stays in line_out/I, which silx and h5py read)."""
+
 
 class ScanSettings(_Strict):
     """Everything the processing of a scan needs but its name and its source: what the scans

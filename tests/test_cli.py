@@ -169,3 +169,20 @@ def test_demo_refuses_an_instrument_that_is_not_the_model_s(prefect_harness, tmp
     assert line.startswith("beamline-inn demo: error: the model ")
     assert "for the instrument 'default'" in line and "not for 'pilatus1m-5m-sector'" in line
     assert not out.exists()
+
+
+def test_scan_options_reach_the_scan_s_configuration(tmp_path):
+    from importlib.resources import files
+
+    from flows.cli import build_parser
+    from flows.commands.arguments import scan_config
+
+    poni = files("pipeline") / "data" / "eiger4m_5m_8keV.poni"  # the default model's
+    paths = [str(tmp_path), "--poni", str(poni), "--out", str(tmp_path)]
+    options = ["--sasdata-groups", "first", "--samples-compression", "gzip", "--integrators", "2"]
+    args = build_parser().parse_args(["reprocess", *paths, *options])
+    config = scan_config(args, "s1")
+    assert config.store.sasdata_groups == "first" and config.store.samples_compression == "gzip"
+    assert config.n_integrators == 2
+    defaults = scan_config(build_parser().parse_args(["reprocess", *paths]), "s2")
+    assert defaults.store.sasdata_groups == "every" and defaults.n_integrators is None

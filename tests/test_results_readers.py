@@ -198,6 +198,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # 24-32 s each: the default suite stays under 15 min
 @pytest.mark.parametrize("viewer", ["holder", "poller"])
 def test_a_demo_finishes_its_file_while_a_viewer_holds_or_polls_it(tmp_path, viewer):
     """A viewer (h5py in SWMR mode, holding the file from its creation to the end; or

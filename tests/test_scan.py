@@ -6,11 +6,18 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 from conftest import nexus_validation_problems
 
-from pipeline.config import CPU_MAX_BATCH, InferenceConfig, PipelineConfig, TransportConfig
+from pipeline.config import (
+    CPU_MAX_BATCH,
+    InferenceConfig,
+    PipelineConfig,
+    StoreConfig,
+    TransportConfig,
+)
 from pipeline.exposure import Exposure, LineOut
 from pipeline.physics import PARAMETER_NAMES, QGrid, simulate
 from pipeline.sources import SimulatedDetector
@@ -611,3 +618,19 @@ def test_line_outs_a_grating_cannot_explain_are_flagged_in_the_file(tmp_path):
     gratings = ~results.flagged  # both width solutions, as the exact posterior has them
     np.testing.assert_allclose(results.width_mode_weights.sum(axis=1), 1.0, rtol=1e-6)
     assert (np.abs(results.width_mode_weights[gratings, 0] - 0.5) < 0.1).all()
+
+
+def test_a_scan_asked_for_the_first_sasdata_group_only_writes_one(tmp_path):
+    config = PipelineConfig(
+        scan_id="high-rate",
+        n_workers=1,
+        output_dir=tmp_path,
+        store=StoreConfig(sasdata_groups="first"),
+    )
+    with Feeder(config) as feeder:
+        for exposure, line_out in _line_outs(5, seed=4):
+            feeder.submit_line_out(exposure, line_out)
+        assert feeder.wait().written_ok == 5
+    with h5py.File(config.output_path) as handle:
+        assert [k for k in handle["entry"] if k.startswith("sasdata_")] == ["sasdata_000000"]
+        assert handle["entry/line_out/I"].shape[0] == 5

@@ -482,3 +482,31 @@ def test_masked_bins_are_stored_as_nan_beside_the_mask_with_the_instrument(tmp_p
         assert "beamline_inn_instrument" not in handle["entry/instrument/geometry"]
     old = open_results(tmp_path / "old.h5")
     assert old.instrument is None and (old.counts[0, masked] == 0).all()
+
+
+def test_a_file_with_only_the_first_sasdata_group_is_nxcansas_and_keeps_every_line_out(tmp_path):
+    """``sasdata_groups="first"`` (high-rate scans): one SASdata group, the first exposure
+    with a line-out's, which SasView, our NXcanSAS reader and the NeXus validator take; every
+    row stays in the file."""
+    from conftest import nexus_validation_problems
+    from sasdata.dataloader.loader import Loader
+
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", sasdata_groups="first") as writer:
+        for index in (3, 1, 2):
+            writer.append(_ok(index))
+        writer.append(ExposureResult(index=0, timestamp=0.0, status="failed", error="bad frame"))
+    with h5py.File(path) as handle:
+        assert sorted(k for k in handle["entry"] if k.startswith("sasdata_")) == ["sasdata_000001"]
+        assert handle["entry"].attrs["default"] == "sasdata_000001"
+    assert [c.name for c in read_nxcansas(path)] == ["entry/sasdata_000001"]
+    (curve,) = Loader().load(str(path))
+    np.testing.assert_allclose(curve.y, _ok(1).counts / _ok(1).normalization, rtol=1e-6)
+    results = open_results(path)
+    assert sorted(results.index.tolist()) == [0, 1, 2, 3]
+    assert nexus_validation_problems(path) == []
+
+
+def test_a_writer_refuses_an_unknown_choice_of_sasdata_groups(tmp_path):
+    with pytest.raises(ValueError, match="every or first"):
+        ResultsWriter(tmp_path / "scan.h5", NAMES, UNITS, 10, Q, sasdata_groups="none")

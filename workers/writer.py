@@ -151,6 +151,7 @@ def open_writer(
         resume=resume,
         drop_indices=read_dropped_rows(run_dir),
         samples_compression=config.store.samples_compression,
+        sasdata_groups=config.store.sasdata_groups,
         q_resolution_nm=config.grid.resolution_nm,
         instrument=card_instrument(card),
     )

@@ -130,6 +130,14 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         "HDF5 reader), gzip (smaller, the writer slower) or bitshuffle-lz4 (readers need the "
         "bitshuffle plugin, e.g. `import hdf5plugin`)",
     )
+    command.add_argument(
+        "--sasdata-groups",
+        choices=("every", "first"),
+        default="every",
+        help="NXcanSAS SASdata groups added when the scan ends: every exposure's (default; "
+        "SasView reads each curve, about 0.3-0.9 ms per exposure) or only the first one's "
+        "(high-rate scans: the file is complete at once; line_out/I holds every line-out)",
+    )
 
 
 def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
@@ -161,7 +169,9 @@ def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
             normalization_keys=tuple(args.normalize_by),
         ),
         inference=InferenceConfig(n_samples=args.samples, model=args.model),
-        store=StoreConfig(samples_compression=args.samples_compression),
+        store=StoreConfig(
+            samples_compression=args.samples_compression, sasdata_groups=args.sasdata_groups
+        ),
         transport=TransportConfig(
             remote_work=args.remote_work,
             curve_secret_key=args.curve_key,

@@ -123,11 +123,13 @@ SASDATA_ATTRIBUTES = {
 _BLOCK_ROWS = 1024
 
 
-def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
+def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False) -> None:
     """Add to a results file's ``entry`` (open for writing: the writer's own handle, in SWMR
     mode or not; a new or resumed file, which holds none yet) one NXcanSAS ``SASdata`` group
-    per exposure among its first ``n_rows`` rows that has a line-out, and make the first
-    (lowest index) the entry's ``default``: a SASentry's default plot is one of its SASdata.
+    per exposure among its first ``n_rows`` rows that has a line-out (with ``first_only``,
+    only for the first of them: the file stays NXcanSAS, and finishing a scan of a million
+    exposures takes no time), and make the first (lowest index) the entry's ``default``: a
+    SASentry's default plot is one of its SASdata.
 
     ``sasdata_NNNNNN`` (NNNNNN: the exposure index) holds ``I`` and ``Idev``, plain copies of
     the exposure's row of ``line_out/I`` and ``line_out/Idev`` (every reader opens them;
@@ -145,6 +147,8 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int) -> None:
     status = entry[DATASETS_BY_NAME["status"].path][:n_rows]
     ok = np.flatnonzero((index >= 0) & (status == b"ok"))
     rows = ok[np.argsort(index[ok], kind="stable")]
+    if first_only:
+        rows = rows[:1]
     n_q = line_out["q_nm"].shape[0]
     text = _TextAttributes()
     curve = h5py.h5s.create_simple((n_q,))

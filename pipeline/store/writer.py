@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import hdf5plugin  # registers the bitshuffle filter: samples of files that chose it
@@ -108,6 +108,9 @@ class ResultsWriter:
     (:data:`~pipeline.store.schema.INSTRUMENT_PATH`); its masked bins are True in ``line_out/I_mask`` and NaN in
     every row's counts, counts_sd, I and Idev, whatever was sent for them (an integrator gives
     0 counts where no pixel falls). Without it no bin is masked.
+
+    ``sasdata_groups``: the NXcanSAS ``SASdata`` groups :meth:`close` adds, ``"every"``
+    exposure's or only the ``"first"`` one's (:func:`~pipeline.store.nxcansas.add_sasdata_groups`).
     """
 
     def __init__(
@@ -129,8 +132,12 @@ class ResultsWriter:
         samples_compression: str = "none",
         q_resolution_nm: float | None = None,
         instrument: Instrument | None = None,
+        sasdata_groups: Literal["every", "first"] = "every",
     ) -> None:
         self.path = Path(path)
+        if sasdata_groups not in ("every", "first"):
+            raise ValueError(f"sasdata_groups is every or first, not {sasdata_groups!r}")
+        self.sasdata_groups = sasdata_groups
         if samples_compression not in SAMPLES_FILTERS:
             raise ValueError(
                 f"unknown samples compression {samples_compression!r}: "
@@ -339,7 +346,8 @@ class ResultsWriter:
 
     def close(self, n_exposures: int | None = None) -> None:
         """Finish the file with this handle, then close it: add one NXcanSAS ``SASdata``
-        group per exposure with a line-out (:func:`pipeline.store.nxcansas.add_sasdata_groups`)
+        group per exposure with a line-out, or only the first exposure's
+        (:attr:`sasdata_groups`; :func:`pipeline.store.nxcansas.add_sasdata_groups`)
         and, given the scan's ``n_exposures`` when it ended, mark the scan complete
         (:func:`~pipeline.store.reader.read_completion`; ``ValueError``, after the groups are written and the file
         closed, when the file holds another number of rows). Nothing reopens the file, so
@@ -349,7 +357,7 @@ class ResultsWriter:
             return
         entry = self.file["entry"]
         try:
-            add_sasdata_groups(entry, self.n_rows)
+            add_sasdata_groups(entry, self.n_rows, first_only=self.sasdata_groups == "first")
             if n_exposures is not None and n_exposures == self.n_rows:
                 entry.attrs.modify("complete", True)
                 entry.attrs.modify("n_exposures", n_exposures)
