@@ -46,6 +46,11 @@ def _compressions(writer: dict) -> str:
     )
 
 
+def _listed(values: list[float]) -> str:
+    """Figures of the repeats, rounded to whole units: ``"254, 718, 750"``."""
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
 def _met(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**yes**" if ok else "**no**")
 
@@ -262,8 +267,8 @@ def render() -> str:
             lines.append(
                 f"| the writer's MB/s onto the disk against dd's in the same folder ("
                 f"{disk['exposures']:,} exposures in full blocks, synced; writer "
-                f"{', '.join(f'{v:,.0f}' for v in disk['writer_mb_per_s'])} MB/s, dd "
-                f"{', '.join(f'{v:,.0f}' for v in disk['dd_mb_per_s'])} MB/s) | "
+                f"{_listed(disk['writer_mb_per_s'])} MB/s, dd {_listed(disk['dd_mb_per_s'])} "
+                "MB/s) | "
                 f"{ratio:.2f} | ≥ 0.7 | {_met(ratio >= 0.7)} |"
             )
             if "whole_file_over_dd" in disk:
@@ -271,7 +276,7 @@ def render() -> str:
                 lines.append(
                     "| the same, the whole file: appended, closed (a NXcanSAS SASdata group "
                     "per exposure) and synced (writer "
-                    f"{', '.join(f'{v:,.0f}' for v in disk['whole_file_mb_per_s'])} MB/s) | "
+                    f"{_listed(disk['whole_file_mb_per_s'])} MB/s) | "
                     f"{whole:.2f} | ≥ 0.7 | {_met(whole >= 0.7)} |"
                 )
             if "whole_file_first_group_over_dd" in disk:
@@ -279,8 +284,7 @@ def render() -> str:
                 lines.append(
                     "| the same with only the first exposure's SASdata group (--sasdata-groups "
                     "first, for high-rate scans; writer "
-                    f"{', '.join(f'{v:,.0f}' for v in disk['whole_file_first_group_mb_per_s'])}"
-                    f" MB/s) | {first:.2f} | ≥ 0.7 | {_met(first >= 0.7)} |"
+                    f"{_listed(disk['whole_file_first_group_mb_per_s'])} MB/s) | {first:.2f} | ≥ 0.7 | {_met(first >= 0.7)} |"
                 )
     orchestration = _load("orchestration")
     if orchestration:

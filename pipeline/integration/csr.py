@@ -12,8 +12,8 @@ splitting: each pixel is summed whole into one bin), keeps only the columns of t
 names, and per frame gathers those pixels and applies pyFAI's own preprocessing to them alone
 (the rules of pyFAI's Cython preprocessing: float32 values; a pixel is left out where it or
 the flat holds the bad-pixel marker, where the value, the dark-subtracted value or the flat is
-not finite, and where the flat is 0; the dark subtracted in float32), then sums them per bin in float64 with the
-matrix as a ``torch`` sparse CSR tensor. The sums are pyFAI's: the pixel count, the signal
+not finite, and where the flat is 0; the dark subtracted in float32), then sums them per bin
+in float64 with the matrix as a ``torch`` sparse CSR tensor. The sums are pyFAI's: the pixel count, the signal
 and the normalization (flat) of each bin, equal to ``integrate1d``'s to 1e-6 relative (tested
 on CPU tensors, and on CUDA where there is one).
 
@@ -85,9 +85,10 @@ class CsrEngine:
                 device=self.device,
             )
         # each pixel's bin and coefficient, by column
+        by_column = np.argsort(columns)
         bin_of = np.repeat(np.arange(self.n_bins), np.diff(indptr))
-        self._bin_of = torch.as_tensor(bin_of[np.argsort(columns)], device=self.device)
-        self._coefficient = torch.as_tensor(coefficients[np.argsort(columns)], device=self.device)
+        self._bin_of = torch.as_tensor(bin_of[by_column], device=self.device)
+        self._coefficient = torch.as_tensor(coefficients[by_column], device=self.device)
         self._pixels = torch.as_tensor(self.pixels, device=self.device)
         self._dark = self._region(dark)
         self._flat = self._region(flat)
@@ -181,13 +182,11 @@ class CsrEngine:
             left_out |= ~torch.isfinite(values)
         if dummy is None:
             return left_out
-        marker, tolerance = (
-            torch.tensor(v, dtype=torch.float32, device=self.device) for v in dummy
-        )
+        marker, tolerance = dummy  # python floats: compared in the images' float32
         for image in (values, self._flat):
             if image is None:
                 continue
-            if float(tolerance) == 0:
+            if tolerance == 0:
                 left_out |= image == marker
             else:
                 left_out |= (image - marker).abs() <= tolerance
