@@ -17,9 +17,15 @@ For each region, and k = 1, 2, ... up to the cores:
    which applies pyFAI's CSR matrix to the pixels it names
    (:class:`~pipeline.integration.csr.CsrEngine`).
 
-The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), the pool against bare
-pyFAI on as many cores (what handing frames over costs), and the feeder's engine against bare
-pyFAI. Each is the median of ``--repeats`` runs, with min and max; the cases alternate within
+The same again for the sector with the frames compressed as an Eiger's stream sends them
+(bitshuffle-LZ4 in HDF5 framing,
+:class:`~pipeline.sources.dectris.codecs.EncodedFrame`): the feeder's engine then decodes
+each frame before integrating it (what a scan with one engine does), and the pool's
+processes decode them (``decode_frames=False``); only the compressed bytes are copied.
+
+The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded and for
+compressed frames, the pool against bare pyFAI on as many cores (what handing frames over
+costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats`` runs, with min and max; the cases alternate within
 a repeat, so that drifts of the machine hit them alike.
 
 Run: ``python -m benchmarks.integrators [--frames 96] [--repeats 3]`` (results in
@@ -33,10 +39,12 @@ import json
 import multiprocessing
 import os
 import platform
+import struct
 import tempfile
 import time
 from pathlib import Path
 
+import bitshuffle
 import numpy as np
 
 from benchmarks.integration import bare_pyfai_loop
@@ -48,6 +56,7 @@ from pipeline.integration.pool import IntegratorPool
 from pipeline.model.checkpoint import card_instrument, read_card
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
+from pipeline.sources.dectris.codecs import EncodedFrame
 
 RESULTS = Path(__file__).parent / "results" / "integrators.json"
 
@@ -61,6 +70,15 @@ def eiger_frames(folder: Path, n: int) -> tuple[IntegrationConfig, Instrument, l
     integration = simulated_integration(instrument, folder)
     simulated = SimulatedDetector(integration, instrument, seed=1).scan("integrators", n)
     return integration, instrument, [exposure.frame for exposure in simulated.exposures()]
+
+
+def stream_encoded(frame: np.ndarray) -> EncodedFrame:
+    """``frame`` compressed as an Eiger's stream sends it: bitshuffle-LZ4 after the 12-byte
+    HDF5 filter header (bitshuffle's default block size)."""
+    blob = bitshuffle.compress_lz4(np.ascontiguousarray(frame)).tobytes()
+    header = struct.pack(">QI", frame.nbytes, 0)
+    element = frame.dtype.itemsize
+    return EncodedFrame(header + blob, frame.shape, frame.dtype.str, "bslz4", element, "hdf5")
 
 
 def _bare_process(
@@ -105,7 +123,11 @@ def bare_rate(
 
 
 def pool_rate(
-    integration: IntegrationConfig, grid: QGrid, frames: list[np.ndarray], processes: int, n: int
+    integration: IntegrationConfig,
+    grid: QGrid,
+    frames: list[np.ndarray] | list[EncodedFrame],
+    processes: int,
+    n: int,
 ) -> float:
     """Frames per second through an :class:`IntegratorPool` of ``processes``, ``n`` frames
     handed over as fast as it takes them (its engines built before timing)."""
@@ -123,12 +145,20 @@ def pool_rate(
     return n / elapsed
 
 
-def feeder_rate(integrator: LineOutIntegrator, frames: list[np.ndarray], n: int) -> float:
-    """Frames per second of the feeder's own engine, ``n`` frames (its engine built)."""
-    integrator.integrate(frames[0])
+def feeder_rate(
+    integrator: LineOutIntegrator, frames: list[np.ndarray] | list[EncodedFrame], n: int
+) -> float:
+    """Frames per second of the feeder's own engine, ``n`` frames (its engine built),
+    each decoded first where it is compressed."""
+
+    def frame(key: int) -> np.ndarray:
+        given = frames[key % len(frames)]
+        return given.decode() if isinstance(given, EncodedFrame) else given
+
+    integrator.integrate(frame(0))
     began = time.perf_counter()
     for key in range(n):
-        integrator.integrate(frames[key % len(frames)])
+        integrator.integrate(frame(key))
     return n / (time.perf_counter() - began)
 
 
@@ -158,6 +188,7 @@ def main() -> None:
         region: {f"{case}_{k}": [] for case in ("bare", "pool") for k in counts} | {"feeder": []}
         for region in ("sector", "full_ring")
     }
+    compressed: dict[str, list[float]] = {f"pool_{k}": [] for k in counts} | {"feeder": []}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         sector, instrument, frames = eiger_frames(folder, args.distinct)
@@ -171,7 +202,17 @@ def main() -> None:
         own = {
             region: LineOutIntegrator(integration, grid) for region, integration in settings.items()
         }
+        encoded = [stream_encoded(frame) for frame in frames]
         for _ in range(args.repeats):
+            compressed["feeder"].append(feeder_rate(own["sector"], encoded, args.frames))
+            for k in counts:
+                compressed[f"pool_{k}"].append(pool_rate(sector, grid, encoded, k, args.frames * k))
+                print(
+                    f"sector, bitshuffle-LZ4 frames, {k} processes: pool "
+                    f"{compressed[f'pool_{k}'][-1]:.1f}/s (feeder's engine, decoding "
+                    f"{compressed['feeder'][-1]:.1f}/s)",
+                    flush=True,
+                )
             for region, integration in settings.items():
                 found = figures[region]
                 found["feeder"].append(feeder_rate(own[region], frames, args.frames))
@@ -210,6 +251,21 @@ def main() -> None:
                 },
             }
             for region, found in figures.items()
+        },
+        "sector_bitshuffle_lz4": {
+            "compressed_mb_per_frame": float(np.mean([len(e.data) for e in encoded]) / 1e6),
+            "decoded_mb_per_frame": frames[0].nbytes / 1e6,
+            "feeder_engine_decoding_per_s": _stats(compressed["feeder"]),
+            "processes": {
+                str(k): {
+                    "pool_per_s": _stats(compressed[f"pool_{k}"]),
+                    "pool_over_pool_1": _ratio(compressed[f"pool_{k}"], compressed["pool_1"]),
+                    "pool_over_feeder_engine": _ratio(
+                        compressed[f"pool_{k}"], compressed["feeder"]
+                    ),
+                }
+                for k in counts
+            },
         },
     }
     args.out.parent.mkdir(exist_ok=True)

@@ -104,6 +104,38 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
                 f"2 cores {_spread(two['bare_over_bare_1'])}×) | {_spread(scaling)} | ≥ 1.6 | "
                 f"{_met(scaling['median'] >= 1.6)} |"
             )
+    compressed = integrators.get("sector_bitshuffle_lz4")
+    two = compressed["processes"].get("2") if compressed else None
+    if compressed and two:
+        scaling = two["pool_over_pool_1"]
+        rows.append(
+            f"| 2 integrator processes / 1, Eiger 4M sector from bitshuffle-LZ4 frames as a "
+            f"stream sends them ({compressed['compressed_mb_per_frame']:.2f} MB each), decoded "
+            f"by the processes ({two['pool_per_s']['median']:.0f}/s against "
+            f"{compressed['processes']['1']['pool_per_s']['median']:.0f}/s; against the "
+            f"feeder's engine decoding them itself, "
+            f"{compressed['feeder_engine_decoding_per_s']['median']:.0f}/s: "
+            f"{_spread(two['pool_over_feeder_engine'])}×) | {_spread(scaling)} | ≥ 1.6 | "
+            f"{_met(scaling['median'] >= 1.6)} |"
+        )
+    return rows
+
+
+def _latency_rows(pipeline: dict, how: str, p99_max: float) -> list[str]:
+    """The summary's latency rows of a run of ``benchmarks.pipeline`` (``how``: what was
+    special about the run)."""
+    rows = []
+    for detector, entry in pipeline["detectors"].items():
+        for label, latency in entry["latency_ms"].items():
+            p99 = latency["p99"]["median"]
+            target = f"≤ {p99_max:.0f} ms" if label == "10_hz" else "—"
+            met = _met(p99 <= p99_max) if label == "10_hz" else "—"
+            rows.append(
+                f"| latency, frame handed over → written, {detector} at "
+                f"{latency['rate_hz']:.1f} Hz ({label.replace('_', ' ')}{how}): p50 / p99 | "
+                f"{latency['p50']['median']:.0f} / {_spread(latency['p99'], digits=0)} ms | "
+                f"{target} (p99) | {met} |"
+            )
     return rows
 
 
@@ -144,17 +176,10 @@ def render() -> str:
                 f"{entry['integration_limit_per_s']['median']:.1f}/s) | {_spread(ratio)} | ≥ 0.8 "
                 f"| {_met(ratio['median'] >= 0.8)} |"
             )
-        for detector, entry in pipeline["detectors"].items():
-            for label, latency in entry["latency_ms"].items():
-                p99 = latency["p99"]["median"]
-                target = f"≤ {p99_max:.0f} ms" if label == "10_hz" else "—"
-                met = _met(p99 <= p99_max) if label == "10_hz" else "—"
-                lines.append(
-                    f"| latency, frame handed over → written, {detector} at "
-                    f"{latency['rate_hz']:.1f} Hz ({label.replace('_', ' ')}): p50 / p99 | "
-                    f"{latency['p50']['median']:.0f} / {_spread(latency['p99'], digits=0)} ms | "
-                    f"{target} (p99) | {met} |"
-                )
+        lines += _latency_rows(pipeline, "", p99_max)
+        compiled = _load("pipeline_compiled")  # python -m benchmarks.pipeline --compile
+        if compiled:
+            lines += _latency_rows(compiled, " with workers compiled: --compile", p99_max)
     else:
         lines.append(
             "| pipeline / integration limit, latency | not measured: no pipeline.json | | |"

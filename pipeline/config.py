@@ -202,6 +202,21 @@ class StoreConfig(_Strict):
     readers need the filter plugin, e.g. import hdf5plugin); measured by python -m
     benchmarks.writer."""
 
+    stored_samples: int | None = Field(None, ge=0)
+    """Posterior draws stored per exposure: empty stores every draw (the inference's
+    n_samples); a number stores the first that many (0: the summaries alone). The mean, sd,
+    quantiles, width modes and predictive check still come from every draw; fewer stored
+    draws make a smaller file for scans at high rates."""
+
+    def draws_stored(self, n_samples: int) -> int:
+        """Draws per exposure the results file holds when ``n_samples`` are drawn.
+
+        Example:
+            >>> StoreConfig().draws_stored(1000), StoreConfig(stored_samples=0).draws_stored(1000)
+            (1000, 0)
+        """
+        return n_samples if self.stored_samples is None else min(self.stored_samples, n_samples)
+
     sasdata_groups: Literal["every", "first"] = "every"
     """NXcanSAS SASdata groups written when the scan ends: one per exposure with a line-out
     (every: SasView reads each curve; about 0.3-0.9 ms per exposure at the end of the scan),
@@ -219,10 +234,11 @@ class ScanSettings(_Strict):
     """Local inference workers started for the scan (0: workers of other nodes only)."""
     n_integrators: int | None = Field(None, ge=1)
     """pyFAI engines integrating the scan's frames at once: 1 integrates in the feeder; more
-    run in integrator processes of their own, fed through shared memory. Empty: 1 for the
-    csr method (it sums only the pixels of the region, faster than a frame's copy to another
-    process), else the cores beside the local inference workers on a CPU (GPU workers leave
-    them all), at least 1 and at most 8."""
+    run in integrator processes of their own, fed through shared memory (a DECTRIS stream's
+    frames then stay compressed until these processes decode them). Empty: 1 for the csr
+    method on files and simulated frames (it sums only the pixels of the region, faster than
+    a frame's copy to another process), else the cores beside the local inference workers on
+    a CPU (GPU workers leave them all), at least 1 and at most 8."""
     grid: GridConfig = GridConfig()
     """The q grid of the line-outs: the model's instrument sets it, leave it out."""
     integration: IntegrationConfig = IntegrationConfig()

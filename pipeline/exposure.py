@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.sources.dectris.codecs import EncodedFrame
 
 
 @dataclass
@@ -20,7 +23,7 @@ class Exposure:
         index: frame index within the scan (the exposure id, unique per scan).
         timestamp: acquisition time, seconds since the epoch.
         frame: the 2D detector image (rows, columns), counts per pixel; ``None`` when the
-            source could not read it (then ``error`` says why).
+            source could not read it (then ``error`` says why), or left it ``encoded``.
         truth: the true parameters by name, for simulated frames; ``None`` for measured ones.
         metadata: anything else the source knows; ``source`` names where the frame came from
             (file and frame number, stream endpoint and series), as text.
@@ -30,6 +33,9 @@ class Exposure:
         received_at: when the pipeline took the frame from a live source (a detector's
             stream), seconds since the epoch; ``None`` for archived frames. The scan's
             latencies count from the earlier of this and ``timestamp``.
+        encoded: the image as the detector sent it, checked but still compressed, where the
+            source left decoding to the integrator processes (a DECTRIS stream's
+            ``decode_frames=False``); ``frame`` is then ``None``. :meth:`image` decodes it.
     """
 
     scan_id: str
@@ -40,6 +46,20 @@ class Exposure:
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     received_at: float | None = None
+    encoded: EncodedFrame | None = None
+
+    def image(self) -> np.ndarray | None:
+        """The frame, decoded from :attr:`encoded` where the source left it so (each call
+        decodes again: :class:`~pipeline.sources.dectris.codecs.FormatError` for data that
+        does not decode); ``None`` without either.
+
+        Example:
+            >>> Exposure("doc", 0, 0.0, np.zeros((2, 3), np.uint16)).image().shape
+            (2, 3)
+        """
+        if self.frame is not None or self.encoded is None:
+            return self.frame
+        return self.encoded.decode()
 
 
 @dataclass

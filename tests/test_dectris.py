@@ -898,10 +898,15 @@ def run_simulated_series(
     compression: str,
     count_time_s: float = 0.001,
     receive_hwm: int = 1000,
+    decode_frames: bool = True,
 ) -> tuple[list[Exposure], DectrisStream, int]:
     simulator.configure(n_images, compression, count_time_s)
     stream = DectrisStream(
-        simulator.stream, idle_timeout_s=5.0, start_timeout_s=TIMEOUT_S, receive_hwm=receive_hwm
+        simulator.stream,
+        idle_timeout_s=5.0,
+        start_timeout_s=TIMEOUT_S,
+        receive_hwm=receive_hwm,
+        decode_frames=decode_frames,
     )
     try:
         assert stream.wait_connected(TIMEOUT_S), simulator.log.read_text(errors="replace")
@@ -913,6 +918,22 @@ def run_simulated_series(
         return exposures, stream, series
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize("compression", ["bslz4", "lz4"])
+def test_eiger_simulator_images_left_compressed_decode_to_its_frames(eiger_simulator, compression):
+    """``decode_frames=False`` (a scan with integrator processes): each image comes checked
+    and compressed, and decodes to the simulator's frame."""
+    exposures, stream, _ = run_simulated_series(
+        eiger_simulator, 20, compression, decode_frames=False
+    )
+    frames = eiger_simulator.frames
+    assert [e.index for e in exposures] == list(range(20))
+    for exposure in exposures:
+        assert exposure.error is None and exposure.frame is None
+        assert exposure.encoded is not None and exposure.encoded.compression == compression
+        np.testing.assert_array_equal(exposure.image(), frames[exposure.index % len(frames)])
+    assert stream.statistics.complete and stream.statistics.frames_decoded == 20
 
 
 @pytest.mark.parametrize(("compression", "encoding"), [("bslz4", "bs16-lz4<"), ("lz4", "lz4<")])

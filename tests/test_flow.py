@@ -140,7 +140,8 @@ def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     every one is integrated, reconstructed and written once, and the scan's time and rate
     count from the detector's acquisition times (frames waited in the socket while the
     workers started: the rate was once given as 726/s for this 5 s series). The small
-    detector's model: the geometry is checked against it at the first frame."""
+    detector's model: the geometry is checked against it at the first frame. Two integrator
+    processes: the stream leaves its frames compressed, and they decode them."""
     poni = small_detector.poni
     out = tmp_path / "out"
     eiger_simulator.configure(100, "bslz4", count_time_s=0.05)
@@ -162,10 +163,8 @@ def test_online_reconstructs_a_live_series_from_a_third_party_detector(
     thread.start()
     stream = ["--stream", eiger_simulator.stream, "--protocol", "dectris-v1"]
     options = ["--poni", str(poni), "--full-ring", "--out", str(out), "--scan-id", "live"]
-    options += ["--model", str(small_detector.model)]
-    status = main(
-        ["online", *stream, *options, "--workers", "1", "--samples", "100", "--idle-timeout", "10"]
-    )
+    options += ["--model", str(small_detector.model), "--workers", "1", "--integrators", "2"]
+    status = main(["online", *stream, *options, "--samples", "100", "--idle-timeout", "10"])
     thread.join(60)
     assert not failures, failures
     printed = capsys.readouterr().out

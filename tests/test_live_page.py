@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import bitshuffle
 import fabio
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from pipeline.live.server import ENV_ADDRESS, ENV_TOKEN
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
 from pipeline.sources.base import FrameCounts
+from pipeline.sources.dectris.codecs import EncodedFrame
 from pipeline.sources.handoff import Handoff
 from pipeline.store import ExposureResult, ResultsWriter
 
@@ -156,6 +158,21 @@ def test_a_thumbnail_is_taken_only_when_the_page_wants_one(writer):
     view.offer(Exposure("s", 3, 0.0, frame))
     view.offer(Exposure("s", 4, 0.0, frame))
     assert view.thumbnail.index == 3
+
+
+def test_a_frame_left_compressed_for_the_integrators_is_decoded_for_the_thumbnail(writer):
+    clock = Clock()
+    view = LiveScanView("s", writer.path, thumbnail_s=1.0, clock=clock)
+    frame = np.arange(1000 * 600, dtype="<u4").reshape(1000, 600)
+    blob = bitshuffle.compress_lz4(frame).tobytes()
+    encoded = EncodedFrame(blob, frame.shape, "<u4", "bslz4", 4, "auto")
+    view.offer(Exposure("s", 0, 0.0, None, encoded=encoded.with_data(blob[:-10])))
+    assert view.thumbnail is None  # data that does not decode is the integrators' failure
+    view.offer(Exposure("s", 1, 0.0, None, encoded=encoded))
+    thumbnail = view.thumbnail
+    assert thumbnail is not None and thumbnail.index == 1
+    image, stride = thumbnail.image()
+    assert image[1, 1] == frame[2 * stride - thumbnail.stride, 2 * stride - thumbnail.stride]
 
 
 def test_the_figure_is_drawn_at_most_once_per_interval_and_only_when_new(writer):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import nexus_validation_problems
 
+from flows.cli import main
 from pipeline.config import (
     CPU_MAX_BATCH,
     InferenceConfig,
@@ -634,3 +635,37 @@ def test_a_scan_asked_for_the_first_sasdata_group_only_writes_one(tmp_path):
     with h5py.File(config.output_path) as handle:
         assert [k for k in handle["entry"] if k.startswith("sasdata_")] == ["sasdata_000000"]
         assert handle["entry/line_out/I"].shape[0] == 5
+
+
+def test_a_scan_that_stores_the_summaries_alone_has_the_summaries_of_every_draw(tmp_path):
+    """``store.stored_samples``: the workers still draw ``n_samples`` per exposure and
+    summarize them all; the file keeps the first K (0: none), and the scan resumes."""
+    stored = {}
+    for kept in (None, 0, 5):
+        config = PipelineConfig(
+            scan_id=f"kept-{kept}",
+            n_workers=1,
+            output_dir=tmp_path,
+            inference=InferenceConfig(n_samples=200, max_batch=1),  # the same draws each time
+            store=StoreConfig(stored_samples=kept),
+        )
+        with Feeder(config) as feeder:
+            for exposure, line_out in _line_outs(4, seed=8)[:3]:
+                feeder.submit_line_out(exposure, line_out)
+            assert feeder.wait().written_ok == 3
+        with Feeder(config, resume=True) as feeder:
+            for exposure, line_out in _line_outs(4, seed=8):
+                feeder.submit_line_out(exposure, line_out)
+            summary = feeder.wait()
+        assert summary.skipped == 3 and summary.written_ok == 1
+        stored[kept] = open_results(config.output_path)
+    every, summaries_alone = stored[None], tmp_path / "kept-0.h5"
+    assert every.samples.shape == (4, 200, 5)
+    for kept in (0, 5):
+        assert stored[kept].samples.shape == (4, kept, 5)
+        np.testing.assert_array_equal(stored[kept].samples, every.samples[:, :kept])
+        for name in ("mean", "sd", "quantiles", "predictive_z", "width_mode_weights"):
+            np.testing.assert_array_equal(getattr(stored[kept], name), getattr(every, name))
+    folder = tmp_path / "png"  # show: the line-out without its band, no corner plot
+    assert main(["show", str(summaries_alone), "--png", str(folder), "--exposure", "1"]) == 0
+    assert (folder / "lineout_000001.png").exists() and not (folder / "corner_000001.png").exists()

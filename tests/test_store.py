@@ -510,3 +510,34 @@ def test_a_file_with_only_the_first_sasdata_group_is_nxcansas_and_keeps_every_li
 def test_a_writer_refuses_an_unknown_choice_of_sasdata_groups(tmp_path):
     with pytest.raises(ValueError, match="every or first"):
         ResultsWriter(tmp_path / "scan.h5", NAMES, UNITS, 10, Q, sasdata_groups="none")
+
+
+@pytest.mark.parametrize("stored", [0, 3])
+def test_a_file_that_stores_fewer_draws_keeps_the_first_ones_and_every_summary(tmp_path, stored):
+    """``store.stored_samples`` (high-rate scans): the writer keeps the first K draws of each
+    exposure (0: the summaries alone); the file stays NXcanSAS, plain h5py reads it, it is
+    resumed with the same K only."""
+    from conftest import nexus_validation_problems
+
+    from pipeline.store import latest_posterior
+
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, stored, Q, scan_id="s1") as writer:
+        writer.append(_ok(0))  # a row alone (lists of rows)
+        writer.append_many([_ok(1), _ok(2)])
+        writer.append(ExposureResult(index=3, timestamp=0.0, status="failed", error="bad"))
+    results = open_results(path)
+    assert results.samples.shape == (4, stored, 2)
+    for index in (0, 1, 2):
+        np.testing.assert_array_equal(results.samples[index], _ok(index).samples[:stored])
+        np.testing.assert_allclose(results.mean[index], _ok(index).mean, rtol=1e-6)
+        np.testing.assert_allclose(results.quantiles[index], _ok(index).quantiles, rtol=1e-6)
+    assert nexus_validation_problems(path) == []
+    with h5py.File(path) as handle:
+        assert handle["entry/posterior/samples"].shape == (4, stored, 2)
+    assert latest_posterior(path)[1].shape == (stored, 2)
+    with pytest.raises(ValueError, match="samples per exposure"):
+        ResultsWriter(path, NAMES, UNITS, 10, Q, scan_id="s1", resume=True)
+    with ResultsWriter(path, NAMES, UNITS, stored, Q, scan_id="s1", resume=True) as writer:
+        assert writer.append(_ok(4))
+    assert open_results(path).samples.shape == (5, stored, 2)

@@ -141,7 +141,7 @@ def open_writer(
         config.output_path,
         PARAMETER_NAMES,
         PARAMETER_UNITS,
-        config.inference.n_samples,
+        config.store.draws_stored(config.inference.n_samples),
         config.grid.grid().q_nm,
         scan_id=config.scan_id,
         config_json=config.model_dump_json(),

@@ -163,13 +163,19 @@ class LiveFigure:
             axis.set_title("no line-out with a posterior yet", fontsize=9)
             return
         index, counts, samples, z = newest
-        low, high = predictive_band(
-            samples, self.grid, self._instrument, np.random.default_rng(index)
-        )
         q_nm = self.grid.q_nm
-        axis.fill_between(
-            q_nm, low + 0.5, high + 0.5, color="C1", alpha=0.5, label="posterior predictive 5-95%"
-        )
+        if len(samples):  # (none where the file stores the summaries alone)
+            low, high = predictive_band(
+                samples, self.grid, self._instrument, np.random.default_rng(index)
+            )
+            axis.fill_between(
+                q_nm,
+                low + 0.5,
+                high + 0.5,
+                color="C1",
+                alpha=0.5,
+                label="posterior predictive 5-95%",
+            )
         axis.plot(q_nm, counts + 0.5, "k-", lw=0.7, label="measured")
         axis.legend(fontsize=8, loc="upper right")
         axis.set_title(f"exposure {index}: line-out (predictive z = {z:.1f})", fontsize=9)

@@ -43,6 +43,7 @@ import numpy as np
 
 from pipeline.exposure import Exposure
 from pipeline.physics import GRATING_PARAMETERS
+from pipeline.sources.dectris.codecs import FormatError
 from pipeline.store.reader import rows_since
 
 #: Columns read for the traces (every row, thinned) and for the table (the newest rows).
@@ -274,10 +275,15 @@ class LiveScanView:
     def offer(self, exposure: Exposure) -> None:
         """An exposure just taken: its frame becomes the thumbnail if the page wants a new
         one (a strided copy, at most one per ``thumbnail_s``); otherwise nothing is done."""
-        if not self._want_thumbnail or exposure.frame is None or exposure.frame.ndim != 2:
+        if not self._want_thumbnail:
+            return
+        try:  # a frame left compressed for the integrator processes is decoded here
+            frame = exposure.image()
+        except FormatError:  # (its failure reaches the file through the integrators)
+            return
+        if frame is None or frame.ndim != 2:
             return
         self._want_thumbnail = False
-        frame = exposure.frame
         stride = max(1, -(-max(frame.shape) // (3 * Thumbnail.SIDE)))
         sample = np.array(frame[::stride, ::stride], dtype=np.float32)
         with self._lock:

@@ -32,6 +32,7 @@ from typing import Literal
 
 from pipeline.config import PipelineConfig
 from pipeline.integration import frame_shape_is_open
+from pipeline.integration.pool import integrator_processes
 from pipeline.source_specs import (
     ArchivedFiles,
     DectrisStreamSource,
@@ -152,6 +153,7 @@ def _stream(config: PipelineConfig, spec: DectrisStreamSource) -> Iterator[Opene
         protocol=protocol,
         idle_timeout_s=spec.idle_timeout_s,
         max_message_bytes=spec.max_message_bytes,
+        decode_frames=integrator_processes(config) < 2,
     ) as stream:
         yield OpenedSource(stream, config)
 

@@ -185,7 +185,7 @@ def plan_output(
         path,
         config.scan_id,
         card,
-        config.inference.n_samples,
+        config.store.draws_stored(config.inference.n_samples),
         config.grid.grid().q_nm,
         PARAMETER_NAMES,
         processing_record(config, card["weights_sha256"]),

@@ -40,7 +40,8 @@ EPOCH_SECONDS = "s since 1970-01-01T00:00:00Z"
 DIMENSIONS = {
     "q": "the line-out's q bins (`line_out/q_nm`; 512 for the bundled models)",
     "parameters": "the model's parameters (attr `parameter_names`; 5)",
-    "samples": "posterior draws per exposure (`inference.n_samples`; 1,000 by default)",
+    "samples": "posterior draws stored per exposure (`inference.n_samples`, 1,000 by default; "
+    "or the first `store.stored_samples` of them, 0 for the summaries alone)",
     "levels": f"quantile levels (attr `levels`: {', '.join(map(str, QUANTILE_LEVELS))})",
     "modes": "the width's two solutions (attr `modes`): narrow and wide lines",
 }

@@ -62,7 +62,9 @@ def summary_table(results: Results, exposures: list[int] | None = None) -> str:
 
 def write_plots(results: Results, out_dir: Path, exposure: int | None = None) -> list[Path]:
     """Traces across the scan, and the line-out and corner plot of ``exposure`` (default:
-    the first exposure with a posterior); return the files written."""
+    the first exposure with a posterior); return the files written. A file that stores no
+    draws (``store.stored_samples`` 0) gives the line-out without its predictive band, and
+    no corner plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,18 +102,19 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     index = int(results.index[row])
     samples = results.samples[row]
 
-    low, high = predictive_band(
-        samples, _grid(results), results.instrument, np.random.default_rng(index)
-    )
     figure, axis = plt.subplots(figsize=(8, 4))
-    axis.fill_between(
-        results.q_nm,
-        low + 0.5,
-        high + 0.5,
-        color="C1",
-        alpha=0.5,
-        label="posterior predictive, 5-95%",
-    )
+    if len(samples):
+        low, high = predictive_band(
+            samples, _grid(results), results.instrument, np.random.default_rng(index)
+        )
+        axis.fill_between(
+            results.q_nm,
+            low + 0.5,
+            high + 0.5,
+            color="C1",
+            alpha=0.5,
+            label="posterior predictive, 5-95%",
+        )
     axis.plot(results.q_nm, results.counts[row] + 0.5, "k-", lw=0.7, label="measured")
     axis.set(
         yscale="log",
@@ -121,6 +124,8 @@ def write_plots(results: Results, out_dir: Path, exposure: int | None = None) ->
     )
     axis.legend(fontsize=8)
     written.append(_save(figure, out_dir / f"lineout_{index:06d}.png"))
+    if not len(samples):  # the summaries alone were stored
+        return written
 
     n = len(results.parameter_names)
     figure, axes = plt.subplots(n, n, figsize=(2 * n, 2 * n))
@@ -186,7 +191,7 @@ def live_view_png(
         quantiles: (n, 3, 3) their 5/50/95% quantiles of pitch, width and sigma (nm).
         flagged: (n,) bool, the posterior-predictive flag.
         latest: the newest exposure's index and samples (samples, parameters; the first
-            three are pitch, width, sigma), or ``None``.
+            three are pitch, width, sigma; no marginals where it has no draws), or ``None``.
         title: the figure's title.
     """
     import io
@@ -214,7 +219,7 @@ def live_view_png(
         if row == len(GRATING_PARAMETERS) - 1:
             axis.set_xlabel("exposure index")
         marginal = figure.add_subplot(grid[row, 1])
-        if latest is not None:
+        if latest is not None and len(latest[1]):
             marginal.hist(latest[1][:, row], bins=40, color="C1")
             marginal.set_yticks([])
             if row == 0:

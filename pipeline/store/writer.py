@@ -111,6 +111,10 @@ class ResultsWriter:
 
     ``sasdata_groups``: the NXcanSAS ``SASdata`` groups :meth:`close` adds, ``"every"``
     exposure's or only the ``"first"`` one's (:func:`~pipeline.store.nxcansas.add_sasdata_groups`).
+
+    ``n_samples`` is the number of posterior draws the file stores per exposure
+    (:meth:`~pipeline.config.StoreConfig.draws_stored`; 0 for the summaries alone): rows with
+    more keep their first ``n_samples``.
     """
 
     def __init__(
@@ -298,6 +302,8 @@ class ResultsWriter:
         for name in ROW_COLUMNS:
             shape, dtype, fill = self._layout[name]
             value = columns.get(name)
+            if name == "samples" and value is not None:
+                value = _first_draws(value, shape[0])
             if value is None:
                 rows[name] = np.full((n, *shape), fill, dtype=dtype)
             elif dtype.kind == "S":
@@ -383,14 +389,22 @@ class ResultsWriter:
         self.close()
 
 
+def _first_draws(samples: Any, n: int) -> Any:
+    """The first ``n`` draws of each row of ``samples``: an array (rows, draws, parameters),
+    or a list of rows (draws, parameters) or ``None``."""
+    if isinstance(samples, np.ndarray):
+        return samples[:, :n] if samples.ndim == 3 else samples
+    return [None if row is None else np.asarray(row)[:n] for row in samples]
+
+
 def _chunk_rows(shape: tuple, dtype, chunk_bytes: int) -> int:
-    """Rows per HDF5 chunk of a growing dataset: 1,024 for a scalar per exposure, else as
-    many rows as fit in ``chunk_bytes`` (at least 1, at most 1,024). Small per-exposure
-    arrays in chunks of one row cost HDF5 about as much per exposure as the data itself
-    (``python -m benchmarks.writer``)."""
-    if not shape:
-        return 1024
+    """Rows per HDF5 chunk of a growing dataset: 1,024 for a scalar (or an empty row) per
+    exposure, else as many rows as fit in ``chunk_bytes`` (at least 1, at most 1,024). Small
+    per-exposure arrays in chunks of one row cost HDF5 about as much per exposure as the
+    data itself (``python -m benchmarks.writer``)."""
     row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape))
+    if not shape or not row_bytes:
+        return 1024
     return max(1, min(1024, chunk_bytes // row_bytes))
 
 
@@ -401,13 +415,14 @@ def _growing(
     chunk_bytes: int,
     filters: Mapping[str, Any],
 ) -> h5py.Dataset:
-    """A new per-exposure dataset of rows of ``shape``, with no rows yet."""
+    """A new per-exposure dataset of rows of ``shape``, with no rows yet (an axis of length
+    0, e.g. no stored draws, is declared growing: HDF5 refuses a chunk of 0)."""
     return entry.create_dataset(
         dataset.path,
         shape=(0, *shape),
-        maxshape=(None, *shape),
+        maxshape=(None, *(n if n else None for n in shape)),
         dtype=dataset.dtype,
-        chunks=(_chunk_rows(shape, dataset.dtype, chunk_bytes), *shape),
+        chunks=(_chunk_rows(shape, dataset.dtype, chunk_bytes), *(max(n, 1) for n in shape)),
         fillvalue=dataset.fill,
         **filters,
     )

@@ -3,8 +3,9 @@
 :class:`Integration` owns the scan's pyFAI integrator (one per process, built and checked
 against the model's instrument before any frame: :func:`~pipeline.preflight.checked_integrator`),
 and, where the scan has more than one engine (``n_integrators``,
-:func:`integrator_processes`), the :class:`~pipeline.integration.pool.IntegratorPool` of
-integrator processes that integrate its frames instead, in any order: their line-outs are
+:func:`~pipeline.integration.pool.integrator_processes`), the
+:class:`~pipeline.integration.pool.IntegratorPool` of integrator processes that integrate its
+frames instead, in any order (and decode those a stream left compressed): their line-outs are
 taken with :meth:`Integration.take_finished`.
 It places each exposure against a resumed scan's plan (:meth:`~pipeline.store.resume.ResumePlan.place`:
 ``None`` for a row the file holds already) and turns it into a line-out, or into an
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +34,9 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
-from pipeline.integration.pool import IntegratorPool
+from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
+from pipeline.sources.dectris.codecs import FormatError
 from pipeline.store.resume import ResumePlan
 from pipeline.transport.messages import Failure, LineOutMessage
 from workers.feeder.metrics import ScanMetrics
@@ -72,25 +73,6 @@ def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
     return Failure(**about(exposure), stage=stage, error=error)
 
 
-#: The most integrator processes a scan starts by itself (``n_integrators`` empty).
-MAX_AUTO_INTEGRATORS = 8
-
-
-def integrator_processes(config: PipelineConfig) -> int:
-    """pyFAI engines for the scan: ``n_integrators``; else 1 for the ``csr`` method (it sums
-    only the pixels its matrix names: 1.0 ms per Eiger 4M sector frame in the feeder, less
-    than copying the frame to another process), and for the others the cores this process
-    may use beside its local CPU inference workers (all of them with GPU workers), at least
-    1 and at most :data:`MAX_AUTO_INTEGRATORS`."""
-    if config.n_integrators is not None:
-        return config.n_integrators
-    if config.integration.method == "csr":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    on_gpu = config.inference.device.startswith("cuda")
-    return max(1, min(MAX_AUTO_INTEGRATORS, (cores or 1) - (0 if on_gpu else config.n_workers)))
-
-
 @dataclass(frozen=True)
 class Unusable:
     """An exposure that gives no line-out: at which ``stage`` (``read``, ``integration``)
@@ -105,8 +87,9 @@ class Integration:
     ``integrated`` stage in ``metrics``. :class:`ScanError` (one line) when the geometry
     does not match the model's instrument.
 
-    With more than one engine (:func:`integrator_processes`), :meth:`start` starts the
-    integrator processes, :meth:`begin` hands them a frame, and :meth:`take_finished` returns
+    With more than one engine (:func:`~pipeline.integration.pool.integrator_processes`),
+    :meth:`start` starts the integrator processes, :meth:`begin` hands them a frame (its
+    compressed bytes where the source left it ``encoded``), and :meth:`take_finished` returns
     what they integrated. Where the frames' shape comes only with the first frame, that frame
     is integrated here (which completes and checks the geometry) and the processes start
     after it."""
@@ -162,7 +145,8 @@ class Integration:
     def begin(self, exposure: Exposure) -> LineOut | Unusable | None:
         """The exposure's line-out or why there is none, or ``None`` when an integrator
         process took its frame (see :meth:`take_finished`; wait for :attr:`has_room` first)."""
-        if self.pool is None or exposure.error is not None or exposure.frame is None:
+        frame = exposure.frame if exposure.frame is not None else exposure.encoded
+        if self.pool is None or exposure.error is not None or frame is None:
             result = self.line_out(exposure)
             self.start()  # where the first frame gave the shape
             return result
@@ -170,10 +154,8 @@ class Integration:
             normalization = exposure_normalization(exposure, self.config.integration)
         except FrameError as error:
             return Unusable("integration", str(error))
-        self.pool.submit(
-            exposure.index, exposure.frame, normalization, exposure.metadata.get("source")
-        )
-        self._integrating[exposure.index] = dataclasses.replace(exposure, frame=None)
+        self.pool.submit(exposure.index, frame, normalization, exposure.metadata.get("source"))
+        self._integrating[exposure.index] = dataclasses.replace(exposure, frame=None, encoded=None)
         return None
 
     def collect(self) -> None:
@@ -183,7 +165,7 @@ class Integration:
         for done in self.pool.collect():
             exposure = self._integrating.pop(done.key)
             if done.line_out is None:
-                self._finished.append((exposure, Unusable("integration", str(done.error))))
+                self._finished.append((exposure, Unusable(done.stage, str(done.error))))
             else:
                 self.metrics.record("integrated", done.seconds)
                 self._finished.append((exposure, done.line_out))
@@ -204,15 +186,21 @@ class Integration:
         return placed
 
     def line_out(self, exposure: Exposure) -> LineOut | Unusable:
-        """The exposure's line-out, or why there is none."""
-        if exposure.error is not None or exposure.frame is None:
-            return Unusable("read", exposure.error or "the source delivered no frame")
+        """The exposure's line-out (its frame decoded first where the source left it
+        compressed), or why there is none."""
         start = time.perf_counter()
+        try:
+            frame = exposure.image() if exposure.error is None else None
+        except FormatError as error:
+            source = exposure.metadata.get("source")
+            return Unusable("read", f"{source}: {error}" if source else str(error))
+        if frame is None:
+            return Unusable("read", exposure.error or "the source delivered no frame")
         shape_was_open = self.integrator.shape is None
         try:
             normalization = exposure_normalization(exposure, self.config.integration)
             line_out = self.integrator.integrate(
-                exposure.frame, normalization, source=exposure.metadata.get("source")
+                frame, normalization, source=exposure.metadata.get("source")
             )
         except NoPixelInRange:  # the first frame made a geometry with no pixel on the grid
             self._check_first_geometry()

@@ -129,7 +129,8 @@ class StreamStatistics:
         protocol: ``v1`` or ``v2`` once known.
         expected_frames: images the header announced, else ``None``.
         frames_received: image messages of the series taken as exposures (decoded or failed).
-        frames_decoded: of these, with a frame.
+        frames_decoded: of these, with a frame (or one checked and left for the integrator
+            processes to decode: ``decode_frames=False``).
         frames_failed: of these, with an error instead (images that never came are not
             counted here but in ``frames_missing``).
         frames_missing: image numbers that never came (final at the end of the iteration).
@@ -380,11 +381,11 @@ class SeriesAssembler:
         acquired_at = message.acquired_at
         if acquired_at is None and message.protocol == "v1":
             acquired_at = v1_acquired_at(message.metadata.get("start_time_ns"), self.header)
-        frame, error = message.frame, message.error
+        frame, encoded, error = message.frame, message.encoded, message.error
         if self.header is None:
             metadata["header_missing"] = "true"
             if self.require_header and error is None:
-                frame = None
+                frame = encoded = None
                 error = (
                     f"image {number} of series {series} came before the series header "
                     "(no dheader-1.0 / start message received): it cannot be checked against "
@@ -398,6 +399,7 @@ class SeriesAssembler:
             frame=frame,
             metadata=metadata,
             error=error,
+            encoded=encoded,
         )
 
     def time_out(self, waited_s: float) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import re
 import threading
@@ -299,6 +300,95 @@ def decompress_lz4_hdf5(data: Buffer, n_bytes: int) -> bytearray:
 
 
 # --------------------------------------------------------------------------------------------
+# Frames checked, not yet decoded
+
+#: How an :class:`EncodedFrame`'s bytes are packed: as they are, bitshuffled, bitshuffled with
+#: LZ4-compressed blocks, or LZ4.
+Compression = Literal["none", "bitshuffle", "bslz4", "lz4"]
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """An image as the detector sent it: checked (shape, type, encoding), not yet decoded.
+
+    Decoding is most of what receiving a frame costs (9-23 ms for an Eiger 4M
+    bitshuffle-LZ4 frame, against about 1 ms to integrate a sector of it), so a stream can
+    leave its frames so (:class:`~pipeline.sources.dectris.receiver.DectrisStream`'s
+    ``decode_frames``) for integrator processes to decode: the process that receives them
+    then only passes on the compressed bytes. :meth:`without_data` is its description
+    alone (it pickles), to send beside bytes copied elsewhere.
+
+    Attributes:
+        data: the bytes, as received (compressed, bitshuffled or raw).
+        shape: the image's dimensions, (rows, columns) for a detector frame.
+        dtype: the element type as stored, with its byte order (numpy's ``str``, e.g. ``<u4``).
+        compression: how ``data`` is packed (:data:`Compression`).
+        element_bytes: bitshuffle's element size, bytes (1 where there is no bitshuffle).
+        framing: ``hdf5``: a 12-byte HDF5 filter header comes first; ``none``: blocks only;
+            ``auto``: a header where the first 8 bytes equal the image's size (stream v1).
+        order: ``C`` (row-major) or ``F`` (column-major) element order.
+
+    Example:
+        >>> raw = np.arange(6, dtype="<u4")
+        >>> blob = bitshuffle.compress_lz4(raw).tobytes()
+        >>> EncodedFrame(blob, (2, 3), "<u4", "bslz4", 4, "auto").decode()
+        array([[0, 1, 2],
+               [3, 4, 5]], dtype=uint32)
+    """
+
+    data: Buffer
+    shape: tuple[int, ...]
+    dtype: str
+    compression: Compression
+    element_bytes: int
+    framing: Literal["auto", "hdf5", "none"]
+    order: Literal["C", "F"] = "C"
+
+    @property
+    def n_bytes(self) -> int:
+        """The decoded image's size, bytes."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def without_data(self) -> EncodedFrame:
+        """This description with no bytes (they travel apart: :meth:`with_data` puts them
+        back)."""
+        return dataclasses.replace(self, data=b"")
+
+    def with_data(self, data: Buffer) -> EncodedFrame:
+        """This description with ``data`` as its bytes."""
+        return dataclasses.replace(self, data=data)
+
+    def decode(self) -> np.ndarray:
+        """The image, a writable native-byte-order array of :attr:`shape`.
+
+        Raises:
+            FormatError: data that does not decompress to the image's size.
+        """
+        n_bytes = self.n_bytes
+        view = memoryview(self.data).cast("B")
+        raw: Buffer | np.ndarray
+        if self.compression == "bslz4":
+            raw = decompress_bitshuffle_lz4(view, n_bytes, self.element_bytes, self.framing)
+        elif self.compression == "lz4":
+            header = len(view) >= H5_HEADER_BYTES and int.from_bytes(view[:8], "big") == n_bytes
+            if self.framing == "hdf5" or (self.framing == "auto" and header):
+                raw = decompress_lz4_hdf5(view, n_bytes)
+            else:
+                raw = decompress_lz4_block(view, n_bytes)
+        else:
+            if len(view) != n_bytes:
+                raise FormatError(f"data is {len(view)} bytes, the image needs {n_bytes}")
+            raw = view
+            if self.compression == "bitshuffle":
+                _bitshuffle_single_threaded()
+                elements = np.frombuffer(view, np.dtype(f"u{self.element_bytes}")).copy()
+                raw = bitshuffle.bitunshuffle(elements).view(np.uint8)
+        dtype = np.dtype(self.dtype)
+        array = np.frombuffer(raw, dtype).reshape(self.shape, order=self.order)
+        return _writable(np.ascontiguousarray(array, dtype.newbyteorder("=")))
+
+
+# --------------------------------------------------------------------------------------------
 # Stream v1 data blobs
 
 
@@ -338,16 +428,53 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def decode_v1_data(
+def encoded_v1_data(
     blob: Buffer, shape_xy: object, pixel_type: object, encoding: object
-) -> np.ndarray:
-    """The image of a stream v1 data blob, as a native-byte-order (rows, columns) array.
+) -> EncodedFrame:
+    """A stream v1 data blob as an :class:`EncodedFrame`: everything checked that can be
+    without decompressing it (:func:`decode_v1_data` decodes it too).
 
     Args:
         blob: the data part of the image message.
         shape_xy: ``dimage_d-1.0``'s ``shape``: [x (columns), y (rows)], as sent (checked).
         pixel_type: its ``type``, e.g. ``uint32``, as sent (checked).
         encoding: its ``encoding``, e.g. ``bs32-lz4<``, as sent (checked).
+
+    Raises:
+        FormatError: a shape that is not two positive integers, an unknown type or encoding,
+            or uncompressed data of the wrong size.
+
+    >>> encoded_v1_data(b"", [2070, 2167], "uint32", "bs32-lz4<").shape
+    (2167, 2070)
+    """
+    shape = list(shape_xy) if isinstance(shape_xy, Iterable) else shape_xy
+    rows, columns = _shape_rows_columns(shape)
+    dtype = _pixel_type(pixel_type)
+    bits, compressed, order = parse_encoding(encoding)
+    n_bytes = rows * columns * dtype.itemsize
+    view = memoryview(blob).cast("B")
+    stored = dtype.newbyteorder(order).str
+    element_bytes = bits // 8 if bits is not None else 1
+    if n_bytes % element_bytes:
+        raise FormatError(f"{pixel_type} image of {n_bytes} bytes is not whole {bits}-bit elements")
+    if not compressed and len(view) != n_bytes:
+        what = "bitshuffled data" if bits is not None else "raw data"
+        raise FormatError(
+            f"{what} is {len(view)} bytes, shape {shape} {pixel_type} needs {n_bytes}"
+        )
+    compression: Compression = "none"
+    if bits is not None:
+        compression = "bslz4" if compressed else "bitshuffle"
+    elif compressed:
+        compression = "lz4"
+    return EncodedFrame(blob, (rows, columns), stored, compression, element_bytes, "auto")
+
+
+def decode_v1_data(
+    blob: Buffer, shape_xy: object, pixel_type: object, encoding: object
+) -> np.ndarray:
+    """The image of a stream v1 data blob, as a native-byte-order (rows, columns) array
+    (the arguments and what is checked: :func:`encoded_v1_data`).
 
     Raises:
         FormatError: a shape that is not two positive integers, unknown type or encoding,
@@ -360,44 +487,7 @@ def decode_v1_data(
     ...
     pipeline.sources.dectris.codecs.FormatError: shape None is not [x, y] with two positive integers
     """
-    shape = list(shape_xy) if isinstance(shape_xy, Iterable) else shape_xy
-    rows, columns = _shape_rows_columns(shape)
-    dtype = _pixel_type(pixel_type)
-    bits, compressed, order = parse_encoding(encoding)
-    n_bytes = rows * columns * dtype.itemsize
-    view = memoryview(blob).cast("B")
-    raw: Buffer | np.ndarray
-    if bits is not None:
-        element_bytes = bits // 8
-        if n_bytes % element_bytes:
-            raise FormatError(
-                f"{pixel_type} image of {n_bytes} bytes is not whole {bits}-bit elements"
-            )
-        if compressed:
-            raw = decompress_bitshuffle_lz4(view, n_bytes, element_bytes)
-        else:
-            if len(view) != n_bytes:
-                raise FormatError(
-                    f"bitshuffled data is {len(view)} bytes, shape {shape} "
-                    f"{pixel_type} needs {n_bytes}"
-                )
-            _bitshuffle_single_threaded()
-            raw = bitshuffle.bitunshuffle(
-                np.frombuffer(view, np.dtype(f"u{element_bytes}")).copy()
-            ).view(np.uint8)
-    elif compressed:
-        if len(view) >= H5_HEADER_BYTES and int.from_bytes(view[:8], "big") == n_bytes:
-            raw = decompress_lz4_hdf5(view, n_bytes)
-        else:
-            raw = decompress_lz4_block(view, n_bytes)
-    else:
-        if len(view) != n_bytes:
-            raise FormatError(
-                f"raw data is {len(view)} bytes, shape {shape} {pixel_type} needs {n_bytes}"
-            )
-        raw = bytearray(view)
-    frame = np.frombuffer(raw, dtype.newbyteorder(order)).reshape(rows, columns)
-    return _writable(frame.astype(dtype.newbyteorder("="), copy=False))
+    return encoded_v1_data(blob, shape_xy, pixel_type, encoding).decode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,39 +525,19 @@ def cbor_tag_hook(first: Any, second: Any) -> Any:
     return tag
 
 
-def _v2_bytes(value: object, n_bytes: int, what: str) -> Buffer | np.ndarray:
-    if isinstance(value, bytes | bytearray | memoryview):
-        if len(value) != n_bytes:
-            raise FormatError(f"{what} is {len(value)} bytes, its shape needs {n_bytes}")
-        return bytearray(value)
-    if not isinstance(value, TaggedValue) or value.tag != DECTRIS_COMPRESSION_TAG:
-        raise FormatError(f"{what} is {type(value).__name__}, not a byte string or tag 56500")
-    content = value.value
-    if not isinstance(content, list | tuple) or len(content) != 3:
-        raise FormatError(f"{what}: tag 56500 holds {content!r:.60}, not [algorithm, size, bytes]")
-    algorithm, modifier, payload = content
-    if not isinstance(payload, bytes | bytearray):
-        raise FormatError(f"{what}: tag 56500 carries {type(payload).__name__}, not bytes")
-    if algorithm == "bslz4":
-        if modifier not in (1, 2, 4, 8):
-            raise FormatError(f"{what}: bslz4 element size {modifier!r} is not 1, 2, 4 or 8")
-        return decompress_bitshuffle_lz4(payload, n_bytes, modifier, framing="hdf5")
-    if algorithm == "lz4":
-        return decompress_lz4_hdf5(payload, n_bytes)
-    raise FormatError(f"{what}: unknown compression {algorithm!r} (known: bslz4, lz4)")
-
-
-def decode_v2_array(value: object, what: str = "array") -> np.ndarray:
-    """A v2 multi-dimensional typed array (as parsed with :func:`cbor_tag_hook`) as a
-    native-byte-order numpy array.
+def encoded_v2_array(value: object, what: str = "array") -> EncodedFrame:
+    """A v2 multi-dimensional typed array (as parsed with :func:`cbor_tag_hook`) as an
+    :class:`EncodedFrame`: everything checked that can be without decompressing it
+    (:func:`decode_v2_array` decodes it too).
 
     Raises:
-        FormatError: not a tag-40 array of a known typed array, or a size mismatch.
+        FormatError: not a tag-40 array of a known typed array, an unknown compression, or
+            uncompressed bytes of the wrong size.
 
-    >>> typed = TaggedValue(69, np.arange(6, dtype="<u2").tobytes())
-    >>> decode_v2_array(TaggedValue(MULTI_DIM_ROW_MAJOR_TAG, [[2, 3], typed]))
-    array([[0, 1, 2],
-           [3, 4, 5]], dtype=uint16)
+    >>> typed = TaggedValue(69, TaggedValue(DECTRIS_COMPRESSION_TAG, ["bslz4", 2, b""]))
+    >>> encoded = encoded_v2_array(TaggedValue(MULTI_DIM_ROW_MAJOR_TAG, [[2, 3], typed]))
+    >>> encoded.shape, encoded.dtype, encoded.compression
+    ((2, 3), '<u2', 'bslz4')
     """
     if not isinstance(value, TaggedValue) or value.tag not in (
         MULTI_DIM_ROW_MAJOR_TAG,
@@ -491,7 +561,43 @@ def decode_v2_array(value: object, what: str = "array") -> np.ndarray:
         )
     dtype = TYPED_ARRAY_TAGS[typed.tag]
     n_bytes = math.prod(dims) * dtype.itemsize
-    raw = _v2_bytes(typed.value, n_bytes, what)
     order: Literal["C", "F"] = "F" if value.tag == MULTI_DIM_COLUMN_MAJOR_TAG else "C"
-    array = np.frombuffer(raw, dtype).reshape(tuple(dims), order=order)
-    return _writable(np.ascontiguousarray(array, dtype.newbyteorder("=")))
+    shape = tuple(int(n) for n in dims)
+    payload = typed.value
+    if isinstance(payload, bytes | bytearray | memoryview):
+        if len(payload) != n_bytes:
+            raise FormatError(f"{what} is {len(payload)} bytes, its shape needs {n_bytes}")
+        return EncodedFrame(payload, shape, dtype.str, "none", 1, "none", order)
+    if not isinstance(payload, TaggedValue) or payload.tag != DECTRIS_COMPRESSION_TAG:
+        raise FormatError(f"{what} is {type(payload).__name__}, not a byte string or tag 56500")
+    compressed = payload.value
+    if not isinstance(compressed, list | tuple) or len(compressed) != 3:
+        raise FormatError(
+            f"{what}: tag 56500 holds {compressed!r:.60}, not [algorithm, size, bytes]"
+        )
+    algorithm, modifier, data = compressed
+    if not isinstance(data, bytes | bytearray):
+        raise FormatError(f"{what}: tag 56500 carries {type(data).__name__}, not bytes")
+    if algorithm == "bslz4":
+        if modifier not in (1, 2, 4, 8):
+            raise FormatError(f"{what}: bslz4 element size {modifier!r} is not 1, 2, 4 or 8")
+        return EncodedFrame(data, shape, dtype.str, "bslz4", modifier, "hdf5", order)
+    if algorithm == "lz4":
+        return EncodedFrame(data, shape, dtype.str, "lz4", 1, "hdf5", order)
+    raise FormatError(f"{what}: unknown compression {algorithm!r} (known: bslz4, lz4)")
+
+
+def decode_v2_array(value: object, what: str = "array") -> np.ndarray:
+    """A v2 multi-dimensional typed array (as parsed with :func:`cbor_tag_hook`) as a
+    native-byte-order numpy array (what is checked: :func:`encoded_v2_array`).
+
+    Raises:
+        FormatError: not a tag-40 array of a known typed array, undecodable data, or a size
+            mismatch.
+
+    >>> typed = TaggedValue(69, np.arange(6, dtype="<u2").tobytes())
+    >>> decode_v2_array(TaggedValue(MULTI_DIM_ROW_MAJOR_TAG, [[2, 3], typed]))
+    array([[0, 1, 2],
+           [3, 4, 5]], dtype=uint16)
+    """
+    return encoded_v2_array(value, what).decode()

@@ -26,7 +26,9 @@ format and LiberTEM-dectris.
 A message comes back as a :class:`HeaderMessage` (carrying a :class:`SeriesHeader`), an
 :class:`ImageMessage` or an :class:`EndMessage`. A message that names no series raises
 :class:`~pipeline.sources.dectris.codecs.FormatError`; an image that names its series and
-number but cannot be decoded comes back with ``frame=None`` and ``error`` saying why.
+number but cannot be decoded comes back with ``frame=None`` and ``error`` saying why. With
+``decode=False`` an image's data is checked but left compressed, as the message's ``encoded``
+(an :class:`~pipeline.sources.dectris.codecs.EncodedFrame`), for another process to decode.
 
 Example (a stream v1 image message):
 
@@ -63,11 +65,14 @@ import zmq
 from pipeline.sources.dectris.codecs import (
     TYPED_ARRAY_TAGS,
     Buffer,
+    EncodedFrame,
     FormatError,
     TaggedValue,
     cbor_tag_hook,
     decode_v1_data,
     decode_v2_array,
+    encoded_v1_data,
+    encoded_v2_array,
 )
 
 #: Which wire format to expect: ``auto`` tells them apart per message.
@@ -145,8 +150,11 @@ class ImageMessage:
         protocol: ``v1`` or ``v2``.
         series_id: the series it belongs to.
         image_number: the image (frame) number, 0-based.
-        frame: the decoded image (rows, columns), or ``None`` when it could not be decoded.
+        frame: the decoded image (rows, columns), or ``None`` when it could not be decoded
+            or was not (``encoded``).
         error: why it could not be decoded, else ``None``.
+        encoded: the image checked but not decoded, where the parser was asked not to decode
+            (``decode=False``), else ``None``.
         metadata: per-image facts as text (encoding, pixel type, exposure times, ...).
         acquired_at: acquisition start, seconds since the epoch, where the message says (v2;
             v1 images need their series header:
@@ -161,6 +169,7 @@ class ImageMessage:
     error: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     acquired_at: float | None = None
+    encoded: EncodedFrame | None = None
     kind: Literal["image"] = field(default="image", init=False)
 
 
@@ -289,13 +298,13 @@ def _v1_header(parts: Sequence[Part], first: Mapping[str, Any]) -> HeaderMessage
     return HeaderMessage(protocol="v1", series_id=series_id, header=header)
 
 
-def _v1_image(parts: Sequence[Part], first: Mapping[str, Any]) -> ImageMessage:
+def _v1_image(parts: Sequence[Part], first: Mapping[str, Any], decode: bool) -> ImageMessage:
     series_id = _integer(first, "series", "dimage-1.0")
     number = _integer(first, "frame", "dimage-1.0")
     metadata: dict[str, str] = {}
     if first.get("hash"):
         metadata["hash"] = str(first["hash"])
-    frame = error = None
+    frame = error = encoded = None
     try:
         if len(parts) not in (4, 5):
             raise FormatError(
@@ -315,9 +324,11 @@ def _v1_image(parts: Sequence[Part], first: Mapping[str, Any]) -> ImageMessage:
         size = description.get("size")
         if isinstance(size, int) and not isinstance(size, bool) and size != len(blob):
             raise FormatError(f"data part is {len(blob)} bytes, dimage_d-1.0 says size {size}")
-        frame = decode_v1_data(blob, description.get("shape"), pixel_type, encoding)
+        encoded = encoded_v1_data(blob, description.get("shape"), pixel_type, encoding)
+        if decode:
+            frame, encoded = encoded.decode(), None
     except FormatError as failure:
-        error = f"stream v1 image {number} of series {series_id}: {failure}"
+        encoded, error = None, f"stream v1 image {number} of series {series_id}: {failure}"
     return ImageMessage(
         protocol="v1",
         series_id=series_id,
@@ -325,11 +336,13 @@ def _v1_image(parts: Sequence[Part], first: Mapping[str, Any]) -> ImageMessage:
         frame=frame,
         error=error,
         metadata=metadata,
+        encoded=encoded,
     )
 
 
-def parse_v1_message(parts: Sequence[Part]) -> StreamMessage:
-    """Parse one stream v1 (JSON multipart) message.
+def parse_v1_message(parts: Sequence[Part], decode: bool = True) -> StreamMessage:
+    """Parse one stream v1 (JSON multipart) message; an image's data is decoded unless
+    ``decode`` is false (then checked and left as its ``encoded``).
 
     An image whose ``dimage-1.0`` part names its series and frame comes back even when the
     rest is broken, with ``frame=None`` and ``error`` set.
@@ -359,7 +372,7 @@ def parse_v1_message(parts: Sequence[Part]) -> StreamMessage:
         raise FormatError(
             f"unknown htype {htype!r} (expected dheader-1.0, dimage-1.0 or dseries_end-1.0)"
         )
-    return _v1_image(parts, first)
+    return _v1_image(parts, first, decode)
 
 
 def _epoch_seconds(value: object) -> float | None:
@@ -433,7 +446,11 @@ def _v2_image_description(value: object) -> dict[str, str]:
 
 
 def _v2_image(
-    message: Mapping[str, Any], series_id: int, threshold: int | str, channels: Sequence[str]
+    message: Mapping[str, Any],
+    series_id: int,
+    threshold: int | str,
+    channels: Sequence[str],
+    decode: bool,
 ) -> ImageMessage:
     number = _integer(message, "image_id", "image message")
     metadata: dict[str, str] = {}
@@ -447,7 +464,7 @@ def _v2_image(
     series_date = _epoch_seconds(message.get("series_date"))
     start_s = _rational_s(message.get("start_time"))
     acquired_at = series_date + start_s if series_date is not None and start_s is not None else None
-    frame = error = None
+    frame = error = encoded = None
     try:
         channel_data = message.get("data")
         if not isinstance(channel_data, dict) or not channel_data:
@@ -455,11 +472,16 @@ def _v2_image(
         name, value = _pick_channel(channel_data, threshold, channels)
         metadata["channel"] = str(name)
         metadata.update(_v2_image_description(value))
-        frame = decode_v2_array(value, f"channel {name!r}")
-        if frame.ndim != 2:
-            raise FormatError(f"channel {name!r} has {frame.ndim} dimensions, an image needs 2")
+        encoded = encoded_v2_array(value, f"channel {name!r}")
+        if len(encoded.shape) != 2:
+            raise FormatError(
+                f"channel {name!r} has {len(encoded.shape)} dimensions, an image needs 2"
+            )
+        if decode:
+            frame, encoded = encoded.decode(), None
     except FormatError as failure:
-        frame, error = None, f"stream v2 image {number} of series {series_id}: {failure}"
+        frame, encoded = None, None
+        error = f"stream v2 image {number} of series {series_id}: {failure}"
     return ImageMessage(
         protocol="v2",
         series_id=series_id,
@@ -468,6 +490,7 @@ def _v2_image(
         error=error,
         metadata=metadata,
         acquired_at=acquired_at,
+        encoded=encoded,
     )
 
 
@@ -512,7 +535,7 @@ def _v2_start(message: Mapping[str, Any], series_id: int, threshold: int | str) 
 
 
 def parse_v2_message(
-    data: Buffer, threshold: int | str = 0, channels: Sequence[str] = ()
+    data: Buffer, threshold: int | str = 0, channels: Sequence[str] = (), decode: bool = True
 ) -> StreamMessage:
     """Parse one stream v2 (CBOR) message.
 
@@ -521,6 +544,7 @@ def parse_v2_message(
         threshold: which channel of an image to take: its name (e.g. ``threshold_2``) or its
             position in ``channels`` (the start message's list; the image's own order if empty).
         channels: the series' channel names, from its start message.
+        decode: decode an image's data (false: check it and leave it as its ``encoded``).
 
     Raises:
         FormatError: when the message names no series (not CBOR, not a map, unknown type, no
@@ -544,7 +568,7 @@ def parse_v2_message(
         return EndMessage(protocol="v2", series_id=series_id)
     if kind == "start":
         return _v2_start(message, series_id, threshold)
-    return _v2_image(message, series_id, threshold, channels)
+    return _v2_image(message, series_id, threshold, channels, decode)
 
 
 def _is_v2(parts: Sequence[Part]) -> bool:
@@ -559,9 +583,11 @@ def parse_message(
     protocol: Protocol = "auto",
     threshold: int | str = 0,
     channels: Sequence[str] = (),
+    decode: bool = True,
 ) -> StreamMessage:
     """Parse one message of either protocol; ``auto`` takes single-part messages that do not
-    start like JSON as v2 (CBOR), everything else as v1.
+    start like JSON as v2 (CBOR), everything else as v1. An image's data is decoded unless
+    ``decode`` is false (then checked and left as its ``encoded``).
 
     >>> parse_message([cbor2.dumps({"type": "end", "series_id": 2})]).protocol
     'v2'
@@ -569,5 +595,5 @@ def parse_message(
     if protocol == "v2" or (protocol == "auto" and _is_v2(parts)):
         if len(parts) != 1:
             raise FormatError(f"stream v2 message has {len(parts)} parts, expected 1")
-        return parse_v2_message(_bytes_of(parts[0]), threshold, channels)
-    return parse_v1_message(parts)
+        return parse_v2_message(_bytes_of(parts[0]), threshold, channels, decode)
+    return parse_v1_message(parts, decode)

@@ -69,6 +69,9 @@ class DectrisStream:
         require_header: fail the images that come before their series header (``True``), or
             decode them anyway (``False``, e.g. when connecting to a series already running).
         report_missing: deliver a failed exposure for every image that never came.
+        decode_frames: decode each image here (``True``), or check it and leave it
+            compressed, as the exposure's ``encoded``, for integrator processes to decode
+            (``False``: the costly part of receiving a frame leaves this process).
         context: the ZeroMQ context (default: the process-wide one).
 
     Attributes:
@@ -94,6 +97,7 @@ class DectrisStream:
         threshold: int | str = 0,
         require_header: bool = True,
         report_missing: bool = True,
+        decode_frames: bool = True,
         context: zmq.Context | None = None,
     ) -> None:
         if protocol not in ("auto", "v1", "v2"):
@@ -111,6 +115,7 @@ class DectrisStream:
         self.threshold = threshold
         self.require_header = require_header
         self.report_missing = report_missing
+        self.decode_frames = decode_frames
         self._assembler = self._new_assembler()
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -249,7 +254,9 @@ class DectrisStream:
         received_at = time.time()
         assembler = self._assembler
         try:
-            message = parse_message(parts, self.protocol, self.threshold, assembler.channels)
+            message = parse_message(
+                parts, self.protocol, self.threshold, assembler.channels, self.decode_frames
+            )
         except FormatError as error:
             assembler.reject(error)
             return None

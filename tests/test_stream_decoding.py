@@ -1,0 +1,188 @@
+"""Frames a DECTRIS stream leaves compressed (``decode_frames=False``): checked when they come,
+decoded by the integrator processes, and stored as if decoded where they came."""
+
+import json
+import struct
+
+import bitshuffle
+import cbor2
+import lz4.block
+import numpy as np
+import pytest
+
+from pipeline.config import IntegrationConfig, PipelineConfig
+from pipeline.exposure import Exposure
+from pipeline.integration import LineOutIntegrator
+from pipeline.integration.pool import IntegratorPool, integrator_processes
+from pipeline.physics import QGrid
+from pipeline.source_specs import DectrisStreamSource, SimulatedFrames
+from pipeline.sources import SimulatedDetector
+from pipeline.sources.dectris import parse_message
+from pipeline.sources.dectris.codecs import EncodedFrame, FormatError
+from pipeline.sources.opening import opened
+from pipeline.store import open_results
+from workers.feeder import Feeder
+
+SECTOR = IntegrationConfig(azimuth_range_deg=(-5.0, 5.0))
+
+
+def bslz4(frame: np.ndarray) -> EncodedFrame:
+    """``frame`` as a v1 stream sends it with encoding ``bs32-lz4<`` (no HDF5 header)."""
+    blob = bitshuffle.compress_lz4(np.ascontiguousarray(frame, "<u4")).tobytes()
+    return EncodedFrame(blob, frame.shape, "<u4", "bslz4", 4, "auto")
+
+
+def spoiled(encoded: EncodedFrame) -> EncodedFrame:
+    """``encoded`` cut short by 10 bytes (it no longer decodes)."""
+    return encoded.with_data(bytes(encoded.data)[:-10])
+
+
+def v1_message(frame: np.ndarray, encoding: str, blob: bytes) -> list[bytes]:
+    description = {
+        "htype": "dimage_d-1.0",
+        "shape": [frame.shape[1], frame.shape[0]],
+        "type": frame.dtype.name,
+        "encoding": encoding,
+        "size": len(blob),
+    }
+    timing = {"htype": "dconfig-1.0", "start_time": 0, "stop_time": 9, "real_time": 9}
+    first = {"htype": "dimage-1.0", "series": 1, "frame": 4, "hash": ""}
+    return [json.dumps(part).encode() for part in (first, description)] + [
+        blob,
+        json.dumps(timing).encode(),
+    ]
+
+
+def v2_message(frame: np.ndarray, payload: object, tag: int, order_tag: int = 40) -> list[bytes]:
+    shape = list(frame.shape)
+    data = {"threshold_1": cbor2.CBORTag(order_tag, [shape, cbor2.CBORTag(tag, payload)])}
+    image = {"type": "image", "series_id": 1, "image_id": 4, "data": data}
+    return [cbor2.dumps(image)]
+
+
+@pytest.fixture(scope="module")
+def frame() -> np.ndarray:
+    return np.random.default_rng(2).poisson(4.0, (37, 23)).astype(np.uint32)
+
+
+def _messages(frame: np.ndarray) -> dict[str, list[bytes]]:
+    raw = frame.astype("<u4").tobytes()
+    shuffled = bitshuffle.compress_lz4(frame.astype("<u4")).tobytes()
+    big = frame.astype(">u2")
+    return {
+        "v1 bs32-lz4": v1_message(frame, "bs32-lz4<", shuffled),
+        "v1 raw": v1_message(frame, "<", raw),
+        "v1 big-endian uint16": v1_message(frame.astype(np.uint16), ">", big.tobytes()),
+        "v1 bitshuffle alone": v1_message(
+            frame, "bs32<", bitshuffle.bitshuffle(frame.astype("<u4").ravel()).tobytes()
+        ),
+        "v1 lz4": v1_message(frame, "lz4<", lz4.block.compress(raw, store_size=False)),
+        "v2 bslz4": v2_message(
+            frame,
+            cbor2.CBORTag(56500, ["bslz4", 4, struct.pack(">QI", len(raw), 0) + shuffled]),
+            70,
+        ),
+        "v2 raw": v2_message(frame, raw, 70),
+        "v2 column-major": v2_message(frame.T, frame.astype("<u4").tobytes(), 70, 1040),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_messages(np.zeros((2, 8), np.uint32))))
+def test_an_image_left_encoded_decodes_to_the_frame_decoded_at_once(frame, kind):
+    parts = _messages(frame)[kind]
+    now = parse_message(parts)
+    later = parse_message(parts, decode=False)
+    assert now.kind == later.kind == "image"
+    assert later.frame is None and later.error is None and later.encoded is not None
+    assert now.encoded is None and now.error is None
+    decoded = later.encoded.decode()
+    assert decoded.dtype == now.frame.dtype and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, now.frame)
+
+
+def test_data_that_does_not_decode_fails_when_it_is_decoded_and_a_wrong_size_at_once(frame):
+    shuffled = bitshuffle.compress_lz4(frame.astype("<u4")).tobytes()[:-10]
+    parts = v1_message(frame, "bs32-lz4<", shuffled)
+    assert "bitshuffle-LZ4 data" in (parse_message(parts).error or "")
+    later = parse_message(parts, decode=False)
+    assert later.error is None and later.encoded is not None
+    with pytest.raises(FormatError, match="bitshuffle-LZ4 data"):
+        later.encoded.decode()
+    short = v1_message(frame, "<", frame.tobytes()[:-4])
+    refused = parse_message(short, decode=False)
+    assert refused.encoded is None and "needs" in (refused.error or "")
+
+
+def test_the_pool_decodes_what_it_is_given_compressed(tmp_path):
+    frames = [e.frame for e in SimulatedDetector(SECTOR, seed=4).scan("enc", 3).exposures()]
+    given = [bslz4(frames[0]), frames[1], spoiled(bslz4(frames[2])), bslz4(frames[2][:40])]
+    own = LineOutIntegrator(SECTOR, QGrid())
+    with IntegratorPool(SECTOR, QGrid(), processes=2) as pool:
+        pool.wait_ready(timeout_s=60)
+        for key, item in enumerate(given):
+            while not pool.has_room:
+                pool.wait_any(1.0)
+            pool.submit(key, item, normalization=1.0, source=f"image {key}")
+        done = {result.key: result for result in pool.wait_all(timeout_s=60)}
+    for key, source_frame in ((0, frames[0]), (1, frames[1])):
+        expected = own.integrate(source_frame, 1.0)
+        np.testing.assert_array_equal(done[key].line_out.counts, expected.counts)
+        assert done[key].stage == "integration" and done[key].error is None
+    assert done[2].line_out is None and done[2].stage == "read"
+    assert done[2].error.startswith("image 2: ") and "bitshuffle-LZ4 data" in done[2].error
+    assert done[3].stage == "integration" and "shape" in done[3].error
+
+
+def test_a_scan_of_compressed_frames_through_integrators_stores_what_decoding_first_does(
+    tmp_path,
+):
+    config = PipelineConfig(scan_id="x")
+    exposures = list(SimulatedDetector(config.integration, seed=6).scan("x", 8).exposures())
+    encoded = [
+        Exposure(e.scan_id, e.index, e.timestamp, None, e.truth, e.metadata, encoded=bslz4(e.frame))
+        for e in exposures
+    ]
+    encoded[5].encoded = spoiled(encoded[5].encoded)
+    stored = {}
+    for name, given, integrators in (
+        ("decoded", exposures, 1),
+        ("here", encoded, 1),
+        ("processes", encoded, 2),
+    ):
+        config = PipelineConfig(
+            scan_id=name, n_workers=1, n_integrators=integrators, output_dir=tmp_path
+        )
+        with Feeder(config) as feeder:
+            for exposure in given:
+                feeder.submit(exposure)
+            summary = feeder.wait()
+        assert summary.stages["integrated"]["count"] == (8 if name == "decoded" else 7)
+        stored[name] = (summary, open_results(config.output_path))
+    decoded, here, processes = (stored[name][1] for name in ("decoded", "here", "processes"))
+    ok = np.arange(8) != 5
+    np.testing.assert_array_equal(here.counts[ok], decoded.counts[ok])
+    np.testing.assert_array_equal(processes.counts, here.counts)
+    for name in ("here", "processes"):
+        summary = stored[name][0]
+        assert set(summary.failures) == {5} and "bitshuffle-LZ4 data" in summary.failures[5]
+
+
+def test_a_stream_scan_leaves_decoding_to_its_integrator_processes():
+    def stream_config(integrators: int | None) -> PipelineConfig:
+        spec = DectrisStreamSource(stream="tcp://127.0.0.1:1", protocol="dectris-v2")
+        return PipelineConfig(scan_id="s", source=spec, n_integrators=integrators)
+
+    with opened(stream_config(2)) as source:
+        assert source.source.decode_frames is False
+    with opened(stream_config(1)) as source:
+        assert source.source.decode_frames is True
+
+
+def test_compressed_stream_frames_get_the_spare_cores_and_decoded_csr_frames_one(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    stream = DectrisStreamSource(stream="tcp://127.0.0.1:1")
+    assert integrator_processes(PipelineConfig(scan_id="s", source=stream, n_workers=2)) == 4
+    simulated = PipelineConfig(scan_id="s", source=SimulatedFrames(), n_workers=2)
+    assert integrator_processes(simulated) == 1
+    given = PipelineConfig(scan_id="s", source=stream, n_workers=2, n_integrators=3)
+    assert integrator_processes(given) == 3
