@@ -6,7 +6,10 @@
 #      (benchmarks.device_inference),
 #   3. the whole pipeline on Eiger 4M frames with GPU inference workers: the highest rate it
 #      sustains, and latency p50/p99 at 10 Hz, at 90% of that rate and at 560 Hz (an EIGER2 X
-#      4M's highest), 1,000 samples per exposure, results written (benchmarks.pipeline).
+#      4M's highest), 1,000 samples per exposure, results written (benchmarks.pipeline),
+#   4. integrator processes on the machine's cores, 1 to 6, decoded frames and bitshuffle-LZ4
+#      frames as a stream sends them (benchmarks.integrators): how many cores 560 Hz of
+#      compressed Eiger 4M frames takes.
 # The device machine has python3 with torch and CUDA but no package index: the project's other
 # dependencies travel as wheels in .whl/ (pip download them here, carry .whl), installed
 # into /tmp/site. Results land in $OUT; each step has its own time limit, and a step that
@@ -24,7 +27,8 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'PY' || exit 2
 import importlib, sys
-missing = [m for m in ("torch", "pyFAI", "fabio", "h5py", "zmq", "msgpack", "pydantic", "prefect")
+missing = [m for m in ("torch", "pyFAI", "fabio", "h5py", "zmq", "msgpack", "pydantic", "prefect",
+                      "bitshuffle", "lz4", "cbor2")
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing on this machine (add their wheels to .whl/): {', '.join(missing)}")
@@ -40,3 +44,6 @@ echo "device_inference: exit $?" | tee -a "$out/device_inference.txt"
 timeout 300 python3 -m benchmarks.pipeline --detectors eiger4m --frames "$frames" --repeats 1 \
     --latency-s 5 --rate-hz 560 --out "$out/pipeline_gpu.json" >"$out/pipeline_gpu.txt" 2>&1
 echo "pipeline: exit $?" | tee -a "$out/pipeline_gpu.txt"
+timeout 300 python3 -m benchmarks.integrators --frames 100 --repeats 1 --max-processes 6 \
+    --out "$out/integrators.json" >"$out/integrators.txt" 2>&1
+echo "integrators: exit $?" | tee -a "$out/integrators.txt"

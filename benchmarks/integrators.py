@@ -19,7 +19,7 @@ For each region, and k = 1, 2, ... up to the cores:
 
 The same again for the sector with the frames compressed as an Eiger's stream sends them
 (bitshuffle-LZ4 in HDF5 framing,
-:class:`~pipeline.sources.dectris.codecs.EncodedFrame`): the feeder's engine then decodes
+:class:`~pipeline.sources.compression.EncodedFrame`): the feeder's engine then decodes
 each frame before integrating it (what a scan with one engine does), and the pool's
 processes decode them (``decode_frames=False``); only the compressed bytes are copied.
 
@@ -56,7 +56,7 @@ from pipeline.integration.pool import IntegratorPool
 from pipeline.model.checkpoint import card_instrument, read_card
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
-from pipeline.sources.dectris.codecs import EncodedFrame
+from pipeline.sources.compression import EncodedFrame
 
 RESULTS = Path(__file__).parent / "results" / "integrators.json"
 

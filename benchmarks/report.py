@@ -31,19 +31,26 @@ def _load(name: str) -> dict | None:
 
 
 def _compressions(writer: dict) -> str:
-    """The writer's rate and file size with the draws compressed, as the summary says them
-    (none when the run did not measure them)."""
+    """The writer's rate and file size with the draws compressed, and with fewer draws
+    stored, as the summary says them (none when the run did not measure them)."""
     measured = writer.get("samples_compression_full_blocks") or {}
     others = [
         f"{name}: {m['exposures_per_s']:,}/s, {m['file_bytes_per_exposure'] / 1e3:.1f} kB"
         for name, m in measured.items()
         if name != "none"
     ]
-    if not others:
-        return ""
-    return "; the draws uncompressed, readable with no plugin (compressed with " + (
-        "; ".join(others) + ")"
-    )
+    text = ""
+    if others:
+        text = "; the draws uncompressed, readable with no plugin (compressed with " + (
+            "; ".join(others) + ")"
+        )
+    fewer = [
+        f"{stored}: {m['exposures_per_s']:,}/s, {m['file_bytes_per_exposure'] / 1e3:.1f} kB"
+        for stored, m in (writer.get("stored_samples_full_blocks") or {}).items()
+    ]
+    if fewer:
+        text += "; fewer draws stored, --stored-samples " + "; ".join(fewer)
+    return text
 
 
 def _listed(values: list[float]) -> str:
@@ -121,10 +128,21 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
     return rows
 
 
-def _latency_rows(pipeline: dict, how: str, p99_max: float) -> list[str]:
-    """The summary's latency rows of a run of ``benchmarks.pipeline`` (``how``: what was
-    special about the run)."""
+def _pipeline_rows(pipeline: dict, how: str) -> list[str]:
+    """The summary's rows of a run of ``benchmarks.pipeline``: pipeline against the
+    integration limit, and latency (``how``: what was special about the run)."""
+    cores = pipeline["settings"].get("limit_processes")
+    on = f"bare pyFAI on {cores} cores" if cores else "bare pyFAI in one process"
+    p99_max = pipeline["targets"]["p99_at_10_hz_max_ms"]
     rows = []
+    for detector, entry in pipeline["detectors"].items():
+        ratio = entry["pipeline_over_limit"]
+        rows.append(
+            f"| pipeline / integration limit, {detector} {tuple(entry['frame_shape'])}{how} "
+            f"(pipeline {entry['pipeline_per_s']['median']:.1f}/s, {on} "
+            f"{entry['integration_limit_per_s']['median']:.1f}/s) | {_spread(ratio)} | ≥ 0.8 "
+            f"| {_met(ratio['median'] >= 0.8)} |"
+        )
     for detector, entry in pipeline["detectors"].items():
         for label, latency in entry["latency_ms"].items():
             p99 = latency["p99"]["median"]
@@ -165,21 +183,10 @@ def render() -> str:
     ]
     pipeline = _load("pipeline")
     if pipeline:
-        cores = pipeline["settings"].get("limit_processes")
-        on = f"bare pyFAI on {cores} cores" if cores else "bare pyFAI in one process"
-        p99_max = pipeline["targets"]["p99_at_10_hz_max_ms"]
-        for detector, entry in pipeline["detectors"].items():
-            ratio = entry["pipeline_over_limit"]
-            lines.append(
-                f"| pipeline / integration limit, {detector} {tuple(entry['frame_shape'])} "
-                f"(pipeline {entry['pipeline_per_s']['median']:.1f}/s, {on} "
-                f"{entry['integration_limit_per_s']['median']:.1f}/s) | {_spread(ratio)} | ≥ 0.8 "
-                f"| {_met(ratio['median'] >= 0.8)} |"
-            )
-        lines += _latency_rows(pipeline, "", p99_max)
+        lines += _pipeline_rows(pipeline, "")
         compiled = _load("pipeline_compiled")  # python -m benchmarks.pipeline --compile
         if compiled:
-            lines += _latency_rows(compiled, " with workers compiled: --compile", p99_max)
+            lines += _pipeline_rows(compiled, " with workers compiled: --compile")
     else:
         lines.append(
             "| pipeline / integration limit, latency | not measured: no pipeline.json | | |"

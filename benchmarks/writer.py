@@ -21,8 +21,9 @@ set against the engine's GPU target of 20,000 exposures/s. Each file is deleted 
 measured; the bytes per exposure give the disk bandwidth that target needs (the page
 cache's write-back is not timed). Side by side, full blocks with each compression of the
 posterior draws (:data:`pipeline.store.results.SAMPLES_FILTERS`: none, the default; gzip;
-bitshuffle-LZ4), and the time per exposure to finish the file when the scan ends (the
-NXcanSAS groups).
+bitshuffle-LZ4), with fewer draws stored (``store.stored_samples``: 100, and 0 for the
+summaries alone, the workers' messages still carrying 1,000), and the time per exposure to
+finish the file when the scan ends (the NXcanSAS groups).
 
 Then the writer against the disk (issue: frame-rate integration): ``--disk-exposures`` in full
 blocks of GPU batches appended to a file in ``--folder`` and synced to the disk (``fsync``),
@@ -72,6 +73,8 @@ GPU_BATCH = 1024
 LAYOUTS = {"one_exposure_per_chunk": 0, f"{CHUNK_BYTES // 1024}_KiB_chunks": CHUNK_BYTES}
 N_SAMPLES = 1000
 GPU_TARGET_PER_S = 20_000
+#: draws stored per exposure in the cases with fewer (``store.stored_samples``)
+STORED_SAMPLES = (100, 0)
 
 
 def line_out_messages(model: CountsSampler, n: int, seed: int) -> list[LineOutMessage]:
@@ -134,15 +137,15 @@ class Measured:
     bytes: float
 
 
-def new_writer(path: Path, **options: Any) -> ResultsWriter:
+def new_writer(path: Path, stored_samples: int = N_SAMPLES, **options: Any) -> ResultsWriter:
     """The scan's results writer at ``path`` for the default model's parameters and q grid,
-    1,000 samples per exposure (``options``: the layout's)."""
+    storing ``stored_samples`` draws per exposure (``options``: the layout's)."""
     grid = PipelineConfig(scan_id="writer-benchmark").grid
     return ResultsWriter(
         path,
         PARAMETER_NAMES,
         PARAMETER_UNITS,
-        N_SAMPLES,
+        stored_samples,
         grid.grid().q_nm,
         q_resolution_nm=grid.resolution_nm,
         **options,
@@ -176,12 +179,18 @@ def seconds_per_exposure(
     chunk_bytes: int,
     folder: Path,
     samples_compression: str = "none",
+    stored_samples: int = N_SAMPLES,
 ) -> Measured:
     """The writer's work on ``messages``, in blocks of ``block``. The file is deleted after:
     the gigabytes of a whole run, left for the kernel to write back, would slow the later
     cases (measured: 0.107 instead of 0.039 ms per exposure in full blocks)."""
     path = folder / f"writer-{block}-{chunk_bytes}-{time.monotonic_ns()}.h5"
-    writer = new_writer(path, chunk_bytes=chunk_bytes, samples_compression=samples_compression)
+    writer = new_writer(
+        path,
+        stored_samples,
+        chunk_bytes=chunk_bytes,
+        samples_compression=samples_compression,
+    )
     start = time.perf_counter()
     exposures = append_in_blocks(writer, messages, block)
     appended = time.perf_counter()
@@ -282,6 +291,7 @@ def main() -> None:
     sizes: dict[str, float] = {}
     full = f"gpu_batches_block_{MAX_BLOCK}"
     by_compression: dict[str, list[Measured]] = {name: [] for name in SAMPLES_FILTERS}
+    by_stored: dict[int, list[Measured]] = {stored: [] for stored in STORED_SAMPLES}
     with tempfile.TemporaryDirectory() as name:
         for _ in range(args.repeats):
             for layout, chunk_bytes in LAYOUTS.items():
@@ -293,6 +303,13 @@ def main() -> None:
                 messages, block = runs[full]
                 measures.append(
                     seconds_per_exposure(messages, block, CHUNK_BYTES, Path(name), compression)
+                )
+            for stored, measured in by_stored.items():
+                messages, block = runs[full]
+                measured.append(
+                    seconds_per_exposure(
+                        messages, block, CHUNK_BYTES, Path(name), stored_samples=stored
+                    )
                 )
     disk_messages = result_messages(columns, args.disk_exposures, GPU_BATCH)
     writer_disk: list[OntoDisk] = []
@@ -342,6 +359,14 @@ def main() -> None:
         "file_bytes_per_exposure": round(sizes[now]),
         "disk_mb_per_s_at_gpu_target": round(sizes[now] * GPU_TARGET_PER_S / 1e6),
         "samples_compression_full_blocks": compressions,
+        "stored_samples_full_blocks": {
+            str(stored): {
+                "append_ms_per_exposure": round(1e3 * median(m.append_s for m in measured), 4),
+                "exposures_per_s": round(1 / median(m.append_s for m in measured)),
+                "file_bytes_per_exposure": round(median(m.bytes for m in measured)),
+            }
+            for stored, measured in by_stored.items()
+        },
         "against_the_disk": {
             "folder": str(args.folder),
             "exposures": args.disk_exposures,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.sources.dectris.codecs import EncodedFrame
+    from pipeline.sources.compression import EncodedFrame
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Exposure:
 
     def image(self) -> np.ndarray | None:
         """The frame, decoded from :attr:`encoded` where the source left it so (each call
-        decodes again: :class:`~pipeline.sources.dectris.codecs.FormatError` for data that
+        decodes again: :class:`~pipeline.sources.compression.FormatError` for data that
         does not decode); ``None`` without either.
 
         Example:

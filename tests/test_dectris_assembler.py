@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline.exposure import Exposure
+from pipeline.sources.compression import FormatError
 from pipeline.sources.dectris.assembler import SeriesAssembler, SeriesEnded
-from pipeline.sources.dectris.codecs import FormatError
 from pipeline.sources.dectris.messages import (
     EndMessage,
     HeaderMessage,

@@ -30,7 +30,7 @@ from pipeline.live.server import ENV_ADDRESS, ENV_TOKEN
 from pipeline.physics import QGrid
 from pipeline.sources import SimulatedDetector
 from pipeline.sources.base import FrameCounts
-from pipeline.sources.dectris.codecs import EncodedFrame
+from pipeline.sources.compression import EncodedFrame
 from pipeline.sources.handoff import Handoff
 from pipeline.store import ExposureResult, ResultsWriter
 

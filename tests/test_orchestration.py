@@ -305,6 +305,7 @@ def test_a_scan_with_failed_exposures_ends_failed_or_completed_with_its_counts(
     assert run.name == "lenient"
 
 
+@pytest.mark.slow  # 26 s: the default suite stays under 15 min
 def test_reprocess_scans_on_dask_writes_three_files_and_skips_them_next_time(
     prefect_harness, tmp_path, capsys
 ):

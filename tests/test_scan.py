@@ -641,7 +641,7 @@ def test_a_scan_that_stores_the_summaries_alone_has_the_summaries_of_every_draw(
     """``store.stored_samples``: the workers still draw ``n_samples`` per exposure and
     summarize them all; the file keeps the first K (0: none), and the scan resumes."""
     stored = {}
-    for kept in (None, 0, 5):
+    for kept in (None, 0):  # (another number of draws: tests/test_store.py)
         config = PipelineConfig(
             scan_id=f"kept-{kept}",
             n_workers=1,
@@ -661,11 +661,9 @@ def test_a_scan_that_stores_the_summaries_alone_has_the_summaries_of_every_draw(
         stored[kept] = open_results(config.output_path)
     every, summaries_alone = stored[None], tmp_path / "kept-0.h5"
     assert every.samples.shape == (4, 200, 5)
-    for kept in (0, 5):
-        assert stored[kept].samples.shape == (4, kept, 5)
-        np.testing.assert_array_equal(stored[kept].samples, every.samples[:, :kept])
-        for name in ("mean", "sd", "quantiles", "predictive_z", "width_mode_weights"):
-            np.testing.assert_array_equal(getattr(stored[kept], name), getattr(every, name))
+    assert stored[0].samples.shape == (4, 0, 5)
+    for name in ("mean", "sd", "quantiles", "predictive_z", "width_mode_weights"):
+        np.testing.assert_array_equal(getattr(stored[0], name), getattr(every, name))
     folder = tmp_path / "png"  # show: the line-out without its band, no corner plot
     assert main(["show", str(summaries_alone), "--png", str(folder), "--exposure", "1"]) == 0
     assert (folder / "lineout_000001.png").exists() and not (folder / "corner_000001.png").exists()

@@ -196,6 +196,7 @@ def test_an_object_without_the_contract_is_no_source():
 
 #: pipeline/sources modules, lowest first: each may import only those before it
 LAYERS = [
+    "compression",
     "base",
     "paths",
     "identity",

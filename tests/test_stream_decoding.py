@@ -1,11 +1,14 @@
-"""Frames a DECTRIS stream leaves compressed (``decode_frames=False``): checked when they come,
-decoded by the integrator processes, and stored as if decoded where they came."""
+"""Frames left compressed for the integrator processes (``decode_frames=False``), a DECTRIS
+stream's images and HDF5 files' bitshuffle-LZ4 and LZ4 chunks: checked when they come, decoded
+by the integrator processes, and stored as if decoded where they came."""
 
 import json
 import struct
 
 import bitshuffle
 import cbor2
+import h5py
+import hdf5plugin
 import lz4.block
 import numpy as np
 import pytest
@@ -15,10 +18,10 @@ from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
 from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.physics import QGrid
-from pipeline.source_specs import DectrisStreamSource, SimulatedFrames
-from pipeline.sources import SimulatedDetector
+from pipeline.source_specs import ArchivedFiles, DectrisStreamSource, SimulatedFrames
+from pipeline.sources import EigerSource, FileSource, SimulatedDetector
+from pipeline.sources.compression import EncodedFrame, FormatError
 from pipeline.sources.dectris import parse_message
-from pipeline.sources.dectris.codecs import EncodedFrame, FormatError
 from pipeline.sources.opening import opened
 from pipeline.store import open_results
 from workers.feeder import Feeder
@@ -186,3 +189,47 @@ def test_compressed_stream_frames_get_the_spare_cores_and_decoded_csr_frames_one
     assert integrator_processes(simulated) == 1
     given = PipelineConfig(scan_id="s", source=stream, n_workers=2, n_integrators=3)
     assert integrator_processes(given) == 3
+
+
+@pytest.fixture
+def hdf5_files(tmp_path) -> dict[str, tuple]:
+    """Eiger-like data files of 3 frames, one chunk per frame, by filter: (path, frames)."""
+    rng = np.random.default_rng(9)
+    files = {}
+    for name, dtype, filters in (
+        ("bslz4", np.uint32, hdf5plugin.Bitshuffle(cname="lz4")),
+        ("lz4", np.uint16, hdf5plugin.LZ4()),
+        ("gzip", np.uint16, {"compression": "gzip"}),
+    ):
+        frames = rng.poisson(5.0, (3, 40, 30)).astype(dtype)
+        path = tmp_path / f"{name}_data_000001.h5"
+        with h5py.File(path, "w") as handle:
+            handle.create_dataset("entry/data/data", data=frames, chunks=(1, 40, 30), **filters)
+        files[name] = (path, frames)
+    return files
+
+
+@pytest.mark.parametrize("reader", [EigerSource, FileSource])
+def test_hdf5_chunks_left_compressed_decode_to_what_h5py_reads(hdf5_files, reader):
+    for name, (path, frames) in hdf5_files.items():
+        exposures = list(reader([path], "h5", decode_frames=False).exposures())
+        assert [e.index for e in exposures] == [0, 1, 2]
+        for exposure, frame in zip(exposures, frames, strict=True):
+            assert exposure.error is None
+            if name == "gzip":  # a filter the integrators do not decode: decoded here
+                assert exposure.encoded is None and exposure.frame is not None
+            else:
+                assert exposure.frame is None and exposure.encoded.compression == name
+            np.testing.assert_array_equal(exposure.image(), frame)
+
+
+def test_an_archived_scan_with_integrator_processes_leaves_hdf5_chunks_to_them(hdf5_files):
+    path, frames = hdf5_files["bslz4"]
+    for integrators, compressed in ((2, True), (1, False)):
+        files = ArchivedFiles(paths=[str(path)])  # read ahead by a reader process
+        config = PipelineConfig(scan_id="h5", source=files, n_integrators=integrators)
+        with opened(config) as scan:
+            exposures = list(scan.source.exposures())
+        assert [e.encoded is not None for e in exposures] == [compressed] * 3
+        for exposure, frame in zip(exposures, frames, strict=True):
+            np.testing.assert_array_equal(exposure.image(), frame)

@@ -18,7 +18,7 @@ cannot be integrated) comes back as an :class:`Integrated`. Each key is integrat
 once, in any order across processes.
 
 A frame may also come still compressed, as a DECTRIS stream sends it
-(:class:`~pipeline.sources.dectris.codecs.EncodedFrame`): then only its compressed bytes are
+(:class:`~pipeline.sources.compression.EncodedFrame`): then only its compressed bytes are
 copied, and the process decodes it before integrating it. Decoding is where the time goes
 (9-23 ms for an Eiger 4M bitshuffle-LZ4 frame, against about 1 ms for the ``csr`` engine's
 sector), so this is how the processes share a fast detector's work; data that does not
@@ -72,8 +72,8 @@ from pipeline.exposure import LineOut
 from pipeline.integration import FrameError, LineOutIntegrator
 from pipeline.physics import QGrid
 from pipeline.scratch import frame_view, make_scratch_dir, shared_memory_folder
-from pipeline.source_specs import DectrisStreamSource
-from pipeline.sources.dectris.codecs import EncodedFrame, FormatError
+from pipeline.source_specs import DectrisStreamSource, EigerFiles
+from pipeline.sources.compression import EncodedFrame, FormatError
 
 #: Times an integrator process may die while integrating one frame before that frame fails.
 MAX_TRIES = 2
@@ -89,12 +89,14 @@ def integrator_processes(config: PipelineConfig) -> int:
     """pyFAI engines for the scan: ``n_integrators``; else 1 for the ``csr`` method on
     decoded frames (it sums only the pixels its matrix names: 1.0 ms per Eiger 4M sector frame
     in the feeder, less than copying the frame to another process), and for the others, and
-    for a DECTRIS stream's compressed frames (decoded by the integrator processes), the cores
-    this process may use beside its local CPU inference workers (all of them with GPU
-    workers), at least 1 and at most :data:`MAX_AUTO_INTEGRATORS`."""
+    for frames that come compressed (a DECTRIS stream, Eiger HDF5 files: the integrator
+    processes decode them), the cores this process may use beside its local CPU inference
+    workers (all of them with GPU workers), at least 1 and at most
+    :data:`MAX_AUTO_INTEGRATORS`."""
     if config.n_integrators is not None:
         return config.n_integrators
-    if config.integration.method == "csr" and not isinstance(config.source, DectrisStreamSource):
+    compressed = isinstance(config.source, DectrisStreamSource | EigerFiles)
+    if config.integration.method == "csr" and not compressed:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     on_gpu = config.inference.device.startswith("cuda")
@@ -360,7 +362,7 @@ class IntegratorPool:
         source: str | None = None,
     ) -> None:
         """Copy ``frame`` (an array, or its compressed bytes for an
-        :class:`~pipeline.sources.dectris.codecs.EncodedFrame`) into a free slot of the least
+        :class:`~pipeline.sources.compression.EncodedFrame`) into a free slot of the least
         busy process and have it integrated under ``key`` (``ValueError`` for a key pending
         already; ``RuntimeError`` when no slot is free: wait for :attr:`has_room`)."""
         if any(key in seat.jobs for seat in self._seats):

@@ -43,7 +43,7 @@ import numpy as np
 
 from pipeline.exposure import Exposure
 from pipeline.physics import GRATING_PARAMETERS
-from pipeline.sources.dectris.codecs import FormatError
+from pipeline.sources.compression import FormatError
 from pipeline.store.reader import rows_since
 
 #: Columns read for the traces (every row, thinned) and for the table (the newest rows).

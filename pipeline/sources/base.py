@@ -37,6 +37,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from pipeline.exposure import Exposure
+from pipeline.sources.compression import EncodedFrame
 
 
 @runtime_checkable
@@ -119,12 +120,15 @@ class DetectorFrame:
         timestamp: acquisition time, seconds since the epoch (header or file modification time).
         metadata: text values; ``source`` names the file (and frame) it came from.
         error: why the frame could not be read, or ``None``.
+        encoded: the frame's compressed bytes, where the reader left them for the integrator
+            processes to decode (``data`` is then ``None``).
     """
 
     data: np.ndarray | None
     timestamp: float
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    encoded: EncodedFrame | None = None
 
     def to_exposure(self, scan_id: str, index: int) -> Exposure:
         """This frame as exposure ``index`` of scan ``scan_id``."""
@@ -135,6 +139,7 @@ class DetectorFrame:
             frame=self.data,
             metadata=dict(self.metadata),
             error=self.error,
+            encoded=self.encoded,
         )
 
 

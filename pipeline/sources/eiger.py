@@ -65,6 +65,7 @@ from pipeline.sources.hdf5 import (
     open_frame_dataset,
     open_hdf5,
     read_detector_metadata,
+    read_encoded_frame,
     read_frame,
     stacked_datasets,
     with_nexus_detector,
@@ -137,8 +138,12 @@ def _missing_counts(
     return result
 
 
-def read_hdf5_file(path: PathLike, dataset: str | None = None) -> Iterator[DetectorFrame]:
-    """The frames of one Eiger/NeXus HDF5 file (master or data file), one at a time.
+def read_hdf5_file(
+    path: PathLike, dataset: str | None = None, decode: bool = True
+) -> Iterator[DetectorFrame]:
+    """The frames of one Eiger/NeXus HDF5 file (master or data file), one at a time; with
+    ``decode`` false, a frame whose chunk an integrator process can decode comes as its
+    compressed bytes (:func:`~pipeline.sources.hdf5.read_encoded_frame`).
 
     Never raises for a bad file: unreadable files, datasets and chunks give failed frames (see
     the module docstring). ``metadata`` has ``source``
@@ -241,6 +246,7 @@ def read_hdf5_file(path: PathLike, dataset: str | None = None) -> Iterator[Detec
                     metadata,
                     series_position=series_position,
                     data_file=data_file,
+                    decode=decode,
                 )
                 series_position += 1
             del node
@@ -258,9 +264,11 @@ def hdf5_frame(
     metadata: dict[str, str],
     series_position: int | None = None,
     data_file: str | None = None,
+    decode: bool = True,
 ) -> DetectorFrame:
     """Frame ``number`` of an open frame dataset (``ref`` in the file at ``path``) with its
     metadata (see :func:`read_hdf5_file`); a failed frame when its chunk cannot be read.
+    With ``decode`` false, an Eiger chunk comes as its compressed bytes (``encoded``).
 
     Args:
         path: the file the dataset was opened from (a master or a data file), for ``source``.
@@ -296,7 +304,8 @@ def hdf5_frame(
         "timestamp_from": stamp_from,
     }
     try:
-        data = read_frame(dataset, number)
+        encoded = None if decode else read_encoded_frame(dataset, number)
+        data = read_frame(dataset, number) if encoded is None else None
     except Exception as error:
         return DetectorFrame(
             data=None,
@@ -307,7 +316,7 @@ def hdf5_frame(
                 f"decompressed ({error})"
             ),
         )
-    return DetectorFrame(data=data, timestamp=timestamp, metadata=meta)
+    return DetectorFrame(data=data, timestamp=timestamp, metadata=meta, encoded=encoded)
 
 
 def _link_file(handle: h5py.File, ref: str) -> str | None:
@@ -349,6 +358,9 @@ class EigerSource(NumberedFrames):
         first_index: the index of the first exposure.
         dataset: the frames' dataset when it is not an Eiger place (``/entry/data/data`` or
             ``/entry/data/data_NNNNNN``) or a NeXus detector's ``data``.
+        decode_frames: decode each frame here (``True``), or give the frames of bitshuffle-LZ4
+            and LZ4 chunks as their compressed bytes (``Exposure.encoded``) for integrator
+            processes to decode (``False``).
 
     Attributes:
         files: the files to read, in reading order (data files read through a master left out).
@@ -364,9 +376,11 @@ class EigerSource(NumberedFrames):
         scan_id: str,
         first_index: int = 0,
         dataset: str | None = None,
+        decode_frames: bool = True,
     ) -> None:
         super().__init__(scan_id, first_index)
         self.dataset = dataset
+        self.decode_frames = decode_frames
         files, self.unmatched_patterns = expand_paths(paths)
         layout = scan_files(files)
         self.files = [file.path for file in layout.read]
@@ -375,7 +389,7 @@ class EigerSource(NumberedFrames):
     def _frames(self) -> Generator[DetectorFrame, None, None]:
         """Each file's frames, in order."""
         for path in self.files:
-            yield from read_hdf5_file(path, dataset=self.dataset)
+            yield from read_hdf5_file(path, dataset=self.dataset, decode=self.decode_frames)
 
     def pixel_mask(self) -> np.ndarray | None:
         """The pixel mask of the first file that has one (its own or its master's); non-zero

@@ -87,6 +87,9 @@ class FileSource(NumberedFrames):
         hdf5_dataset: for HDF5 files, the dataset of frames when it is not one of the Eiger
             places (``/entry/data/data`` or ``/entry/data/data_NNNNNN``) or a NeXus
             detector's ``data``: a 3-D stack gives one exposure per frame of its first axis.
+        decode_frames: decode each frame here (``True``), or give the frames of HDF5
+            bitshuffle-LZ4 and LZ4 chunks as their compressed bytes (``Exposure.encoded``)
+            for integrator processes to decode (``False``; other files are decoded here).
 
     Attributes:
         files: the files named, in natural order (data files read through a master included).
@@ -104,9 +107,11 @@ class FileSource(NumberedFrames):
         scan_id: str,
         first_index: int = 0,
         hdf5_dataset: str | None = None,
+        decode_frames: bool = True,
     ) -> None:
         super().__init__(scan_id, first_index)
         self.hdf5_dataset = hdf5_dataset
+        self.decode_frames = decode_frames
         self.files, self.unmatched_patterns = expand_paths(paths)
         self.skipped_files: list[Path] = []
 
@@ -151,7 +156,7 @@ class FileSource(NumberedFrames):
                     [failed_frame(str(path), broken_link_error(path))]
                 )
             elif is_hdf5_file(path):
-                frames = read_hdf5_file(path, dataset=self.hdf5_dataset)
+                frames = read_hdf5_file(path, dataset=self.hdf5_dataset, decode=self.decode_frames)
             else:
                 frames = read_fabio_file(path)
             for number, frame in enumerate(frames):

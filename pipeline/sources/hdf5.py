@@ -16,7 +16,8 @@ Layouts (DECTRIS file writer, NeXus):
 :func:`open_hdf5` opens a file that may still be being written; compression filters
 (bitshuffle-LZ4, LZ4, ... through ``hdf5plugin``) are registered as this module is imported,
 before any file is opened. :func:`read_frame` reads one frame (one chunk in Eiger files), so
-memory stays at one frame.
+memory stays at one frame; :func:`read_encoded_frame` reads an Eiger chunk's compressed bytes
+as they are, for an integrator process to decode.
 
 Detector metadata (:func:`read_detector_metadata`; text, units in the names):
 ``count_time_s``, ``frame_time_s``, ``x_pixel_size_m``, ``y_pixel_size_m``,
@@ -50,7 +51,12 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters before a file is opened)
 import numpy as np
 
+from pipeline.sources.compression import Compression, EncodedFrame
 from pipeline.sources.paths import PathLike, natural_sort_key
+
+#: HDF5 filter ids whose chunks :class:`~pipeline.sources.compression.EncodedFrame` decodes:
+#: bitshuffle (with LZ4, its compression 2) and LZ4.
+BITSHUFFLE_FILTER, LZ4_FILTER = 32008, 32004
 
 DATA_GROUP = "/entry/data"
 """Where a master file links its data files (``data_000001``, ...)."""
@@ -326,6 +332,43 @@ def read_frame(dataset: h5py.Dataset, number: int) -> np.ndarray:
     if dataset.ndim == 2:
         return np.asarray(dataset[()])
     return np.asarray(dataset[number])
+
+
+def read_encoded_frame(dataset: h5py.Dataset, number: int) -> EncodedFrame | None:
+    """Frame ``number`` of a stack as its chunk's bytes, still compressed, where one chunk
+    holds exactly that frame and its one filter is bitshuffle-LZ4 or LZ4 (Eiger data files);
+    ``None`` for any other layout (:func:`read_frame` reads those).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "s_data_000001.h5"
+        >>> with h5py.File(path, "w") as data_file:
+        ...     frames = data_file.create_dataset(
+        ...         "entry/data/data", data=np.arange(48, dtype=np.uint32).reshape(2, 4, 6),
+        ...         chunks=(1, 4, 6), **hdf5plugin.Bitshuffle(cname="lz4"))
+        ...     encoded = read_encoded_frame(frames, 1)
+        >>> encoded.compression, encoded.shape, int(encoded.decode()[0, 0])
+        ('bslz4', (4, 6), 24)
+        >>> import shutil; shutil.rmtree(path.parent)
+    """
+    if dataset.ndim != 3 or dataset.chunks != (1, *dataset.shape[1:]):
+        return None
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters() != 1:
+        return None
+    code, _, values, _ = plist.get_filter(0)
+    compression: Compression
+    if code == BITSHUFFLE_FILTER and len(values) > 4 and values[4] == 2:
+        compression, element_bytes = "bslz4", dataset.dtype.itemsize
+    elif code == LZ4_FILTER:
+        compression, element_bytes = "lz4", 1
+    else:
+        return None
+    mask, chunk = dataset.id.read_direct_chunk((number, 0, 0))
+    if mask:  # the filter was skipped for this chunk: its bytes are the frame's own
+        return None
+    shape = tuple(int(n) for n in dataset.shape[1:])
+    return EncodedFrame(chunk, shape, dataset.dtype.str, compression, element_bytes, "hdf5")
 
 
 def chunk_written(dataset: h5py.Dataset, number: int) -> bool:

@@ -10,6 +10,10 @@ What the source says about the scan goes back into the configuration the scan ru
   command instead of giving an empty scan);
 - frames read ahead by a reader process leave it a core: pyFAI's engine takes one thread
   fewer than the cores unless the configuration says how many;
+- a scan with integrator processes (:func:`~pipeline.integration.pool.integrator_processes`)
+  leaves the decoding of compressed frames to them: a DECTRIS stream's images, and the
+  bitshuffle-LZ4 and LZ4 chunks of HDF5 files, come as their compressed bytes
+  (``Exposure.encoded``);
 - simulated frames: the scan's number of frames is known ahead.
 
 Example:
@@ -131,6 +135,8 @@ def archived_files(config: PipelineConfig) -> OpenedSource:
 @contextlib.contextmanager
 def _archived(config: PipelineConfig, spec: ArchivedFiles | EigerFiles) -> Iterator[OpenedSource]:
     files = archived_files(config)
+    if isinstance(files.source, FileSource | EigerSource) and integrator_processes(config) > 1:
+        files.source.decode_frames = False  # HDF5 chunks: the integrator processes decode them
     if spec.read_ahead == 0:
         yield files
         return

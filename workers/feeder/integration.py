@@ -36,7 +36,7 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
 from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
-from pipeline.sources.dectris.codecs import FormatError
+from pipeline.sources.compression import FormatError
 from pipeline.store.resume import ResumePlan
 from pipeline.transport.messages import Failure, LineOutMessage
 from workers.feeder.metrics import ScanMetrics

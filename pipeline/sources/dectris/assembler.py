@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.exposure import Exposure
-from pipeline.sources.dectris.codecs import FormatError
+from pipeline.sources.compression import FormatError
 from pipeline.sources.dectris.messages import (
     EndMessage,
     HeaderMessage,

@@ -25,10 +25,10 @@ format and LiberTEM-dectris.
 
 A message comes back as a :class:`HeaderMessage` (carrying a :class:`SeriesHeader`), an
 :class:`ImageMessage` or an :class:`EndMessage`. A message that names no series raises
-:class:`~pipeline.sources.dectris.codecs.FormatError`; an image that names its series and
+:class:`~pipeline.sources.compression.FormatError`; an image that names its series and
 number but cannot be decoded comes back with ``frame=None`` and ``error`` saying why. With
 ``decode=False`` an image's data is checked but left compressed, as the message's ``encoded``
-(an :class:`~pipeline.sources.dectris.codecs.EncodedFrame`), for another process to decode.
+(an :class:`~pipeline.sources.compression.EncodedFrame`), for another process to decode.
 
 Example (a stream v1 image message):
 
@@ -62,11 +62,9 @@ import cbor2
 import numpy as np
 import zmq
 
+from pipeline.sources.compression import Buffer, EncodedFrame, FormatError
 from pipeline.sources.dectris.codecs import (
     TYPED_ARRAY_TAGS,
-    Buffer,
-    EncodedFrame,
-    FormatError,
     TaggedValue,
     cbor_tag_hook,
     decode_v1_data,
@@ -356,7 +354,7 @@ def parse_v1_message(parts: Sequence[Part], decode: bool = True) -> StreamMessag
     >>> parse_v1_message([b'{"htype": "dimage-1.0"'])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    pipeline.sources.dectris.codecs.FormatError: first part is not valid JSON: ...
+    pipeline.sources.compression.FormatError: first part is not valid JSON: ...
     """
     if not parts:
         raise FormatError("empty message")

@@ -33,8 +33,8 @@ import zmq
 import zmq.utils.monitor
 
 from pipeline.exposure import Exposure
+from pipeline.sources.compression import FormatError
 from pipeline.sources.dectris.assembler import SeriesAssembler, SeriesEnded, StreamStatistics
-from pipeline.sources.dectris.codecs import FormatError
 from pipeline.sources.dectris.messages import Protocol, SeriesHeader, parse_message
 
 log = logging.getLogger(__name__)
