@@ -186,7 +186,7 @@ def render() -> str:
         lines += _pipeline_rows(pipeline, "")
         compiled = _load("pipeline_compiled")  # python -m benchmarks.pipeline --compile
         if compiled:
-            lines += _pipeline_rows(compiled, " with workers compiled: --compile")
+            lines += _pipeline_rows(compiled, " with workers compiled, inference.compile")
     else:
         lines.append(
             "| pipeline / integration limit, latency | not measured: no pipeline.json | | |"

@@ -180,12 +180,11 @@ def test_scan_options_reach_the_scan_s_configuration(tmp_path):
     poni = files("pipeline") / "data" / "eiger4m_5m_8keV.poni"  # the default model's
     paths = [str(tmp_path), "--poni", str(poni), "--out", str(tmp_path)]
     options = ["--sasdata-groups", "first", "--samples-compression", "gzip", "--integrators", "2"]
-    options += ["--stored-samples", "0", "--compile"]
+    options += ["--stored-samples", "0"]
     args = build_parser().parse_args(["reprocess", *paths, *options])
     config = scan_config(args, "s1")
     assert config.store.sasdata_groups == "first" and config.store.samples_compression == "gzip"
     assert config.n_integrators == 2 and config.store.stored_samples == 0
-    assert config.inference.compile
     defaults = scan_config(build_parser().parse_args(["reprocess", *paths]), "s2")
     assert defaults.store.sasdata_groups == "every" and defaults.n_integrators is None
-    assert defaults.store.stored_samples is None and not defaults.inference.compile
+    assert defaults.store.stored_samples is None

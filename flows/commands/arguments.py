@@ -131,12 +131,6 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
     )
     command.add_argument("--model", type=Path, metavar="NAME|FILE", help=model_help())
     command.add_argument(
-        "--compile",
-        action="store_true",
-        help="workers compile their sampler with torch.compile when they start (tens of "
-        "seconds each on a CPU), then draw about twice as fast: for the lowest latency online",
-    )
-    command.add_argument(
         "--samples-compression",
         choices=("none", "gzip", "bitshuffle-lz4"),
         default="none",
@@ -182,7 +176,7 @@ def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
             azimuth_range_deg=None if args.full_ring else tuple(args.sector),
             normalization_keys=tuple(args.normalize_by),
         ),
-        inference=InferenceConfig(n_samples=args.samples, model=args.model, compile=args.compile),
+        inference=InferenceConfig(n_samples=args.samples, model=args.model),
         store=StoreConfig(
             samples_compression=args.samples_compression,
             sasdata_groups=args.sasdata_groups,

@@ -176,12 +176,12 @@ class Feeder:
         self.supervisor.start(self.run_dir, resume=self.plan is not None)
         self._sockets.watch(self.integration.fds, self.integration.collect)
         self.integration.start(config.transport.startup_timeout_s)  # beside the workers' start
-        deadline = time.monotonic() + config.transport.startup_timeout_s
+        startup_s = config.worker_startup_s()
+        deadline = time.monotonic() + startup_s
         while not_ready := self.supervisor.not_ready():
             if time.monotonic() > deadline:
-                raise ScanError(
-                    f"not ready after {config.transport.startup_timeout_s} s: {not_ready}"
-                )
+                compiling = " (compiling their sampler)" if config.inference.compile else ""
+                raise ScanError(f"not ready after {startup_s:g} s{compiling}: {not_ready}")
             self._service(200)
             self._check_children()
 
