@@ -50,8 +50,8 @@ class Exposure:
 
     def image(self) -> np.ndarray | None:
         """The frame, decoded from :attr:`encoded` where the source left it so (each call
-        decodes again: :class:`~pipeline.sources.compression.FormatError` for data that
-        does not decode); ``None`` without either.
+        decodes again: :class:`~pipeline.sources.compression.FormatError`, naming the
+        frame's source, for data that does not decode); ``None`` without either.
 
         Example:
             >>> Exposure("doc", 0, 0.0, np.zeros((2, 3), np.uint16)).image().shape
@@ -59,7 +59,7 @@ class Exposure:
         """
         if self.frame is not None or self.encoded is None:
             return self.frame
-        return self.encoded.decode()
+        return self.encoded.decode(self.metadata.get("source"))
 
 
 @dataclass

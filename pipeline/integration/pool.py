@@ -175,10 +175,10 @@ def _integrate_from_slots(config: IntegrationConfig, grid: QGrid, pipe: Connecti
             start = time.perf_counter()
             try:
                 if job.encoded is not None:
-                    frame = job.encoded.with_data(frame.data).decode()
+                    frame = job.encoded.with_data(frame.data).decode(job.source)
             except FormatError as error:
-                text = f"{job.source}: {error}" if job.source else str(error)
-                pipe.send(Integrated(job.key, None, text, time.perf_counter() - start, "read"))
+                seconds = time.perf_counter() - start
+                pipe.send(Integrated(job.key, None, str(error), seconds, "read"))
                 continue
             try:
                 line_out = integrator.integrate(frame, job.normalization, source=job.source)

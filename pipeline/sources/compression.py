@@ -294,12 +294,21 @@ class EncodedFrame:
         """This description with ``data`` as its bytes."""
         return dataclasses.replace(self, data=data)
 
-    def decode(self) -> np.ndarray:
+    def decode(self, source: str | None = None) -> np.ndarray:
         """The image, a writable native-byte-order array of :attr:`shape`.
 
         Raises:
-            FormatError: data that does not decompress to the image's size.
+            FormatError: data that does not decompress to the image's size (its text begins
+                with ``source``, where the frame came from, when given).
         """
+        try:
+            return self._decoded()
+        except FormatError as error:
+            if source:
+                raise FormatError(f"{source}: {error}") from None
+            raise
+
+    def _decoded(self) -> np.ndarray:
         n_bytes = self.n_bytes
         view = memoryview(self.data).cast("B")
         raw: Buffer | np.ndarray

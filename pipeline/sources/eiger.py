@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
@@ -58,8 +59,10 @@ import h5py
 import numpy as np
 
 from pipeline.sources.base import DetectorFrame, NumberedFrames, failed_frame
+from pipeline.sources.compression import EncodedFrame
 from pipeline.sources.hdf5 import (
     PIXEL_MASK_PATHS,
+    chunk_packing,
     frame_count,
     frame_datasets,
     open_frame_dataset,
@@ -143,7 +146,7 @@ def read_hdf5_file(
 ) -> Iterator[DetectorFrame]:
     """The frames of one Eiger/NeXus HDF5 file (master or data file), one at a time; with
     ``decode`` false, a frame whose chunk an integrator process can decode comes as its
-    compressed bytes (:func:`~pipeline.sources.hdf5.read_encoded_frame`).
+    compressed bytes (:func:`~pipeline.sources.hdf5.chunk_packing`).
 
     Never raises for a bad file: unreadable files, datasets and chunks give failed frames (see
     the module docstring). ``metadata`` has ``source``
@@ -237,6 +240,10 @@ def read_hdf5_file(
                     yield frame
                 series_position += n_lost
                 continue
+            packing = None
+            if not decode:
+                with contextlib.suppress(OSError, ValueError):  # then read_frame says why
+                    packing = chunk_packing(node)
             for number in range(counts[ref] or 0):
                 yield hdf5_frame(
                     path,
@@ -246,7 +253,7 @@ def read_hdf5_file(
                     metadata,
                     series_position=series_position,
                     data_file=data_file,
-                    decode=decode,
+                    packing=packing,
                 )
                 series_position += 1
             del node
@@ -264,11 +271,12 @@ def hdf5_frame(
     metadata: dict[str, str],
     series_position: int | None = None,
     data_file: str | None = None,
-    decode: bool = True,
+    packing: EncodedFrame | None = None,
 ) -> DetectorFrame:
     """Frame ``number`` of an open frame dataset (``ref`` in the file at ``path``) with its
     metadata (see :func:`read_hdf5_file`); a failed frame when its chunk cannot be read.
-    With ``decode`` false, an Eiger chunk comes as its compressed bytes (``encoded``).
+    With the dataset's ``packing`` (:func:`~pipeline.sources.hdf5.chunk_packing`), the frame
+    comes as its chunk's compressed bytes (``encoded``).
 
     Args:
         path: the file the dataset was opened from (a master or a data file), for ``source``.
@@ -304,7 +312,7 @@ def hdf5_frame(
         "timestamp_from": stamp_from,
     }
     try:
-        encoded = None if decode else read_encoded_frame(dataset, number)
+        encoded = None if packing is None else read_encoded_frame(dataset, number, packing)
         data = read_frame(dataset, number) if encoded is None else None
     except Exception as error:
         return DetectorFrame(

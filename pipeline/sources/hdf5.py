@@ -17,7 +17,8 @@ Layouts (DECTRIS file writer, NeXus):
 (bitshuffle-LZ4, LZ4, ... through ``hdf5plugin``) are registered as this module is imported,
 before any file is opened. :func:`read_frame` reads one frame (one chunk in Eiger files), so
 memory stays at one frame; :func:`read_encoded_frame` reads an Eiger chunk's compressed bytes
-as they are, for an integrator process to decode.
+as they are (:func:`chunk_packing` says whether a dataset's chunks can be read so), for an
+integrator process to decode.
 
 Detector metadata (:func:`read_detector_metadata`; text, units in the names):
 ``count_time_s``, ``frame_time_s``, ``x_pixel_size_m``, ``y_pixel_size_m``,
@@ -334,10 +335,11 @@ def read_frame(dataset: h5py.Dataset, number: int) -> np.ndarray:
     return np.asarray(dataset[number])
 
 
-def read_encoded_frame(dataset: h5py.Dataset, number: int) -> EncodedFrame | None:
-    """Frame ``number`` of a stack as its chunk's bytes, still compressed, where one chunk
-    holds exactly that frame and its one filter is bitshuffle-LZ4 or LZ4 (Eiger data files);
-    ``None`` for any other layout (:func:`read_frame` reads those).
+def chunk_packing(dataset: h5py.Dataset) -> EncodedFrame | None:
+    """How each frame of a stack is stored, as an :class:`EncodedFrame` without its bytes,
+    where one chunk holds exactly one frame and its one filter is bitshuffle-LZ4 or LZ4
+    (Eiger data files); ``None`` for any other layout (:func:`read_frame` reads those).
+    Looked at once per dataset; :func:`read_encoded_frame` reads each frame's bytes.
 
     Example:
         >>> import tempfile
@@ -346,7 +348,7 @@ def read_encoded_frame(dataset: h5py.Dataset, number: int) -> EncodedFrame | Non
         ...     frames = data_file.create_dataset(
         ...         "entry/data/data", data=np.arange(48, dtype=np.uint32).reshape(2, 4, 6),
         ...         chunks=(1, 4, 6), **hdf5plugin.Bitshuffle(cname="lz4"))
-        ...     encoded = read_encoded_frame(frames, 1)
+        ...     encoded = read_encoded_frame(frames, 1, chunk_packing(frames))
         >>> encoded.compression, encoded.shape, int(encoded.decode()[0, 0])
         ('bslz4', (4, 6), 24)
         >>> import shutil; shutil.rmtree(path.parent)
@@ -364,11 +366,18 @@ def read_encoded_frame(dataset: h5py.Dataset, number: int) -> EncodedFrame | Non
         compression, element_bytes = "lz4", 1
     else:
         return None
-    mask, chunk = dataset.id.read_direct_chunk((number, 0, 0))
-    if mask:  # the filter was skipped for this chunk: its bytes are the frame's own
-        return None
     shape = tuple(int(n) for n in dataset.shape[1:])
-    return EncodedFrame(chunk, shape, dataset.dtype.str, compression, element_bytes, "hdf5")
+    return EncodedFrame(b"", shape, dataset.dtype.str, compression, element_bytes, "hdf5")
+
+
+def read_encoded_frame(
+    dataset: h5py.Dataset, number: int, packing: EncodedFrame
+) -> EncodedFrame | None:
+    """Frame ``number`` as its chunk's bytes, still compressed, as :func:`chunk_packing`
+    described the dataset (``packing``); ``None`` where the filter was skipped for this chunk
+    (its bytes are the frame's own: :func:`read_frame` reads it)."""
+    mask, chunk = dataset.id.read_direct_chunk((number, 0, 0))
+    return None if mask else packing.with_data(chunk)
 
 
 def chunk_written(dataset: h5py.Dataset, number: int) -> bool:

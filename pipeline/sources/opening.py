@@ -118,11 +118,14 @@ def archived_files(config: PipelineConfig) -> OpenedSource:
     and manifest they give (see the module docstring): what a command checks before it starts
     a scan. ``ValueError`` when a pattern matches nothing."""
     spec = config.source
+    decode = integrator_processes(config) < 2  # else HDF5 chunks go to them compressed
     files: FileSource | EigerSource
     if isinstance(spec, ArchivedFiles):
-        files = FileSource(spec.paths, config.scan_id, hdf5_dataset=spec.hdf5_dataset)
+        files = FileSource(
+            spec.paths, config.scan_id, hdf5_dataset=spec.hdf5_dataset, decode_frames=decode
+        )
     elif isinstance(spec, EigerFiles):
-        files = EigerSource(spec.paths, config.scan_id, dataset=spec.dataset)
+        files = EigerSource(spec.paths, config.scan_id, dataset=spec.dataset, decode_frames=decode)
     else:
         raise ValueError(f"the source of scan {config.scan_id!r} is not archived files: {spec}")
     if files.unmatched_patterns or not files.files:
@@ -135,8 +138,6 @@ def archived_files(config: PipelineConfig) -> OpenedSource:
 @contextlib.contextmanager
 def _archived(config: PipelineConfig, spec: ArchivedFiles | EigerFiles) -> Iterator[OpenedSource]:
     files = archived_files(config)
-    if isinstance(files.source, FileSource | EigerSource) and integrator_processes(config) > 1:
-        files.source.decode_frames = False  # HDF5 chunks: the integrator processes decode them
     if spec.read_ahead == 0:
         yield files
         return

@@ -192,8 +192,7 @@ class Integration:
         try:
             frame = exposure.image() if exposure.error is None else None
         except FormatError as error:
-            source = exposure.metadata.get("source")
-            return Unusable("read", f"{source}: {error}" if source else str(error))
+            return Unusable("read", str(error))
         if frame is None:
             return Unusable("read", exposure.error or "the source delivered no frame")
         shape_was_open = self.integrator.shape is None
