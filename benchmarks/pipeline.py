@@ -21,6 +21,10 @@ sector +- 5 degrees, 384 bins (``pilatus1m-5m-sector``):
    (before integration) to the writer's acknowledgement that it is in the file: p50, p99,
    max (target p99 <= 50 ms at 10 Hz on 2 cores).
 
+With ``--integrate-on-workers`` the inference workers integrate the frames on their own
+device (the GPU mode); with ``--compressed`` the frames are handed over bitshuffle-LZ4
+compressed, as a DECTRIS stream leaves them (decoded by whoever integrates them).
+
 Frames are simulated once and reused (an Eiger 4M frame is 18 MB), handed over under new
 exposure indices. Each figure is the median of ``--repeats`` runs, with min and max.
 
@@ -39,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitshuffle
 import numpy as np
 
 from benchmarks.integrators import bare_rate
@@ -50,6 +55,7 @@ from pipeline.instrument import Instrument
 from pipeline.model.checkpoint import card_instrument, read_card
 from pipeline.preflight import settings_for_model
 from pipeline.sources import SimulatedDetector
+from pipeline.sources.compression import EncodedFrame
 from workers.feeder import Feeder, RecentResult
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
@@ -94,27 +100,51 @@ def integration_limit(detector: Detector, frames_file: Path, n: int) -> float:
     )
 
 
-def _exposure(scan_id: str, index: int, frames: list[np.ndarray]) -> Exposure:
-    return Exposure(scan_id, index, time.time(), frames[index % len(frames)])
+@dataclass(frozen=True)
+class Setup:
+    """How the pipeline runs: its pyFAI engines (``n_integrators``; ``None``: its own
+    choice), compiled samplers, and whether the inference workers integrate
+    (``integrate_on_workers``, the GPU mode)."""
+
+    integrators: int | None = None
+    compiled: bool = False
+    on_workers: bool = False
+
+    def config(self, detector: Detector, folder: Path, name: str) -> PipelineConfig:
+        """A scan's configuration for ``detector``, named ``name`` and a clock reading."""
+        config = PipelineConfig(
+            scan_id=f"{name}-{time.monotonic_ns()}",
+            output_dir=folder,
+            n_integrators=self.integrators,
+            integrate_on_workers=self.on_workers,
+            integration=detector.integration,
+            inference=InferenceConfig(compile=self.compiled, model=detector.model),
+        )
+        return settings_for_model(config)  # the model's grid
+
+
+def _exposure(scan_id: str, index: int, frames: list[np.ndarray | EncodedFrame]) -> Exposure:
+    frame = frames[index % len(frames)]
+    if isinstance(frame, EncodedFrame):  # as a stream leaves it
+        return Exposure(scan_id, index, time.time(), None, encoded=frame)
+    return Exposure(scan_id, index, time.time(), frame)
+
+
+def bslz4(frame: np.ndarray) -> EncodedFrame:
+    """``frame`` compressed as a DECTRIS stream sends it (bitshuffle-LZ4, no header)."""
+    blob = bitshuffle.compress_lz4(np.ascontiguousarray(frame)).tobytes()
+    return EncodedFrame(blob, frame.shape, frame.dtype.str, "bslz4", frame.itemsize, "auto")
 
 
 def pipeline_rate(
     detector: Detector,
-    frames: list[np.ndarray],
+    frames: list[np.ndarray | EncodedFrame],
     n: int,
     folder: Path,
-    integrators: int | None,
-    compiled: bool = False,
+    setup: Setup,
 ) -> float:
     """Exposures per second through the pipeline, first frame handed over to last written."""
-    config = PipelineConfig(
-        scan_id=f"rate-{time.monotonic_ns()}",
-        output_dir=folder,
-        n_integrators=integrators,
-        integration=detector.integration,
-        inference=InferenceConfig(compile=compiled, model=detector.model),
-    )
-    config = settings_for_model(config)  # the model's grid
+    config = setup.config(detector, folder, "rate")
     with Feeder(config) as feeder:
         start = time.perf_counter()
         for first in range(0, n, BATCH):
@@ -129,12 +159,11 @@ def pipeline_rate(
 
 def latency_at(
     detector: Detector,
-    frames: list[np.ndarray],
+    frames: list[np.ndarray | EncodedFrame],
     rate_hz: float,
     duration_s: float,
     folder: Path,
-    integrators: int | None,
-    compiled: bool = False,
+    setup: Setup,
 ) -> np.ndarray:
     """Milliseconds from hand-over to written of each frame handed over at ``rate_hz``."""
     handed: dict[int, float] = {}
@@ -143,14 +172,7 @@ def latency_at(
     def on_result(result: RecentResult) -> None:
         written[result.index] = time.perf_counter()
 
-    config = PipelineConfig(
-        scan_id=f"latency-{time.monotonic_ns()}",
-        output_dir=folder,
-        n_integrators=integrators,
-        integration=detector.integration,
-        inference=InferenceConfig(compile=compiled, model=detector.model),
-    )
-    config = settings_for_model(config)  # the model's grid
+    config = setup.config(detector, folder, "latency")
     n = max(1, round(rate_hz * duration_s))
     with Feeder(config, on_result=on_result) as feeder:
         start = time.perf_counter()
@@ -185,6 +207,16 @@ def main() -> None:
         "1 for the csr method, its engine in the feeder)",
     )
     parser.add_argument(
+        "--integrate-on-workers",
+        action="store_true",
+        help="the GPU mode: the inference workers integrate the frames on their device",
+    )
+    parser.add_argument(
+        "--compressed",
+        action="store_true",
+        help="hand the frames over bitshuffle-LZ4 compressed, as a DECTRIS stream leaves them",
+    )
+    parser.add_argument(
         "--rate-hz",
         type=float,
         nargs="*",
@@ -206,28 +238,26 @@ def main() -> None:
         "detectors": {},
     }
     latencies: dict[str, dict[str, np.ndarray]] = {}
+    setup = Setup(args.integrators, args.compile, args.integrate_on_workers)
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         for name, detector in detectors(folder).items():
             if name not in args.detectors:
                 continue
             simulator = SimulatedDetector(detector.integration, detector.instrument, seed=1)
-            frames = [e.frame for e in simulator.scan(name, args.distinct).exposures()]
+            decoded = [e.frame for e in simulator.scan(name, args.distinct).exposures()]
             frames_file = folder / f"{name}-frames.npy"
-            np.save(frames_file, np.stack(frames))
+            np.save(frames_file, np.stack(decoded))
+            frames = [bslz4(f) if args.compressed else f for f in decoded]
             limits, rates = [], []
             for _ in range(args.repeats):  # alternating, so that drifts hit both alike
                 limits.append(integration_limit(detector, frames_file, args.frames))
-                rates.append(
-                    pipeline_rate(
-                        detector, frames, args.frames, folder, args.integrators, args.compile
-                    )
-                )
+                rates.append(pipeline_rate(detector, frames, args.frames, folder, setup))
                 print(f"{name}: limit {limits[-1]:.1f}/s, pipeline {rates[-1]:.1f}/s", flush=True)
             ratios = [rate / limit for rate, limit in zip(rates, limits, strict=True)]
             sustained = 0.9 * float(np.median(rates))
             entry = {
-                "frame_shape": list(frames[0].shape),
+                "frame_shape": list(decoded[0].shape),
                 "integration_limit_per_s": _stats(limits),
                 "pipeline_per_s": _stats(rates),
                 "pipeline_over_limit": _stats(ratios),
@@ -238,15 +268,7 @@ def main() -> None:
             rates_hz += [(f"{rate:g}_hz", rate) for rate in args.rate_hz]
             for label, rate in rates_hz:
                 runs = [
-                    latency_at(
-                        detector,
-                        frames,
-                        rate,
-                        args.latency_s,
-                        folder,
-                        args.integrators,
-                        args.compile,
-                    )
+                    latency_at(detector, frames, rate, args.latency_s, folder, setup)
                     for _ in range(args.repeats)
                 ]
                 latencies[name][label] = np.concatenate(runs)

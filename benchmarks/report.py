@@ -128,6 +128,16 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
     return rows
 
 
+#: Runs of ``benchmarks.pipeline`` stored beside ``pipeline``, with what was special about
+#: each: ``--compile`` (``pipeline_compiled``), ``--compressed`` (``pipeline_compressed``) and
+#: ``--compressed --integrate-on-workers`` (``pipeline_on_workers``), each ``--out`` there.
+PIPELINE_VARIANTS = {
+    "pipeline_compiled": " with workers compiled, inference.compile",
+    "pipeline_compressed": ", frames bitshuffle-LZ4, decoded by the feeder",
+    "pipeline_on_workers": ", frames bitshuffle-LZ4, GPU mode on CPU tensors",
+}
+
+
 def _pipeline_rows(pipeline: dict, how: str) -> list[str]:
     """The summary's rows of a run of ``benchmarks.pipeline``: pipeline against the
     integration limit, and latency (``how``: what was special about the run)."""
@@ -184,9 +194,10 @@ def render() -> str:
     pipeline = _load("pipeline")
     if pipeline:
         lines += _pipeline_rows(pipeline, "")
-        compiled = _load("pipeline_compiled")  # python -m benchmarks.pipeline --compile
-        if compiled:
-            lines += _pipeline_rows(compiled, " with workers compiled, inference.compile")
+        for name, how in PIPELINE_VARIANTS.items():
+            variant = _load(name)
+            if variant:
+                lines += _pipeline_rows(variant, how)
     else:
         lines.append(
             "| pipeline / integration limit, latency | not measured: no pipeline.json | | |"

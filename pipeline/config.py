@@ -127,6 +127,9 @@ CPU_MAX_BATCH = 8
 #: (:meth:`ScanSettings.worker_startup_s`).
 COMPILE_STARTUP_S = 300.0
 CUDA_MAX_BATCH = 2048
+#: Frames a worker that integrates takes in one batch by default (64 Eiger 4M frames are
+#: 1.2 GB decoded, in pinned memory and on the device; the feeder keeps twice as many).
+FRAME_MAX_BATCH = 64
 
 
 class TransportConfig(_Strict):
@@ -245,6 +248,13 @@ class ScanSettings(_Strict):
     method on files and simulated frames (it sums only the pixels of the region, faster than
     a frame's copy to another process), else the cores beside the local inference workers on
     a CPU (GPU workers leave them all), at least 1 and at most 8."""
+    integrate_on_workers: bool = False
+    """The GPU mode: the inference workers integrate the frames on their own device, each
+    batch of frames copied to it once (through pinned memory on a GPU), and pass the
+    line-outs straight to the model there; the feeder sends each frame as the source gave it
+    (compressed where it came so, decoded by the worker). Only with the csr method, a
+    detector shape known before the first frame, and local workers; at most 64 frames in a
+    batch unless inference.max_batch says otherwise."""
     grid: GridConfig = GridConfig()
     """The q grid of the line-outs: the model's instrument sets it, leave it out."""
     integration: IntegrationConfig = IntegrationConfig()
@@ -264,6 +274,38 @@ class ScanSettings(_Strict):
         if self.n_workers == 0 and self.transport.remote_work is None:
             raise ValueError("n_workers is 0 and no remote_work endpoint is set: no worker")
         return self
+
+    @model_validator(mode="after")
+    def _workers_can_integrate(self) -> ScanSettings:
+        if not self.integrate_on_workers:
+            return self
+        if self.integration.method != "csr":
+            raise ValueError(
+                f"integrate_on_workers needs the csr method, not {self.integration.method}"
+            )
+        if self.transport.remote_work is not None:
+            raise ValueError("integrate_on_workers is for local workers: remote_work is set")
+        if self.n_integrators not in (None, 1):
+            raise ValueError(
+                f"integrate_on_workers: the workers integrate, not {self.n_integrators} "
+                "integrator processes"
+            )
+        return self
+
+    def batch_limit(self, device_type: str) -> int:
+        """The most exposures a worker on a device of this type (``"cpu"``, ``"cuda"``) takes
+        in one batch: :meth:`InferenceConfig.batch_limit`, and at most
+        :data:`FRAME_MAX_BATCH` frames when the workers integrate them, unless
+        ``inference.max_batch`` is given.
+
+        Example:
+            >>> ScanSettings(integrate_on_workers=True).batch_limit("cuda")
+            64
+        """
+        limit = self.inference.batch_limit(device_type)
+        if self.integrate_on_workers and self.inference.max_batch is None:
+            return min(limit, FRAME_MAX_BATCH)
+        return limit
 
     def worker_startup_s(self) -> float:
         """Seconds the scan's workers may take to start: ``transport.startup_timeout_s``,

@@ -16,6 +16,7 @@ from pipeline.transport.messages import (
     Acks,
     Credit,
     Failure,
+    FrameMessage,
     Heartbeat,
     Hello,
     LineOutMessage,
@@ -49,6 +50,7 @@ def _examples() -> list[WireMessage]:
         normalization=2.5,
     )
     n = 3
+    frame = rng.poisson(5, (4, 6)).astype(np.uint32)
     return [
         line_out,
         line_out.failure("inference", "line-out holds NaN", with_line_out=True),
@@ -88,6 +90,17 @@ def _examples() -> list[WireMessage]:
         Stop(),
         Stop(n_exposures=12),
         Reset(),
+        FrameMessage.of({"index": 8, "source": "a.h5::0", "normalization": 2.5}, frame),
+        FrameMessage(
+            index=9,
+            image=np.frombuffer(b"compressed", np.uint8),
+            compression="bslz4",
+            image_dtype="<u4",
+            rows=4,
+            columns=6,
+            element_bytes=4,
+            framing="auto",
+        ),
     ]
 
 
@@ -112,7 +125,17 @@ def test_every_kind_arrives_as_it_was_sent(sent):
 
 def test_every_kind_is_exercised_and_registered():
     assert {type(m) for m in _examples()} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == 11
+    assert len(MESSAGE_TYPES) == 12
+
+
+def test_a_frame_is_an_image_or_its_compressed_bytes():
+    image = np.ones((2, 3), np.int32)
+    flat = encode("frame", {"index": 0}, image=image.reshape(-1))
+    with pytest.raises(ProtocolError, match=r"a frame of shape \(6,\) with compression ''"):
+        read(flat)
+    bytes_as_image = encode("frame", {"index": 0, "compression": "lz4"}, image=image)
+    with pytest.raises(ProtocolError, match="neither an image nor its compressed bytes"):
+        read(bytes_as_image)
 
 
 def test_a_line_out_goes_as_float32_and_nan_times_as_none():

@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from pipeline.transport import ProtocolError
 from pipeline.transport.messages import (
     Credit,
     Failure,
+    FrameMessage,
     Heartbeat,
     LineOutMessage,
     Ready,
@@ -48,11 +50,17 @@ from pipeline.transport.messages import (
 )
 from workers.process import Parent, control_socket, parse_args, read_run
 
+if TYPE_CHECKING:
+    from workers.frames import FrameIntegration
 
-def _failure(line_out: LineOutMessage, error: str, n_points: int) -> Failure:
-    """The failure record of a line-out, with its counts where they fit the results file."""
-    fits = line_out.counts.shape == (n_points,)
-    return line_out.failure("inference", error, with_line_out=fits)
+
+def _failure(message: LineOutMessage | FrameMessage, error: str, n_points: int) -> Failure:
+    """The failure record of a line-out (with its counts where they fit the results file)
+    or of a frame, at the inference stage."""
+    if isinstance(message, FrameMessage):
+        return message.failure("inference", error)
+    fits = message.counts.shape == (n_points,)
+    return message.failure("inference", error, with_line_out=fits)
 
 
 def _line_out_error(line_out: LineOutMessage, observed: np.ndarray) -> str | None:
@@ -75,24 +83,30 @@ def run_batch(
     n_samples: int,
     seed: int,
     max_message_bytes: int,
+    on_device: torch.Tensor | None = None,
 ) -> tuple[list[Results | Failure], int]:
     """Messages to the writer for a batch of line-outs: the posterior results of the good
     ones as :class:`Results` (a block of exposures each, as many as fit in half of
     ``max_message_bytes``), with summaries and the posterior-predictive ``z``; a
-    :class:`Failure` for each bad one; and how many results."""
+    :class:`Failure` for each bad one; and how many results. ``on_device``: their counts
+    already on the model's device (a row per line-out, float32), given to the model as they
+    are."""
     out: list[Results | Failure] = []
-    good = []
+    good, good_rows = [], []
     observed = model.instrument.observed
-    for line_out in line_outs:
+    for row, line_out in enumerate(line_outs):
         error = _line_out_error(line_out, observed)
         if error is None:
             good.append(line_out)
+            good_rows.append(row)
         else:
             out.append(_failure(line_out, error, model.grid.n_points))
     if not good:
         return out, 0
     counts = np.stack([m.counts for m in good]).astype(np.float32)
-    posterior = posterior_columns(model, counts, n_samples, seed)
+    if on_device is not None and len(good) < len(line_outs):
+        on_device = on_device[torch.as_tensor(good_rows, device=on_device.device)]
+    posterior = posterior_columns(model, counts, n_samples, seed, on_device)
     columns: dict[str, np.ndarray] = {
         "index": np.array([m.index for m in good], dtype=np.int64),
         "timestamp": np.array([m.timestamp for m in good], np.float64),
@@ -120,10 +134,15 @@ def run_batch(
 
 
 def posterior_columns(
-    model: CountsSampler, counts: np.ndarray, n_samples: int, seed: int
+    model: CountsSampler,
+    counts: np.ndarray,
+    n_samples: int,
+    seed: int,
+    on_device: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Posterior draws for a batch of line-outs (exposures, n_points), with their summaries
-    (:func:`posterior_summaries`) and posterior-predictive ``z``, as host arrays.
+    (:func:`posterior_summaries`) and posterior-predictive ``z``, as host arrays;
+    ``on_device``: the same counts on the model's device, where they are already there.
 
     On a GPU all of it is computed on the device, where the draws are, and only the results
     are copied back, through pinned host memory; computed with numpy on a CPU the summaries
@@ -132,7 +151,7 @@ def posterior_columns(
     4.2 ms per exposure on one thread).
     """
     with torch.inference_mode():
-        tensor = torch.from_numpy(counts).to(model.device)
+        tensor = on_device if on_device is not None else torch.from_numpy(counts).to(model.device)
         generator = torch.Generator(device=model.device).manual_seed(seed)
         sampled = model.sample_tensor(tensor, n_samples, generator)
         draws: torch.Tensor | np.ndarray = sampled
@@ -214,7 +233,8 @@ class BatchSizer:
 
 @dataclass
 class InferenceSession:
-    """One worker's inference for one scan: batches line-out messages, keeps the count of
+    """One worker's inference for one scan: batches line-out messages (or frames, which
+    ``frames`` integrates where the workers do: ``integrate_on_workers``), keeps the count of
     credits it has handed to the feeder, and says how many to return after each batch
     (twice the current batch size in credit, so the next batch is waiting when this one
     ends)."""
@@ -225,6 +245,8 @@ class InferenceSession:
     sizer: BatchSizer
     #: the largest message part the writer takes (``transport.max_message_bytes``)
     max_message_bytes: int
+    #: the integration of the frames this worker is sent, where it integrates them
+    frames: FrameIntegration | None = None
     batches: int = 0
     inferred: int = 0
     _granted: int = field(default=0, repr=False)  # credits handed to the feeder, in all
@@ -235,9 +257,14 @@ class InferenceSession:
         cls, model: CountsSampler, config: PipelineConfig, worker_id: int
     ) -> InferenceSession:
         inference = config.inference
-        limit = inference.batch_limit(model.device.type)
+        limit = config.batch_limit(model.device.type)
         sizer = BatchSizer(limit, inference.latency_budget_ms / 1e3)
-        return cls(model, inference, worker_id, sizer, config.transport.max_message_bytes)
+        frames = None
+        if config.integrate_on_workers:  # (imported only then: it brings the sources' readers)
+            from workers.frames import FrameIntegration
+
+            frames = FrameIntegration(config, model)
+        return cls(model, inference, worker_id, sizer, config.transport.max_message_bytes, frames)
 
     def credits(self) -> int:
         """Credits to hand the feeder now, to keep twice the batch size in credit."""
@@ -246,11 +273,13 @@ class InferenceSession:
         self._granted += more
         return more
 
-    def receive(self, socket: zmq.Socket) -> tuple[list[LineOutMessage], int, list[WireMessage]]:
-        """Read, without waiting, the line-outs for one batch from ``socket``; return them,
-        the number of malformed messages dropped (each spends a credit), and any other
-        messages (commands) met on the way, in order."""
-        line_outs: list[LineOutMessage] = []
+    def receive(
+        self, socket: zmq.Socket
+    ) -> tuple[list[LineOutMessage | FrameMessage], int, list[WireMessage]]:
+        """Read, without waiting, the line-outs (or frames) for one batch from ``socket``;
+        return them, the number of malformed messages dropped (each spends a credit), and any
+        other messages (commands) met on the way, in order."""
+        line_outs: list[LineOutMessage | FrameMessage] = []
         commands: list[WireMessage] = []
         malformed = 0
         while len(line_outs) + malformed < self.sizer.size:
@@ -264,14 +293,33 @@ class InferenceSession:
                 malformed += 1
                 print(f"worker {self.worker_id}: dropped a malformed message: {error}", flush=True)
                 continue
-            if isinstance(message, LineOutMessage):
+            if isinstance(message, LineOutMessage | FrameMessage):
                 line_outs.append(message)
             else:
                 commands.append(message)
         self._taken += len(line_outs) + malformed
         return line_outs, malformed, commands
 
-    def run(self, line_outs: list[LineOutMessage]) -> tuple[list[Results | Failure], Credit]:
+    def _line_outs(
+        self, messages: list[LineOutMessage | FrameMessage]
+    ) -> tuple[list[LineOutMessage], torch.Tensor | None, list[Failure]]:
+        """The line-outs of a batch (frames integrated here, their counts left on the
+        model's device where all are frames) and the failure records of frames that gave
+        none."""
+        frames = [m for m in messages if isinstance(m, FrameMessage)]
+        line_outs = [m for m in messages if isinstance(m, LineOutMessage)]
+        if not frames:
+            return line_outs, None, []
+        if self.frames is None:
+            refused = "a frame sent to a worker that does not integrate (integrate_on_workers)"
+            return line_outs, None, [m.failure("inference", refused) for m in frames]
+        integrated = self.frames.integrate(frames)
+        on_device = integrated.counts if not line_outs else None
+        return [*integrated.line_outs, *line_outs], on_device, integrated.failures
+
+    def run(
+        self, messages: list[LineOutMessage | FrameMessage]
+    ) -> tuple[list[Results | Failure], Credit]:
         """The messages for the writer (results, failure records) of one batch, and the
         ``credit`` message for the feeder (sent before the results, so that the feeder
         counts the batch as inferred before the writer acknowledges any of it)."""
@@ -279,14 +327,21 @@ class InferenceSession:
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
         try:
+            line_outs, on_device, unusable = self._line_outs(messages)
             outgoing, inferred = run_batch(
-                self.model, line_outs, self.config.n_samples, seed, self.max_message_bytes
+                self.model,
+                line_outs,
+                self.config.n_samples,
+                seed,
+                self.max_message_bytes,
+                on_device,
             )
+            outgoing = [*unusable, *outgoing]
         except Exception as error:  # one bad batch must not stop the scan: report each exposure
             text = f"{type(error).__name__}: {error}"
             traceback.print_exc()
             n_points = self.model.grid.n_points
-            failures: list[Results | Failure] = [_failure(m, text, n_points) for m in line_outs]
+            failures: list[Results | Failure] = [_failure(m, text, n_points) for m in messages]
             outgoing, inferred = failures, 0
         seconds = time.perf_counter() - start
         if inferred:

@@ -47,6 +47,7 @@ from pipeline.transport import ProtocolError
 from pipeline.transport.addresses import is_loopback
 from pipeline.transport.messages import (
     Credit,
+    FrameMessage,
     Heartbeat,
     Hello,
     LineOutMessage,
@@ -271,7 +272,9 @@ class RemoteWorker:
         )
         return session, config.scan_id
 
-    def _run_batch(self, session: InferenceSession, line_outs: list[LineOutMessage]) -> str | None:
+    def _run_batch(
+        self, session: InferenceSession, line_outs: list[LineOutMessage | FrameMessage]
+    ) -> str | None:
         """Infer one batch and send its results and credits; ``"lost"`` if the feeder is gone."""
         outgoing, credit = session.run(line_outs)
         try:

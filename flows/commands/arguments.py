@@ -104,6 +104,13 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         "else the cores beside the local workers, at most 8)",
     )
     command.add_argument(
+        "--integrate-on-workers",
+        action="store_true",
+        help="the GPU mode: the inference workers integrate the frames on their own device (a "
+        "batch of frames goes to the GPU once, the line-outs straight to the model there); the "
+        "csr method, a PONI that names the detector, local workers only",
+    )
+    command.add_argument(
         "--remote-work",
         metavar="URL",
         help="also take inference workers from other nodes (beamline-inn worker --connect) on "
@@ -168,6 +175,7 @@ def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
         output_dir=args.out,
         n_workers=args.workers,
         n_integrators=args.integrators,
+        integrate_on_workers=args.integrate_on_workers,
         integration=IntegrationConfig(
             poni=args.poni,
             mask=args.mask,

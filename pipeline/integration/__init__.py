@@ -51,6 +51,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 # pyFAI's OpenCL probe warns on every import where pyopencl is absent; we use its Cython engines.
 logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
@@ -64,6 +65,7 @@ from pipeline.bundled import DEFAULT_PONI  # noqa: E402
 from pipeline.config import IntegrationConfig  # noqa: E402
 from pipeline.exposure import Exposure, LineOut  # noqa: E402
 from pipeline.integration.csr import CsrEngine  # noqa: E402
+from pipeline.integration.rules import line_out_values, region_error, value_error  # noqa: E402
 from pipeline.physics import QGrid  # noqa: E402
 
 #: Pilatus bad-pixel markers (-1 bad, -2 module gaps) as one pyFAI dummy range.
@@ -354,6 +356,20 @@ class LineOutIntegrator:
 
     def validate(self, frame: np.ndarray) -> None:
         """Raise :class:`FrameError` for a frame this geometry cannot integrate."""
+        self.validate_layout(frame)
+        kind = frame.dtype.kind
+        if kind == "u":
+            return
+        finite = np.isfinite(frame) if kind == "f" else None
+        n_not_finite = 0 if finite is None else int(np.count_nonzero(~finite))
+        least = float(frame.min()) if not n_not_finite else 0.0
+        error = value_error(kind, n_not_finite, least)
+        if error is not None:
+            raise FrameError(error)
+
+    def validate_layout(self, frame: np.ndarray) -> None:
+        """Raise :class:`FrameError` for a frame whose dimensions or type this geometry
+        cannot integrate (its values are not looked at)."""
         if frame.ndim != 2:
             raise FrameError(f"frame shape {frame.shape} is not a 2-D image")
         if self.shape is not None and tuple(frame.shape) != self.shape:
@@ -361,20 +377,8 @@ class LineOutIntegrator:
                 f"frame shape {frame.shape} does not match the detector shape {self.shape}, "
                 f"taken from {self.shape_from}"
             )
-        kind = frame.dtype.kind
-        if kind not in "uif":
+        if frame.dtype.kind not in "uif":
             raise FrameError(f"frame dtype {frame.dtype} is not numeric")
-        if kind == "f":
-            if not np.isfinite(frame).all():
-                bad = int(np.count_nonzero(~np.isfinite(frame)))
-                raise FrameError(f"frame holds {bad} NaN or infinite pixel values")
-            if frame.min() < 0:
-                raise FrameError(f"frame holds negative pixel values (least {frame.min():g})")
-        elif kind == "i" and frame.min() < -2:
-            raise FrameError(
-                f"frame holds negative pixel values (least {frame.min()}) other than the "
-                "bad-pixel markers -1 and -2"
-            )
 
     @staticmethod
     def dummy(frame: np.ndarray) -> tuple[float, float] | None:
@@ -425,30 +429,25 @@ class LineOutIntegrator:
             self._build(frame.shape, f"{first}: {self._no_detector(frame.shape)}")
         count, signal, flat_sum = self._sums(frame)
         marked = int(self.pixels_per_bin.sum() - count.sum())
-        region = int(self.pixels_per_bin.sum())
-        if marked > self.config.max_bad_pixel_fraction * region:
-            share = f"more than the {self.config.max_bad_pixel_fraction:.0%} allowed"
-            if frame.dtype.kind == "i":  # signed frames mark only -1 and -2
-                raise FrameError(
-                    f"{marked} of the {region} pixels of the integration region are detector "
-                    f"gaps or bad pixels (negative values -1, -2), {share}: does the sector lie "
-                    "on the module gaps, or is the frame from another detector?"
-                )
-            raise FrameError(
-                f"{marked} of the {region} pixels of the integration region hold the largest "
-                f"value of {frame.dtype} (saturated or bad pixels), {share}: the frame is "
-                "saturated"
-            )
-        if not (signal > 0).any():
-            raise FrameError("no counts in the integration region (an all-zero frame)")
-        # the bin's mean flat: the normalization is the sum of the flat over the bin's pixels
-        scale = np.divide(count, flat_sum, out=np.zeros_like(count), where=count > 0)
-        raw = signal + self.dark_counts * np.divide(
-            count, self.pixels_per_bin, out=np.zeros_like(count), where=self.pixels_per_bin > 0
+        error = region_error(
+            marked,
+            int(self.pixels_per_bin.sum()),
+            self.config.max_bad_pixel_fraction,
+            bool((signal > 0).any()),
+            frame.dtype.name,
+        )
+        if error is not None:
+            raise FrameError(error)
+        counts, counts_sd = line_out_values(
+            torch.from_numpy(np.asarray(count)),
+            torch.from_numpy(np.asarray(signal)),
+            torch.from_numpy(np.asarray(flat_sum)),
+            torch.from_numpy(self.pixels_per_bin).double(),
+            torch.from_numpy(np.asarray(self.dark_counts)).double(),
         )
         return LineOut(
             q_nm=self.grid.q_nm,
-            counts=np.maximum(signal * scale, 0.0),
-            counts_sd=np.sqrt(np.maximum(raw, 1.0)) * np.where(count > 0, scale, 1.0),
+            counts=counts.numpy(),
+            counts_sd=counts_sd.numpy(),
             normalization=float(normalization),
         )

@@ -43,6 +43,9 @@ import numpy as np
 import torch
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
+#: unsigned pixel types gathered as the signed type of their width: (that type, bits)
+_SIGNED_TWIN = {torch.uint16: (torch.int16, 16), torch.uint32: (torch.int32, 32)}
+
 
 class CsrEngine:
     """The CSR matrix ``(indptr, indices, data)`` of a 1-D pyFAI engine without pixel
@@ -153,19 +156,56 @@ class CsrEngine:
             integers = frame.dtype.kind in "ui"
             gathered = np.ascontiguousarray(frame).reshape(-1)[self.pixels]
             values = torch.as_tensor(gathered.astype(np.float32), device=self.device)
+        totals = self._region_sums(values.unsqueeze(0), integers, dummy, dark)[:, 0].cpu().numpy()
+        return totals[0], totals[1], totals[2]
+
+    def batch_sums(
+        self,
+        frames: torch.Tensor,
+        dummy: tuple[float, float] | None,
+        dark: bool = True,
+    ) -> torch.Tensor:
+        """:meth:`sums` of a batch of frames (frames, rows, columns) on this engine's device,
+        without leaving it: (3, frames, bins) float64, the valid pixels, signal and
+        normalization of each frame's bins."""
+        integers = not (frames.is_floating_point() or frames.is_complex())
+        pixels = frames.reshape(len(frames), -1)
+        if frames.dtype in _SIGNED_TWIN:  # CUDA does not index most unsigned types
+            twin, bits = _SIGNED_TWIN[frames.dtype]
+            unsigned = pixels.view(twin)[:, self._pixels].long() & (2**bits - 1)
+            values = unsigned.to(torch.float32)
+        else:
+            values = pixels[:, self._pixels].to(torch.float32)
+        return self._region_sums(values, integers, dummy, dark)
+
+    def _region_sums(
+        self,
+        values: torch.Tensor,
+        integers: bool,
+        dummy: tuple[float, float] | None,
+        dark: bool,
+    ) -> torch.Tensor:
+        """The sums of :meth:`batch_sums` from the float32 values of the matrix's pixels,
+        (frames, pixels)."""
         left_out = self._left_out(values, integers, dummy)
         signal = values - self._dark if dark and self._dark is not None else values
         left_out |= ~torch.isfinite(signal)  # a dark that is not finite
         signal = signal.masked_fill(left_out | self._flat_invalid, 0.0).double()
-        # the pixels this frame leaves out that the flat did not: out of the static sums
-        pixels = (left_out & ~self._flat_invalid).nonzero().squeeze(1)
-        bins, weights = self._bin_of[pixels], self._coefficient[pixels]
-        count = self._valid_count - torch.bincount(bins, weights, minlength=self.n_bins)
-        normalization = self._normalization_sum - torch.bincount(
-            bins, weights * self._normalization[pixels], minlength=self.n_bins
+        # the pixels each frame leaves out that the flat did not: out of the static sums
+        frame, pixel = (left_out & ~self._flat_invalid).nonzero(as_tuple=True)
+        bins = frame * self.n_bins + self._bin_of[pixel]
+        weights = self._coefficient[pixel]
+        n_frames = len(values)
+
+        def left_out_sums(weights: torch.Tensor) -> torch.Tensor:
+            summed = torch.bincount(bins, weights, minlength=n_frames * self.n_bins)
+            return summed.reshape(n_frames, self.n_bins)
+
+        count = self._valid_count - left_out_sums(weights)
+        normalization = self._normalization_sum - left_out_sums(
+            weights * self._normalization[pixel]
         )
-        totals = torch.stack([count, self._per_bin(signal), normalization]).cpu().numpy()
-        return totals[0], totals[1], totals[2]
+        return torch.stack([count, (self.matrix @ signal.T).T, normalization])
 
     def _left_out(
         self,

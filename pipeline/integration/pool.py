@@ -86,13 +86,16 @@ MAX_AUTO_INTEGRATORS = 8
 
 
 def integrator_processes(config: PipelineConfig) -> int:
-    """pyFAI engines for the scan: ``n_integrators``; else 1 for the ``csr`` method on
+    """pyFAI engines for the scan: 1 where the inference workers integrate
+    (``integrate_on_workers``), else ``n_integrators``; else 1 for the ``csr`` method on
     decoded frames (it sums only the pixels its matrix names: 1.0 ms per Eiger 4M sector frame
     in the feeder, less than copying the frame to another process), and for the others, and
     for frames that come compressed (a DECTRIS stream, Eiger HDF5 files: the integrator
     processes decode them), the cores this process may use beside its local CPU inference
     workers (all of them with GPU workers), at least 1 and at most
     :data:`MAX_AUTO_INTEGRATORS`."""
+    if config.integrate_on_workers:  # the inference workers integrate
+        return 1
     if config.n_integrators is not None:
         return config.n_integrators
     compressed = isinstance(config.source, DectrisStreamSource | EigerFiles)
@@ -101,6 +104,20 @@ def integrator_processes(config: PipelineConfig) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     on_gpu = config.inference.device.startswith("cuda")
     return max(1, min(MAX_AUTO_INTEGRATORS, (cores or 1) - (0 if on_gpu else config.n_workers)))
+
+
+def decoded_by_receiver(config: PipelineConfig) -> bool:
+    """Whether the process that receives the scan's frames decodes them: not where
+    integrator processes (:func:`integrator_processes`) or the inference workers
+    (``integrate_on_workers``) integrate them, which then get compressed frames as they came
+    and decode them themselves.
+
+    Example:
+        >>> from pipeline.config import PipelineConfig
+        >>> decoded_by_receiver(PipelineConfig(scan_id="doc", integrate_on_workers=True))
+        False
+    """
+    return integrator_processes(config) < 2 and not config.integrate_on_workers
 
 
 class IntegratorError(RuntimeError):

@@ -10,10 +10,11 @@ What the source says about the scan goes back into the configuration the scan ru
   command instead of giving an empty scan);
 - frames read ahead by a reader process leave it a core: pyFAI's engine takes one thread
   fewer than the cores unless the configuration says how many;
-- a scan with integrator processes (:func:`~pipeline.integration.pool.integrator_processes`)
-  leaves the decoding of compressed frames to them: a DECTRIS stream's images, and the
-  bitshuffle-LZ4 and LZ4 chunks of HDF5 files, come as their compressed bytes
-  (``Exposure.encoded``);
+- a scan with integrator processes (:func:`~pipeline.integration.pool.integrator_processes`),
+  or whose inference workers integrate (``integrate_on_workers``), leaves the decoding of
+  compressed frames to them (:func:`~pipeline.integration.pool.decoded_by_receiver`): a
+  DECTRIS stream's images, and the bitshuffle-LZ4 and LZ4 chunks of HDF5 files, come as
+  their compressed bytes (``Exposure.encoded``);
 - simulated frames: the scan's number of frames is known ahead.
 
 Example:
@@ -36,7 +37,7 @@ from typing import Literal
 
 from pipeline.config import PipelineConfig
 from pipeline.integration import frame_shape_is_open
-from pipeline.integration.pool import integrator_processes
+from pipeline.integration.pool import decoded_by_receiver
 from pipeline.source_specs import (
     ArchivedFiles,
     DectrisStreamSource,
@@ -118,7 +119,7 @@ def archived_files(config: PipelineConfig) -> OpenedSource:
     and manifest they give (see the module docstring): what a command checks before it starts
     a scan. ``ValueError`` when a pattern matches nothing."""
     spec = config.source
-    decode = integrator_processes(config) < 2  # else HDF5 chunks go to them compressed
+    decode = decoded_by_receiver(config)  # else HDF5 chunks go compressed to who integrates
     files: FileSource | EigerSource
     if isinstance(spec, ArchivedFiles):
         files = FileSource(
@@ -160,7 +161,7 @@ def _stream(config: PipelineConfig, spec: DectrisStreamSource) -> Iterator[Opene
         protocol=protocol,
         idle_timeout_s=spec.idle_timeout_s,
         max_message_bytes=spec.max_message_bytes,
-        decode_frames=integrator_processes(config) < 2,
+        decode_frames=decoded_by_receiver(config),
     ) as stream:
         yield OpenedSource(stream, config)
 

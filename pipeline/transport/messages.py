@@ -22,11 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from pipeline.transport.wire import Message, ProtocolError, decode, encode
+
+if TYPE_CHECKING:  # (not imported to run: it would bring every source's reader)
+    from pipeline.sources.compression import EncodedFrame
 
 _Kind = TypeVar("_Kind", bound="WireMessage")
 
@@ -237,6 +240,68 @@ class LineOutMessage(ExposureMessage):
             counts=self.counts if with_line_out else None,
             counts_sd=self.counts_sd if with_line_out else None,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrameMessage(ExposureMessage):
+    """One exposure's frame, for a worker that integrates it on its own device
+    (``integration.on_workers``): ``image``, the frame as the source read it (rows,
+    columns), or where the source left it compressed, its bytes (1-D, u1) and how to decode
+    them (``compression``, not empty, with ``image_dtype``, ``rows``, ``columns``,
+    ``element_bytes``, ``framing`` and ``order``: the fields of
+    :class:`~pipeline.sources.compression.EncodedFrame`, checked where it is decoded).
+    ``normalization``: the exposure's monitor times transmission, which its line-out keeps.
+
+    Example:
+        >>> frame = np.arange(6, dtype=np.uint32).reshape(2, 3)
+        >>> sent = FrameMessage.of({"index": 4, "normalization": 1.0}, frame)
+        >>> received = read(sent.to_frames())
+        >>> received.index, received.image.tolist()
+        (4, [[0, 1, 2], [3, 4, 5]])
+    """
+
+    kind: ClassVar[str] = "frame"
+    route: ClassVar[str] = "feeder → worker that integrates (integration.on_workers)"
+    arrays_note: ClassVar[str] = "image (rows, columns; its pixel type), or its compressed bytes"
+
+    image: np.ndarray = field(repr=False)
+    compression: str = ""
+    image_dtype: str = ""
+    rows: int = 0
+    columns: int = 0
+    element_bytes: int = 1
+    framing: str = "none"
+    order: str = "C"
+
+    @classmethod
+    def of(cls, about: dict[str, Any], frame: np.ndarray | EncodedFrame) -> FrameMessage:
+        """The message of the exposure that ``about`` describes (the fields of
+        :class:`ExposureMessage`), with its decoded ``frame`` or its compressed bytes."""
+        if isinstance(frame, np.ndarray):
+            return cls(**about, image=frame)
+        rows, columns = frame.shape
+        return cls(
+            **about,
+            image=np.frombuffer(frame.data, np.uint8),
+            compression=frame.compression,
+            image_dtype=frame.dtype,
+            rows=rows,
+            columns=columns,
+            element_bytes=frame.element_bytes,
+            framing=frame.framing,
+            order=frame.order,
+        )
+
+    def check(self) -> None:
+        if self.image.ndim != (1 if self.compression else 2):
+            raise ProtocolError(
+                f"a frame of shape {self.image.shape} with compression {self.compression!r} "
+                "is neither an image nor its compressed bytes"
+            )
+
+    def failure(self, stage: str, error: str) -> Failure:
+        """The failure record of this exposure."""
+        return Failure(**self.exposure_fields(), stage=stage, error=error)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -451,6 +516,7 @@ MESSAGE_TYPES: dict[str, type[WireMessage]] = {
     cls.kind: cls
     for cls in (
         LineOutMessage,
+        FrameMessage,
         Results,
         Failure,
         Acks,

@@ -51,13 +51,20 @@ from pipeline.transport.messages import (
     Acks,
     Credit,
     Failure,
+    FrameMessage,
     Hello,
     Ready,
     Results,
     Stop,
     WireMessage,
 )
-from workers.feeder.integration import Integration, Unusable, failure_message, line_out_message
+from workers.feeder.integration import (
+    Integrated,
+    Integration,
+    Unusable,
+    failure_message,
+    line_out_message,
+)
 from workers.feeder.ledger import Ledger, Worker, WorkerState
 from workers.feeder.metrics import ScanMetrics
 from workers.feeder.remote_work import RemoteWork
@@ -124,7 +131,7 @@ class Feeder:
         self._lock = ResultsLock(config.output_path)
         self.metrics = ScanMetrics()
         self.integration = Integration(config, self.metrics)  # ScanError: another geometry
-        limits = (config.inference.batch_limit(device) for device in ("cpu", "cuda"))
+        limits = (config.batch_limit(device) for device in ("cpu", "cuda"))
         # the most a worker may keep in flight: twice its largest batch
         self.ledger = Ledger(config.transport.high_water_mark, 2 * max(limits))
         self.supervisor = Supervisor(config, self._lock)
@@ -257,9 +264,9 @@ class Feeder:
 
     # -- feeding -----------------------------------------------------------------------------
     def submit(self, exposure: Exposure) -> None:
-        """Integrate one exposure (here or in an integrator process) and send it on (blocks
-        while every integrator process is busy, or too many are in flight); ValueError if it
-        was submitted before."""
+        """Integrate one exposure (here, in an integrator process, or on the workers, which
+        are then sent its frame) and send it on (blocks while every integrator process is
+        busy, or too many are in flight); ValueError if it was submitted before."""
         placed = self.integration.place(exposure)
         if placed is None:
             return
@@ -274,14 +281,17 @@ class Feeder:
                 )
         self._forward([(placed, self.integration.begin(placed))])
 
-    def _forward(self, integrated: list[tuple[Exposure, LineOut | Unusable | None]]) -> None:
-        """Send on these line-outs and those the integrator processes finished, and the
-        failure records of exposures without one (``None``: an integrator process has it)."""
-        for exposure, line_out in [*integrated, *self.integration.take_finished()]:
-            if isinstance(line_out, Unusable):
-                self._fail(exposure, line_out.stage, line_out.error)
-            elif line_out is not None:
-                self._send(exposure, line_out)
+    def _forward(self, integrated: list[tuple[Exposure, Integrated | None]]) -> None:
+        """Send on these line-outs (or frames, to workers that integrate) and those the
+        integrator processes finished, and the failure records of exposures without one
+        (``None``: an integrator process has it)."""
+        for exposure, result in [*integrated, *self.integration.take_finished()]:
+            if isinstance(result, Unusable):
+                self._fail(exposure, result.stage, result.error)
+            elif isinstance(result, FrameMessage):  # for workers that integrate
+                self._send(exposure.index, result.to_frames())
+            elif result is not None:
+                self._send(exposure.index, line_out_message(exposure, result).to_frames())
 
     def submit_line_out(self, exposure: Exposure, line_out: LineOut) -> None:
         """Send a line-out integrated elsewhere for ``exposure`` (its frame is not used)."""
@@ -289,7 +299,7 @@ class Feeder:
         if placed is None:
             return
         self._taken(placed)
-        self._send(placed, line_out)
+        self._send(placed.index, line_out_message(placed, line_out).to_frames())
 
     def _taken(self, exposure: Exposure) -> None:
         """Count an exposure handed over, and note the time its latency counts from: for a
@@ -307,10 +317,11 @@ class Feeder:
         self.ledger.take(exposure.index, now - waited_s)
         self.metrics.record("received", waited_s)
 
-    def _send(self, exposure: Exposure, line_out: LineOut) -> None:
-        """Keep the line-out until it is acknowledged, and send it when a worker has credit
-        (waits while :meth:`Ledger.in_flight_limit` line-outs are in flight)."""
-        self.ledger.hold_line_out(exposure.index, line_out_message(exposure, line_out).to_frames())
+    def _send(self, index: int, frames: list) -> None:
+        """Keep the message for a worker (a line-out, or a frame where the workers
+        integrate) until its exposure is acknowledged, and send it when a worker has credit
+        (waits while :meth:`Ledger.in_flight_limit` of them are in flight)."""
+        self.ledger.hold_line_out(index, frames)
         limit = self.ledger.in_flight_limit()
         self._service(0)  # credits returned meanwhile
         self._dispatch()

@@ -38,7 +38,7 @@ from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
 from pipeline.sources.compression import FormatError
 from pipeline.store.resume import ResumePlan
-from pipeline.transport.messages import Failure, LineOutMessage
+from pipeline.transport.messages import Failure, FrameMessage, LineOutMessage
 from workers.feeder.metrics import ScanMetrics
 from workers.feeder.reports import ScanError
 
@@ -68,6 +68,14 @@ def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
     )
 
 
+def frame_message(exposure: Exposure, normalization: float) -> FrameMessage:
+    """The message that takes an exposure's frame (compressed where the source left it so)
+    to a worker that integrates it."""
+    frame = exposure.frame if exposure.frame is not None else exposure.encoded
+    assert frame is not None  # (an exposure without a frame fails at the read stage)
+    return FrameMessage.of({**about(exposure), "normalization": normalization}, frame)
+
+
 def failure_message(exposure: Exposure, stage: str, error: str) -> Failure:
     """The failure record of an exposure that never reached a worker."""
     return Failure(**about(exposure), stage=stage, error=error)
@@ -80,6 +88,11 @@ class Unusable:
 
     stage: str
     error: str
+
+
+#: What :meth:`Integration.begin` makes of an exposure: its line-out, why it has none, or
+#: where the workers integrate, the message that takes its frame to them.
+Integrated = LineOut | Unusable | FrameMessage
 
 
 class Integration:
@@ -105,6 +118,14 @@ class Integration:
             self.integrator = checked_integrator(config)
         except GeometryMismatch as error:
             raise ScanError(str(error)) from None
+        #: whether the inference workers integrate the frames (``integrate_on_workers``)
+        self.on_workers = config.integrate_on_workers
+        if self.on_workers and self.integrator.shape is None:
+            raise ScanError(
+                "integrate_on_workers needs the frames' shape before the first frame: the "
+                f"PONI {config.integration.poni} names no detector (give detector_shape, or a "
+                "PONI that names the detector)"
+            )
         #: pyFAI engines integrating at once (1: this process's own)
         self.processes = integrator_processes(config)
         self.pool: IntegratorPool | None = None
@@ -142,9 +163,12 @@ class Integration:
         """The integrator processes' pipes, to wake for (then :meth:`collect`)."""
         return self.pool.fds() if self.pool is not None else []
 
-    def begin(self, exposure: Exposure) -> LineOut | Unusable | None:
+    def begin(self, exposure: Exposure) -> Integrated | None:
         """The exposure's line-out or why there is none, or ``None`` when an integrator
-        process took its frame (see :meth:`take_finished`; wait for :attr:`has_room` first)."""
+        process took its frame (see :meth:`take_finished`; wait for :attr:`has_room` first);
+        where the workers integrate, the message of its frame (:meth:`for_worker`)."""
+        if self.on_workers:
+            return self.for_worker(exposure)
         frame = exposure.frame if exposure.frame is not None else exposure.encoded
         if self.pool is None or exposure.error is not None or frame is None:
             result = self.line_out(exposure)
@@ -157,6 +181,18 @@ class Integration:
         self.pool.submit(exposure.index, frame, normalization, exposure.metadata.get("source"))
         self._integrating[exposure.index] = dataclasses.replace(exposure, frame=None, encoded=None)
         return None
+
+    def for_worker(self, exposure: Exposure) -> FrameMessage | Unusable:
+        """The message that takes the exposure's frame to a worker that integrates it, or
+        why it cannot go (a frame the source could not read, a normalization missing from
+        its metadata)."""
+        if exposure.error is not None or (exposure.frame is None and exposure.encoded is None):
+            return Unusable("read", exposure.error or "the source delivered no frame")
+        try:
+            normalization = exposure_normalization(exposure, self.config.integration)
+        except FrameError as error:
+            return Unusable("integration", str(error))
+        return frame_message(exposure, normalization)
 
     def collect(self) -> None:
         """Take in what the integrator processes have integrated (without waiting)."""
