@@ -132,7 +132,7 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
 #: each: ``--compile`` (``pipeline_compiled``), ``--compressed`` (``pipeline_compressed``) and
 #: ``--compressed --integrate-on-workers`` (``pipeline_on_workers``), each ``--out`` there.
 PIPELINE_VARIANTS = {
-    "pipeline_compiled": " with workers compiled, inference.compile",
+    "pipeline_compiled": " with workers compiled (--compile)",
     "pipeline_compressed": ", frames bitshuffle-LZ4, decoded by the feeder",
     "pipeline_on_workers": ", frames bitshuffle-LZ4, GPU mode on CPU tensors",
 }
@@ -145,13 +145,18 @@ def _pipeline_rows(pipeline: dict, how: str) -> list[str]:
     on = f"bare pyFAI on {cores} cores" if cores else "bare pyFAI in one process"
     p99_max = pipeline["targets"]["p99_at_10_hz_max_ms"]
     rows = []
+    # bare pyFAI integrates decoded frames: no target where the pipeline decodes them too
+    compressed = pipeline["settings"].get("compressed", False)
     for detector, entry in pipeline["detectors"].items():
         ratio = entry["pipeline_over_limit"]
+        target, met = (
+            ("— (it decodes)", "—") if compressed else ("≥ 0.8", _met(ratio["median"] >= 0.8))
+        )
         rows.append(
             f"| pipeline / integration limit, {detector} {tuple(entry['frame_shape'])}{how} "
             f"(pipeline {entry['pipeline_per_s']['median']:.1f}/s, {on} "
-            f"{entry['integration_limit_per_s']['median']:.1f}/s) | {_spread(ratio)} | ≥ 0.8 "
-            f"| {_met(ratio['median'] >= 0.8)} |"
+            f"{entry['integration_limit_per_s']['median']:.1f}/s) | {_spread(ratio)} | {target} "
+            f"| {met} |"
         )
     for detector, entry in pipeline["detectors"].items():
         for label, latency in entry["latency_ms"].items():

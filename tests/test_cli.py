@@ -188,5 +188,8 @@ def test_scan_options_reach_the_scan_s_configuration(tmp_path):
     defaults = scan_config(build_parser().parse_args(["reprocess", *paths]), "s2")
     assert defaults.store.sasdata_groups == "every" and defaults.n_integrators is None
     assert defaults.store.stored_samples is None and not defaults.integrate_on_workers
+    assert not defaults.inference.compile
     gpu_mode = build_parser().parse_args(["reprocess", *paths, "--integrate-on-workers"])
     assert scan_config(gpu_mode, "s3").integrate_on_workers
+    compiled = build_parser().parse_args(["reprocess", *paths, "--compile"])
+    assert scan_config(compiled, "s4").inference.compile

@@ -63,6 +63,15 @@ def test_torch_and_numpy_agree(rng):
     np.testing.assert_allclose(mu_32.numpy(), mu_np, rtol=1e-4, atol=1e-4)
 
 
+def test_orders_fixed_ahead_by_a_largest_pitch_give_the_same_counts(rng):
+    """A largest pitch given ahead (a compiled caller's fixed shapes) only adds orders beyond
+    the grid's end, which weigh nothing."""
+    theta = torch.as_tensor(GratingPrior().sample(16, rng))
+    largest = 2.0 * float(theta[:, 0].max())
+    ahead = expected_counts(theta, GRID, max_pitch_nm=largest)
+    assert torch.equal(ahead, expected_counts(theta, GRID))
+
+
 def test_prior_respects_its_bounds(rng):
     prior = GratingPrior()
     theta = prior.sample(10_000, rng)

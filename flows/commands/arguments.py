@@ -138,6 +138,12 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
     )
     command.add_argument("--model", type=Path, metavar="NAME|FILE", help=model_help())
     command.add_argument(
+        "--compile",
+        action="store_true",
+        help="workers compile their sampler with torch.compile when they start (on a CPU 11 s "
+        "to 2 minutes each), then draw about twice as fast: for the lowest latency online",
+    )
+    command.add_argument(
         "--samples-compression",
         choices=("none", "gzip", "bitshuffle-lz4"),
         default="none",
@@ -184,7 +190,7 @@ def scan_config(args: argparse.Namespace, scan_id: str) -> PipelineConfig:
             azimuth_range_deg=None if args.full_ring else tuple(args.sector),
             normalization_keys=tuple(args.normalize_by),
         ),
-        inference=InferenceConfig(n_samples=args.samples, model=args.model),
+        inference=InferenceConfig(n_samples=args.samples, model=args.model, compile=args.compile),
         store=StoreConfig(
             samples_compression=args.samples_compression,
             sasdata_groups=args.sasdata_groups,

@@ -205,7 +205,8 @@ class CsrEngine:
         normalization = self._normalization_sum - left_out_sums(
             weights * self._normalization[pixel]
         )
-        return torch.stack([count, (self.matrix @ signal.T).T, normalization])
+        signal_sums = (self.matrix @ signal.T.contiguous()).T  # a dense operand in row order
+        return torch.stack([count, signal_sums, normalization])
 
     def _left_out(
         self,

@@ -78,6 +78,9 @@ MIN_RANKED_WEIGHT = 0.5
 #: Relative error assumed for the share of the photons in masked bins, as the read-out's
 #: duty cycle and roughness give it.
 MASKED_SHARE_RELATIVE_ERROR = 0.5
+#: The largest pitch of the grating whose share of the photons in masked bins is estimated,
+#: as a multiple of the prior's largest pitch (a read-out beyond it is taken as that).
+MASKED_SHARE_PITCH_FACTOR = 2.0
 #: Fixed features besides the three per order.
 N_FIT_FEATURES = 8
 
@@ -290,11 +293,16 @@ def _read_nuisances(
     n_photons = (total - total_weight * background).clamp(min=1.0)
     n_photons_error = torch.sqrt(total + 1.0 + (total_weight * background_error) ** 2)
     if not all(geometry.observed):
-        # photons that fell into masked bins: the read-out's own grating tells how many
+        # photons that fell into masked bins: the read-out's own grating tells how many (its
+        # pitch bounded, so that the orders summed, a shape, do not depend on the data)
+        largest = MASKED_SHARE_PITCH_FACTOR * geometry.pitch_range_nm[1]
+        bounded = pitch.clamp(max=largest)
         shape = torch.stack(
-            [pitch, duty * pitch, sigma_nm, torch.ones_like(pitch), torch.zeros_like(pitch)], -1
+            [bounded, duty * bounded, sigma_nm, torch.ones_like(pitch), torch.zeros_like(pitch)],
+            -1,
         )
-        masked = expected_counts(shape, grid)[:, ~observed].sum(-1).clamp(0.0, 0.5)
+        masked = expected_counts(shape, grid, max_pitch_nm=largest)[:, ~observed].sum(-1)
+        masked = masked.clamp(0.0, 0.5)
         n_photons = n_photons / (1.0 - masked)
         uncertain = MASKED_SHARE_RELATIVE_ERROR * masked * n_photons
         n_photons_error = torch.sqrt(n_photons_error**2 / (1.0 - masked) ** 2 + uncertain**2)

@@ -117,13 +117,19 @@ def _namespace(x: Any) -> Any:
 
 
 def expected_counts(
-    theta: Any, grid: QGrid = QGrid(), background_weights: np.ndarray | None = None
+    theta: Any,
+    grid: QGrid = QGrid(),
+    background_weights: np.ndarray | None = None,
+    max_pitch_nm: float | None = None,
 ) -> Any:
     """Expected counts per q bin for parameter vectors ``theta`` (..., 5) -> (..., n_points).
 
     ``background_weights`` (n_points,), the instrument's ``g``, scales the background of each
     bin (``None``: 1 in every bin); bins an instrument does not observe get their value all
-    the same, and are left out by whatever uses them.
+    the same, and are left out by whatever uses them. ``max_pitch_nm``: a pitch that no row
+    of ``theta`` exceeds, which fixes the number of orders summed ahead (``None``: read from
+    ``theta``, a number a compiled caller would compile again for each new value); orders
+    beyond the grid's end weigh 0, so the counts are the same either way.
 
     Works on numpy arrays and on torch tensors (same dtype and device as ``theta``, and
     differentiable), with one implementation so that both agree by construction. Each order's
@@ -138,7 +144,8 @@ def expected_counts(
     n_photons, background = theta[:, 3:4], theta[:, 4:5]
 
     q_cut = grid.q_max_nm + 6.0 * grid.resolution_nm
-    n_max = max(1, math.floor(q_cut * float(pitch.max()) / (2.0 * math.pi)))
+    largest_pitch = float(pitch.max()) if max_pitch_nm is None else max_pitch_nm
+    n_max = max(1, math.floor(q_cut * largest_pitch / (2.0 * math.pi)))
     half = math.ceil(PEAK_HALF_WIDTH_SD * grid.resolution_nm / grid.bin_width_nm)
     if xp is np:
         orders = np.arange(1, n_max + 1, dtype=theta.dtype)
