@@ -38,7 +38,8 @@ def _exposures(n: int, seed: int) -> list[Exposure]:
     return list(SimulatedDetector(config.integration, seed=seed).scan("x", n).exposures())
 
 
-def test_a_worker_s_batch_of_frames_gives_the_results_of_the_feeder_s_line_outs(model):
+@pytest.mark.parametrize("threads", [1, 3], ids=["decoded-in-turn", "decoded-by-3-threads"])
+def test_a_worker_s_batch_of_frames_gives_the_results_of_the_feeder_s_line_outs(model, threads):
     """Frames (decoded, compressed, one cut short, one all zeros) through a worker that
     integrates: the same draws as the line-outs the feeder's integrator makes, and the
     failure records the feeder would write."""
@@ -48,7 +49,7 @@ def test_a_worker_s_batch_of_frames_gives_the_results_of_the_feeder_s_line_outs(
     frames: list[np.ndarray | object] = [e.frame for e in exposures]
     frames[1] = bslz4(exposures[1].frame)
     frames[2] = spoiled(bslz4(exposures[2].frame))
-    frames[3] = np.zeros_like(exposures[3].frame)
+    frames[3] = bslz4(np.zeros_like(exposures[3].frame))
     messages = [
         FrameMessage.of({"index": e.index, "scan_id": "x", "normalization": 2.0}, frame)
         for e, frame in zip(exposures, frames, strict=True)
@@ -63,7 +64,7 @@ def test_a_worker_s_batch_of_frames_gives_the_results_of_the_feeder_s_line_outs(
     ]  # fmt: skip
 
     def results(sent: list) -> tuple[dict, dict]:
-        session = InferenceSession.start(model, config, worker_id=0)
+        session = InferenceSession.start(model, config, worker_id=0, threads=threads)
         outgoing, credit = session.run([read(m.to_frames()) for m in sent])  # as received
         columns = [m.columns for m in outgoing if isinstance(m, Results)]
         failures = {m.index: (m.stage, m.error) for m in outgoing if not isinstance(m, Results)}

@@ -3,12 +3,16 @@
 model's device (:class:`~pipeline.integration.device.DeviceIntegrator`) and hand the model
 the line-outs there, while their counts are copied back once for the results file.
 
-A frame that does not decode fails at the ``read`` stage, one that cannot be integrated at
-the ``integration`` stage, each with the words the feeder would have used: the scan goes on.
+A batch's compressed frames are decoded by ``decode_threads`` threads at once (bitshuffle
+and LZ4 let go of Python's lock while they work: 4.7 instead of 7.9 ms per Eiger 4M frame
+with 2 threads on 2 cores). A frame that does not decode fails at the ``read`` stage, one
+that cannot be integrated at the ``integration`` stage, each with the words the feeder would
+have used: the scan goes on.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import get_args
 
@@ -56,6 +60,14 @@ def decoded(message: FrameMessage) -> np.ndarray:
     return encoded.decode(message.source or None)
 
 
+def _decoded_or_error(message: FrameMessage) -> np.ndarray | FormatError:
+    """:func:`decoded`, or the :class:`FormatError` that says why the frame does not decode."""
+    try:
+        return decoded(message)
+    except FormatError as unreadable:
+        return unreadable
+
+
 @dataclass(frozen=True)
 class IntegratedBatch:
     """A batch of frames made line-outs: the messages of those that integrated, their
@@ -69,7 +81,7 @@ class IntegratedBatch:
 
 class FrameIntegration:
     """A worker's integration of the scan's frames (``config``) onto ``model``'s grid, on
-    the model's device.
+    the model's device, its compressed frames decoded by ``decode_threads`` threads.
 
     Example:
         >>> from pipeline.config import PipelineConfig
@@ -82,21 +94,28 @@ class FrameIntegration:
         (torch.Size([1, 512]), [])
     """
 
-    def __init__(self, config: PipelineConfig, model: CountsSampler) -> None:
+    def __init__(
+        self, config: PipelineConfig, model: CountsSampler, decode_threads: int = 1
+    ) -> None:
         #: the scan's integrator, as the feeder built it
         self.integrator = LineOutIntegrator(config.integration, model.grid)
         self.on_device = DeviceIntegrator(self.integrator, model.device)
+        self._decoders = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
 
     def integrate(self, messages: list[FrameMessage]) -> IntegratedBatch:
         """The line-outs of these frames, or why there are none."""
         failures: list[Failure] = []
         frames, decoded_messages = [], []
-        for message in messages:
-            try:
-                frames.append(decoded(message))
-            except FormatError as unreadable:
-                failures.append(message.failure("read", str(unreadable)))
+        compressed = sum(bool(message.compression) for message in messages)
+        if self._decoders is not None and compressed > 1:
+            outcomes = list(self._decoders.map(_decoded_or_error, messages))
+        else:
+            outcomes = [_decoded_or_error(message) for message in messages]
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, FormatError):
+                failures.append(message.failure("read", str(outcome)))
                 continue
+            frames.append(outcome)
             decoded_messages.append(message)
         result = self.on_device.integrate(frames)
         good = [row for row, error in enumerate(result.errors) if error is None]

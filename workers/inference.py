@@ -254,8 +254,10 @@ class InferenceSession:
 
     @classmethod
     def start(
-        cls, model: CountsSampler, config: PipelineConfig, worker_id: int
+        cls, model: CountsSampler, config: PipelineConfig, worker_id: int, threads: int = 1
     ) -> InferenceSession:
+        """The session of worker ``worker_id``, which may use ``threads`` cores (to decode
+        the frames it integrates, where it does)."""
         inference = config.inference
         limit = config.batch_limit(model.device.type)
         sizer = BatchSizer(limit, inference.latency_budget_ms / 1e3)
@@ -263,7 +265,7 @@ class InferenceSession:
         if config.integrate_on_workers:  # (imported only then: it brings the sources' readers)
             from workers.frames import FrameIntegration
 
-            frames = FrameIntegration(config, model)
+            frames = FrameIntegration(config, model, decode_threads=threads)
         return cls(model, inference, worker_id, sizer, config.transport.max_message_bytes, frames)
 
     def credits(self) -> int:
@@ -374,7 +376,7 @@ def serve(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     model = load(config.inference.model, device=config.inference.device)
     compile_if_asked(model, config.inference)
-    session = InferenceSession.start(model, config, args.id)
+    session = InferenceSession.start(model, config, args.id, threads)
 
     # pyzmq sends a frame over 64 kB without a copy and starts, on the first such send, a
     # thread with a zmq context of its own that frees the buffers; started now, so that a
