@@ -12,7 +12,7 @@ import bitshuffle
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from test_stream_decoding import bslz4, spoiled
+from test_stream_decoding import bslz4, scanned, spoiled
 
 from pipeline.config import InferenceConfig, PipelineConfig, TransportConfig
 from pipeline.exposure import Exposure
@@ -24,6 +24,8 @@ from pipeline.sources.opening import opened
 from pipeline.store import open_results
 from pipeline.transport.messages import FrameMessage, LineOutMessage, Results, read
 from workers.feeder import Feeder
+from workers.feeder.integration import Integration, Unusable
+from workers.feeder.metrics import ScanMetrics
 from workers.feeder.reports import ScanError
 from workers.inference import InferenceSession
 
@@ -85,6 +87,26 @@ def test_a_worker_s_batch_of_frames_gives_the_results_of_the_feeder_s_line_outs(
     np.testing.assert_allclose(ours["samples"], expected["samples"], rtol=1e-5, atol=1e-4)
 
 
+def test_a_batch_the_model_fails_on_keeps_its_read_failures(model, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("workers.inference.run_batch", out_of_memory)
+    config = PipelineConfig(scan_id="x", integrate_on_workers=True)
+    frame = _exposures(1, seed=4)[0].frame
+    messages = [
+        FrameMessage.of({"index": 0}, bslz4(frame)),
+        FrameMessage.of({"index": 1}, spoiled(bslz4(frame))),
+    ]
+    session = InferenceSession.start(model, config, worker_id=0)
+    outgoing, credit = session.run(messages)
+    assert credit.inferred == 0
+    assert {m.index: (m.stage, m.error[:12]) for m in outgoing} == {
+        0: ("inference", "RuntimeError"),
+        1: ("read", "bitshuffle-L"),
+    }
+
+
 def test_a_frame_compressed_in_a_way_no_decoder_knows_fails_at_the_read_stage(model):
     config = PipelineConfig(scan_id="x", integrate_on_workers=True)
     frame = _exposures(1, seed=2)[0].frame
@@ -115,16 +137,17 @@ def test_a_scan_integrated_on_the_workers_stores_what_the_feeder_s_integration_d
         config = PipelineConfig(
             scan_id=name, n_workers=2, integrate_on_workers=on_workers, output_dir=tmp_path
         )
-        with Feeder(config) as feeder:
-            for exposure in given:
-                feeder.submit(exposure)
-            summary = feeder.wait()
-        stored[name] = (summary, open_results(config.output_path))
+        stored[name] = scanned(config, given)
     (feeder_summary, here), (workers_summary, there) = stored["feeder"], stored["workers"]
     assert set(workers_summary.failures) == set(feeder_summary.failures) == {5, 6}
     assert workers_summary.failures == feeder_summary.failures
-    assert feeder_summary.stages["integrated"]["count"] == 6
-    assert workers_summary.stages["integrated"]["count"] == 0  # the workers integrated
+    # counted from the workers' batches, which integrate and infer
+    assert workers_summary.stages["integrated"] == workers_summary.stages["inferred"]
+    assert (
+        feeder_summary.stages["integrated"]["count"]
+        == 6
+        == workers_summary.stages["integrated"]["count"]
+    )
     ok = ~np.isin(np.arange(8), [5, 6])
     np.testing.assert_allclose(there.counts[ok], here.counts[ok], rtol=1e-6)
     assert (there.status[ok] == "ok").all() and (there.status[~ok] == "failed").all()
@@ -153,6 +176,25 @@ def test_a_worker_killed_while_it_holds_frames_loses_none(tmp_path):
     assert summary.worker_restarts == 1
     results = open_results(config.output_path)
     assert sorted(results.index.tolist()) == list(range(60)) and (results.status == "ok").all()
+
+
+def test_frames_a_worker_could_not_take_fail_in_the_feeder():
+    """Not sent: a frame that is not an image (refused with the host's words), and one
+    larger than a worker's socket takes; a float16 frame goes as float32."""
+    frame = _exposures(1, seed=2)[0].frame  # 18 MB of uint32
+
+    def outcome(image: np.ndarray, max_message_bytes: int = 64 * 2**20) -> object:
+        transport = TransportConfig(max_message_bytes=max_message_bytes)
+        config = PipelineConfig(scan_id="x", integrate_on_workers=True, transport=transport)
+        return Integration(config, ScanMetrics()).for_worker(Exposure("x", 0, 0.0, image))
+
+    flat = outcome(frame.reshape(-1))
+    assert flat == Unusable("integration", f"frame shape ({frame.size},) is not a 2-D image")
+    too_large = outcome(frame, max_message_bytes=16 * 2**20)
+    assert isinstance(too_large, Unusable) and "more than a worker takes" in too_large.error
+    half = outcome(frame.astype(np.float16))
+    assert isinstance(half, FrameMessage) and half.image.dtype == np.float32
+    assert read(half.to_frames()).image.shape == frame.shape
 
 
 def test_the_frames_shape_must_be_known_before_the_first_frame(tmp_path):

@@ -23,8 +23,8 @@ from pipeline.sources import EigerSource, FileSource, SimulatedDetector
 from pipeline.sources.compression import EncodedFrame, FormatError
 from pipeline.sources.dectris import parse_message
 from pipeline.sources.opening import opened
-from pipeline.store import open_results
-from workers.feeder import Feeder
+from pipeline.store import Results, open_results
+from workers.feeder import Feeder, ScanSummary
 
 SECTOR = IntegrationConfig(azimuth_range_deg=(-5.0, 5.0))
 
@@ -61,6 +61,15 @@ def v2_message(frame: np.ndarray, payload: object, tag: int, order_tag: int = 40
     data = {"threshold_1": cbor2.CBORTag(order_tag, [shape, cbor2.CBORTag(tag, payload)])}
     image = {"type": "image", "series_id": 1, "image_id": 4, "data": data}
     return [cbor2.dumps(image)]
+
+
+def scanned(config: PipelineConfig, exposures: list[Exposure]) -> tuple[ScanSummary, Results]:
+    """A Feeder scan of ``exposures`` with ``config``: its summary and its results file."""
+    with Feeder(config) as feeder:
+        for exposure in exposures:
+            feeder.submit(exposure)
+        summary = feeder.wait()
+    return summary, open_results(config.output_path)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +164,9 @@ def test_a_scan_of_compressed_frames_through_integrators_stores_what_decoding_fi
         config = PipelineConfig(
             scan_id=name, n_workers=1, n_integrators=integrators, output_dir=tmp_path
         )
-        with Feeder(config) as feeder:
-            for exposure in given:
-                feeder.submit(exposure)
-            summary = feeder.wait()
+        summary, results = scanned(config, given)
         assert summary.stages["integrated"]["count"] == (8 if name == "decoded" else 7)
-        stored[name] = (summary, open_results(config.output_path))
+        stored[name] = (summary, results)
     decoded, here, processes = (stored[name][1] for name in ("decoded", "here", "processes"))
     ok = np.arange(8) != 5
     np.testing.assert_array_equal(here.counts[ok], decoded.counts[ok])

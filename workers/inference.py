@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -319,6 +320,15 @@ class InferenceSession:
         on_device = integrated.counts if not line_outs else None
         return [*integrated.line_outs, *line_outs], on_device, integrated.failures
 
+    def _all_failed(
+        self, messages: Sequence[LineOutMessage | FrameMessage], error: Exception
+    ) -> list[Failure]:
+        """The failure records of these messages, all lost to ``error`` (its traceback is
+        printed to the worker's log)."""
+        traceback.print_exc()
+        text = f"{type(error).__name__}: {error}"
+        return [_failure(message, text, self.model.grid.n_points) for message in messages]
+
     def run(
         self, messages: list[LineOutMessage | FrameMessage]
     ) -> tuple[list[Results | Failure], Credit]:
@@ -328,9 +338,13 @@ class InferenceSession:
         self.batches += 1
         seed = self.config.seed + 1_000_003 * self.worker_id + self.batches
         start = time.perf_counter()
+        # one bad batch must not stop the scan: each exposure is reported
         try:
             line_outs, on_device, unusable = self._line_outs(messages)
-            outgoing, inferred = run_batch(
+        except Exception as error:  # integrating the frames failed
+            line_outs, on_device, unusable = [], None, self._all_failed(messages, error)
+        try:
+            inferred_batch, inferred = run_batch(
                 self.model,
                 line_outs,
                 self.config.n_samples,
@@ -338,16 +352,12 @@ class InferenceSession:
                 self.max_message_bytes,
                 on_device,
             )
-            outgoing = [*unusable, *outgoing]
-        except Exception as error:  # one bad batch must not stop the scan: report each exposure
-            text = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-            n_points = self.model.grid.n_points
-            failures: list[Results | Failure] = [_failure(m, text, n_points) for m in messages]
-            outgoing, inferred = failures, 0
+        except Exception as error:
+            inferred_batch, inferred = [*self._all_failed(line_outs, error)], 0
+        outgoing: list[Results | Failure] = [*unusable, *inferred_batch]
         seconds = time.perf_counter() - start
         if inferred:
-            self.sizer.observe(len(line_outs), seconds)
+            self.sizer.observe(len(messages), seconds)
         self.inferred += inferred
         credit = Credit(
             id=self.worker_id,

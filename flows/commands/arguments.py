@@ -108,7 +108,8 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         action="store_true",
         help="the GPU mode: the inference workers integrate the frames on their own device (a "
         "batch of frames goes to the GPU once, the line-outs straight to the model there); the "
-        "csr method, a PONI that names the detector, local workers only",
+        "csr method, a detector shape known before the first frame (a PONI that names the "
+        "detector, or frame files whose headers give it), local workers only",
     )
     command.add_argument(
         "--remote-work",

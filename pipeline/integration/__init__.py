@@ -51,7 +51,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 # pyFAI's OpenCL probe warns on every import where pyopencl is absent; we use its Cython engines.
 logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
@@ -439,15 +438,11 @@ class LineOutIntegrator:
         if error is not None:
             raise FrameError(error)
         counts, counts_sd = line_out_values(
-            torch.from_numpy(np.asarray(count)),
-            torch.from_numpy(np.asarray(signal)),
-            torch.from_numpy(np.asarray(flat_sum)),
-            torch.from_numpy(self.pixels_per_bin).double(),
-            torch.from_numpy(np.asarray(self.dark_counts)).double(),
+            count, signal, flat_sum, self.pixels_per_bin, np.asarray(self.dark_counts)
         )
         return LineOut(
             q_nm=self.grid.q_nm,
-            counts=counts.numpy(),
-            counts_sd=counts_sd.numpy(),
+            counts=counts,
+            counts_sd=counts_sd,
             normalization=float(normalization),
         )

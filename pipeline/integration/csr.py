@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
-#: unsigned pixel types gathered as the signed type of their width: (that type, bits)
-_SIGNED_TWIN = {torch.uint16: (torch.int16, 16), torch.uint32: (torch.int32, 32)}
+#: unsigned pixel types gathered as the signed type of their width
+_SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
 class CsrEngine:
@@ -149,15 +149,14 @@ class CsrEngine:
         normalization (the flat), each float64. ``dummy``: the bad-pixel marker and its
         tolerance (pyFAI's ``dummy`` and ``delta_dummy``), ``None`` for none."""
         if isinstance(frame, torch.Tensor):
-            integers = not (frame.is_floating_point() or frame.is_complex())
-            gathered = frame.reshape(-1)[self._pixels.to(frame.device)]
-            values = gathered.to(self.device, torch.float32)
+            totals = self.batch_sums(frame.to(self.device).unsqueeze(0), dummy, dark)
         else:  # gather on the host: only these pixels travel
             integers = frame.dtype.kind in "ui"
             gathered = np.ascontiguousarray(frame).reshape(-1)[self.pixels]
             values = torch.as_tensor(gathered.astype(np.float32), device=self.device)
-        totals = self._region_sums(values.unsqueeze(0), integers, dummy, dark)[:, 0].cpu().numpy()
-        return totals[0], totals[1], totals[2]
+            totals = self._region_sums(values.unsqueeze(0), integers, dummy, dark)
+        sums = totals[:, 0].cpu().numpy()
+        return sums[0], sums[1], sums[2]
 
     def batch_sums(
         self,
@@ -171,9 +170,10 @@ class CsrEngine:
         integers = not (frames.is_floating_point() or frames.is_complex())
         pixels = frames.reshape(len(frames), -1)
         if frames.dtype in _SIGNED_TWIN:  # CUDA does not index most unsigned types
-            twin, bits = _SIGNED_TWIN[frames.dtype]
-            unsigned = pixels.view(twin)[:, self._pixels].long() & (2**bits - 1)
-            values = unsigned.to(torch.float32)
+            gathered = pixels.view(_SIGNED_TWIN[frames.dtype])[:, self._pixels].double()
+            # the negative values of the signed type are the top half of the unsigned range
+            width = 2.0 ** (8 * frames.element_size())
+            values = torch.where(gathered < 0, gathered + width, gathered).to(torch.float32)
         else:
             values = pixels[:, self._pixels].to(torch.float32)
         return self._region_sums(values, integers, dummy, dark)

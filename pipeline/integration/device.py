@@ -1,6 +1,6 @@
 """Line-outs of a batch of frames integrated on a torch device, for a model on the same device.
 
-Where the inference workers integrate the frames themselves (``integration.on_workers``, the
+Where the inference workers integrate the frames themselves (``integrate_on_workers``, the
 GPU mode), each batch of frames goes to the worker's device once: on CUDA the frames are
 copied into page-locked (pinned) host memory and from there onto the device in one transfer
 per batch; on a CPU they are stacked where they are. On the device, :class:`DeviceIntegrator`
@@ -57,7 +57,7 @@ class DeviceIntegrator:
     frames' shape known) on ``device``; ``ValueError`` for another integrator.
 
     On CUDA, frames are staged in pinned host memory, one buffer per pixel type, kept and
-    grown to the largest batch seen."""
+    grown by doubling to hold the largest batch seen."""
 
     def __init__(self, integrator: LineOutIntegrator, device: str | torch.device) -> None:
         if integrator.csr is None or integrator.shape is None:
@@ -106,8 +106,9 @@ class DeviceIntegrator:
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(frames).astype(dtype, copy=False))
         staging = self._staging.get(dtype)
-        if staging is None or len(staging) < len(frames):
-            shape = (len(frames), *frames[0].shape)
+        if staging is None or len(staging) < len(frames):  # grown by doubling, kept
+            rows = max(len(frames), 2 * len(staging) if staging is not None else 1)
+            shape = (rows, *frames[0].shape)
             like = torch.from_numpy(np.empty(0, dtype))
             staging = torch.empty(shape, dtype=like.dtype, pin_memory=True)
             self._staging[dtype] = staging

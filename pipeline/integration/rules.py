@@ -6,15 +6,13 @@ both refuse the same frames with the same words and make the same line-outs from
 pyFAI's engine (:class:`~pipeline.integration.csr.CsrEngine`), so these rules are written once
 here: :func:`value_error` (what a frame's pixel values may be), :func:`region_error` (how
 much of the integration region it must leave usable) and :func:`line_out_values` (counts and
-their Poisson errors, in ``torch`` float64 for any batch shape; a host caller passes CPU
-tensors).
+their Poisson errors, for any batch shape, with numpy on the host and torch on a device).
 
 Example:
-    >>> import torch
-    >>> count = torch.tensor([4.0, 0.0])
+    >>> count = np.array([4.0, 0.0])
     >>> counts, counts_sd = line_out_values(
-    ...     count, signal=torch.tensor([8.0, 0.0]), flat_sum=torch.tensor([4.0, 0.0]),
-    ...     pixels_per_bin=torch.tensor([4.0, 2.0]), dark_counts=torch.zeros(2))
+    ...     count, signal=np.array([8.0, 0.0]), flat_sum=np.array([4.0, 0.0]),
+    ...     pixels_per_bin=np.array([4.0, 2.0]), dark_counts=np.zeros(2))
     >>> counts.tolist(), counts_sd.tolist()
     ([8.0, 0.0], [2.8284271247461903, 1.0])
     >>> value_error("i", n_not_finite=0, least=-5)
@@ -23,7 +21,13 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+import numpy as np
 import torch
+
+#: per-bin values: numpy arrays on the host, or torch tensors (on any device)
+Values = TypeVar("Values", np.ndarray, torch.Tensor)
 
 
 def value_error(kind: str, n_not_finite: int, least: float) -> str | None:
@@ -72,27 +76,28 @@ def region_error(
 
 
 def line_out_values(
-    count: torch.Tensor,
-    signal: torch.Tensor,
-    flat_sum: torch.Tensor,
-    pixels_per_bin: torch.Tensor,
-    dark_counts: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The counts of each bin and their Poisson standard deviation, float64, from pyFAI's
-    sums (the bins' valid ``count``, dark-subtracted ``signal`` and ``flat_sum``; any
-    leading batch axes), the geometry's ``pixels_per_bin`` and the dark's sum in each bin
-    (``dark_counts``, zeros without a dark).
+    count: Values,
+    signal: Values,
+    flat_sum: Values,
+    pixels_per_bin: Values,
+    dark_counts: Values,
+) -> tuple[Values, Values]:
+    """The counts of each bin and their Poisson standard deviation, from pyFAI's sums (the
+    bins' valid ``count``, dark-subtracted ``signal`` and ``flat_sum``, float64; any leading
+    batch axes), the geometry's ``pixels_per_bin`` and the dark's sum in each bin
+    (``dark_counts``, zeros without a dark): numpy arrays, or torch tensors on one device.
 
     A bin's counts are its signal divided by the mean flat of its pixels, and not below zero
     (a dark that exceeds the frame); their variance is that of the raw counts (signal plus
     the dark's share of the bin's valid pixels), at least 1, on the same scale."""
-    count, signal, flat_sum = count.double(), signal.double(), flat_sum.double()
+    xp: Any = torch if isinstance(count, torch.Tensor) else np
     has_pixels = count > 0
     # the bin's mean flat: the normalization is the sum of the flat over the bin's pixels
-    scale = torch.where(has_pixels, count / torch.where(has_pixels, flat_sum, 1.0), 0.0)
+    scale = xp.where(has_pixels, count / xp.where(has_pixels, flat_sum, 1.0), 0.0)
     in_geometry = pixels_per_bin > 0
-    share = torch.where(in_geometry, count / torch.where(in_geometry, pixels_per_bin, 1.0), 0.0)
+    share = xp.where(in_geometry, count / xp.where(in_geometry, pixels_per_bin, 1.0), 0.0)
     raw = signal + dark_counts * share
-    counts = torch.clamp(signal * scale, min=0.0)
-    counts_sd = torch.sqrt(torch.clamp(raw, min=1.0)) * torch.where(has_pixels, scale, 1.0)
+    counts = signal * scale
+    counts = xp.where(counts > 0, counts, 0.0)
+    counts_sd = xp.sqrt(xp.where(raw > 1.0, raw, 1.0)) * xp.where(has_pixels, scale, 1.0)
     return counts, counts_sd

@@ -297,9 +297,10 @@ def _read_nuisances(
         # pitch bounded, so that the orders summed, a shape, do not depend on the data)
         largest = MASKED_SHARE_PITCH_FACTOR * geometry.pitch_range_nm[1]
         bounded = pitch.clamp(max=largest)
+        # a bounded pitch keeps its roughness relative to the pitch
+        rough = torch.where(pitch > largest, sigma_nm * (largest / pitch), sigma_nm)
         shape = torch.stack(
-            [bounded, duty * bounded, sigma_nm, torch.ones_like(pitch), torch.zeros_like(pitch)],
-            -1,
+            [bounded, duty * bounded, rough, torch.ones_like(pitch), torch.zeros_like(pitch)], -1
         )
         masked = expected_counts(shape, grid, max_pitch_nm=largest)[:, ~observed].sum(-1)
         masked = masked.clamp(0.0, 0.5)

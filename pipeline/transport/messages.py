@@ -245,7 +245,7 @@ class LineOutMessage(ExposureMessage):
 @dataclass(frozen=True, kw_only=True)
 class FrameMessage(ExposureMessage):
     """One exposure's frame, for a worker that integrates it on its own device
-    (``integration.on_workers``): ``image``, the frame as the source read it (rows,
+    (``integrate_on_workers``): ``image``, the frame as the source read it (rows,
     columns), or where the source left it compressed, its bytes (1-D, u1) and how to decode
     them (``compression``, not empty, with ``image_dtype``, ``rows``, ``columns``,
     ``element_bytes``, ``framing`` and ``order``: the fields of
@@ -261,7 +261,7 @@ class FrameMessage(ExposureMessage):
     """
 
     kind: ClassVar[str] = "frame"
-    route: ClassVar[str] = "feeder → worker that integrates (integration.on_workers)"
+    route: ClassVar[str] = "feeder → worker that integrates (integrate_on_workers)"
     arrays_note: ClassVar[str] = "image (rows, columns; its pixel type), or its compressed bytes"
 
     image: np.ndarray = field(repr=False)

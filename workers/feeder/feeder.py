@@ -59,13 +59,13 @@ from pipeline.transport.messages import (
     WireMessage,
 )
 from workers.feeder.integration import (
-    Integrated,
     Integration,
+    Outcome,
     Unusable,
     failure_message,
     line_out_message,
 )
-from workers.feeder.ledger import Ledger, Worker, WorkerState
+from workers.feeder.ledger import Frames, Ledger, Worker, WorkerState
 from workers.feeder.metrics import ScanMetrics
 from workers.feeder.remote_work import RemoteWork
 from workers.feeder.reports import (
@@ -281,7 +281,7 @@ class Feeder:
                 )
         self._forward([(placed, self.integration.begin(placed))])
 
-    def _forward(self, integrated: list[tuple[Exposure, Integrated | None]]) -> None:
+    def _forward(self, integrated: list[tuple[Exposure, Outcome | None]]) -> None:
         """Send on these line-outs (or frames, to workers that integrate) and those the
         integrator processes finished, and the failure records of exposures without one
         (``None``: an integrator process has it)."""
@@ -317,7 +317,7 @@ class Feeder:
         self.ledger.take(exposure.index, now - waited_s)
         self.metrics.record("received", waited_s)
 
-    def _send(self, index: int, frames: list) -> None:
+    def _send(self, index: int, frames: Frames) -> None:
         """Keep the message for a worker (a line-out, or a frame where the workers
         integrate) until its exposure is acknowledged, and send it when a worker has credit
         (waits while :meth:`Ledger.in_flight_limit` of them are in flight)."""
@@ -388,6 +388,8 @@ class Feeder:
             self.ledger.credit(identity, message.credits)
             if message.inferred:
                 self.metrics.record("inferred", message.batch_s, message.inferred)
+                if self.integration.on_workers:  # (in the same batches)
+                    self.metrics.record("integrated", message.batch_s, message.inferred)
 
     def _worker_ready(self, identity: bytes, ready: Ready, now: float) -> None:
         """Count a worker that said it is ready (a local one only if it is one of this

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import PipelineConfig
 from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
@@ -39,6 +41,7 @@ from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_i
 from pipeline.sources.compression import FormatError
 from pipeline.store.resume import ResumePlan
 from pipeline.transport.messages import Failure, FrameMessage, LineOutMessage
+from pipeline.transport.wire import ALLOWED_DTYPES
 from workers.feeder.metrics import ScanMetrics
 from workers.feeder.reports import ScanError
 
@@ -70,9 +73,12 @@ def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
 
 def frame_message(exposure: Exposure, normalization: float) -> FrameMessage:
     """The message that takes an exposure's frame (compressed where the source left it so)
-    to a worker that integrates it."""
+    to a worker that integrates it; a pixel type the wire does not carry (float16) goes as
+    float32, which holds its values."""
     frame = exposure.frame if exposure.frame is not None else exposure.encoded
     assert frame is not None  # (an exposure without a frame fails at the read stage)
+    if isinstance(frame, np.ndarray) and frame.dtype.newbyteorder("<").str not in ALLOWED_DTYPES:
+        frame = frame.astype(np.float32)
     return FrameMessage.of({**about(exposure), "normalization": normalization}, frame)
 
 
@@ -92,7 +98,7 @@ class Unusable:
 
 #: What :meth:`Integration.begin` makes of an exposure: its line-out, why it has none, or
 #: where the workers integrate, the message that takes its frame to them.
-Integrated = LineOut | Unusable | FrameMessage
+Outcome = LineOut | Unusable | FrameMessage
 
 
 class Integration:
@@ -163,7 +169,7 @@ class Integration:
         """The integrator processes' pipes, to wake for (then :meth:`collect`)."""
         return self.pool.fds() if self.pool is not None else []
 
-    def begin(self, exposure: Exposure) -> Integrated | None:
+    def begin(self, exposure: Exposure) -> Outcome | None:
         """The exposure's line-out or why there is none, or ``None`` when an integrator
         process took its frame (see :meth:`take_finished`; wait for :attr:`has_room` first);
         where the workers integrate, the message of its frame (:meth:`for_worker`)."""
@@ -184,15 +190,30 @@ class Integration:
 
     def for_worker(self, exposure: Exposure) -> FrameMessage | Unusable:
         """The message that takes the exposure's frame to a worker that integrates it, or
-        why it cannot go (a frame the source could not read, a normalization missing from
-        its metadata)."""
-        if exposure.error is not None or (exposure.frame is None and exposure.encoded is None):
+        why it cannot go: a frame the source could not read, a normalization missing from
+        its metadata, a frame whose shape or pixel type the geometry refuses, or one larger
+        than a worker takes (``transport.max_message_bytes``, with room for the header)."""
+        frame = exposure.frame if exposure.frame is not None else exposure.encoded
+        if exposure.error is not None or frame is None:
             return Unusable("read", exposure.error or "the source delivered no frame")
         try:
             normalization = exposure_normalization(exposure, self.config.integration)
+            if isinstance(frame, np.ndarray):
+                self.integrator.validate_layout(frame)
+            elif len(frame.shape) != 2:
+                raise FrameError(f"frame shape {frame.shape} is not a 2-D image")
         except FrameError as error:
             return Unusable("integration", str(error))
-        return frame_message(exposure, normalization)
+        message = frame_message(exposure, normalization)
+        size, limit = message.image.nbytes, self.config.transport.max_message_bytes - 2**16
+        if size > limit:
+            return Unusable(
+                "integration",
+                f"the frame is {size} bytes, more than a worker takes ({limit}: "
+                "transport.max_message_bytes less 64 kB): raise it, or leave the frames "
+                "compressed",
+            )
+        return message
 
     def collect(self) -> None:
         """Take in what the integrator processes have integrated (without waiting)."""
