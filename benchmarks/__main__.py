@@ -2,8 +2,11 @@
 a fresh process on the same machine, then the generated summary of ``docs/performance.md``.
 
 ``--quick`` (under 10 minutes on 2 cores) runs fewer frames and repeats; the full run takes
-about half an hour. ``--gpu`` adds the GPU throughput (``benchmarks.device_inference``) when
-CUDA is present; otherwise the summary says it was not measured here. A benchmark that fails
+about half an hour. ``--gpu`` adds, when CUDA is present, the GPU throughput
+(``benchmarks.device_inference``) and the GPU mode through the whole pipeline
+(``pipeline_gpu_mode``: Eiger 4M frames as a stream sends them, integrated by the GPU
+workers, latency at 560 Hz among its rates); otherwise the summary says they were not
+measured here. A benchmark that fails
 is reported and the others go on; the command then exits 1.
 
 The results: ``benchmarks/results/*.json`` (one per benchmark, with the machine), PNG plots
@@ -46,24 +49,41 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+#: With ``--gpu`` where there is CUDA: name: (``python -m benchmarks.MODULE``, arguments).
+#: The model alone at batches of 1 to 16,384, and the GPU mode (the workers integrate on the
+#: GPU) on Eiger 4M frames as a stream sends them, latency at 560 Hz among its rates.
+GPU_STEPS: dict[str, tuple[str, list[str]]] = {
+    "device_inference": ("device_inference", ["--out", str(RESULTS / "device_inference.json")]),
+    "pipeline_gpu_mode": (
+        "pipeline",
+        [
+            *("--detectors", "eiger4m", "--frames", "4000", "--repeats", "1"),
+            *("--latency-s", "5", "--rate-hz", "560", "--compressed", "--integrate-on-workers"),
+            *("--out", str(RESULTS / "pipeline_gpu_mode.json")),
+        ],
+    ),
+}
+
+
 def run(quick: bool, gpu: bool, only: list[str] | None = None) -> int:
     started = time.time()
-    steps = {name: STEPS[name][0 if quick else 1] for name in only or STEPS}
+    steps = {name: (name, STEPS[name][0 if quick else 1]) for name in only or STEPS}
     if gpu:
         if _cuda():
-            steps["device_inference"] = ["--out", str(RESULTS / "device_inference.json")]
+            steps.update(GPU_STEPS)
         else:
-            print("--gpu: no CUDA device here; the GPU figure stays as stored", flush=True)
+            print("--gpu: no CUDA device here; the GPU figures stay as stored", flush=True)
     record: dict = {
         "quick": quick,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "steps": {},
     }
     failed = 0
-    for name, arguments in steps.items():
+    for name, (module, arguments) in steps.items():
         print(f"== {name} {' '.join(arguments)}", flush=True)
         start = time.perf_counter()
-        status = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *arguments]).returncode
+        command = [sys.executable, "-m", f"benchmarks.{module}", *arguments]
+        status = subprocess.run(command).returncode
         record["steps"][name] = {
             "arguments": arguments,
             "seconds": round(time.perf_counter() - start, 1),

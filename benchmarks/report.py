@@ -130,11 +130,13 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
 
 #: Runs of ``benchmarks.pipeline`` stored beside ``pipeline``, with what was special about
 #: each: ``--compile`` (``pipeline_compiled``), ``--compressed`` (``pipeline_compressed``) and
-#: ``--compressed --integrate-on-workers`` (``pipeline_on_workers``), each ``--out`` there.
+#: ``--compressed --integrate-on-workers`` (``pipeline_on_workers`` on a CPU,
+#: ``pipeline_gpu_mode`` on a GPU: ``python -m benchmarks run --gpu``), each ``--out`` there.
 PIPELINE_VARIANTS = {
     "pipeline_compiled": " with workers compiled (--compile)",
     "pipeline_compressed": ", frames bitshuffle-LZ4, decoded by the feeder",
     "pipeline_on_workers": ", frames bitshuffle-LZ4, GPU mode on CPU tensors",
+    "pipeline_gpu_mode": ", frames bitshuffle-LZ4, GPU mode on a GPU (run --gpu)",
 }
 
 
