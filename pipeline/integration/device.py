@@ -67,7 +67,13 @@ class DeviceIntegrator:
             )
         self.integrator = integrator
         self.device = torch.device(device)
-        self.engine = CsrEngine.of(integrator.geometry, integrator.dark, integrator.flat, device)
+        self.engine = (
+            integrator.csr  # (on the host: the integrator's own)
+            if self.device == integrator.csr.device
+            else CsrEngine.of(integrator.geometry, integrator.dark, integrator.flat, device)
+        )
+        #: the pixels of the integration region, usable or not
+        self.region = int(integrator.pixels_per_bin.sum())
         self._pixels_per_bin = torch.as_tensor(
             integrator.pixels_per_bin, dtype=torch.float64, device=self.device
         )
@@ -137,8 +143,7 @@ class DeviceIntegrator:
             if dtype.kind != "u"
             else torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         )
-        region = int(self.integrator.pixels_per_bin.sum())
-        marked = region - count.sum(dim=1)
+        marked = self.region - count.sum(dim=1)
         has_counts = (signal > 0).any(dim=1)
         # the few numbers per frame that say whether it is refused, in one copy to the host
         checks = torch.stack([not_finite.double(), least, marked, has_counts.double()]).cpu()
@@ -148,7 +153,7 @@ class DeviceIntegrator:
             if error is None:
                 error = region_error(
                     int(n_marked),
-                    region,
+                    self.region,
                     self.integrator.config.max_bad_pixel_fraction,
                     bool(counted),
                     dtype.name,

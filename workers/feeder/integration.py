@@ -38,7 +38,7 @@ from pipeline.exposure import Exposure, LineOut
 from pipeline.integration import FrameError, NoPixelInRange, exposure_normalization
 from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.preflight import GeometryMismatch, check_model_geometry, checked_integrator
-from pipeline.sources.compression import FormatError
+from pipeline.sources.compression import EncodedFrame, FormatError
 from pipeline.store.resume import ResumePlan
 from pipeline.transport.messages import Failure, FrameMessage, LineOutMessage
 from pipeline.transport.wire import ALLOWED_DTYPES
@@ -71,12 +71,12 @@ def line_out_message(exposure: Exposure, line_out: LineOut) -> LineOutMessage:
     )
 
 
-def frame_message(exposure: Exposure, normalization: float) -> FrameMessage:
-    """The message that takes an exposure's frame (compressed where the source left it so)
-    to a worker that integrates it; a pixel type the wire does not carry (float16) goes as
-    float32, which holds its values."""
-    frame = exposure.frame if exposure.frame is not None else exposure.encoded
-    assert frame is not None  # (an exposure without a frame fails at the read stage)
+def frame_message(
+    exposure: Exposure, frame: np.ndarray | EncodedFrame, normalization: float
+) -> FrameMessage:
+    """The message that takes an exposure's ``frame`` (compressed where the source left it
+    so) to a worker that integrates it; a pixel type the wire does not carry (float16) goes
+    as float32, which holds its values."""
     if isinstance(frame, np.ndarray) and frame.dtype.newbyteorder("<").str not in ALLOWED_DTYPES:
         frame = frame.astype(np.float32)
     return FrameMessage.of({**about(exposure), "normalization": normalization}, frame)
@@ -204,7 +204,7 @@ class Integration:
                 raise FrameError(f"frame shape {frame.shape} is not a 2-D image")
         except FrameError as error:
             return Unusable("integration", str(error))
-        message = frame_message(exposure, normalization)
+        message = frame_message(exposure, frame, normalization)
         size, limit = message.image.nbytes, self.config.transport.max_message_bytes - 2**16
         if size > limit:
             return Unusable(
