@@ -1,4 +1,5 @@
-"""Private scratch folders that name the process that made them.
+"""Private scratch folders that name the process that made them, and frames that lie in
+their shared-memory slot files.
 
 A run's temporary folders (the feeder's run directory of sockets and configuration, the
 shared-memory slots of the read-ahead reader and of the integrator processes) are removed when their process exits, but nothing
@@ -23,6 +24,11 @@ Example:
     >>> sorted(path.name for path in folder.iterdir()) == [mine.name]  # the live one stays
     True
     >>> import shutil; shutil.rmtree(folder)
+
+A frame handed out as a view of a slot file keeps a :class:`SlotLease` as its base: the slot
+is reused once the last view is gone, and :func:`slot_file_of` tells another process's
+owner (the integrator pool) where the frame lies, so that it passes the file's name instead
+of copying the frame.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import os
 import shutil
 import stat
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +55,50 @@ def frame_view(buffer: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | str
     ``shape`` and ``dtype``."""
     dtype = np.dtype(dtype)
     return buffer[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+class SlotLease:
+    """A frame's hold on the slot file ``path`` whose first bytes ``view`` is: numpy keeps the lease as the
+    base of ``np.asarray(lease)`` (and of every view of that), and ``release`` is called
+    once the last of them is gone.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> path = tempfile.mktemp()
+        >>> np.zeros(6, np.uint8).tofile(path)
+        >>> released = []
+        >>> view = frame_view(np.memmap(path, np.uint8, "r"), (2, 3), np.uint8)
+        >>> frame = np.asarray(SlotLease(view, path, lambda: released.append(path)))
+        >>> slot_file_of(frame) == path, slot_file_of(frame[1:]), slot_file_of(view)
+        (True, None, None)
+        >>> del frame, view
+        >>> released == [path]
+        True
+        >>> import os; os.remove(path)
+    """
+
+    def __init__(self, view: np.ndarray, path: str, release: Callable[[], None]) -> None:
+        self.__array_interface__ = view.__array_interface__
+        self.path = path
+        self._view = view  # keeps the slot's mapping alive
+        weakref.finalize(self, release)
+
+
+def slot_file_of(frame: np.ndarray) -> str | None:
+    """The slot file whose first bytes are the whole of ``frame`` (a frame handed out with a
+    :class:`SlotLease`, as :class:`~pipeline.sources.ReadAhead` does), or ``None`` for any
+    other array, a part of such a frame included."""
+    lease = frame.base
+    if not isinstance(lease, SlotLease):
+        return None
+    interface = lease.__array_interface__
+    whole = (
+        frame.__array_interface__["data"][0] == interface["data"][0]
+        and frame.shape == interface["shape"]
+        and frame.dtype.str == interface["typestr"]
+        and frame.flags.c_contiguous
+    )
+    return lease.path if whole else None
 
 
 def make_scratch_dir(prefix: str, folder: str | Path | None = None) -> Path:

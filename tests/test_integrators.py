@@ -4,6 +4,7 @@ feeder's engine's, each frame once, and a killed integrator loses nothing."""
 import os
 import signal
 
+import h5py
 import numpy as np
 import pytest
 
@@ -11,7 +12,9 @@ from pipeline.config import IntegrationConfig, PipelineConfig, TransportConfig
 from pipeline.integration import FrameError, LineOutIntegrator
 from pipeline.integration.pool import MAX_TRIES, IntegratorError, IntegratorPool
 from pipeline.physics import QGrid
-from pipeline.sources import SimulatedDetector
+from pipeline.source_specs import ArchivedFiles
+from pipeline.sources import FileSource, ReadAhead, SimulatedDetector
+from pipeline.sources.opening import opened
 from pipeline.store import open_results
 from workers.feeder import Feeder, ScanError
 
@@ -72,6 +75,37 @@ def test_a_killed_integrator_is_replaced_and_its_frames_are_integrated_once(fram
         assert pool.restarts == 1 and stopped not in pool.pids and len(pool.pids) == 2
     assert sorted(done) == [0, 1, 2, 3]
     assert all(result.line_out is not None for result in done.values())
+
+
+def test_frames_read_ahead_are_integrated_where_the_reader_put_them_and_kept_till_done(
+    frames, tmp_path
+):
+    """A frame in a read-ahead slot is not copied: its process reads it in the reader's slot,
+    which stays leased until the frame is integrated, a process killed under it included (a
+    slot handed back early would hold a later frame by then)."""
+    distinct = [frame * (1 + number // len(frames)) for number, frame in enumerate(frames * 3)]
+    with h5py.File(tmp_path / "stack.h5", "w") as handle:
+        handle["frames"] = np.stack(distinct)
+    source = FileSource([tmp_path / "stack.h5"], "read-ahead", hdf5_dataset="/frames")
+    done = []
+    with ReadAhead(source, depth=2 * 2 + 2) as reader, IntegratorPool(SECTOR, QGrid(), 2) as pool:
+        pool.wait_ready(timeout_s=60)
+        stopped = pool.pids[0]
+        _stop(stopped)  # it holds its 2 frames, in the reader's slots, until killed
+        for exposure in reader.exposures():
+            while not pool.has_room:
+                done.extend(pool.wait_any(0.1))
+            pool.submit(exposure.index, exposure.frame)
+            if exposure.index == len(distinct) - 3:
+                os.kill(stopped, signal.SIGKILL)
+        done.extend(pool.wait_all(timeout_s=60))
+        assert pool.restarts == 1 and pool.copied_bytes == 0
+    own = LineOutIntegrator(SECTOR, QGrid())
+    assert sorted(result.key for result in done) == list(range(len(distinct)))
+    for result in done:
+        assert result.line_out is not None, result.error
+        expected = own.integrate(distinct[result.key], 1.0)
+        np.testing.assert_array_equal(result.line_out.counts, expected.counts)
 
 
 def test_an_idle_integrator_killed_is_replaced(frames):
@@ -149,6 +183,39 @@ def test_a_scan_through_integrator_processes_stores_what_the_feeder_s_engine_doe
     assert two.index.tolist() == list(range(12))  # every exposure once
     np.testing.assert_array_equal(one.counts, two.counts)
     assert one.error.tolist() == two.error.tolist()
+
+
+def test_a_scan_of_files_read_ahead_copies_no_frame_into_its_integrators(tmp_path):
+    """Archived frames read ahead go to the integrator processes where the reader put them,
+    even reading only one frame ahead (the reader gets a slot for each frame the processes
+    hold), and the file holds what the feeder's own engine stores."""
+    integration = PipelineConfig(scan_id="x").integration
+    frames = [e.frame for e in SimulatedDetector(integration, seed=6).scan("x", 8).exposures()]
+    with h5py.File(tmp_path / "stack.h5", "w") as handle:
+        handle["frames"] = np.stack(frames)
+    stored = {}
+    for integrators, read_ahead in ((1, 0), (2, 1)):
+        spec = ArchivedFiles(
+            paths=[str(tmp_path / "stack.h5")], hdf5_dataset="/frames", read_ahead=read_ahead
+        )
+        config = PipelineConfig(
+            scan_id=f"files-{integrators}",
+            source=spec,
+            n_workers=1,
+            n_integrators=integrators,
+            output_dir=tmp_path,
+        )
+        with opened(config) as scan, Feeder(scan.config) as feeder:
+            for exposure in scan.source.exposures():
+                feeder.submit(exposure)
+            summary = feeder.wait()
+            pool = feeder.integration.pool
+            assert (pool is not None) == (integrators == 2)
+            assert pool is None or pool.copied_bytes == 0
+            assert scan.config.integration.openmp_threads is None  # (the pool's: 1 each)
+        assert summary.written_ok == len(frames)
+        stored[integrators] = open_results(config.output_path)
+    np.testing.assert_array_equal(stored[1].counts, stored[2].counts)
 
 
 def test_a_scan_whose_integrators_all_hang_stops_saying_so(tmp_path):

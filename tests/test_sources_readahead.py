@@ -140,6 +140,9 @@ def test_a_reader_started_early_is_stopped_by_its_with_block_even_unused(tmp_pat
         with pytest.raises(RuntimeError, match="once"):
             next(source.exposures())
     np.testing.assert_array_equal(np.stack([e.frame for e in exposures]), np.stack(frames))
+    assert len(slot_folders() - before) == 1  # (its frames, kept, still look into the slots)
+    del exposures
+    assert slot_folders() == before
     with ReadAhead(FileSource(tmp_path, "scan")) as unused:
         unused.start()
         assert len(slot_folders() - before) == 1

@@ -13,7 +13,10 @@ Eiger 4M sector frame), faster in the feeder than any copy.
 Frames reach them through shared memory: each process has ``slots`` slot files (``/dev/shm``
 where it exists); :meth:`IntegratorPool.submit` copies a frame into a free slot of the least
 busy process (the frame's one copy) and sends the slot's place with the exposure's key through
-a pipe; the line-out (or the :class:`~pipeline.integration.FrameError` text of a frame that
+a pipe. A frame that lies in a slot file already (read ahead by
+:class:`~pipeline.sources.ReadAhead`: :func:`~pipeline.scratch.slot_file_of`) is not copied:
+the process reads it in the reader's slot, which the pool keeps leased until the frame is
+integrated; the line-out (or the :class:`~pipeline.integration.FrameError` text of a frame that
 cannot be integrated) comes back as an :class:`Integrated`. Each key is integrated exactly
 once, in any order across processes.
 
@@ -24,7 +27,8 @@ copied, and the process decodes it before integrating it. Decoding is where the 
 sector), so this is how the processes share a fast detector's work; data that does not
 decode comes back as a failure of the ``read`` stage.
 
-A process that dies (killed, out of memory) loses nothing: its frames are still in its slots,
+A process that dies (killed, out of memory) loses nothing: its frames are still in its slots
+(or leased in the reader's),
 so a new process takes its place and integrates them again, in the order sent. The frame it
 was integrating when it died counts a try; an exposure whose process died
 :data:`MAX_TRIES` times under it comes back as failed instead of killing another (a frame that
@@ -71,7 +75,7 @@ from pipeline.config import IntegrationConfig, PipelineConfig
 from pipeline.exposure import LineOut
 from pipeline.integration import FrameError, LineOutIntegrator
 from pipeline.physics import QGrid
-from pipeline.scratch import frame_view, make_scratch_dir, shared_memory_folder
+from pipeline.scratch import frame_view, make_scratch_dir, shared_memory_folder, slot_file_of
 from pipeline.source_specs import DectrisStreamSource, EigerFiles
 from pipeline.sources.compression import EncodedFrame, FormatError
 
@@ -83,6 +87,10 @@ STOP_TIMEOUT_S = 5.0
 SLOT_FOLDER_PREFIX = "beamline-inn-integrate-"
 #: The most integrator processes a scan starts by itself (``n_integrators`` empty).
 MAX_AUTO_INTEGRATORS = 8
+#: Frames each integrator process holds by default, the one it integrates included.
+SLOTS_PER_PROCESS = 2
+#: Slot files an integrator process keeps mapped (more: it maps them again as it meets them).
+MAX_MAPPED_SLOTS = 32
 
 
 def integrator_processes(config: PipelineConfig) -> int:
@@ -104,6 +112,21 @@ def integrator_processes(config: PipelineConfig) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     on_gpu = config.inference.device.startswith("cuda")
     return max(1, min(MAX_AUTO_INTEGRATORS, (cores or 1) - (0 if on_gpu else config.n_workers)))
+
+
+def frames_held(config: PipelineConfig) -> int:
+    """Frames the scan's integrator processes may hold at once (:data:`SLOTS_PER_PROCESS`
+    each), and the one being handed to them; 0 where the feeder integrates each frame as it
+    comes. A reader of frames into shared memory needs this many slots more than it reads
+    ahead, for the processes to take every frame where it lies.
+
+    Example:
+        >>> from pipeline.config import PipelineConfig
+        >>> frames_held(PipelineConfig(scan_id="doc", n_integrators=3))
+        7
+    """
+    processes = integrator_processes(config)
+    return processes * SLOTS_PER_PROCESS + 1 if processes > 1 else 0
 
 
 def decoded_by_receiver(config: PipelineConfig) -> bool:
@@ -187,6 +210,8 @@ def _integrate_from_slots(config: IntegrationConfig, grid: QGrid, pipe: Connecti
         maps: dict[str, np.memmap] = {}
         while (job := pipe.recv()) is not None:
             if job.slot.path not in maps:
+                if len(maps) >= MAX_MAPPED_SLOTS:  # a reader's slots, replaced by larger ones
+                    maps.clear()
                 maps[job.slot.path] = np.memmap(job.slot.path, dtype=np.uint8, mode="r")
             frame = frame_view(maps[job.slot.path], job.slot.shape, job.slot.dtype)
             start = time.perf_counter()
@@ -224,6 +249,13 @@ class _Seat:
     ever_ready: bool = False
     buffers: dict[int, tuple[str, np.memmap]] = field(default_factory=dict)
     jobs: dict[int, tuple[_Job, int]] = field(default_factory=dict)  # key -> job, slot number
+    #: frames integrated where they lie (another's slot file), kept until integrated
+    leased: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def done(self, key: int) -> None:
+        """Forget the job ``key`` (integrated, or failed), and its frame's lease."""
+        del self.jobs[key]
+        self.leased.pop(key, None)
 
     def free_slot(self) -> int | None:
         used = {slot for _, slot in self.jobs.values()}
@@ -259,10 +291,16 @@ class IntegratorPool:
 
     Attributes:
         restarts: processes started again after one died.
+        copied_bytes: bytes copied into the slots so far (a frame that lies in a slot file
+            already is not copied).
     """
 
     def __init__(
-        self, config: IntegrationConfig, grid: QGrid, processes: int, slots: int = 2
+        self,
+        config: IntegrationConfig,
+        grid: QGrid,
+        processes: int,
+        slots: int = SLOTS_PER_PROCESS,
     ) -> None:
         if processes < 1 or slots < 1:
             raise ValueError(f"processes and slots must be at least 1, got {processes}, {slots}")
@@ -271,6 +309,7 @@ class IntegratorPool:
         self.config = config
         self.grid = grid
         self.restarts = 0
+        self.copied_bytes = 0
         self._context = multiprocessing.get_context("spawn")  # no fork: callers run threads
         self._folder = str(make_scratch_dir(SLOT_FOLDER_PREFIX, shared_memory_folder()))
         weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)  # also at exit
@@ -331,6 +370,7 @@ class IntegratorPool:
             self._end(seat)
             seat.buffers.clear()
             seat.jobs.clear()
+            seat.leased.clear()
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def _end(self, seat: _Seat) -> None:
@@ -381,7 +421,9 @@ class IntegratorPool:
         """Copy ``frame`` (an array, or its compressed bytes for an
         :class:`~pipeline.sources.compression.EncodedFrame`) into a free slot of the least
         busy process and have it integrated under ``key`` (``ValueError`` for a key pending
-        already; ``RuntimeError`` when no slot is free: wait for :attr:`has_room`)."""
+        already; ``RuntimeError`` when no slot is free: wait for :attr:`has_room`). A frame
+        that lies in a slot file already (:func:`~pipeline.scratch.slot_file_of`) is read
+        there instead, and kept (its lease) until it is integrated."""
         if any(key in seat.jobs for seat in self._seats):
             raise ValueError(f"frame {key} is being integrated already")
         free = self._free_seats()
@@ -394,9 +436,15 @@ class IntegratorPool:
         if isinstance(frame, EncodedFrame):
             data = np.frombuffer(memoryview(frame.data).cast("B"), np.uint8)
             slot = seat.slot_for(number, data)
+            self.copied_bytes += data.nbytes
             job = _Job(key, slot, float(normalization), source, frame.without_data())
+        elif (lying := slot_file_of(frame)) is not None:
+            slot = FrameSlot(lying, tuple(frame.shape), frame.dtype.str)
+            job = _Job(key, slot, float(normalization), source)
+            seat.leased[key] = frame
         else:
             job = _Job(key, seat.slot_for(number, frame), float(normalization), source)
+            self.copied_bytes += frame.nbytes
         seat.jobs[key] = (job, number)
         self._send(seat, job)
 
@@ -434,7 +482,7 @@ class IntegratorPool:
                     f"integrator process {seat.number} failed:\n{message.traceback}"
                 )
             else:
-                seat.jobs.pop(message.key)
+                seat.done(message.key)
                 self._tries.pop(message.key, None)
                 yield message
 
@@ -455,7 +503,8 @@ class IntegratorPool:
             key = next(iter(seat.jobs))
             self._tries[key] = self._tries.get(key, 0) + 1
             if self._tries[key] >= MAX_TRIES:
-                del seat.jobs[key], self._tries[key]
+                seat.done(key)
+                del self._tries[key]
                 yield Integrated(
                     key,
                     None,

@@ -8,8 +8,11 @@ What the source says about the scan goes back into the configuration the scan ru
   its :meth:`~pipeline.sources.FileSource.manifest`, what a resumed scan compares its
   results file with; a pattern that matches nothing is a ``ValueError`` (a typo stops the
   command instead of giving an empty scan);
-- frames read ahead by a reader process leave it a core: pyFAI's engine takes one thread
-  fewer than the cores unless the configuration says how many;
+- frames read ahead by a reader process leave it a core: pyFAI's engine in the scan's
+  process takes one thread fewer than the cores unless the configuration says how many;
+  where integrator processes integrate, they take the frames where the reader put them
+  (no copy), and the reader gets :func:`~pipeline.integration.pool.frames_held` slots more
+  than ``read_ahead`` for the frames they hold;
 - a scan with integrator processes (:func:`~pipeline.integration.pool.integrator_processes`),
   or whose inference workers integrate (``integrate_on_workers``), leaves the decoding of
   compressed frames to them (:func:`~pipeline.integration.pool.decoded_by_receiver`): a
@@ -37,7 +40,7 @@ from typing import Literal
 
 from pipeline.config import PipelineConfig
 from pipeline.integration import frame_shape_is_open
-from pipeline.integration.pool import decoded_by_receiver
+from pipeline.integration.pool import decoded_by_receiver, frames_held
 from pipeline.source_specs import (
     ArchivedFiles,
     DectrisStreamSource,
@@ -143,11 +146,12 @@ def _archived(config: PipelineConfig, spec: ArchivedFiles | EigerFiles) -> Itera
         yield files
         return
     config = files.config
-    if config.integration.openmp_threads is None:
+    held = frames_held(config)  # by integrator processes, in the reader's slots
+    if config.integration.openmp_threads is None and not held:
         threads = max(1, (os.cpu_count() or 1) - 1)
         integration = config.integration.model_copy(update={"openmp_threads": threads})
         config = config.model_copy(update={"integration": integration})
-    with ReadAhead(files.source, spec.read_ahead) as reader:
+    with ReadAhead(files.source, spec.read_ahead + held) as reader:
         reader.start()  # its start-up (about a second) overlaps the workers'
         yield OpenedSource(reader, config, files.manifest)
 

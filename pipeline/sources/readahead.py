@@ -12,13 +12,16 @@ exists): the reader writes a frame into a free slot and sends its place in the r
 rest of the exposure through a pipe. The consumer gets a read-only view of the slot, and the
 slot goes back to the reader once the consumer has dropped every reference to that frame
 (a consumer that keeps frames gets copies once it holds ``depth - 1`` of them, so the reader
-never waits on frames kept for good). Exposures come out in the source's order, each exactly
+never waits on frames kept for good). A frame's slot file is named by
+:func:`~pipeline.scratch.slot_file_of`: the integrator processes read it there, without a
+copy. Exposures come out in the source's order, each exactly
 once, frames that could not be read included (``error`` set). If the reader fails, the
 consumer gets a :class:`ReaderError` with the reader's traceback after the exposures read
 before the failure; stopping early (:meth:`ReadAhead.stop`, or closing the iterator) stops the
 reader. :attr:`ReadAhead.ended_cleanly` is the source's own, as the reader found it at the
 end; :attr:`ReadAhead.statistics` counts the exposures delivered. The slot files are removed
-on any exit (at the latest when the consumer's process exits), and those
+on any exit, once the consumer has dropped the frames that look into them (at the latest
+when the consumer's process exits), and those
 left by a kill (SIGKILL) at the next start: their folder names the consumer's PID
 (:mod:`pipeline.scratch`).
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import os
 import shutil
@@ -58,7 +62,7 @@ from multiprocessing.synchronize import Event
 import numpy as np
 
 from pipeline.exposure import Exposure
-from pipeline.scratch import frame_view, make_scratch_dir, shared_memory_folder
+from pipeline.scratch import SlotLease, frame_view, make_scratch_dir, shared_memory_folder
 from pipeline.sources.base import FrameCounts, Source
 
 #: Seconds between the reader's checks for a stop while it waits for a free slot.
@@ -88,16 +92,6 @@ class _End:
     """The reader's last word when its source has given everything: how it ended."""
 
     ended_cleanly: bool
-
-
-class _Lease:
-    """A frame's hold on its slot: numpy keeps it as the base of the frame (and of every view
-    of it), and its finalizer hands the slot back when the last of them is gone."""
-
-    def __init__(self, view: np.ndarray, number: int, released: deque[int]) -> None:
-        self.__array_interface__ = view.__array_interface__
-        self._view = view  # keeps the slot's mapping alive
-        weakref.finalize(self, released.append, number)  # deque.append is thread-safe
 
 
 def _read_into_slots(
@@ -143,18 +137,68 @@ def _take_free_slot(free: Connection, stop: Event) -> int | None:
     return None
 
 
+class _Leases:
+    """The consumer's leases on the ring's slots: counts them, queues the slots of frames
+    dropped (from a lease's finalizer, in any thread), and removes the slot folder once the
+    ring is closed and no frame looks into it any more (another process may still be
+    about to read a frame there: the integrator processes)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.released: deque[int] = deque()  # slots whose frames the consumer has dropped
+        self._held = 0
+        self._closed = False
+        self._lock = threading.RLock()  # (a finalizer may run in the middle, in this thread)
+
+    @property
+    def held(self) -> int:
+        """Frames the consumer still holds (their slots not yet handed back)."""
+        return self._held - len(self.released)
+
+    def lease(self, view: np.ndarray, slot: _Slot) -> np.ndarray:
+        """The frame ``view`` of ``slot``, holding it until the consumer drops it."""
+        with self._lock:
+            self._held += 1
+        return np.asarray(SlotLease(view, slot.path, functools.partial(self._release, slot.number)))
+
+    def take_released(self) -> int | None:
+        """A slot whose frame the consumer has dropped, or ``None``."""
+        with self._lock:
+            if not self.released:
+                return None
+            self._held -= 1
+            return self.released.popleft()
+
+    def _release(self, number: int) -> None:
+        self.released.append(number)
+        with self._lock:
+            remove = self._closed and self._held == len(self.released)
+        if remove:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the slot folder now, or when the last frame looking into it is dropped."""
+        with self._lock:
+            self._closed = True
+            remove = self._held == len(self.released)
+        if remove:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass
 class _Reader:
-    """A started reader process, its slot folder, and the consumer's ends of its pipes."""
+    """A started reader process, the consumer's leases on its slots, and the consumer's ends
+    of its pipes."""
 
     process: multiprocessing.process.BaseProcess
-    folder: str
+    leases: _Leases
     free: Connection
     ready: Connection
     stop: Event
 
     def close(self) -> None:
-        """Stop the reader (terminated after :data:`STOP_TIMEOUT_S`) and remove the slots."""
+        """Stop the reader (terminated after :data:`STOP_TIMEOUT_S`) and remove the slots
+        (once the consumer has dropped their frames)."""
         self.stop.set()
         self.free.close()
         self.ready.close()
@@ -162,7 +206,7 @@ class _Reader:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.leases.close()
 
 
 class ReadAhead:
@@ -223,7 +267,7 @@ class ReadAhead:
         ready_in.close()
         for number in range(self.depth):
             free_in.send(number)
-        self._reader = _Reader(process, folder, free_in, ready_out, stop)
+        self._reader = _Reader(process, _Leases(folder), free_in, ready_out, stop)
 
     def close(self) -> None:
         """Stop the reader, if it runs, and remove its slot files."""
@@ -251,13 +295,12 @@ class ReadAhead:
         assert self._reader is not None
         reader = self._reader
         maps: dict[str, np.memmap] = {}
-        released: deque[int] = deque()  # slots whose frames the consumer has dropped
-        leased = 0  # slots the consumer's frames still look into
+        leases = reader.leases
         try:
             while not self._stop_requested.is_set():
-                while released:  # hand back the slots of frames the consumer has dropped
-                    leased -= 1
-                    self._hand_back(reader.free, released.popleft())
+                # hand back the slots of frames the consumer has dropped
+                while (number := leases.take_released()) is not None:
+                    self._hand_back(reader.free, number)
                 item = self._next_item(reader.ready, reader.process)
                 if isinstance(item, _End):
                     self.ended_cleanly = item.ended_cleanly
@@ -269,9 +312,8 @@ class ReadAhead:
                     if slot.path not in maps:
                         maps[slot.path] = np.memmap(slot.path, dtype=np.uint8, mode="r")
                     view = frame_view(maps[slot.path], slot.shape, slot.dtype)
-                    if leased < self.depth - 1:
-                        frame = np.asarray(_Lease(view, slot.number, released))
-                        leased += 1
+                    if leases.held < self.depth - 1:
+                        frame = leases.lease(view, slot)
                     else:  # the consumer keeps its frames: copy, so that the reader goes on
                         frame = view.copy()
                         self._hand_back(reader.free, slot.number)
