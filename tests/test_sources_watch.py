@@ -104,7 +104,10 @@ def test_files_written_slowly_and_in_halves_are_taken_once_complete_in_natural_o
     assert watcher.stop_reason == "idle" and watcher.ended_cleanly
 
 
-def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path):
+@pytest.mark.parametrize("decode_frames", [True, False])
+def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path, decode_frames):
+    """Decoded, or (``decode_frames=False``: for integrator processes) as their chunks'
+    compressed bytes, checked whole."""
     path = tmp_path / "run_data_000001.h5"
     frames = np.random.default_rng(0).integers(0, 5000, (6, 8, 12)).astype(np.uint16)
 
@@ -142,7 +145,13 @@ def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path):
         steps += [append(k), 0.15]
     writer = Writer(steps)
     watcher = DirectoryWatcher(
-        tmp_path, "live", "*.h5", poll_interval_s=POLL_S, idle_timeout_s=0.6, settle_timeout_s=5
+        tmp_path,
+        "live",
+        "*.h5",
+        poll_interval_s=POLL_S,
+        idle_timeout_s=0.6,
+        settle_timeout_s=5,
+        decode_frames=decode_frames,
     )
 
     writer.start()
@@ -153,7 +162,8 @@ def test_appended_hdf5_frames_are_taken_while_the_file_grows(tmp_path):
     exposures = [e for _, e in timed]
     assert [e.error for e in exposures] == [None] * 6
     for k, exposure in enumerate(exposures):
-        np.testing.assert_array_equal(exposure.frame, frames[k])
+        assert (exposure.encoded is None) == decode_frames
+        np.testing.assert_array_equal(exposure.image(), frames[k])
         assert exposure.metadata["source"] == f"{path}:/entry/data/data frame {k}"
         assert exposure.metadata["count_time_s"] == "0.5"  # from the master
     assert timed[0][0] < writer.finished_at  # the first frame came before the last was written
@@ -335,6 +345,48 @@ def test_hdf5_frames_whose_chunks_are_not_written_are_not_taken(tmp_path):
     assert [e.frame is None for e in exposures] == [False, True, True]
     assert exposures[2].error == (
         "incomplete file: frame 2 of /entry/data/data was not written when watching stopped"
+    )
+
+
+def test_a_compressed_chunk_that_is_not_whole_is_held_back_then_fails(tmp_path):
+    """Left compressed, a frame's chunk must still be whole (its blocks add up) to be taken:
+    one cut short waits while the file may be written, then fails alone, in the words of a
+    chunk that does not decode."""
+    frames = np.random.default_rng(1).integers(0, 5000, (3, 64, 64)).astype(np.uint32)
+    path = tmp_path / "cut_data_000001.h5"
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset(
+            "entry/data/data",
+            shape=(3, 64, 64),
+            chunks=(1, 64, 64),
+            dtype=np.uint32,
+            **hdf5plugin.Bitshuffle(cname="lz4"),
+        )
+        dataset[0] = frames[0]
+        dataset[2] = frames[2]
+        whole = dataset.id.read_direct_chunk((0, 0, 0))[1]
+        dataset.id.write_direct_chunk((1, 0, 0), whole[:-100])  # frame 1 cut short
+    watcher = DirectoryWatcher(
+        tmp_path,
+        "s",
+        "*.h5",
+        poll_interval_s=POLL_S,
+        idle_timeout_s=2.0,
+        settle_timeout_s=0.5,
+        decode_frames=False,
+    )
+
+    started = time.monotonic()
+    exposures = list(watcher.exposures())
+
+    assert [e.error is None for e in exposures] == [True, False, True]
+    assert time.monotonic() - started >= 0.5  # held back until settled
+    np.testing.assert_array_equal(exposures[0].image(), frames[0])
+    np.testing.assert_array_equal(exposures[2].image(), frames[2])
+    assert exposures[1].encoded is None and exposures[1].frame is None
+    assert exposures[1].error.startswith(
+        "unreadable chunk: frame 1 of /entry/data/data could not be read or decompressed "
+        "(bitshuffle-LZ4 data"
     )
 
 

@@ -18,7 +18,12 @@ from pipeline.exposure import Exposure
 from pipeline.integration import LineOutIntegrator
 from pipeline.integration.pool import IntegratorPool, integrator_processes
 from pipeline.physics import QGrid
-from pipeline.source_specs import ArchivedFiles, DectrisStreamSource, SimulatedFrames
+from pipeline.source_specs import (
+    ArchivedFiles,
+    DectrisStreamSource,
+    SimulatedFrames,
+    WatchedFolder,
+)
 from pipeline.sources import EigerSource, FileSource, SimulatedDetector
 from pipeline.sources.compression import EncodedFrame, FormatError
 from pipeline.sources.dectris import parse_message
@@ -234,6 +239,20 @@ def test_an_archived_scan_with_integrator_processes_leaves_hdf5_chunks_to_them(h
     for integrators, compressed in ((2, True), (1, False)):
         files = ArchivedFiles(paths=[str(path)])  # read ahead by a reader process
         config = PipelineConfig(scan_id="h5", source=files, n_integrators=integrators)
+        with opened(config) as scan:
+            exposures = list(scan.source.exposures())
+        assert [e.encoded is not None for e in exposures] == [compressed] * 3
+        for exposure, frame in zip(exposures, frames, strict=True):
+            np.testing.assert_array_equal(exposure.image(), frame)
+
+
+def test_a_watched_folder_with_integrator_processes_leaves_hdf5_chunks_to_them(hdf5_files):
+    path, frames = hdf5_files["bslz4"]
+    for integrators, compressed in ((2, True), (1, False)):
+        folder = WatchedFolder(
+            directory=str(path.parent), pattern=path.name, poll_interval_s=0.05, idle_timeout_s=0.3
+        )
+        config = PipelineConfig(scan_id="watched", source=folder, n_integrators=integrators)
         with opened(config) as scan:
             exposures = list(scan.source.exposures())
         assert [e.encoded is not None for e in exposures] == [compressed] * 3

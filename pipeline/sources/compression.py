@@ -120,6 +120,29 @@ def decompress_bitshuffle_lz4(
     >>> bool((out.view("<u4") == raw).all())
     True
     """
+    payload, block_elements = _bitshuffle_lz4_blocks(data, n_bytes, element_bytes, framing)
+    _bitshuffle_single_threaded()
+    try:
+        out = bitshuffle.decompress_lz4(
+            np.frombuffer(payload, np.uint8),
+            (n_bytes // element_bytes,),
+            np.dtype(f"u{element_bytes}"),
+            block_elements,
+        )
+    except (RuntimeError, ValueError) as error:
+        raise FormatError(f"bitshuffle-LZ4 data does not decompress: {error}") from None
+    return out.view(np.uint8)
+
+
+def _bitshuffle_lz4_blocks(
+    data: Buffer,
+    n_bytes: int,
+    element_bytes: int,
+    framing: Literal["auto", "hdf5", "none"],
+) -> tuple[memoryview, int]:
+    """The blocks of bitshuffle-LZ4 data (after its header, where it has one) and their size
+    in elements, once the header and the block headers are found to hold exactly ``n_bytes``
+    (:func:`decompress_bitshuffle_lz4`'s arguments; :class:`FormatError` otherwise)."""
     view = memoryview(data).cast("B")
     if element_bytes not in (1, 2, 4, 8):
         raise FormatError(f"bitshuffle element size {element_bytes} is not 1, 2, 4 or 8 bytes")
@@ -149,19 +172,8 @@ def decompress_bitshuffle_lz4(
             )
         block_elements = block_bytes // element_bytes
         view = view[H5_HEADER_BYTES:]
-    n_elements = n_bytes // element_bytes
-    _check_bitshuffle_blocks(view, n_elements, element_bytes, block_elements)
-    _bitshuffle_single_threaded()
-    try:
-        out = bitshuffle.decompress_lz4(
-            np.frombuffer(view, np.uint8),
-            (n_elements,),
-            np.dtype(f"u{element_bytes}"),
-            block_elements,
-        )
-    except (RuntimeError, ValueError) as error:
-        raise FormatError(f"bitshuffle-LZ4 data does not decompress: {error}") from None
-    return out.view(np.uint8)
+    _check_bitshuffle_blocks(view, n_bytes // element_bytes, element_bytes, block_elements)
+    return view, block_elements
 
 
 def _check_lz4_ratio(compressed_bytes: int, n_bytes: int) -> None:
@@ -199,6 +211,19 @@ def decompress_lz4_hdf5(data: Buffer, n_bytes: int) -> bytearray:
     True
     """
     view = memoryview(data).cast("B")
+    out = bytearray(n_bytes)
+    for written, expected, block in _lz4_hdf5_blocks(view, n_bytes):
+        if len(block) == expected:
+            out[written : written + expected] = block
+        else:
+            out[written : written + expected] = decompress_lz4_block(block, expected)
+    return out
+
+
+def _lz4_hdf5_blocks(view: memoryview, n_bytes: int) -> list[tuple[int, int, memoryview]]:
+    """The blocks of LZ4 data in HDF5 framing (:func:`decompress_lz4_hdf5`), each with the
+    place and size of its decoded bytes, once the header and the blocks' sizes are found to
+    hold exactly ``n_bytes`` (:class:`FormatError` otherwise)."""
     if len(view) < H5_HEADER_BYTES:
         raise FormatError(f"LZ4 (HDF5) data of {len(view)} bytes has no 12-byte header")
     stated_bytes = int.from_bytes(view[:8], "big")
@@ -208,7 +233,7 @@ def decompress_lz4_hdf5(data: Buffer, n_bytes: int) -> bytearray:
     if block_bytes <= 0 or block_bytes >= 1 << 31:
         raise FormatError(f"LZ4 (HDF5) block size {block_bytes} is not a positive int32")
     _check_lz4_ratio(len(view), n_bytes)
-    out = bytearray(n_bytes)
+    blocks = []
     position, written = H5_HEADER_BYTES, 0
     while written < n_bytes:
         expected = min(block_bytes, n_bytes - written)
@@ -221,16 +246,12 @@ def decompress_lz4_hdf5(data: Buffer, n_bytes: int) -> bytearray:
                 f"LZ4 (HDF5) block at byte {written} claims {compressed} bytes, "
                 f"{len(view) - position} are left"
             )
-        chunk = view[position : position + compressed]
-        if compressed == expected:
-            out[written : written + expected] = chunk
-        else:
-            out[written : written + expected] = decompress_lz4_block(chunk, expected)
+        blocks.append((written, expected, view[position : position + compressed]))
         position += compressed
         written += expected
     if position != len(view):
         raise FormatError(f"LZ4 (HDF5) data has {len(view) - position} bytes after the last block")
-    return out
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +315,46 @@ class EncodedFrame:
         """This description with ``data`` as its bytes."""
         return dataclasses.replace(self, data=data)
 
+    def check(self, source: str | None = None) -> None:
+        """Check, without decoding, that the bytes are whole: the headers of LZ4 and
+        bitshuffle-LZ4 data and the sizes of all their blocks add up to the data's length
+        and the image's size (uncompressed data: its length is the image's size). A chunk
+        caught while its writer is still writing it fails here; data damaged inside a block
+        fails only when decoded. About 1 ms for an Eiger 4M frame, against 9-23 ms to decode
+        it.
+
+        Raises:
+            FormatError: as :meth:`decode` would for bytes missing or left over.
+
+        Example:
+            >>> blob = bitshuffle.compress_lz4(np.arange(4096, dtype="<u4")).tobytes()
+            >>> EncodedFrame(blob, (64, 64), "<u4", "bslz4", 4, "auto").check()
+            >>> EncodedFrame(blob[:-9], (64, 64), "<u4", "bslz4", 4, "auto").check("f.h5")
+            Traceback (most recent call last):
+            ...
+            pipeline.sources.compression.FormatError: f.h5: bitshuffle-LZ4 data is ...
+        """
+        n_bytes = self.n_bytes
+        view = memoryview(self.data).cast("B")
+        try:
+            if self.compression == "bslz4":
+                _bitshuffle_lz4_blocks(view, n_bytes, self.element_bytes, self.framing)
+            elif self.compression == "lz4" and self._lz4_framed(view, n_bytes):
+                _lz4_hdf5_blocks(view, n_bytes)
+            elif self.compression == "lz4":
+                _check_lz4_ratio(len(view), n_bytes)
+            elif len(view) != n_bytes:
+                raise FormatError(f"data is {len(view)} bytes, the image needs {n_bytes}")
+        except FormatError as error:
+            if source:
+                raise FormatError(f"{source}: {error}") from None
+            raise
+
+    def _lz4_framed(self, view: memoryview, n_bytes: int) -> bool:
+        """Whether LZ4 data comes in HDF5 framing (a header and blocks)."""
+        header = len(view) >= H5_HEADER_BYTES and int.from_bytes(view[:8], "big") == n_bytes
+        return self.framing == "hdf5" or (self.framing == "auto" and header)
+
     def decode(self, source: str | None = None) -> np.ndarray:
         """The image, a writable native-byte-order array of :attr:`shape`.
 
@@ -315,8 +376,7 @@ class EncodedFrame:
         if self.compression == "bslz4":
             raw = decompress_bitshuffle_lz4(view, n_bytes, self.element_bytes, self.framing)
         elif self.compression == "lz4":
-            header = len(view) >= H5_HEADER_BYTES and int.from_bytes(view[:8], "big") == n_bytes
-            if self.framing == "hdf5" or (self.framing == "auto" and header):
+            if self._lz4_framed(view, n_bytes):
                 raw = decompress_lz4_hdf5(view, n_bytes)
             else:
                 raw = decompress_lz4_block(view, n_bytes)

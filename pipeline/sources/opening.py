@@ -16,8 +16,8 @@ What the source says about the scan goes back into the configuration the scan ru
 - a scan with integrator processes (:func:`~pipeline.integration.pool.integrator_processes`),
   or whose inference workers integrate (``integrate_on_workers``), leaves the decoding of
   compressed frames to them (:func:`~pipeline.integration.pool.decoded_by_receiver`): a
-  DECTRIS stream's images, and the bitshuffle-LZ4 and LZ4 chunks of HDF5 files, come as
-  their compressed bytes (``Exposure.encoded``);
+  DECTRIS stream's images, and the bitshuffle-LZ4 and LZ4 chunks of HDF5 files (archived,
+  or in a watched folder), come as their compressed bytes (``Exposure.encoded``);
 - simulated frames: the scan's number of frames is known ahead.
 
 Example:
@@ -97,6 +97,7 @@ def opened(config: PipelineConfig) -> Iterator[OpenedSource]:
             poll_interval_s=spec.poll_interval_s,
             idle_timeout_s=spec.idle_timeout_s,
             hdf5_dataset=spec.hdf5_dataset,
+            decode_frames=decoded_by_receiver(config),
         )
         yield OpenedSource(watcher, config)
     else:

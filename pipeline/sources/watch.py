@@ -14,7 +14,12 @@ When a frame counts as complete:
   when it lies within the dataset's current shape, its chunk is allocated in the file and
   decodes, and either a later chunk is allocated too (the writer has moved past it: detectors
   and SWMR writers write chunks in order) or the file has been unchanged since the previous
-  poll. Frames are so taken while the file is still growing. A contiguous (unchunked) dataset
+  poll. Frames are so taken while the file is still growing. With ``decode_frames=False`` (a
+  scan whose integrator processes decode), a frame stored as one bitshuffle-LZ4 or LZ4 chunk
+  (the Eiger layout) comes as the chunk's bytes (``Exposure.encoded``), and "decodes" is
+  :meth:`~pipeline.sources.compression.EncodedFrame.check` instead: its headers and the sizes
+  of all its blocks add up (about 1 ms for an Eiger 4M frame, against 9-23 ms to decode it);
+  a chunk damaged inside a block then fails where it is decoded. A contiguous (unchunked) dataset
   has no such marks: its frames are taken once the file is unchanged. Files being written by a
   SWMR writer are opened in SWMR mode. Master files (links to data files,
   :func:`pipeline.sources.layout.data_file_links`) are not read, the data files are, as they
@@ -55,6 +60,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import threading
@@ -67,8 +73,10 @@ import h5py
 
 from pipeline.exposure import Exposure
 from pipeline.sources.base import DetectorFrame, FrameCounts, failed_frame
+from pipeline.sources.compression import FormatError
 from pipeline.sources.eiger import hdf5_frame
 from pipeline.sources.hdf5 import (
+    chunk_packing,
     chunk_written,
     frame_count,
     frame_datasets,
@@ -114,6 +122,9 @@ class DirectoryWatcher:
         first_index: the index of the first exposure.
         hdf5_dataset: the frames' dataset in HDF5 files, when neither ``/entry/data/data``
             (Eiger data files) nor the ``data`` of the file's one NeXus NXdetector.
+        decode_frames: ``False``: HDF5 frames stored as one bitshuffle-LZ4 or LZ4 chunk each
+            come still compressed (``Exposure.encoded``), for whoever integrates them to
+            decode.
 
     Attributes:
         statistics: the exposures given so far, and how many failed.
@@ -136,6 +147,7 @@ class DirectoryWatcher:
         settle_timeout_s: float = 10.0,
         first_index: int = 0,
         hdf5_dataset: str | None = None,
+        decode_frames: bool = True,
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be positive")
@@ -149,6 +161,7 @@ class DirectoryWatcher:
         self.settle_timeout_s = settle_timeout_s
         self.first_index = first_index
         self.hdf5_dataset = hdf5_dataset
+        self.decode_frames = decode_frames
         self.statistics = FrameCounts()
         self.ended_cleanly = False
         self.skipped_files: list[Path] = []
@@ -371,6 +384,7 @@ class DirectoryWatcher:
                 return False, frames, f"unreadable dataset {ref} in {path.name}: {error}"
             number = watched.next_frame.get(ref, 0)
             chunk_frames = dataset.chunks[0] if dataset.chunks and dataset.ndim == 3 else 1
+            packing = None if self.decode_frames else chunk_packing(dataset)
             while number < n_frames:
                 written = chunk_written(dataset, number)
                 next_chunk = (number // chunk_frames + 1) * chunk_frames
@@ -378,8 +392,15 @@ class DirectoryWatcher:
                 if not final and not (written and (later or watched.stable)):
                     caught_up = False
                     break
-                frame = hdf5_frame(
-                    path, ref, dataset, number, self._detector_metadata(watched, handle)
+                frame = _checked(
+                    hdf5_frame(
+                        path,
+                        ref,
+                        dataset,
+                        number,
+                        self._detector_metadata(watched, handle),
+                        packing=packing,
+                    )
                 )
                 if not written:
                     frame = DetectorFrame(
@@ -416,3 +437,18 @@ class DirectoryWatcher:
             message += f" (after {sum(watched.next_frame.values())} frames were read)"
         yield failed_frame(str(watched.path), message)
         return True
+
+
+def _checked(frame: DetectorFrame) -> DetectorFrame:
+    """``frame``, failed where it comes as compressed bytes that are not whole (a chunk
+    still being written: :meth:`~pipeline.sources.compression.EncodedFrame.check`), in the
+    words of a chunk that does not decode."""
+    if frame.encoded is None:
+        return frame
+    try:
+        frame.encoded.check()
+    except FormatError as error:
+        where = f"frame {frame.metadata['frame']} of {frame.metadata['dataset']}"
+        error_text = f"unreadable chunk: {where} could not be read or decompressed ({error})"
+        return dataclasses.replace(frame, encoded=None, error=error_text)
+    return frame
