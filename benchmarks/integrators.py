@@ -23,10 +23,16 @@ The same again for the sector with the frames compressed as an Eiger's stream se
 each frame before integrating it (what a scan with one engine does), and the pool's
 processes decode them (``decode_frames=False``); only the compressed bytes are copied.
 
-The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded and for
-compressed frames, the pool against bare pyFAI on as many cores (what handing frames over
-costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats`` runs, with min and max; the cases alternate within
-a repeat, so that drifts of the machine hit them alike.
+And for the sector with the decoded frames lying in shared memory already, as the read-ahead
+reader (:class:`~pipeline.sources.ReadAhead`) leaves them for a scan of archived files: slot
+files holding a :class:`~pipeline.scratch.SlotLease`, which the pool's processes read where
+they lie (nothing is copied; the reader's decoding, done beforehand, is not timed).
+
+The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded, compressed
+and read-ahead frames, the pool against bare pyFAI on as many cores (what handing frames over
+costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats``
+runs, with min and max; the cases alternate within a repeat, so that drifts of the machine
+hit them alike.
 
 Run: ``python -m benchmarks.integrators [--frames 96] [--repeats 3]`` (results in
 ``benchmarks/results/integrators.json``).
@@ -55,6 +61,7 @@ from pipeline.integration import LineOutIntegrator
 from pipeline.integration.pool import IntegratorPool
 from pipeline.model.checkpoint import card_instrument, read_card
 from pipeline.physics import QGrid
+from pipeline.scratch import SlotLease, frame_view, shared_memory_folder
 from pipeline.sources import SimulatedDetector
 from pipeline.sources.compression import EncodedFrame
 
@@ -79,6 +86,18 @@ def stream_encoded(frame: np.ndarray) -> EncodedFrame:
     header = struct.pack(">QI", frame.nbytes, 0)
     element = frame.dtype.itemsize
     return EncodedFrame(header + blob, frame.shape, frame.dtype.str, "bslz4", element, "hdf5")
+
+
+def in_slot_files(frames: list[np.ndarray], folder: Path) -> list[np.ndarray]:
+    """``frames`` copied into slot files in ``folder``, each handed out as the read-ahead
+    reader hands out a frame (a view of its slot file holding a :class:`SlotLease`)."""
+    leased = []
+    for number, frame in enumerate(frames):
+        path = folder / f"slot-{number}.bin"
+        np.ascontiguousarray(frame).view(np.uint8).tofile(path)
+        view = frame_view(np.memmap(path, np.uint8, "r"), frame.shape, frame.dtype)
+        leased.append(np.asarray(SlotLease(view, str(path), lambda: None)))
+    return leased
 
 
 def _bare_process(
@@ -189,7 +208,11 @@ def main() -> None:
         for region in ("sector", "full_ring")
     }
     compressed: dict[str, list[float]] = {f"pool_{k}": [] for k in counts} | {"feeder": []}
-    with tempfile.TemporaryDirectory() as name:
+    read_ahead: dict[str, list[float]] = {f"pool_{k}": [] for k in counts}
+    with (
+        tempfile.TemporaryDirectory() as name,
+        tempfile.TemporaryDirectory(dir=shared_memory_folder()) as slots,
+    ):
         folder = Path(name)
         sector, instrument, frames = eiger_frames(folder, args.distinct)
         settings = {
@@ -203,7 +226,17 @@ def main() -> None:
             region: LineOutIntegrator(integration, grid) for region, integration in settings.items()
         }
         encoded = [stream_encoded(frame) for frame in frames]
+        in_slots = in_slot_files(frames, Path(slots))
         for _ in range(args.repeats):
+            for k in counts:
+                read_ahead[f"pool_{k}"].append(
+                    pool_rate(sector, grid, in_slots, k, args.frames * k)
+                )
+                print(
+                    f"sector, frames read ahead, {k} processes: pool "
+                    f"{read_ahead[f'pool_{k}'][-1]:.1f}/s",
+                    flush=True,
+                )
             compressed["feeder"].append(feeder_rate(own["sector"], encoded, args.frames))
             for k in counts:
                 compressed[f"pool_{k}"].append(pool_rate(sector, grid, encoded, k, args.frames * k))
@@ -251,6 +284,15 @@ def main() -> None:
                 },
             }
             for region, found in figures.items()
+        },
+        "sector_read_ahead": {
+            "processes": {
+                str(k): {
+                    "pool_per_s": _stats(read_ahead[f"pool_{k}"]),
+                    "pool_over_pool_1": _ratio(read_ahead[f"pool_{k}"], read_ahead["pool_1"]),
+                }
+                for k in counts
+            },
         },
         "sector_bitshuffle_lz4": {
             "compressed_mb_per_frame": float(np.mean([len(e.data) for e in encoded]) / 1e6),

@@ -2,10 +2,11 @@
 their shared-memory slot files.
 
 A run's temporary folders (the feeder's run directory of sockets and configuration, the
-shared-memory slots of the read-ahead reader and of the integrator processes) are removed when their process exits, but nothing
-runs after a SIGKILL. So each is named ``<prefix><pid>-<random>`` after its owner, and
-:func:`make_scratch_dir` first removes the folders of the same prefix whose owner no longer
-runs: what a killed run left is removed by the next run's start. A PID that another process
+shared-memory slots of the read-ahead reader and of the integrator processes) are removed
+when their process exits, but nothing runs after a SIGKILL. So each is named
+``<prefix><pid>-<random>`` after its owner, and :func:`make_scratch_dir` first removes the
+folders of the same prefix whose owner no longer runs: what a killed run left is removed by
+the next run's start. A PID that another process
 has taken since counts as alive (its folder stays until a later start); folders of other
 users, and names without a PID, are never touched.
 
@@ -58,13 +59,13 @@ def frame_view(buffer: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | str
 
 
 class SlotLease:
-    """A frame's hold on the slot file ``path`` whose first bytes ``view`` is: numpy keeps the lease as the
-    base of ``np.asarray(lease)`` (and of every view of that), and ``release`` is called
-    once the last of them is gone.
+    """A frame's hold on the slot file ``path`` whose first bytes ``view`` is: numpy keeps
+    the lease as the base of ``np.asarray(lease)`` (and of every view of that), and
+    ``release`` is called once the last of them is gone.
 
     Example:
         >>> import numpy as np, tempfile
-        >>> path = tempfile.mktemp()
+        >>> path = os.path.join(tempfile.mkdtemp(), "slot-0.bin")
         >>> np.zeros(6, np.uint8).tofile(path)
         >>> released = []
         >>> view = frame_view(np.memmap(path, np.uint8, "r"), (2, 3), np.uint8)
@@ -74,7 +75,7 @@ class SlotLease:
         >>> del frame, view
         >>> released == [path]
         True
-        >>> import os; os.remove(path)
+        >>> shutil.rmtree(os.path.dirname(path))
     """
 
     def __init__(self, view: np.ndarray, path: str, release: Callable[[], None]) -> None:
