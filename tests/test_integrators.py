@@ -1,6 +1,7 @@
 """Integration in processes of their own (``n_integrators``): the pool's line-outs are the
 feeder's engine's, each frame once, and a killed integrator loses nothing."""
 
+import gc
 import os
 import signal
 
@@ -106,6 +107,27 @@ def test_frames_read_ahead_are_integrated_where_the_reader_put_them_and_kept_til
         assert result.line_out is not None, result.error
         expected = own.integrate(distinct[result.key], 1.0)
         np.testing.assert_array_equal(result.line_out.counts, expected.counts)
+
+
+def test_frames_kept_after_their_reader_is_dropped_are_still_integrated_where_they_lie(
+    frames, tmp_path
+):
+    """A consumer may drop the reader and keep its frames: their slot files stay until the
+    last frame is gone, so an integrator process can still read them there."""
+    with h5py.File(tmp_path / "stack.h5", "w") as handle:
+        handle["frames"] = np.stack(frames)
+    source = FileSource([tmp_path / "stack.h5"], "kept", hdf5_dataset="/frames")
+    kept = [exposure.frame for exposure in ReadAhead(source, depth=len(frames) + 1).exposures()]
+    gc.collect()  # (the reader is gone)
+    with IntegratorPool(SECTOR, QGrid(), 2, slots=len(frames)) as pool:
+        pool.wait_ready(timeout_s=60)
+        done = _integrate_all(pool, kept)
+        assert pool.copied_bytes == 0
+    own = LineOutIntegrator(SECTOR, QGrid())
+    for key, frame in enumerate(frames):
+        line_out = done[key].line_out
+        assert line_out is not None, done[key].error
+        np.testing.assert_array_equal(line_out.counts, own.integrate(frame, 2.0).counts)
 
 
 def test_an_idle_integrator_killed_is_replaced(frames):

@@ -128,6 +128,8 @@ def test_stopping_early_stops_the_reader_and_removes_the_slots(tmp_path):
     assert len(slot_folders() - before) == 1
     iterator.close()
     assert first.index == 0 and first.frame.shape == (30, 40)
+    assert len(slot_folders() - before) == 1  # (the frame kept still looks into its slot)
+    del first
     assert slot_folders() == before
 
 

@@ -65,6 +65,7 @@ import signal
 import time
 import traceback
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -89,8 +90,9 @@ SLOT_FOLDER_PREFIX = "beamline-inn-integrate-"
 MAX_AUTO_INTEGRATORS = 8
 #: Frames each integrator process holds by default, the one it integrates included.
 SLOTS_PER_PROCESS = 2
-#: Slot files an integrator process keeps mapped (more: it maps them again as it meets them).
-MAX_MAPPED_SLOTS = 32
+#: Slot files an integrator process keeps mapped, the most recently used (its own, and those of
+#: a read-ahead ring it reads frames in); others are mapped again when met.
+MAX_MAPPED_SLOTS = 64
 
 
 def integrator_processes(config: PipelineConfig) -> int:
@@ -207,11 +209,13 @@ def _integrate_from_slots(config: IntegrationConfig, grid: QGrid, pipe: Connecti
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         integrator = LineOutIntegrator(config, grid)
         pipe.send(_Ready(os.getpid()))
-        maps: dict[str, np.memmap] = {}
+        maps: OrderedDict[str, np.memmap] = OrderedDict()  # the least recently used first
         while (job := pipe.recv()) is not None:
-            if job.slot.path not in maps:
-                if len(maps) >= MAX_MAPPED_SLOTS:  # a reader's slots, replaced by larger ones
-                    maps.clear()
+            if job.slot.path in maps:
+                maps.move_to_end(job.slot.path)
+            else:
+                if len(maps) >= MAX_MAPPED_SLOTS:  # (a deep read-ahead ring, or old slots)
+                    maps.popitem(last=False)
                 maps[job.slot.path] = np.memmap(job.slot.path, dtype=np.uint8, mode="r")
             frame = frame_view(maps[job.slot.path], job.slot.shape, job.slot.dtype)
             start = time.perf_counter()

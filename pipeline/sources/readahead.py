@@ -113,8 +113,10 @@ def _read_into_slots(
                 if number not in slots or slots[number][1].size < frame.nbytes:
                     # a new file for a larger frame (the consumer maps it when it first sees it)
                     path = os.path.join(folder, f"slot-{number}-{frame.nbytes}.bin")
-                    with open(path, "wb") as file:
-                        file.truncate(frame.nbytes)
+                    with open(path, "wb") as file:  # OSError where /dev/shm has no room
+                        os.posix_fallocate(file.fileno(), 0, max(frame.nbytes, 1))
+                    if number in slots:  # (its frame was dropped: the slot came back free)
+                        os.remove(slots[number][0])
                     slots[number] = (path, np.memmap(path, dtype=np.uint8, mode="r+"))
                 path, buffer = slots[number]
                 frame_view(buffer, frame.shape, frame.dtype)[...] = frame
@@ -262,15 +264,18 @@ class ReadAhead:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)  # also at exit
+        leases = _Leases(folder)
+        # when the last frame is gone, if not closed before (every lease holds ``leases``)
+        weakref.finalize(leases, shutil.rmtree, folder, ignore_errors=True)  # also at exit
         free_out.close()  # the reader's ends: closed here, so that its death reads as EOF
         ready_in.close()
         for number in range(self.depth):
             free_in.send(number)
-        self._reader = _Reader(process, _Leases(folder), free_in, ready_out, stop)
+        self._reader = _Reader(process, leases, free_in, ready_out, stop)
 
     def close(self) -> None:
-        """Stop the reader, if it runs, and remove its slot files."""
+        """Stop the reader, if it runs, and remove its slot files (once the frames that look
+        into them are dropped)."""
         if self._reader is not None:
             self._reader.close()
 
