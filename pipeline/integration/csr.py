@@ -4,7 +4,7 @@ pyFAI's ``integrate1d`` prepares the whole frame before its sparse product: it c
 4.5 million pixels of an Eiger 4M to float32, checks each for the bad-pixel marker, subtracts
 the dark, multiplies the flat. A sector of 512 q bins sums only the pixels inside it (37,815
 of them for the default model's +-5 degrees), so almost all of that work is thrown away:
-13.8 ms per frame on this project's build machine, against about 1 ms for the whole
+13.8 ms per frame on this project's build machine, against 0.2-0.3 ms for the whole
 line-out when only the pixels the matrix names are prepared and summed.
 
 :class:`CsrEngine` takes the CSR matrix of the engine pyFAI built for a geometry (no pixel

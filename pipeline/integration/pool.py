@@ -7,7 +7,7 @@ one thread, 13.9 ms on two, on this project's build machine). :class:`Integrator
 :class:`~pipeline.integration.LineOutIntegrator` (one OpenMP thread unless the configuration
 says otherwise). It pays where a frame's integration costs more than its copy (1.3-2.5 ms
 for 18 MB): the ``lut`` and ``histogram`` methods, a full ring; the ``csr`` method's own
-engine sums only the pixels of the region (:mod:`pipeline.integration.csr`, about 1 ms per
+engine sums only the pixels of the region (:mod:`pipeline.integration.csr`, 0.2-0.3 ms per
 Eiger 4M sector frame), faster in the feeder than any copy.
 
 Frames reach them through shared memory: each process has ``slots`` slot files (``/dev/shm``
@@ -23,7 +23,7 @@ once, in any order across processes.
 A frame may also come still compressed, as a DECTRIS stream sends it
 (:class:`~pipeline.sources.compression.EncodedFrame`): then only its compressed bytes are
 copied, and the process decodes it before integrating it. Decoding is where the time goes
-(9-23 ms for an Eiger 4M bitshuffle-LZ4 frame, against about 1 ms for the ``csr`` engine's
+(9-23 ms for an Eiger 4M bitshuffle-LZ4 frame, against 0.2-0.3 ms for the ``csr`` engine's
 sector), so this is how the processes share a fast detector's work; data that does not
 decode comes back as a failure of the ``read`` stage.
 
@@ -98,7 +98,7 @@ MAX_MAPPED_SLOTS = 64
 def integrator_processes(config: PipelineConfig) -> int:
     """pyFAI engines for the scan: 1 where the inference workers integrate
     (``integrate_on_workers``), else ``n_integrators``; else 1 for the ``csr`` method on
-    decoded frames (it sums only the pixels its matrix names: 1.0 ms per Eiger 4M sector frame
+    decoded frames (it sums only the pixels its matrix names: 0.2-0.3 ms per Eiger 4M sector frame
     in the feeder, less than copying the frame to another process), and for the others, and
     for frames that come compressed (a DECTRIS stream, Eiger HDF5 files: the integrator
     processes decode them), the cores this process may use beside its local CPU inference
