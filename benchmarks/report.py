@@ -87,6 +87,18 @@ def _measured(path: Path) -> float | None:
     return calendar.timegm(time.strptime(stamp, "%Y-%m-%d %H:%M UTC"))
 
 
+def _scaling_row(what: str, processes: dict) -> str:
+    """The summary's row of 2 integrator processes against 1 on ``what`` (an open
+    parenthesis, closed here after the rates), from a case's ``processes``."""
+    two, one = processes["2"], processes["1"]
+    scaling = two["pool_over_pool_1"]
+    return (
+        f"| 2 integrator processes / 1, {what}; {two['pool_per_s']['median']:.0f}/s against "
+        f"{one['pool_per_s']['median']:.0f}/s) | {_spread(scaling)} | ≥ 1.6 | "
+        f"{_met(scaling['median'] >= 1.6)} |"
+    )
+
+
 def _integrators_rows(integrators: dict | None) -> list[str]:
     """The summary's rows of ``benchmarks.integrators``: the feeder's engine against bare
     pyFAI, and the integrator processes' scaling, per region of the frame."""
@@ -112,29 +124,26 @@ def _integrators_rows(integrators: dict | None) -> list[str]:
                 f"{_met(scaling['median'] >= 1.6)} |"
             )
     read_ahead = integrators.get("sector_read_ahead")
-    two = read_ahead["processes"].get("2") if read_ahead else None
-    if read_ahead and two:
-        scaling = two["pool_over_pool_1"]
+    if read_ahead and "2" in read_ahead["processes"]:
         rows.append(
-            f"| 2 integrator processes / 1, Eiger 4M sector, decoded frames lying in shared "
-            f"memory as the read-ahead reader leaves them (not copied; "
-            f"{two['pool_per_s']['median']:.0f}/s against "
-            f"{read_ahead['processes']['1']['pool_per_s']['median']:.0f}/s) | "
-            f"{_spread(scaling)} | ≥ 1.6 | {_met(scaling['median'] >= 1.6)} |"
+            _scaling_row(
+                "Eiger 4M sector, decoded frames lying in shared memory as the read-ahead "
+                "reader leaves them (not copied",
+                read_ahead["processes"],
+            )
         )
     compressed = integrators.get("sector_bitshuffle_lz4")
-    two = compressed["processes"].get("2") if compressed else None
-    if compressed and two:
-        scaling = two["pool_over_pool_1"]
+    if compressed and "2" in compressed["processes"]:
+        feeder = compressed["feeder_engine_decoding_per_s"]["median"]
+        against = _spread(compressed["processes"]["2"]["pool_over_feeder_engine"])
         rows.append(
-            f"| 2 integrator processes / 1, Eiger 4M sector from bitshuffle-LZ4 frames as a "
-            f"stream sends them ({compressed['compressed_mb_per_frame']:.2f} MB each), decoded "
-            f"by the processes ({two['pool_per_s']['median']:.0f}/s against "
-            f"{compressed['processes']['1']['pool_per_s']['median']:.0f}/s; against the "
-            f"feeder's engine decoding them itself, "
-            f"{compressed['feeder_engine_decoding_per_s']['median']:.0f}/s: "
-            f"{_spread(two['pool_over_feeder_engine'])}×) | {_spread(scaling)} | ≥ 1.6 | "
-            f"{_met(scaling['median'] >= 1.6)} |"
+            _scaling_row(
+                f"Eiger 4M sector from bitshuffle-LZ4 frames as a stream sends them "
+                f"({compressed['compressed_mb_per_frame']:.2f} MB each), decoded by the "
+                f"processes (against the feeder's engine decoding them itself, {feeder:.0f}/s: "
+                f"{against}×",
+                compressed["processes"],
+            )
         )
     return rows
 

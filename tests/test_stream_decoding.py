@@ -234,25 +234,19 @@ def test_hdf5_chunks_left_compressed_decode_to_what_h5py_reads(hdf5_files, reade
             np.testing.assert_array_equal(exposure.image(), frame)
 
 
-def test_an_archived_scan_with_integrator_processes_leaves_hdf5_chunks_to_them(hdf5_files):
+@pytest.mark.parametrize("watched", [False, True], ids=["archived", "watched-folder"])
+def test_a_scan_with_integrator_processes_leaves_hdf5_chunks_to_them(hdf5_files, watched):
+    """Archived files (read ahead by a reader process) and a watched folder alike."""
     path, frames = hdf5_files["bslz4"]
-    for integrators, compressed in ((2, True), (1, False)):
-        files = ArchivedFiles(paths=[str(path)])  # read ahead by a reader process
-        config = PipelineConfig(scan_id="h5", source=files, n_integrators=integrators)
-        with opened(config) as scan:
-            exposures = list(scan.source.exposures())
-        assert [e.encoded is not None for e in exposures] == [compressed] * 3
-        for exposure, frame in zip(exposures, frames, strict=True):
-            np.testing.assert_array_equal(exposure.image(), frame)
-
-
-def test_a_watched_folder_with_integrator_processes_leaves_hdf5_chunks_to_them(hdf5_files):
-    path, frames = hdf5_files["bslz4"]
-    for integrators, compressed in ((2, True), (1, False)):
-        folder = WatchedFolder(
+    source = (
+        WatchedFolder(
             directory=str(path.parent), pattern=path.name, poll_interval_s=0.05, idle_timeout_s=0.3
         )
-        config = PipelineConfig(scan_id="watched", source=folder, n_integrators=integrators)
+        if watched
+        else ArchivedFiles(paths=[str(path)])
+    )
+    for integrators, compressed in ((2, True), (1, False)):
+        config = PipelineConfig(scan_id="h5", source=source, n_integrators=integrators)
         with opened(config) as scan:
             exposures = list(scan.source.exposures())
         assert [e.encoded is not None for e in exposures] == [compressed] * 3

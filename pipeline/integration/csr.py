@@ -41,11 +41,14 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse
 import torch
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+from pipeline.integration.rules import Values
 
 #: unsigned pixel types gathered as the signed type of their width
 _SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
@@ -168,7 +171,6 @@ class CsrEngine:
         """:meth:`sums` of a batch of frames (frames, rows, columns) on this engine's device,
         without leaving it: (3, frames, bins) float64, the valid pixels, signal and
         normalization of each frame's bins."""
-        integers = not (frames.is_floating_point() or frames.is_complex())
         pixels = frames.reshape(len(frames), -1)
         if frames.dtype in _SIGNED_TWIN:  # CUDA does not index most unsigned types
             gathered = pixels.view(_SIGNED_TWIN[frames.dtype])[:, self._pixels].double()
@@ -177,18 +179,17 @@ class CsrEngine:
             values = torch.where(gathered < 0, gathered + width, gathered).to(torch.float32)
         else:
             values = pixels[:, self._pixels].to(torch.float32)
-        return self._region_sums(values, integers, dummy, dark)
+        return self._region_sums(values, dummy, dark)
 
     def _region_sums(
         self,
         values: torch.Tensor,
-        integers: bool,
         dummy: tuple[float, float] | None,
         dark: bool,
     ) -> torch.Tensor:
         """The sums of :meth:`batch_sums` from the float32 values of the matrix's pixels,
         (frames, pixels)."""
-        left_out = self._left_out(values, integers, dummy)
+        left_out = left_out_by_value(values, self._flat, dummy, torch.isfinite)
         signal = values - self._dark if dark and self._dark is not None else values
         left_out |= ~torch.isfinite(signal)  # a dark that is not finite
         signal = signal.masked_fill(left_out | self._flat_invalid, 0.0).double()
@@ -208,31 +209,6 @@ class CsrEngine:
         )
         signal_sums = (self.matrix @ signal.T.contiguous()).T  # a dense operand in row order
         return torch.stack([count, signal_sums, normalization])
-
-    def _left_out(
-        self,
-        values: torch.Tensor,
-        integers: bool,
-        dummy: tuple[float, float] | None,
-    ) -> torch.Tensor:
-        """The pixels pyFAI leaves out of this frame besides those of the flat: values that
-        are not finite, and values or flat pixels that hold the marker (pyFAI's Cython
-        preprocessing, in float32: within the tolerance, or equal where it is 0; the dark
-        is not checked)."""
-        left_out = torch.zeros_like(values, dtype=torch.bool)
-        if not integers:
-            left_out |= ~torch.isfinite(values)
-        if dummy is None:
-            return left_out
-        marker, tolerance = dummy  # python floats: compared in the images' float32
-        for image in (values, self._flat):
-            if image is None:
-                continue
-            if tolerance == 0:
-                left_out |= image == marker
-            else:
-                left_out |= (image - marker).abs() <= tolerance
-        return left_out
 
 
 class HostSums:
@@ -276,9 +252,8 @@ class HostSums:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The valid pixels, signal and normalization of each bin of ``frame`` (float64), as
         :meth:`CsrEngine.sums`."""
-        integers = frame.dtype.kind in "ui"
         values = np.ascontiguousarray(frame).reshape(-1)[self.pixels].astype(np.float32)
-        left_out = self._left_out(values, integers, dummy)
+        left_out = left_out_by_value(values, self._flat, dummy, np.isfinite)
         signal = values - self._dark if dark and self._dark is not None else values
         left_out |= ~np.isfinite(signal)  # a dark that is not finite
         signal = np.where(left_out | self._flat_invalid, 0.0, signal).astype(np.float64)
@@ -292,21 +267,33 @@ class HostSums:
         )
         return count, self.matrix @ signal, normalization
 
-    def _left_out(
-        self, values: np.ndarray, integers: bool, dummy: tuple[float, float] | None
-    ) -> np.ndarray:
-        """:meth:`CsrEngine._left_out` of one frame's gathered float32 values."""
-        left_out = np.zeros(values.shape, dtype=bool)
-        if not integers:
-            left_out |= ~np.isfinite(values)
-        if dummy is None:
-            return left_out
-        marker, tolerance = np.float32(dummy[0]), np.float32(dummy[1])  # in float32
-        for image in (values, self._flat):
-            if image is None:
-                continue
-            if tolerance == 0:
-                left_out |= image == marker
-            else:
-                left_out |= np.abs(image - marker) <= tolerance
+
+def left_out_by_value(
+    values: Values,
+    flat: Values | None,
+    dummy: tuple[float, float] | None,
+    isfinite: Callable[[Values], Values],
+) -> Values:
+    """The pixels pyFAI leaves out of a frame (``values``: the gathered pixels, float32,
+    numpy or torch) besides those of the flat: values that are not finite (integer pixels
+    always are), and values or flat pixels that hold the marker ``dummy`` (pyFAI's Cython
+    preprocessing, in float32: within the tolerance, or equal where it is 0; the dark is not
+    checked).
+
+    Example:
+        >>> values = np.array([1.0, np.nan, 65535.0], np.float32)
+        >>> left_out_by_value(values, None, (65535.0, 0.5), np.isfinite).tolist()
+        [False, True, True]
+    """
+    left_out = ~isfinite(values)
+    if dummy is None:
         return left_out
+    marker, tolerance = dummy  # python floats: compared in the images' float32
+    for image in (values, flat):
+        if image is None:
+            continue
+        if tolerance == 0:
+            left_out |= image == marker
+        else:
+            left_out |= abs(image - marker) <= tolerance
+    return left_out
