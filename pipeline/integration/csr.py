@@ -13,9 +13,10 @@ names, and per frame gathers those pixels and applies pyFAI's own preprocessing 
 (the rules of pyFAI's Cython preprocessing: float32 values; a pixel is left out where it or
 the flat holds the bad-pixel marker, where the value, the dark-subtracted value or the flat is
 not finite, and where the flat is 0; the dark subtracted in float32), then sums them per bin
-in float64 with the matrix as a ``torch`` sparse CSR tensor. The sums are pyFAI's: the pixel count, the signal
-and the normalization (flat) of each bin, equal to ``integrate1d``'s to 1e-6 relative (tested
-on CPU tensors, and on CUDA where there is one).
+in float64 with the matrix (a ``torch`` sparse CSR tensor on a device, scipy's CSR format on
+the host). The sums are pyFAI's: the pixel count, the signal and the normalization (flat) of
+each bin, equal to ``integrate1d``'s to 1e-6 relative (tested on the host, on CPU tensors,
+and on CUDA where there is one).
 
 On a GPU (``device="cuda"``), only the gathered pixels travel to the device (150 kB of an
 Eiger 4M frame's 18 MB). A frame given as a numpy array is summed on the host with the same
@@ -153,8 +154,9 @@ class CsrEngine:
         dark: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """pyFAI's per-bin sums of ``frame`` (a numpy array, summed on the host by
-        :class:`HostSums`, or a tensor, summed on this engine's device): the valid pixels, their signal (dark subtracted unless ``dark`` is false) and their
-        normalization (the flat), each float64. ``dummy``: the bad-pixel marker and its
+        :class:`HostSums`, or a tensor, summed on this engine's device): the valid pixels,
+        their signal (dark subtracted unless ``dark`` is false) and their normalization (the
+        flat), each float64. ``dummy``: the bad-pixel marker and its
         tolerance (pyFAI's ``dummy`` and ``delta_dummy``), ``None`` for none."""
         if not isinstance(frame, torch.Tensor):
             return self.host.sums(frame, dummy, dark)
