@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -109,7 +110,12 @@ class CsrEngine:
         self._normalization = torch.where(self._flat_invalid, 0.0, normalization).double()
         self._valid_count = self._per_bin((~self._flat_invalid).double())
         self._normalization_sum = self._per_bin(self._normalization)
-        self.host = HostSums(self)
+
+    @functools.cached_property
+    def host(self) -> HostSums:
+        """This engine on the host, for numpy frames (made when first needed: an engine on a
+        device that only sums tensors never needs it)."""
+        return HostSums(self)
 
     @classmethod
     def of(
