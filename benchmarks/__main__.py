@@ -37,7 +37,10 @@ STEPS: dict[str, tuple[list[str], list[str]]] = {
     "orchestration": (["--exposures", "100", "--repeats", "2"], ["--exposures", "300"]),
     "peers": (["--exposures", "2"], ["--exposures", "5"]),
     "integration": (["--frames", "10", "--repeats", "3"], []),
-    "integrators": (["--frames", "48", "--repeats", "2"], ["--frames", "96", "--repeats", "3"]),
+    "integrators": (
+        ["--frames", "48", "--read-ahead-frames", "1000", "--repeats", "2"],
+        ["--frames", "96", "--repeats", "3"],
+    ),
     "store": (["--exposures", "100", "--repeats", "2"], []),
     "writer": (["--exposures", "256", "--repeats", "2"], ["--exposures", "1024"]),
 }

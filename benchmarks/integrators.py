@@ -26,7 +26,10 @@ processes decode them (``decode_frames=False``); only the compressed bytes are c
 And for the sector with the decoded frames lying in shared memory already, as the read-ahead
 reader (:class:`~pipeline.sources.ReadAhead`) leaves them for a scan of archived files: slot
 files holding a :class:`~pipeline.scratch.SlotLease`, which the pool's processes read where
-they lie (nothing is copied; the reader's decoding, done beforehand, is not timed).
+they lie (nothing is copied; the reader's decoding, done beforehand, is not timed). A frame
+costs a process about 0.3 ms there, so this case hands over ``--read-ahead-frames`` per
+process (2,000: most of a second), not ``--frames``: a run of 100 frames would time mostly
+the processes' first touches of the slot files' pages.
 
 The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded, compressed
 and read-ahead frames, the pool against bare pyFAI on as many cores (what handing frames over
@@ -34,7 +37,8 @@ costs), and the feeder's engine against bare pyFAI. Each is the median of ``--re
 runs, with min and max; the cases alternate within a repeat, so that drifts of the machine
 hit them alike.
 
-Run: ``python -m benchmarks.integrators [--frames 96] [--repeats 3]`` (results in
+Run: ``python -m benchmarks.integrators [--frames 96] [--read-ahead-frames 2000]
+[--repeats 3]`` (results in
 ``benchmarks/results/integrators.json``).
 """
 
@@ -197,6 +201,9 @@ def _ratio(over: list[float], under: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=96, help="frames per process and run")
+    parser.add_argument(
+        "--read-ahead-frames", type=int, default=2000, help="frames per process, read ahead"
+    )
     parser.add_argument("--distinct", type=int, default=8, help="distinct simulated frames")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-processes", type=int, default=os.cpu_count() or 1)
@@ -230,7 +237,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for k in counts:
                 read_ahead[f"pool_{k}"].append(
-                    pool_rate(sector, grid, in_slots, k, args.frames * k)
+                    pool_rate(sector, grid, in_slots, k, args.read_ahead_frames * k)
                 )
                 print(
                     f"sector, frames read ahead, {k} processes: pool "

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import time
@@ -68,7 +69,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -261,9 +262,15 @@ class _Seat:
         del self.jobs[key]
         self.leased.pop(key, None)
 
-    def free_slot(self) -> int | None:
+    @property
+    def has_free_slot(self) -> bool:
+        """Whether a process sits here and holds fewer frames than it has slots."""
+        return self.pipe is not None and len(self.jobs) < self.n_slots
+
+    def free_slot(self) -> int:
+        """The lowest slot number no job holds (the seat :attr:`has_free_slot`)."""
         used = {slot for _, slot in self.jobs.values()}
-        return next((n for n in range(self.n_slots) if n not in used), None)
+        return next(n for n in range(self.n_slots) if n not in used)
 
     def slot_for(self, number: int, frame: np.ndarray) -> FrameSlot:
         """Slot ``number`` holding a copy of ``frame`` (a larger file where it does not fit,
@@ -320,6 +327,9 @@ class IntegratorPool:
         self._seats = [_Seat(number, self._folder, slots) for number in range(processes)]
         self._tries: dict[int, int] = {}
         self._arrived: list[Integrated] = []  # collected, not yet returned
+        #: the pipes of the processes running now, by file descriptor (one poll for all)
+        self._poll = select.poll()
+        self._seat_of: dict[int, _Seat] = {}
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -341,6 +351,8 @@ class IntegratorPool:
         process.start()
         theirs.close()  # the process's end: closed here, so that its death reads as EOF
         seat.process, seat.pipe, seat.ready = process, mine, False
+        self._poll.register(mine.fileno(), select.POLLIN)
+        self._seat_of[mine.fileno()] = seat
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until every process has built its engine; :class:`IntegratorError` if one
@@ -384,6 +396,8 @@ class IntegratorPool:
                 seat.process.terminate()
                 seat.process.join()
         if seat.pipe is not None:
+            self._poll.unregister(seat.pipe.fileno())
+            del self._seat_of[seat.pipe.fileno()]
             seat.pipe.close()
         seat.process, seat.pipe, seat.ready = None, None, False
 
@@ -402,13 +416,7 @@ class IntegratorPool:
     @property
     def has_room(self) -> bool:
         """Whether a process has a free slot for another frame."""
-        return bool(self._free_seats())
-
-    def _free_seats(self) -> list[_Seat]:
-        """Seats with a process and a free slot."""
-        if self._closed:
-            return []
-        return [s for s in self._seats if s.pipe is not None and s.free_slot() is not None]
+        return not self._closed and any(seat.has_free_slot for seat in self._seats)
 
     @property
     def pending(self) -> int:
@@ -430,13 +438,12 @@ class IntegratorPool:
         there instead, and kept (its lease) until it is integrated."""
         if any(key in seat.jobs for seat in self._seats):
             raise ValueError(f"frame {key} is being integrated already")
-        free = self._free_seats()
-        if not free:
+        if not self.has_room:
             raise RuntimeError("no integrator has a free slot: wait for has_room")
         # the least busy, one with its engine built first
+        free = [seat for seat in self._seats if seat.has_free_slot]
         seat = min(free, key=lambda seat: (len(seat.jobs), not seat.ready))
         number = seat.free_slot()
-        assert number is not None  # (a seat with a free slot)
         if isinstance(frame, EncodedFrame):
             data = np.frombuffer(memoryview(frame.data).cast("B"), np.uint8)
             slot = seat.slot_for(number, data)
@@ -465,30 +472,38 @@ class IntegratorPool:
     def collect(self) -> list[Integrated]:
         """What has been integrated since the last call (without waiting); a process that
         died is replaced, and its frames sent to the new one."""
-        for seat in self._seats:  # an IntegratorError keeps what arrived for the next call
-            self._arrived.extend(self._drain(seat))
+        return self._collect(0.0)
+
+    def _collect(self, timeout_s: float) -> list[Integrated]:
+        """:meth:`collect`, after waiting up to ``timeout_s`` for a pipe to become readable;
+        one ``poll`` of all pipes, then again until none is (a process's messages arrive one
+        at a time)."""
+        timeout_ms: float = max(0.0, timeout_s) * 1000
+        while events := self._poll.poll(timeout_ms):
+            timeout_ms = 0
+            for fd, _ in events:  # an IntegratorError keeps what arrived for the next call
+                if (seat := self._seat_of.get(fd)) is not None:  # (not replaced meanwhile)
+                    self._arrived.extend(self._receive(seat))
         done, self._arrived = self._arrived, []
         return done
 
-    def _drain(self, seat: _Seat) -> Iterator[Integrated]:
-        while seat.pipe is not None:
-            try:
-                if not seat.pipe.poll(0):
-                    return
-                message = seat.pipe.recv()
-            except (EOFError, OSError):
-                yield from self._replace(seat)
-                continue
-            if isinstance(message, _Ready):
-                seat.ready = seat.ever_ready = True
-            elif isinstance(message, _Failed):
-                raise IntegratorError(
-                    f"integrator process {seat.number} failed:\n{message.traceback}"
-                )
-            else:
-                seat.done(message.key)
-                self._tries.pop(message.key, None)
-                yield message
+    def _receive(self, seat: _Seat) -> Iterator[Integrated]:
+        """The message a seat's readable pipe holds: an integrated frame, the process's
+        readiness or failure; its death (the pipe at its end) replaces it."""
+        assert seat.pipe is not None  # (a pipe that polled readable)
+        try:
+            message = seat.pipe.recv()
+        except (EOFError, OSError):
+            yield from self._replace(seat)
+            return
+        if isinstance(message, _Ready):
+            seat.ready = seat.ever_ready = True
+        elif isinstance(message, _Failed):
+            raise IntegratorError(f"integrator process {seat.number} failed:\n{message.traceback}")
+        else:
+            seat.done(message.key)
+            self._tries.pop(message.key, None)
+            yield message
 
     def _replace(self, seat: _Seat) -> Iterator[Integrated]:
         """Start a process in place of the seat's dead one and send it the seat's frames; the
@@ -523,8 +538,7 @@ class IntegratorPool:
 
     def wait_any(self, timeout_s: float) -> list[Integrated]:
         """Wait up to ``timeout_s`` for a process to send something, then :meth:`collect`."""
-        wait([seat.pipe for seat in self._seats if seat.pipe is not None], timeout_s)
-        return self.collect()
+        return self._collect(timeout_s)
 
     def wait_all(self, timeout_s: float) -> list[Integrated]:
         """Wait until every frame sent is integrated (:class:`IntegratorError` after
