@@ -484,6 +484,33 @@ def test_masked_bins_are_stored_as_nan_beside_the_mask_with_the_instrument(tmp_p
     assert old.instrument is None and (old.counts[0, masked] == 0).all()
 
 
+def test_each_sasdata_group_holds_its_exposure_s_curve_and_links_to_the_shared_axes(tmp_path):
+    """Every group copies one template: its own ``I`` and ``Idev`` (the exposure's row, in
+    exposure order whatever the order written), ``I_errors`` the same dataset as ``Idev``,
+    and hard links to the line-out's ``q_nm``, ``I_mask`` and ``Qdev``."""
+    path = tmp_path / "scan.h5"
+    with ResultsWriter(path, NAMES, UNITS, 10, Q, q_resolution_nm=0.002) as writer:
+        for index in (2, 0, 1):
+            writer.append(_ok(index))
+    with h5py.File(path) as handle:
+        entry = handle["entry"]
+        for index in range(3):
+            group = entry[f"sasdata_{index:06d}"]
+            assert group.attrs["canSAS_class"] == "SASdata" and group.attrs["signal"] == "I"
+            expected = _ok(index)
+            np.testing.assert_allclose(
+                group["I"][()], expected.counts / expected.normalization, rtol=1e-6
+            )
+            np.testing.assert_allclose(
+                group["Idev"][()], expected.counts_sd / expected.normalization, rtol=1e-6
+            )
+            assert group["I"].attrs["uncertainties"] == "Idev"
+            assert group["I_errors"].id == group["Idev"].id
+            for link, target in (("Q", "q_nm"), ("I_mask", "I_mask"), ("Qdev", "Qdev")):
+                assert group[link].id == entry["line_out"][target].id
+        assert entry["sasdata_000000/I"].id != entry["sasdata_000001/I"].id
+
+
 def test_a_file_with_only_the_first_sasdata_group_is_nxcansas_and_keeps_every_line_out(tmp_path):
     """``sasdata_groups="first"`` (high-rate scans): one SASdata group, the first exposure
     with a line-out's, which SasView, our NXcanSAS reader and the NeXus validator take; every

