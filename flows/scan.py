@@ -47,6 +47,7 @@ from pipeline.sources.base import Source
 from pipeline.sources.handoff import Handoff
 from pipeline.sources.opening import OpenedSource, opened
 from pipeline.store import open_results
+from pipeline.store.nxcansas import SASDATA_GROUP_S
 from pipeline.store.results import written_indices
 from workers.feeder import Feeder, ScanError, ScanSummary
 from workers.feeder.metrics import stage_table
@@ -59,6 +60,9 @@ IDLE_WAIT_S = 0.5
 #: While exposures wait for their acknowledgement, the feeder waits this long for one
 #: before it looks again for a new frame (milliseconds).
 ACK_WAIT_MS = 20
+#: A results file that will take at least this long (seconds) to finish when the scan ends
+#: is announced in the run's log (:func:`finishing_notice`).
+FINISHING_NOTICE_S = 5.0
 
 
 @task(name="integrate-and-send", cache_policy=NO_CACHE)
@@ -369,6 +373,8 @@ def _feed(
             summary = wait_for_results(feeder, watchers)
             feeder.complete = complete = source.ended_cleanly
             view.finish()
+            if (notice := finishing_notice(config, summary.written_ok)) is not None:
+                _run_logger().info(notice)
     except Exception as error:
         monitor.finish(
             f"# Scan `{config.scan_id}` failed\n\n{type(error).__name__}: {error}\n\n"
@@ -427,6 +433,29 @@ def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
         previous(signal.SIGTERM, None)
     elif previous == signal.SIG_DFL:
         raise SystemExit(128 + signal.SIGTERM)
+
+
+def finishing_notice(config: PipelineConfig, written: int) -> str | None:
+    """What the run's log says when the scan's results file will take
+    :data:`FINISHING_NOTICE_S` or more to finish after ``written`` exposures (the writer
+    adds a NXcanSAS ``SASdata`` group per exposure when the scan ends:
+    :data:`~pipeline.store.nxcansas.SASDATA_GROUP_S` each); ``None`` for less, or when it
+    adds only the first (``store.sasdata_groups: first``).
+
+    Example:
+        >>> from pipeline.config import PipelineConfig
+        >>> print(finishing_notice(PipelineConfig(scan_id="s1"), 100_000))
+        scan s1: writing 100,000 NXcanSAS SASdata groups, about 33 s (--sasdata-groups first: 1)
+        >>> finishing_notice(PipelineConfig(scan_id="s1"), 1_000) is None
+        True
+    """
+    seconds = written * SASDATA_GROUP_S
+    if config.store.sasdata_groups != "every" or seconds < FINISHING_NOTICE_S:
+        return None
+    return (
+        f"scan {config.scan_id}: writing {written:,} NXcanSAS SASdata groups, about "
+        f"{seconds:.0f} s (--sasdata-groups first: 1)"
+    )
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:

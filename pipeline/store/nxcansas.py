@@ -122,6 +122,9 @@ SASDATA_ATTRIBUTES = {
 }
 #: Rows of ``line_out`` read at once while the groups are written.
 _BLOCK_ROWS = 1024
+#: Seconds :func:`add_sasdata_groups` takes per group on this project's build machine
+#: (``benchmarks.writer``: ``finish_ms_per_exposure``, 0.30-0.34 ms).
+SASDATA_GROUP_S = 3.3e-4
 
 
 def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False) -> None:
