@@ -17,6 +17,10 @@ For each region, and k = 1, 2, ... up to the cores:
    which applies pyFAI's CSR matrix to the pixels it names
    (:class:`~pipeline.integration.csr.CsrEngine`).
 
+The same for the sector with the ``lut`` method (``sector_lut``): each engine, the feeder's
+and the processes', is then pyFAI's own ``integrate1d`` (about 10 ms per frame), as every
+engine was before the CSR engine, and as a scan configured with ``lut`` or ``histogram`` has.
+
 The same again for the sector with the frames compressed as an Eiger's stream sends them
 (bitshuffle-LZ4 in HDF5 framing,
 :class:`~pipeline.sources.compression.EncodedFrame`): the feeder's engine then decodes
@@ -212,7 +216,7 @@ def main() -> None:
     counts = list(range(1, max(2, args.max_processes) + 1))
     figures: dict[str, dict[str, list[float]]] = {
         region: {f"{case}_{k}": [] for case in ("bare", "pool") for k in counts} | {"feeder": []}
-        for region in ("sector", "full_ring")
+        for region in ("sector", "full_ring", "sector_lut")
     }
     compressed: dict[str, list[float]] = {f"pool_{k}": [] for k in counts} | {"feeder": []}
     read_ahead: dict[str, list[float]] = {f"pool_{k}": [] for k in counts}
@@ -225,6 +229,7 @@ def main() -> None:
         settings = {
             "sector": sector,
             "full_ring": sector.model_copy(update={"azimuth_range_deg": None}),
+            "sector_lut": sector.model_copy(update={"method": "lut"}),
         }
         frames_file = folder / "frames.npy"
         np.save(frames_file, np.stack(frames))
