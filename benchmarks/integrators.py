@@ -35,9 +35,9 @@ costs a process about 0.3 ms there, so this case hands over ``--read-ahead-frame
 process (2,000: most of a second), not ``--frames``: a run of 100 frames would time mostly
 the processes' first touches of the slot files' pages.
 
-The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded, compressed
-and read-ahead frames, the pool against bare pyFAI on as many cores (what handing frames over
-costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats``
+The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded frames
+(either engine), compressed and read-ahead frames, the pool against bare pyFAI on as many
+cores (what handing frames over costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats``
 runs, with min and max; the cases alternate within a repeat, so that drifts of the machine
 hit them alike.
 
