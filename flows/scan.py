@@ -373,7 +373,8 @@ def _feed(
             summary = wait_for_results(feeder, watchers)
             feeder.complete = complete = source.ended_cleanly
             view.finish()
-            if (notice := finishing_notice(config, summary.written_ok)) is not None:
+            groups = summary.written_ok + summary.skipped  # (a resumed file's rows too)
+            if (notice := finishing_notice(config, groups)) is not None:
                 _run_logger().info(notice)
     except Exception as error:
         monitor.finish(
@@ -437,7 +438,7 @@ def stop_on_sigterm(stop: Callable[[], None]) -> Iterator[threading.Event]:
 
 def finishing_notice(config: PipelineConfig, written: int) -> str | None:
     """What the run's log says when the scan's results file will take
-    :data:`FINISHING_NOTICE_S` or more to finish after ``written`` exposures (the writer
+    :data:`FINISHING_NOTICE_S` or more to finish with ``written`` exposures in it (the writer
     adds a NXcanSAS ``SASdata`` group per exposure when the scan ends:
     :data:`~pipeline.store.nxcansas.SASDATA_GROUP_S` each); ``None`` for less, or when it
     adds only the first (``store.sasdata_groups: first``).
@@ -445,7 +446,9 @@ def finishing_notice(config: PipelineConfig, written: int) -> str | None:
     Example:
         >>> from pipeline.config import PipelineConfig
         >>> print(finishing_notice(PipelineConfig(scan_id="s1"), 100_000))
-        scan s1: writing 100,000 NXcanSAS SASdata groups, about 33 s (--sasdata-groups first: 1)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        scan s1: writing 100,000 NXcanSAS SASdata groups, about 33 s
+        (--sasdata-groups first, or store.sasdata_groups: first, writes one)
         >>> finishing_notice(PipelineConfig(scan_id="s1"), 1_000) is None
         True
     """
@@ -454,7 +457,7 @@ def finishing_notice(config: PipelineConfig, written: int) -> str | None:
         return None
     return (
         f"scan {config.scan_id}: writing {written:,} NXcanSAS SASdata groups, about "
-        f"{seconds:.0f} s (--sasdata-groups first: 1)"
+        f"{seconds:.0f} s (--sasdata-groups first, or store.sasdata_groups: first, writes one)"
     )
 
 

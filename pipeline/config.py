@@ -227,7 +227,7 @@ class StoreConfig(_Strict):
 
     sasdata_groups: Literal["every", "first"] = "every"
     """NXcanSAS SASdata groups written when the scan ends: one per exposure with a line-out
-    (every: SasView reads each curve; about 0.3-0.9 ms per exposure at the end of the scan),
+    (every: SasView reads each curve; about 0.3 ms per exposure at the end of the scan),
     or only the first exposure's (first: for scans of many thousand exposures, whose file is
     then complete at once; every line-out stays in line_out/I, which silx and h5py read)."""
 

@@ -157,7 +157,7 @@ def add_scan_options(command: argparse.ArgumentParser, scan_id: bool = True) -> 
         choices=("every", "first"),
         default="every",
         help="NXcanSAS SASdata groups added when the scan ends: every exposure's (default; "
-        "SasView reads each curve, about 0.3-0.9 ms per exposure) or only the first one's "
+        "SasView reads each curve, about 0.3 ms per exposure) or only the first one's "
         "(high-rate scans: the file is complete at once; line_out/I holds every line-out)",
     )
 
