@@ -37,9 +37,9 @@ the processes' first touches of the slot files' pages.
 
 The figures: the pool's scaling, pool(2) / pool(1) (target >= 1.6), for decoded frames
 (either engine), compressed and read-ahead frames, the pool against bare pyFAI on as many
-cores (what handing frames over costs), and the feeder's engine against bare pyFAI. Each is the median of ``--repeats``
-runs, with min and max; the cases alternate within a repeat, so that drifts of the machine
-hit them alike.
+cores (what handing frames over costs), and the feeder's engine against bare pyFAI. Each is
+the median of ``--repeats`` runs, with min and max; the cases alternate within a repeat, so
+that drifts of the machine hit them alike.
 
 Run: ``python -m benchmarks.integrators [--frames 96] [--read-ahead-frames 2000]
 [--repeats 3]`` (results in

@@ -157,7 +157,9 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False)
     rows = ok[np.argsort(index[ok], kind="stable")]
     if first_only:
         rows = rows[:1]
-    links = {link: target for link, target in _LINKS.items() if target in line_out}
+    links = {
+        link.encode(): target.encode() for link, target in _LINKS.items() if target in line_out
+    }
     with _sasdata_template(line_out["q_nm"].shape[0]) as template:
         for start in range(0, len(rows), _BLOCK_ROWS):
             block = rows[start : start + _BLOCK_ROWS]
@@ -175,7 +177,7 @@ def add_sasdata_groups(entry: h5py.Group, n_rows: int, first_only: bool = False)
                     curve = np.ascontiguousarray(values[row - first])
                     dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, curve)
                 for link, target in links.items():
-                    group.links.create_hard(link.encode(), line_out.id, target.encode())
+                    group.links.create_hard(link, line_out.id, target)
     if rows.size:
         entry.attrs.modify("default", f"sasdata_{index[rows[0]]:06d}")
 
